@@ -1,0 +1,1 @@
+"""chouette-relay: forwards LSC document publications from Kafka to ChouetteCopro as deltas."""

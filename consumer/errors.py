@@ -1,0 +1,64 @@
+"""The relay's exception tree.
+
+Every failure says what the caller should do with it: retry later (``retriable``), park the work
+until an operator fixes something (``needs_operator``), or dead-letter the input that caused it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+    retriable: ClassVar[bool] = False
+    needs_operator: ClassVar[bool] = False
+
+
+class ConfigError(RelayError):
+    """Configuration that cannot work; start-up stops with this message."""
+
+
+class PartnerError(RelayError):
+    """A call to ChouetteCopro failed."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PartnerRetriableError(PartnerError):
+    """Transient: network failure, 5xx, 429. Retry after a backoff (or ``retry_after``)."""
+
+    retriable = True
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class PartnerParkedError(PartnerError):
+    """Needs an operator: bad credentials (401/403), unmapped building, missing API key."""
+
+    needs_operator = True
+
+
+class PartnerRejectedError(PartnerError):
+    """The partner refused this document for good (422): dead-letter it."""
+
+
+class ContentError(RelayError):
+    """The document content cannot be used: wrong sha256 or size, host not allowed, too large."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ContentUnavailableError(ContentError):
+    """The document store did not answer or answered 5xx: retry later."""
+
+    retriable = True

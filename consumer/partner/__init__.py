@@ -1,0 +1,1 @@
+"""The ChouetteCopro side: the HTTP client and the content it uploads."""

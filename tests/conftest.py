@@ -1,0 +1,3 @@
+"""Root test configuration: registers the shared fixture modules."""
+
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.partner"]
