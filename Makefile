@@ -1,0 +1,56 @@
+# chouette-relay: every target an operator or a developer needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create the virtualenv and install the relay with its dev tools
+	$(BIN)/python -m consumer.local.kafka fetch
+
+run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo
+	$(BIN)/chouette-relay run
+
+kafka: install ## Run the local single-node Kafka (KRaft) in the foreground
+	$(BIN)/python -m consumer.local.kafka run
+
+sandbox: install ## Run the ChouetteCopro sandbox and the LSC document store in the foreground
+	$(BIN)/python -m consumer.local.sandbox
+
+test: install lint typecheck ## The whole suite: lint, type check, unit and integration tests
+	$(BIN)/pytest -q
+
+test-unit: install ## Unit tests only (no broker)
+	$(BIN)/pytest -q tests/unit
+
+test-integration: install ## Integration tests (real local Kafka, loopback HTTP servers)
+	$(BIN)/pytest -q tests/integration
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install ## mypy --strict over the package, tests and benchmarks
+	$(BIN)/mypy
+
+bench: install ## Benchmarks, each printed side by side with its baseline
+	$(BIN)/python -m bench
+
+plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing
+	$(BIN)/chouette-relay plan $(if $(AGENCY),--agency $(AGENCY),)
+
+clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var

@@ -1,0 +1,168 @@
+"""The relay's Prometheus metrics, as one typed object built against an injected registry.
+
+Names follow Prometheus conventions: the ``chouette_relay_`` prefix, base units (seconds, bytes),
+``_total`` for counters, and labels drawn from small closed sets (lanes, operations, outcomes,
+reasons, configured agencies, assigned partitions): never a document or building id.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+PREFIX = "chouette_relay"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayMetrics:
+    build_info: Info
+    events: Counter
+    dead_letters: Counter
+    manifests: Counter
+    operations: Counter
+    backlog: Gauge
+    oldest_pending: Gauge
+    consumer_lag: Gauge
+    partner_requests: Counter
+    partner_latency: Histogram
+    partner_retries: Counter
+    circuit_open: Gauge
+    held_deletions: Gauge
+    parked_documents: Gauge
+    state_documents: Gauge
+    restore_records: Counter
+    restore_progress: Gauge
+    partitions_ready: Gauge
+    first_publication_planned: Counter
+    first_publication_done: Counter
+    commits: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
+        def name(short: str) -> str:
+            return f"{PREFIX}_{short}"
+
+        metrics = cls(
+            build_info=Info(name("build"), "Version of the running relay.", registry=registry),
+            events=Counter(
+                name("events"),
+                "Input events by topic kind and outcome (upload, skip, filtered, superseded, ...).",
+                ["kind", "outcome"],
+                registry=registry,
+            ),
+            dead_letters=Counter(
+                name("dead_letters"),
+                "Input records sent to the dead-letter topic, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            manifests=Counter(
+                name("manifests"),
+                "Manifest parts and snapshots by assembly outcome (complete, expired, ...).",
+                ["outcome"],
+                registry=registry,
+            ),
+            operations=Counter(
+                name("operations"),
+                "Partner operations finished, by lane, operation and outcome.",
+                ["lane", "operation", "outcome"],
+                registry=registry,
+            ),
+            backlog=Gauge(
+                name("backlog_operations"),
+                "Partner operations waiting or running, by lane and operation.",
+                ["lane", "operation"],
+                registry=registry,
+            ),
+            oldest_pending=Gauge(
+                name("oldest_pending_age_seconds"),
+                "Age of the oldest operation still waiting, by lane.",
+                ["lane"],
+                registry=registry,
+            ),
+            consumer_lag=Gauge(
+                name("consumer_lag_records"),
+                "Records between the committed offset and the end of each assigned partition.",
+                ["topic", "partition"],
+                registry=registry,
+            ),
+            partner_requests=Counter(
+                name("partner_requests"),
+                "HTTP requests to ChouetteCopro by operation and status (code, or error).",
+                ["operation", "status"],
+                registry=registry,
+            ),
+            partner_latency=Histogram(
+                name("partner_request_duration_seconds"),
+                "Duration of ChouetteCopro requests.",
+                ["operation"],
+                buckets=_LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            partner_retries=Counter(
+                name("partner_retries"),
+                "Partner operations retried, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            circuit_open=Gauge(
+                name("circuit_open"),
+                "1 while the circuit breaker of an agency is open (its calls are paused).",
+                ["agency"],
+                registry=registry,
+            ),
+            held_deletions=Gauge(
+                name("held_deletions"),
+                "Withdrawals held by the mass-deletion guard, awaiting an operator.",
+                ["agency"],
+                registry=registry,
+            ),
+            parked_documents=Gauge(
+                name("parked_documents"),
+                "Documents parked until an operator fixes configuration, by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            state_documents=Gauge(
+                name("state_documents"),
+                "Documents in the published view, by status.",
+                ["status"],
+                registry=registry,
+            ),
+            restore_records=Counter(
+                name("restore_records"),
+                "Changelog records applied while restoring the published view.",
+                registry=registry,
+            ),
+            restore_progress=Gauge(
+                name("restore_progress_ratio"),
+                "Share of each assigned partition's changelog restored (1 when ready).",
+                ["partition"],
+                registry=registry,
+            ),
+            partitions_ready=Gauge(
+                name("partitions_ready"),
+                "Assigned input partitions whose view is restored and which are consuming.",
+                registry=registry,
+            ),
+            first_publication_planned=Counter(
+                name("first_publication_planned_operations"),
+                "Backfill operations planned by first publications and later manifests, by agency.",
+                ["agency"],
+                registry=registry,
+            ),
+            first_publication_done=Counter(
+                name("first_publication_done_operations"),
+                "Backfill operations finished, by agency.",
+                ["agency"],
+                registry=registry,
+            ),
+            commits=Counter(
+                name("offset_commits"), "Input offset commits made.", registry=registry
+            ),
+        )
+        metrics.build_info.info({"version": version, "python": platform.python_version()})
+        return metrics

@@ -1,0 +1,172 @@
+"""Service settings, read once at start-up from the environment and frozen.
+
+Every variable starts with ``CHOUETTE_RELAY_``; nested groups use ``__`` (for instance
+``CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS``). Secrets are never set in the environment: they are
+read from files (the admin token file, and one API key file per agency in a mounted directory).
+A value that cannot work stops start-up with a message naming the variable and what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+ENV_PREFIX = "CHOUETTE_RELAY_"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Group):
+    bootstrap_servers: str = Field(
+        default="", description="Comma-separated host:port list; empty starts the local broker."
+    )
+    group_id: str = "chouette-relay"
+    client_id: str = "chouette-relay"
+    documents_topic: str = "lsc.document-created.v1"
+    manifests_topic: str = "lsc.manifest-snapshot.v1"
+    state_topic: str = "chouette-relay.published-view.v1"
+    dead_letter_topic: str = "chouette-relay.dead-letter.v1"
+    max_value_bytes: int = Field(default=1_048_576, ge=1024)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    max_poll_records: int = Field(default=500, ge=1)
+    session_timeout_ms: int = Field(default=30_000, ge=6_000)
+    create_state_topic: bool = Field(
+        default=True, description="Create the compacted state topic when it is missing."
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            if not _HOST_PORT.match(part):
+                raise ValueError(f"{part!r} is not host:port (example: kafka-0.kafka:9092)")
+        return value.strip()
+
+    @property
+    def bootstrap_list(self) -> list[str]:
+        return [p.strip() for p in self.bootstrap_servers.split(",") if p.strip()]
+
+
+class PartnerSettings(_Group):
+    base_url: str = Field(default="", description="ChouetteCopro API root; empty starts the sandbox.")
+    api_keys_dir: Path | None = Field(
+        default=None, description="Directory with one file per agency holding its API key."
+    )
+    timeout_s: float = Field(default=30.0, gt=0)
+    concurrency: int = Field(default=8, ge=1, le=256)
+    default_rate_per_second: float = Field(default=5.0, gt=0)
+    default_burst: int = Field(default=5, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
+            raise ValueError(f"{value!r} is not an http(s) URL such as https://app.chouettecopro.com/api/v1")
+        return value.rstrip("/")
+
+
+class ContentSettings(_Group):
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(), description="Hosts (optionally host:port) that document URLs may point to."
+    )
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    fetch_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class ManifestSettings(_Group):
+    expiry_s: float = Field(default=3600.0, gt=0, description="Incomplete snapshots expire after.")
+    max_pending_items: int = Field(default=500_000, ge=1)
+
+
+class GuardSettings(_Group):
+    max_delete_share: float = Field(default=0.2, gt=0, le=1)
+    min_deletes: int = Field(default=10, ge=1)
+
+
+class HttpSettings(_Group):
+    host: str = "0.0.0.0"  # noqa: S104 - the pod's port must be reachable by probes and Prometheus
+    port: int = Field(default=8080, ge=0, le=65535)
+    admin_token_file: Path | None = None
+
+    def admin_token(self) -> SecretStr | None:
+        if self.admin_token_file is None:
+            return None
+        token = self.admin_token_file.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ConfigError(f"{ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE: {self.admin_token_file} is empty")
+        return SecretStr(token)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    partner: PartnerSettings = PartnerSettings()
+    content: ContentSettings = ContentSettings()
+    manifest: ManifestSettings = ManifestSettings()
+    guard: GuardSettings = GuardSettings()
+    http: HttpSettings = HttpSettings()
+    routing_file: Path | None = Field(default=None, description="TOML file with per-agency routing.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+
+    @property
+    def is_local(self) -> bool:
+        """No broker and no partner configured: run on the embedded local default."""
+        return not self.kafka.bootstrap_servers and not self.partner.base_url
+
+    def check_complete(self) -> None:
+        """Refuse half-configured production settings with a message that says what to fix."""
+        if self.is_local:
+            return
+        missing = [
+            f"{ENV_PREFIX}{name}"
+            for name, value in (
+                ("KAFKA__BOOTSTRAP_SERVERS", self.kafka.bootstrap_servers),
+                ("PARTNER__BASE_URL", self.partner.base_url),
+                ("PARTNER__API_KEYS_DIR", self.partner.api_keys_dir),
+                ("ROUTING_FILE", self.routing_file),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                "incomplete configuration: set " + ", ".join(missing)
+                + " (or set none of the Kafka and partner settings to run the local default)"
+            )
+        for name, path in (
+            ("PARTNER__API_KEYS_DIR", self.partner.api_keys_dir),
+            ("ROUTING_FILE", self.routing_file),
+        ):
+            if path is not None and not path.exists():
+                raise ConfigError(f"{ENV_PREFIX}{name}: {path} does not exist")
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for the start-up log line; secrets are files, never values."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings; any problem becomes one ``ConfigError`` naming the variables."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            variable = ENV_PREFIX + "__".join(str(part).upper() for part in error["loc"])
+            problems.append(f"{variable}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    settings.check_complete()
+    return settings
