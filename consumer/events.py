@@ -1,27 +1,115 @@
 """The LSC event contract (v1) as pydantic models.
 
-These models accept exactly what the JSON Schemas in ``schemas/`` accept; a test runs every example
-through both. Decoding raw Kafka records (and naming why a record is poison) lives in ``decoding``.
+These models accept exactly what the JSON Schemas in ``schemas/`` accept when given the output of a
+JSON parser (``orjson.loads``) in strict python mode; a test runs every example through both.
+Decoding raw Kafka records, and naming why a record is poison, lives in ``decoding``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$"
+# The patterns are those of the schemas, character for character. They end with `$(?![\s\S])`
+# ("nothing follows") because a bare `$` also matches before a final newline in Python's `re`,
+# which both jsonschema and the models below use.
+IDENTIFIER_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$(?![\s\S])"
+UUID_PATTERN: Final = (
+    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$(?![\s\S])"
+)
+DOCUMENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$(?![\s\S])"
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}$(?![\s\S])"
+URL_PATTERN: Final = r"^https?://[^\s]+$(?![\s\S])"
+BASE64_PATTERN: Final = (
+    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?![\s\S])"
+)
+DATE_PATTERN: Final = r"^[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$(?![\s\S])"
+TIMESTAMP_PATTERN: Final = (
+    r"^[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?"
+    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$(?![\s\S])"
+)
+MAX_SAFE_INTEGER: Final = 2**53 - 1
 
-Identifier = Annotated[str, StringConstraints(strict=True, pattern=IDENTIFIER_PATTERN)]
-DocumentId = Annotated[str, StringConstraints(strict=True, pattern=DOCUMENT_ID_PATTERN)]
-Sha256Hex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64}$")]
-Label = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=500)]
+_DATE_RE: Final = re.compile(DATE_PATTERN)
+_TIMESTAMP_RE: Final = re.compile(TIMESTAMP_PATTERN)
+
+
+def _json_integer(value: object) -> object:
+    """Read a JSON integer the way JSON Schema does: 12.0 is the integer 12, true is no integer."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _calendar_date(value: object) -> object:
+    """Accept a ``YYYY-MM-DD`` string (or a ``date`` built in Python), nothing else."""
+    if type(value) is dt.date:
+        return value
+    if not isinstance(value, str) or _DATE_RE.match(value) is None:
+        raise PydanticCustomError("date_type", "Input should be a date string YYYY-MM-DD")
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError("date_from_string", "Input should be a date that exists") from None
+
+
+def _rfc3339_timestamp(value: object) -> object:
+    """Accept an RFC 3339 date-time string with an offset (or an aware ``datetime``)."""
+    if isinstance(value, dt.datetime) and value.utcoffset() is not None:
+        return value
+    if not isinstance(value, str) or _TIMESTAMP_RE.match(value) is None:
+        raise PydanticCustomError(
+            "datetime_type",
+            "Input should be an RFC 3339 date-time with an offset, like 2024-05-06T07:08:09Z",
+        )
+    try:
+        return dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "datetime_from_string", "Input should be a date-time that exists"
+        ) from None
+
+
+def _unique_modules(modules: tuple[Module, ...]) -> tuple[Module, ...]:
+    if len(set(modules)) != len(modules):
+        raise PydanticCustomError("unique_items", "Modules should not repeat")
+    return modules
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_json_integer)]
+CalendarDate = Annotated[dt.date, BeforeValidator(_calendar_date)]
+Timestamp = Annotated[dt.datetime, BeforeValidator(_rfc3339_timestamp)]
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+Uuid = Annotated[str, StringConstraints(pattern=UUID_PATTERN)]
+DocumentId = Annotated[str, StringConstraints(pattern=DOCUMENT_ID_PATTERN)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"\S")]
+Url = Annotated[str, StringConstraints(max_length=2048, pattern=URL_PATTERN)]
+Base64 = Annotated[str, StringConstraints(min_length=4, pattern=BASE64_PATTERN)]
 
 
 class Module(StrEnum):
+    """An LSC module; agencies enable forwarding per module and manifests cover a set of them."""
+
     AG = "ag"
     CONTRATS = "contrats"
     CARNET_ENTRETIEN = "carnet_entretien"
@@ -33,22 +121,46 @@ class Module(StrEnum):
 
 
 class Audience(StrEnum):
+    """Who may read a document. ``individual`` is never forwarded."""
+
     BUILDING = "building"
     OWNERS = "owners"
     COUNCIL = "council"
     INDIVIDUAL = "individual"
 
 
+# Enums and tuples are validated in lax mode: strict python mode would demand enum members and
+# tuple instances, which a JSON parser never produces. Their items stay strict.
+ModuleField = Annotated[Module, Strict(False)]
+AudienceField = Annotated[Audience, Strict(False)]
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        # The patterns need look-ahead, and must mean what they mean to the schema validator.
+        regex_engine="python-re",
+    )
 
 
 class Content(_Frozen):
+    """The PDF of a document: exactly one of ``url`` and ``inline_base64``, plus its checks."""
+
     media_type: Literal["application/pdf"]
-    size_bytes: StrictInt = Field(ge=1)
+    size_bytes: JsonInt = Field(ge=1, le=MAX_SAFE_INTEGER)
     sha256: Sha256Hex
-    url: Annotated[str, StringConstraints(strict=True, pattern=r"^https?://[^\s]+$")] | None = None
-    inline_base64: Annotated[str, StringConstraints(strict=True, min_length=1)] | None = None
+    url: Url | None = None
+    inline_base64: Base64 | None = None
+
+    @field_validator("url", "inline_base64", mode="before")
+    @classmethod
+    def _absent_rather_than_null(cls, value: object) -> object:
+        # The schema says "string" for both: an explicit null is a violation, absence is not.
+        if value is None:
+            raise PydanticCustomError("string_type", "Input should be a valid string")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Content:
@@ -58,37 +170,49 @@ class Content(_Frozen):
 
 
 class Document(_Frozen):
+    """One document as LSC describes it, in a document-created event or a manifest item."""
+
     id: DocumentId
-    module: Module
+    module: ModuleField
     category: Label
     title: Label
-    document_date: dt.date
-    audience: Audience
+    document_date: CalendarDate
+    audience: AudienceField
     content: Content
 
 
 class DocumentCreated(_Frozen):
-    schema_version: Literal[1]
+    """LSC published one document for a building."""
+
+    schema_version: SchemaVersion
     event_type: Literal["document-created"]
-    event_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=100)]
-    occurred_at: dt.datetime
+    event_id: Uuid
+    occurred_at: Timestamp
     agency_id: Identifier
     building_id: Identifier
     document: Document
 
 
 class ManifestSnapshot(_Frozen):
-    schema_version: Literal[1]
+    """One part of the exhaustive list of what should be published for a building.
+
+    Rules across fields (``part <= parts``, item count, items within ``modules``, unique ids) are
+    not part of the schema; ``decoding`` checks them and names the one broken.
+    """
+
+    schema_version: SchemaVersion
     event_type: Literal["manifest-snapshot"]
-    snapshot_id: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=100)]
-    taken_at: dt.datetime
+    snapshot_id: Uuid
+    taken_at: Timestamp
     agency_id: Identifier
     building_id: Identifier
-    modules: Annotated[list[Module], Field(min_length=1)]
-    part: StrictInt = Field(ge=1)
-    parts: StrictInt = Field(ge=1, le=10_000)
-    item_count: StrictInt = Field(ge=0)
-    items: tuple[Document, ...]
+    modules: Annotated[
+        tuple[ModuleField, ...], Strict(False), Field(min_length=1), AfterValidator(_unique_modules)
+    ]
+    part: JsonInt = Field(ge=1, le=10_000)
+    parts: JsonInt = Field(ge=1, le=10_000)
+    item_count: JsonInt = Field(ge=0, le=1_000_000)
+    items: Annotated[tuple[Document, ...], Strict(False)]
 
 
 Event = DocumentCreated | ManifestSnapshot

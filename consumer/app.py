@@ -1,0 +1,278 @@
+"""The composition root: builds every object of the running relay and owns their lifecycles.
+
+Resources start in dependency order (producer, partner client, scheduler, consumer, ops server)
+and stop in reverse. One ``TaskGroup`` owns the long-running loops. SIGTERM and SIGINT only set an
+event; the shutdown path drains in-flight work within the drain timeout, commits, and leaves the
+consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from importlib.metadata import version
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from consumer.changelog import ChangelogWriter, check_topics, restore_partition
+from consumer.executor import OperationExecutor
+from consumer.guard import DeletionGuard
+from consumer.ingest import Ingest
+from consumer.manifest import ManifestAssembler
+from consumer.metrics import RelayMetrics
+from consumer.opshttp import OpsServer
+from consumer.partner.client import ChouetteCoproClient
+from consumer.partner.content import ContentFetcher
+from consumer.partner.keys import ApiKeyStore
+from consumer.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.reconcile import reconcile_partition
+from consumer.routing import RoutingTable
+from consumer.scheduler import Scheduler
+from consumer.observers import MetricsObserver, rate_limits
+from consumer.settings import Settings
+from consumer.sinks import DeadLetterSink
+from consumer.state import DocStatus
+from consumer.view import PublishedView
+
+log = logging.getLogger(__name__)
+
+RELAY_VERSION = version("chouette-relay")
+
+
+class Relay:
+    """The running service: what the ops server and the CLI act on."""
+
+    def __init__(self, *, settings: Settings, routing: RoutingTable, api_keys: ApiKeyStore) -> None:
+        self.settings = settings
+        self.routing = routing
+        self.api_keys = api_keys
+        self.registry = CollectorRegistry()
+        self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
+        self.stopping = asyncio.Event()
+        self.ops_port: int | None = None
+        self._ingest: Ingest | None = None
+        self._scheduler: Scheduler | None = None
+        self._restoring: dict[int, float] = {}
+
+    # -- control surface -----------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return self._ingest is not None and self._ingest.ready
+
+    def status(self) -> dict[str, Any]:
+        ingest = self._ingest
+        processors = ingest.processors if ingest else {}
+        partitions = {
+            str(p): {
+                "documents": proc.view.size,
+                "by_status": {s.value: n for s, n in proc.view.counts().items()},
+                "pending_operations": proc.pending_operations,
+                "committable": proc.committable(),
+            }
+            for p, proc in sorted(processors.items())
+        }
+        snapshot = self._scheduler.snapshot() if self._scheduler else None
+        return {
+            "version": RELAY_VERSION,
+            "ready": self.is_ready(),
+            "restoring": {str(p): r for p, r in self._restoring.items()},
+            "partitions": partitions,
+            "scheduler": _plain(snapshot),
+            "agencies": sorted(self.routing.agencies),
+            "held": self.held(),
+        }
+
+    def held(self) -> list[dict[str, Any]]:
+        found: dict[tuple[str, str], int] = {}
+        for processor in (self._ingest.processors.values() if self._ingest else ()):
+            for record in processor.view.with_status(DocStatus.DELETE_HELD):
+                place = (record.key.agency_id, record.key.building_id)
+                found[place] = found.get(place, 0) + 1
+        return [{"agency": a, "building": b, "documents": n} for (a, b), n in sorted(found.items())]
+
+    async def settle_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
+        if self._ingest is None:
+            return 0
+        return sum(
+            processor.release_held(agency_id, building_id, discard=discard)
+            for processor in self._ingest.processors.values()
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        s = self.settings
+        layout = await check_topics(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            documents_topic=s.kafka.documents_topic,
+            manifests_topic=s.kafka.manifests_topic,
+            state_topic=s.kafka.state_topic,
+            dead_letter_topic=s.kafka.dead_letter_topic,
+            create_missing_state=s.kafka.create_state_topic,
+        )
+        log.info("topics checked", extra={"partitions": layout.input_partitions})
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            client_id=s.kafka.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            group_id=s.kafka.group_id,
+            client_id=s.kafka.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.kafka.max_poll_records,
+            session_timeout_ms=s.kafka.session_timeout_ms,
+            fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),
+            max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
+        )
+        observer = MetricsObserver(self.metrics)
+        async with contextlib.AsyncExitStack() as stack:
+            await producer.start()
+            stack.push_async_callback(producer.stop)
+            partner = await stack.enter_async_context(
+                ChouetteCoproClient(
+                    base_url=s.partner.base_url,
+                    api_keys=self.api_keys,
+                    timeout_s=s.partner.timeout_s,
+                    user_agent=f"chouette-relay/{RELAY_VERSION}",
+                    observe=observer.request,
+                )
+            )
+            fetcher = await stack.enter_async_context(
+                ContentFetcher(
+                    allowed_hosts=s.content.allowed_hosts,
+                    max_bytes=s.content.max_bytes,
+                    timeout_s=s.content.fetch_timeout_s,
+                )
+            )
+            default_limit, limits = rate_limits(self.routing, s.partner)
+            self._scheduler = scheduler = await stack.enter_async_context(
+                Scheduler(
+                    concurrency=s.partner.concurrency,
+                    default_rate_limit=default_limit,
+                    rate_limits=limits,
+                    observer=observer,
+                )
+            )
+            dead_letters = DeadLetterSink(
+                producer=producer,
+                topic=s.kafka.dead_letter_topic,
+                metrics=self.metrics,
+                relay_version=RELAY_VERSION,
+            )
+            guard = DeletionGuard(
+                max_share=s.guard.max_delete_share, min_count=s.guard.min_deletes
+            )
+            topics = {DOCUMENTS: s.kafka.documents_topic, MANIFESTS: s.kafka.manifests_topic}
+
+            async def build_processor(partition: int) -> PartitionProcessor:
+                view = PublishedView()
+                writer = ChangelogWriter(
+                    producer=producer, topic=s.kafka.state_topic, partition=partition
+                )
+                self._restoring[partition] = 0.0
+
+                def progress(done: int, total: int) -> None:
+                    ratio = 1.0 if total == 0 else done / total
+                    self._restoring[partition] = ratio
+                    self.metrics.restore_progress.labels(str(partition)).set(ratio)
+
+                applied = await restore_partition(
+                    bootstrap_servers=s.kafka.bootstrap_servers,
+                    topic=s.kafka.state_topic,
+                    partition=partition,
+                    view=view,
+                    on_progress=progress,
+                )
+                self.metrics.restore_records.inc(applied)
+                executor = OperationExecutor(
+                    view=view,
+                    writer=writer,
+                    scheduler=scheduler,
+                    partner=partner,
+                    content=fetcher,
+                    dead_letters=dead_letters,
+                    metrics=self.metrics,
+                )
+                await reconcile_partition(
+                    view=view, writer=writer, scheduler=scheduler, partner=partner
+                )
+                self._restoring.pop(partition, None)
+                log.info(
+                    "partition restored",
+                    extra={"partition": partition, "records": applied, "documents": view.size},
+                )
+                return PartitionProcessor(
+                    partition=partition,
+                    topics=topics,
+                    view=view,
+                    assembler=ManifestAssembler(
+                        expiry=dt.timedelta(seconds=s.manifest.expiry_s),
+                        max_pending_items=s.manifest.max_pending_items,
+                    ),
+                    routing=self.routing,
+                    guard=guard,
+                    executor=executor,
+                    writer=writer,
+                    dead_letters=dead_letters,
+                    metrics=self.metrics,
+                    max_value_bytes=s.kafka.max_value_bytes,
+                    clock=lambda: dt.datetime.now(dt.UTC),
+                )
+
+            self._ingest = ingest = Ingest(
+                consumer=consumer,
+                topics=list(topics.values()),
+                processor_factory=build_processor,
+                metrics=self.metrics,
+                commit_interval_s=s.kafka.commit_interval_s,
+                max_records=s.kafka.max_poll_records,
+            )
+            ingest.subscribe()
+            await consumer.start()
+            stack.push_async_callback(consumer.stop)
+            ops = await stack.enter_async_context(
+                OpsServer(
+                    control=self,
+                    registry=self.registry,
+                    host=s.http.host,
+                    port=s.http.port,
+                    admin_token=s.http.admin_token(),
+                )
+            )
+            self.ops_port = ops.port
+            async with asyncio.TaskGroup() as tasks:
+                consuming = tasks.create_task(ingest.run(), name="ingest")
+                housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
+                await self.stopping.wait()
+                log.info("stopping: draining in-flight work")
+                ingest.stop()
+                await consuming
+                await ingest.shutdown(s.drain_timeout_s)
+                await housekeeping
+            log.info("stopped cleanly")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

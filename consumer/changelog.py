@@ -1,0 +1,165 @@
+"""The published view's changelog: a compacted Kafka topic, written and restored per partition.
+
+State records go to the same partition number as the input partition they belong to, so that a
+relay that owns input partition ``p`` restores exactly changelog partition ``p``. This module also
+checks the topic layout at start-up: the relay refuses to run when partition counts differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from consumer.errors import ConfigError
+from consumer.state import StateRecord, decode_state, encode_state
+from consumer.view import PublishedView
+
+log = logging.getLogger(__name__)
+
+COMPACTED_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "60000",
+    "segment.ms": "3600000",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TopicLayout:
+    input_partitions: int
+    state_partitions: int
+
+
+async def check_topics(
+    *,
+    bootstrap_servers: str,
+    documents_topic: str,
+    manifests_topic: str,
+    state_topic: str,
+    dead_letter_topic: str,
+    create_missing_state: bool,
+    replication_factor: int = 1,
+) -> TopicLayout:
+    """Verify the input topics agree with each other and with the state topic.
+
+    The state topic is created (compacted, same partition count) when missing and allowed; any
+    mismatch stops start-up with a message naming the topics and their counts.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        counts = await _partition_counts(admin, [documents_topic, manifests_topic, state_topic])
+        for topic in (documents_topic, manifests_topic):
+            if counts.get(topic) is None:
+                raise ConfigError(f"input topic {topic!r} does not exist on {bootstrap_servers}")
+        docs, manifests = counts[documents_topic], counts[manifests_topic]
+        if docs != manifests:
+            raise ConfigError(
+                f"input topics differ in partition count: {documents_topic!r} has {docs}, "
+                f"{manifests_topic!r} has {manifests}; one building must map to one partition "
+                "number in both"
+            )
+        state = counts.get(state_topic)
+        if state is None:
+            if not create_missing_state:
+                raise ConfigError(f"state topic {state_topic!r} does not exist")
+            await _create(admin, state_topic, docs, replication_factor, COMPACTED_TOPIC_CONFIG)
+            log.info("created state topic", extra={"topic": state_topic, "partitions": docs})
+            state = docs
+        if state != docs:
+            raise ConfigError(
+                f"state topic {state_topic!r} has {state} partitions but the input topics have "
+                f"{docs}; recreate it with {docs} partitions (cleanup.policy=compact)"
+            )
+        if (await _partition_counts(admin, [dead_letter_topic])).get(dead_letter_topic) is None:
+            await _create(admin, dead_letter_topic, 1, replication_factor, {})
+        return TopicLayout(input_partitions=docs, state_partitions=state)
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
+    described = await admin.describe_topics(topics)
+    counts: dict[str, int | None] = {}
+    for entry in described:
+        name = entry["topic"]
+        ok = entry.get("error_code", 0) == 0
+        counts[name] = len(entry["partitions"]) if ok else None
+    return counts
+
+
+async def _create(
+    admin: AIOKafkaAdminClient, name: str, partitions: int, replication: int, config: dict[str, str]
+) -> None:
+    try:
+        await admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=replication,
+                      topic_configs=config)]
+        )
+    except TopicAlreadyExistsError:
+        pass
+
+
+class ChangelogWriter:
+    """Writes state records for one partition number and waits for the broker's acknowledgement."""
+
+    def __init__(self, *, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._partition = partition
+
+    async def write(self, record: StateRecord) -> None:
+        key, value = encode_state(record)
+        delivery = await self._producer.send(
+            self._topic, value=value, key=key, partition=self._partition
+        )
+        await delivery
+
+
+async def restore_partition(
+    *,
+    bootstrap_servers: str,
+    topic: str,
+    partition: int,
+    view: PublishedView,
+    on_progress: Callable[[int, int], None] = lambda done, total: None,
+) -> int:
+    """Apply every record of one changelog partition to ``view``, up to the end seen at start.
+
+    Returns the number of records applied. ``on_progress(applied, total)`` is called per batch.
+    """
+    tp = TopicPartition(topic, partition)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await reader.start()
+    try:
+        reader.assign([tp])
+        start = (await reader.beginning_offsets([tp]))[tp]
+        end = (await reader.end_offsets([tp]))[tp]
+        total = max(end - start, 0)
+        applied = 0
+        if total == 0:
+            on_progress(0, 0)
+            return 0
+        await reader.seek_to_beginning(tp)
+        while True:
+            batches = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
+            for message in batches.get(tp, []):
+                if message.offset >= end:
+                    break
+                view.apply(decode_state(message.key, message.value))
+                applied += 1
+            on_progress(applied, total)
+            # The position moves past compacted gaps and past what was just returned.
+            if await reader.position(tp) >= end:
+                return applied
+    finally:
+        await reader.stop()

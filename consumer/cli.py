@@ -1,0 +1,94 @@
+"""Command line: ``chouette-relay run | plan | held | release | discard``.
+
+``run`` starts the service (on the embedded local default when no Kafka and partner settings are
+given); ``plan`` is the dry run of a first publication and sends nothing; the held-deletion
+commands call a running relay's admin endpoint with the admin token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from consumer.errors import ConfigError
+from consumer.logs import configure_logging
+from consumer.settings import Settings, load_settings
+
+log = logging.getLogger("consumer")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chouette-relay", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run the relay (local default when nothing is configured)")
+    plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
+    plan.add_argument("--agency", help="only this agency")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (
+        ("held", "list withdrawals held by the mass-deletion guard"),
+        ("release", "carry out the held withdrawals of a building"),
+        ("discard", "forget the held withdrawals of a building (documents stay published)"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--url", default="http://127.0.0.1:8080", help="relay ops address")
+        if name != "held":
+            command.add_argument("agency")
+            command.add_argument("building")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"chouette-relay: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    try:
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+        if args.command == "plan":
+            from consumer.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
+
+            return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
+        from consumer.admin import call_admin  # noqa: PLC0415 - only these commands need it
+
+        return asyncio.run(
+            call_admin(settings, args.command, url=args.url,
+                       agency=getattr(args, "agency", None), building=getattr(args, "building", None))
+        )
+    except ConfigError as exc:
+        print(f"chouette-relay: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(settings: Settings) -> int:
+    if settings.is_local:
+        from consumer.local.stack import run_local  # noqa: PLC0415 - the local stack is optional
+
+        return await run_local(settings)
+    from consumer.app import Relay  # noqa: PLC0415 - keeps `plan` and admin commands light
+    from consumer.partner.keys import ApiKeyStore  # noqa: PLC0415
+    from consumer.routing import load_routing  # noqa: PLC0415
+
+    if settings.routing_file is None:
+        raise ConfigError("CHOUETTE_RELAY_ROUTING_FILE is not set")
+    routing = load_routing(settings.routing_file)
+    api_keys = ApiKeyStore(settings.partner.api_keys_dir)
+    missing = sorted(set(routing.agencies) - api_keys.agencies)
+    if missing:
+        raise ConfigError(
+            f"no API key file for agencies {', '.join(missing)} in {settings.partner.api_keys_dir}"
+        )
+    log.info("effective settings", extra={"settings": settings.masked()})
+    relay = Relay(settings=settings, routing=routing, api_keys=api_keys)
+    relay.install_signal_handlers()
+    await relay.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

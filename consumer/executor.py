@@ -1,0 +1,232 @@
+"""Turns planned operations into partner calls, one document at a time, without duplicates.
+
+Operations on the same document run in the order they were planned (a chain per document key);
+operations on different documents run concurrently under the scheduler. An upload writes its
+intent to the changelog before calling the partner, and when a call's outcome is unknown (a retry
+after a timeout, or an intent found after a restart) the document is looked up by its reference
+before anything is uploaded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedError
+from consumer.events import Content, Document
+from consumer.metrics import RelayMetrics
+from consumer.partner.client import ChouetteCoproClient, RemoteDocument
+from consumer.planner import Delete, Lane, Upload, intent_record, published_record
+from consumer.scheduler import Scheduler
+from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.view import PublishedView
+
+log = logging.getLogger(__name__)
+
+Operation = Upload | Delete
+
+
+class RecordWriter(Protocol):
+    async def write(self, record: StateRecord) -> None: ...
+
+
+class ContentSource(Protocol):
+    async def fetch(self, content: Content) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteState:
+    """What the partner holds for one document, as far as the relay knows."""
+
+    remote_id: str
+    sha256: str
+
+
+class OperationExecutor:
+    """Runs the partner operations of one partition and keeps its view in step with the results."""
+
+    def __init__(
+        self,
+        *,
+        view: PublishedView,
+        writer: RecordWriter,
+        scheduler: Scheduler,
+        partner: ChouetteCoproClient,
+        content: ContentSource,
+        dead_letters: DeadLetterSink,
+        metrics: RelayMetrics,
+    ) -> None:
+        self._view = view
+        self._writer = writer
+        self._scheduler = scheduler
+        self._partner = partner
+        self._content = content
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._chains: dict[DocKey, asyncio.Task[RemoteState | None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._chains)
+
+    def submit(self, operation: Operation, *, source: SourceRecord) -> asyncio.Task[RemoteState | None]:
+        """Queue ``operation`` behind any earlier one on the same document; return its task."""
+        key = operation.key
+        previous = self._chains.get(key)
+        task = asyncio.create_task(self._run(operation, previous, source), name=f"op:{key.encode()!r}")
+        self._chains[key] = task
+        lane = operation.lane if isinstance(operation, Upload) else Lane.LIVE
+        kind = "upload" if isinstance(operation, Upload) else "delete"
+        backlog = self._metrics.backlog.labels(lane.value, kind)
+        backlog.inc()
+
+        def finished(done: asyncio.Task[RemoteState | None]) -> None:
+            backlog.dec()
+            if self._chains.get(key) is done:
+                del self._chains[key]
+
+        task.add_done_callback(finished)
+        # The view shows the intended state at once, so the next plan sees work already queued.
+        if isinstance(operation, Upload):
+            self._view.apply(intent_record(operation))
+        else:
+            self._view.apply(Tombstone(key))
+        return task
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._chains.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(
+        self,
+        operation: Operation,
+        previous: asyncio.Task[RemoteState | None] | None,
+        source: SourceRecord,
+    ) -> RemoteState | None:
+        if previous is not None:
+            base = await previous
+        elif operation.remote_id is not None:
+            sha = operation.previous.sha256 if isinstance(operation, Upload) and operation.previous else ""
+            base = RemoteState(operation.remote_id, sha)
+        else:
+            base = None
+        if isinstance(operation, Upload):
+            return await self._run_upload(operation, base, source)
+        return await self._run_delete(operation, base)
+
+    async def _run_upload(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord
+    ) -> RemoteState | None:
+        lane = upload.lane.value
+        sha = upload.document.content.sha256
+        if base is not None and base.sha256 == sha:
+            self._metrics.operations.labels(lane, "upload", "skipped").inc()
+            return base
+        attempted = False
+
+        async def call() -> RemoteState:
+            nonlocal attempted
+            current = base
+            if attempted and current is None:
+                # The last attempt may have reached the partner before failing: look before acting.
+                found = await self._lookup(upload)
+                if found is not None:
+                    current = RemoteState(found.remote_id, found.sha256)
+                    if found.sha256 == sha:
+                        await self._writer.write(published_record(upload, found.remote_id, sha))
+                        return current
+            body = await self._content.fetch(upload.document.content)
+            intent = intent_record(upload)
+            if current is not None:
+                intent = dataclasses.replace(intent, remote_id=current.remote_id)
+            await self._writer.write(intent)
+            attempted = True
+            if current is None:
+                remote = await self._partner.upload(
+                    agency_id=upload.key.agency_id,
+                    condominium_id=upload.condominium_id,
+                    document=upload.document,
+                    content=body,
+                )
+            else:
+                remote = await self._partner.update(
+                    agency_id=upload.key.agency_id,
+                    remote_id=current.remote_id,
+                    document=upload.document,
+                    content=body,
+                )
+            await self._writer.write(published_record(upload, remote.remote_id, sha))
+            return RemoteState(remote.remote_id, sha)
+
+        try:
+            result: RemoteState | None = await self._scheduler.submit(
+                call, agency_id=upload.key.agency_id, lane=upload.lane
+            )
+        except (PartnerRejectedError, ContentError) as exc:
+            reason = exc.reason if isinstance(exc, ContentError) else "partner_rejected"
+            await self._dead_letters.send(
+                source, reason=reason, detail=f"document {upload.key.document_id}: {exc}"
+            )
+            await self._writer.write(self._revert(upload, base))
+            self._settle(upload.key, self._revert(upload, base))
+            self._metrics.operations.labels(lane, "upload", "dead_lettered").inc()
+            return base
+        except PartnerParkedError as exc:
+            parked = dataclasses.replace(
+                intent_record(upload),
+                status=DocStatus.PARKED,
+                parked_reason=f"partner: {exc}",
+                document=upload.document,
+                remote_id=base.remote_id if base else None,
+            )
+            await self._writer.write(parked)
+            self._settle(upload.key, parked)
+            self._metrics.operations.labels(lane, "upload", "parked").inc()
+            log.error("document parked", extra={"key": upload.key.encode().decode(), "why": str(exc)})
+            return base
+        if result is not None:
+            self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
+        self._metrics.operations.labels(lane, "upload", "done").inc()
+        return result
+
+    async def _run_delete(self, delete: Delete, base: RemoteState | None) -> None:
+        if base is not None:
+            async def call() -> None:
+                await self._partner.delete(agency_id=delete.key.agency_id, remote_id=base.remote_id)
+
+            await self._scheduler.submit(call, agency_id=delete.key.agency_id, lane=Lane.LIVE)
+        await self._writer.write(Tombstone(delete.key))
+        self._settle(delete.key, Tombstone(delete.key))
+        self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
+        return None
+
+    async def _lookup(self, upload: Upload) -> RemoteDocument | None:
+        return await self._partner.find_by_reference(
+            agency_id=upload.key.agency_id,
+            condominium_id=upload.condominium_id,
+            reference=upload.key.document_id,
+        )
+
+    def _revert(self, upload: Upload, base: RemoteState | None) -> StateRecord:
+        """The record that describes the partner's state after a refused upload: unchanged."""
+        if base is None:
+            return Tombstone(upload.key)
+        return dataclasses.replace(
+            intent_record(upload),
+            status=DocStatus.PUBLISHED,
+            remote_id=base.remote_id,
+            sha256=base.sha256,
+        )
+
+    def _settle(self, key: DocKey, record: StateRecord) -> None:
+        """Apply a durable outcome to the view unless a later operation on the key is queued."""
+        current = asyncio.current_task()
+        if self._chains.get(key) is current:
+            self._view.apply(record)
+

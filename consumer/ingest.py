@@ -1,0 +1,182 @@
+"""The Kafka side of the relay: one consumer group on both input topics, manual commits.
+
+On assignment the view of every newly assigned partition number is restored from the changelog
+before its input is processed; on revocation in-flight work is stopped and what is finished is
+committed. Offsets are committed periodically, each up to the lowest unfinished record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from consumer.metrics import RelayMetrics
+from consumer.processor import PartitionProcessor
+from consumer.sinks import SourceRecord
+
+log = logging.getLogger(__name__)
+
+ProcessorFactory = Callable[[int], Awaitable[PartitionProcessor]]
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, ingest: Ingest) -> None:
+        self._ingest = ingest
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._ingest.revoke({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._ingest.assign({tp.partition for tp in assigned})
+
+
+class Ingest:
+    """Reads both input topics and routes each record to its partition's processor."""
+
+    def __init__(
+        self,
+        *,
+        consumer: AIOKafkaConsumer,
+        topics: list[str],
+        processor_factory: ProcessorFactory,
+        metrics: RelayMetrics,
+        commit_interval_s: float,
+        max_records: int,
+        max_pending_per_partition: int = 20_000,
+    ) -> None:
+        self._consumer = consumer
+        self._topics = topics
+        self._factory = processor_factory
+        self._metrics = metrics
+        self._commit_interval_s = commit_interval_s
+        self._max_records = max_records
+        self._max_pending = max_pending_per_partition
+        self.processors: dict[int, PartitionProcessor] = {}
+        self._assigned: set[int] = set()
+        self._consuming = False
+        self._stopping = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Every assigned partition is restored and the loop is consuming."""
+        return self._consuming and self._assigned == set(self.processors)
+
+    def subscribe(self) -> None:
+        self._consumer.subscribe(self._topics, listener=_Rebalance(self))
+
+    async def assign(self, partitions: set[int]) -> None:
+        self._assigned = set(partitions)
+        for partition in sorted(partitions - set(self.processors)):
+            self.processors[partition] = await self._factory(partition)
+        self._metrics.partitions_ready.set(len(self.processors))
+        log.info("partitions assigned", extra={"partitions": sorted(partitions)})
+
+    async def revoke(self, partitions: set[int]) -> None:
+        for partition in sorted(partitions & set(self.processors)):
+            processor = self.processors.pop(partition)
+            await processor.close()
+        await self.commit()
+        self._assigned -= partitions
+        self._metrics.partitions_ready.set(len(self.processors))
+        log.info("partitions revoked", extra={"partitions": sorted(partitions)})
+
+    async def run(self) -> None:
+        """Consume until ``stop`` is called."""
+        self._consuming = True
+        try:
+            while not self._stopping.is_set():
+                batches = await self._consumer.getmany(
+                    timeout_ms=200, max_records=self._max_records
+                )
+                for tp, records in batches.items():
+                    processor = self.processors.get(tp.partition)
+                    if processor is None:
+                        continue  # revoked between fetch and processing: the new owner reads it
+                    for record in records:
+                        await processor.handle(_source(record))
+                self._apply_backpressure()
+        finally:
+            self._consuming = False
+
+    async def run_housekeeping(self) -> None:
+        """Commit, expire incomplete manifests and refresh lag on a fixed interval."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._commit_interval_s)
+            except TimeoutError:
+                pass
+            for processor in list(self.processors.values()):
+                processor.expire()
+            await self.commit()
+            self._update_lag()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def commit(self) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        assignment = self._consumer.assignment()
+        for partition, processor in self.processors.items():
+            for topic, offset in processor.committable().items():
+                tp = TopicPartition(topic, partition)
+                if tp in assignment:
+                    offsets[tp] = offset
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+            self._metrics.commits.inc()
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance is under way; the next owner reads from the last committed offset.
+            log.warning("offset commit failed", extra={"error": repr(exc)})
+
+    async def shutdown(self, drain_timeout_s: float) -> None:
+        """Let in-flight work finish within the deadline, then commit and stop processors."""
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            if all(p.pending_operations == 0 for p in self.processors.values()):
+                break
+            await asyncio.sleep(0.1)
+        await self.commit()
+        for processor in list(self.processors.values()):
+            await processor.close()
+        await self.commit()
+
+    def _apply_backpressure(self) -> None:
+        for partition, processor in self.processors.items():
+            tps = [TopicPartition(topic, partition) for topic in self._topics]
+            if processor.pending_operations >= self._max_pending:
+                self._consumer.pause(*tps)
+            elif processor.pending_operations < self._max_pending // 2:
+                paused = self._consumer.paused()
+                if any(tp in paused for tp in tps):
+                    self._consumer.resume(*tps)
+
+    def _update_lag(self) -> None:
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            processor = self.processors.get(tp.partition)
+            if highwater is None or processor is None:
+                continue
+            committed = processor.committable().get(tp.topic)
+            if committed is not None:
+                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(highwater - committed, 0)
+                )
+
+
+def _source(record: Any) -> SourceRecord:
+    return SourceRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp,
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers or ()),
+    )

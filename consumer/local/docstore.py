@@ -1,0 +1,182 @@
+"""A tiny LSC document store: serves PDFs at ``/documents/{name}.pdf`` on loopback.
+
+Events point at it with content URLs, so the content fetcher can be exercised against a real HTTP
+server. Faults are set per document (an error status, a slow body, no Content-Length, a body that
+never ends) and requests are counted per document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import NamedTuple, Self
+
+from aiohttp import web
+
+from consumer.local.pdf import make_pdf
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+_ENDLESS_CHUNK = b"%PDF-1.4\n" + b"0" * 65_527
+
+
+class StoredPdf(NamedTuple):
+    """Where a document is served and what it holds."""
+
+    url: str
+    sha256: str
+    size: int
+
+
+@dataclass(slots=True)
+class _Fault:
+    status: int | None = None
+    chunk_delay_s: float = 0.0
+    hide_length: bool = False
+
+
+class DocumentStore:
+    """In-memory PDF server; ``async with DocumentStore() as store: store.add_pdf(...)``."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, chunk_size: int = 16_384) -> None:
+        self._host = host
+        self._requested_port = port
+        self._chunk_size = chunk_size
+        self._files: dict[str, bytes] = {}
+        self._endless: set[str] = set()
+        self._faults: dict[str, _Fault] = {}
+        self._requests: Counter[str] = Counter()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/documents/{name}.pdf", self._serve)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._requested_port)
+        await site.start()
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the document store is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def url_of(self, name: str) -> str:
+        return f"{self.base_url}/documents/{name}.pdf"
+
+    def add_pdf(self, name: str, title: str) -> StoredPdf:
+        """Generate a real PDF showing ``title`` and serve it under ``name``."""
+        return self.add_bytes(name, make_pdf(title, lines=[f"LSC document {name}"]))
+
+    def add_bytes(self, name: str, data: bytes) -> StoredPdf:
+        """Serve arbitrary bytes (not necessarily a PDF) under ``name``."""
+        self._check_name(name)
+        self._files[name] = data
+        self._endless.discard(name)
+        return StoredPdf(self.url_of(name), hashlib.sha256(data).hexdigest(), len(data))
+
+    def add_endless(self, name: str) -> str:
+        """Serve a body that never ends (no Content-Length): only a size limit stops a reader."""
+        self._check_name(name)
+        self._endless.add(name)
+        self._files.pop(name, None)
+        return self.url_of(name)
+
+    def remove(self, name: str) -> None:
+        self._files.pop(name, None)
+        self._endless.discard(name)
+
+    def set_status(self, name: str, status: int | None) -> None:
+        """Answer ``status`` (with no document) for ``name``; None serves it normally again."""
+        self._faults.setdefault(name, _Fault()).status = status
+
+    def set_slow(self, name: str, chunk_delay_s: float) -> None:
+        """Wait ``chunk_delay_s`` before each chunk of the body (headers go out at once)."""
+        self._faults.setdefault(name, _Fault()).chunk_delay_s = chunk_delay_s
+
+    def hide_length(self, name: str, hidden: bool = True) -> None:
+        """Send the body chunked, without Content-Length."""
+        self._faults.setdefault(name, _Fault()).hide_length = hidden
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def request_count(self, name: str | None = None) -> int:
+        """Requests received for ``name``, or for all documents when None."""
+        if name is None:
+            return sum(self._requests.values())
+        return self._requests[name]
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self._requests[name] += 1
+        fault = self._faults.get(name, _Fault())
+        if fault.status is not None:
+            return web.Response(status=fault.status, text=f"fault injected for {name}\n")
+        if name in self._endless:
+            return await self._stream_forever(request)
+        data = self._files.get(name)
+        if data is None:
+            raise web.HTTPNotFound(text=f"no document {name}\n")
+        response = web.StreamResponse(headers={"Content-Type": "application/pdf"})
+        if fault.hide_length:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(data)
+        await response.prepare(request)
+        try:
+            for start in range(0, len(data), self._chunk_size):
+                if fault.chunk_delay_s:
+                    await asyncio.sleep(fault.chunk_delay_s)
+                await response.write(data[start : start + self._chunk_size])
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the reader gave up (size limit, timeout): nothing left to do
+        return response
+
+    async def _stream_forever(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/pdf"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(_ENDLESS_CHUNK)
+        except ConnectionError:
+            return response  # the reader gave up, as it should
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not _NAME_PATTERN.match(name):
+            raise ValueError(f"document name {name!r} must match {_NAME_PATTERN.pattern}")

@@ -1,0 +1,199 @@
+"""Fetches the bytes of an LSC document and proves they are the ones the event declared.
+
+Inline content is strict base64; URL content is fetched only from allowlisted hosts, streamed with
+a hard size limit, and never followed off the allowlist by a redirect. The sha256 and size must
+match the event. A wrong document is a ``ContentError`` (dead-letter), an unreachable store a
+``ContentUnavailableError`` (retry later).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+from yarl import URL
+
+from consumer.errors import ContentError, ContentUnavailableError
+from consumer.events import Content
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 3
+
+
+class HostAllowlist:
+    """Exact host names, each optionally with a port (``docs.lsc.example`` or ``127.0.0.1:8082``).
+
+    An entry without a port allows that host on any port; an entry with one allows only that port.
+    """
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self._any_port: set[str] = set()
+        self._with_port: set[tuple[str, int]] = set()
+        for raw in entries:
+            entry = raw.strip().lower()
+            host, sep, port = entry.rpartition(":")
+            if sep and port.isdigit() and not host.endswith(":"):  # "[::1]:80" but not "::1"
+                self._with_port.add((host.strip("[]"), int(port)))
+            elif entry:
+                self._any_port.add(entry.strip("[]"))
+
+    def allows(self, url: URL) -> bool:
+        host = (url.host or "").lower()
+        if url.scheme not in ("http", "https") or not host:
+            return False
+        port = url.port if url.port is not None else (443 if url.scheme == "https" else 80)
+        return host in self._any_port or (host, port) in self._with_port
+
+
+class ContentFetcher:
+    """``async with ContentFetcher(allowed_hosts=[...], max_bytes=...) as fetcher``.
+
+    Pass ``session`` to share an ``aiohttp.ClientSession`` (then closing it is the caller's job).
+    """
+
+    def __init__(
+        self,
+        *,
+        allowed_hosts: Iterable[str],
+        max_bytes: int,
+        timeout_s: float = 60.0,
+        chunk_size: int = 65_536,
+        user_agent: str = "chouette-relay",
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._allowlist = HostAllowlist(allowed_hosts)
+        self._max_bytes = max_bytes
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._chunk_size = chunk_size
+        self._headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
+        self._session = session
+        self._owns_session = session is None
+
+    async def __aenter__(self) -> Self:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    async def fetch(self, content: Content) -> bytes:
+        """The document's bytes, checked against ``content.sha256`` and ``content.size_bytes``."""
+        if content.size_bytes > self._max_bytes:
+            raise ContentError(
+                f"declared size {content.size_bytes} exceeds the limit of {self._max_bytes} bytes",
+                reason="too_large",
+            )
+        if content.inline_base64 is not None:
+            data = self._decode_inline(content.inline_base64)
+        elif content.url is not None:
+            data = await self._download(URL(content.url), content.size_bytes)
+        else:  # the model guarantees one source; keep mypy and future models honest
+            raise ContentError("content has neither url nor inline_base64", reason="not_found")
+        if len(data) != content.size_bytes:
+            raise ContentError(
+                f"content is {len(data)} bytes, the event declared {content.size_bytes}",
+                reason="size_mismatch",
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != content.sha256:
+            raise ContentError(
+                f"content sha256 is {digest}, the event declared {content.sha256}",
+                reason="sha256_mismatch",
+            )
+        return data
+
+    def _decode_inline(self, text: str) -> bytes:
+        if len(text) // 4 * 3 > self._max_bytes + 3:
+            raise ContentError("inline content exceeds the size limit", reason="too_large")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ContentError(f"inline content is not valid base64: {exc}", reason="bad_base64") from None
+
+    async def _download(self, url: URL, declared_size: int) -> bytes:
+        session = self._session
+        if session is None:
+            raise RuntimeError("ContentFetcher used outside 'async with'")
+        for _ in range(_MAX_REDIRECTS + 1):
+            if not self._allowlist.allows(url):
+                raise ContentError(
+                    f"host {url.host}:{url.port} is not on the content allowlist",
+                    reason="host_not_allowed",
+                )
+            try:
+                async with session.get(
+                    url, headers=self._headers, timeout=self._timeout, allow_redirects=False
+                ) as response:
+                    location = response.headers.get("Location")
+                    if response.status in _REDIRECTS and location:
+                        url = url.join(URL(location))
+                        continue
+                    self._check_status(url, response.status)
+                    return await self._read_limited(url, response, declared_size)
+            except TimeoutError:
+                raise ContentUnavailableError(
+                    f"timed out fetching {url.with_query(None)}", reason="timeout"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise ContentUnavailableError(
+                    f"cannot fetch {url.with_query(None)}: {type(exc).__name__}: {exc}",
+                    reason="unavailable",
+                ) from None
+        raise ContentError(f"more than {_MAX_REDIRECTS} redirects from {url}", reason="not_found")
+
+    @staticmethod
+    def _check_status(url: URL, status: int) -> None:
+        if status == 200:
+            return
+        where = url.with_query(None)
+        if status >= 500 or status in (408, 429):
+            raise ContentUnavailableError(
+                f"document store answered {status} for {where}", reason="unavailable"
+            )
+        # 404/410 and every other refusal: the document cannot be had by asking again.
+        raise ContentError(f"document store answered {status} for {where}", reason="not_found")
+
+    async def _read_limited(
+        self, url: URL, response: aiohttp.ClientResponse, declared_size: int
+    ) -> bytes:
+        length = response.content_length
+        if length is not None and length > self._max_bytes:
+            raise ContentError(
+                f"{url.with_query(None)} is {length} bytes, over the limit of {self._max_bytes}",
+                reason="too_large",
+            )
+        if length is not None and length != declared_size:
+            raise ContentError(
+                f"{url.with_query(None)} is {length} bytes, the event declared {declared_size}",
+                reason="size_mismatch",
+            )
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(self._chunk_size):
+            body += chunk
+            if len(body) > self._max_bytes:
+                raise ContentError(
+                    f"{url.with_query(None)} exceeds the limit of {self._max_bytes} bytes",
+                    reason="too_large",
+                )
+            if len(body) > declared_size:
+                raise ContentError(
+                    f"{url.with_query(None)} is longer than the declared {declared_size} bytes",
+                    reason="size_mismatch",
+                )
+        return bytes(body)

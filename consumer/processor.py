@@ -1,0 +1,182 @@
+"""Processing of one input partition number: decode, plan, record, execute, mark offsets done.
+
+A ``PartitionProcessor`` owns the published view of its partition, the manifest assembler, the
+offset trackers of both input topics and the executor. ``handle`` only plans and enqueues; the
+offset of a record becomes committable when every state record and partner operation it caused
+is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from consumer.decoding import Poison, decode_record
+from consumer.events import DocumentCreated, ManifestSnapshot
+from consumer.executor import OperationExecutor, RecordWriter
+from consumer.guard import DeletionGuard
+from consumer.manifest import CompleteManifest, ManifestAssembler
+from consumer.metrics import RelayMetrics
+from consumer.offsets import OffsetTracker
+from consumer.planner import Plan, discard_held, plan_document, plan_manifest, release_held
+from consumer.routing import RoutingTable
+from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.view import PublishedView
+
+log = logging.getLogger(__name__)
+
+DOCUMENTS = "document-created"
+MANIFESTS = "manifest-snapshot"
+
+
+class PartitionProcessor:
+    """Everything the relay does for input partition number ``partition``."""
+
+    def __init__(
+        self,
+        *,
+        partition: int,
+        topics: dict[str, str],
+        view: PublishedView,
+        assembler: ManifestAssembler,
+        routing: RoutingTable,
+        guard: DeletionGuard,
+        executor: OperationExecutor,
+        writer: RecordWriter,
+        dead_letters: DeadLetterSink,
+        metrics: RelayMetrics,
+        max_value_bytes: int,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.partition = partition
+        self.view = view
+        self._kinds = {topic: kind for kind, topic in topics.items()}
+        self._trackers = {topic: OffsetTracker() for topic in topics.values()}
+        self._assembler = assembler
+        self._routing = routing
+        self._guard = guard
+        self._executor = executor
+        self._writer = writer
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._max_value_bytes = max_value_bytes
+        self._clock = clock
+        self._completions: set[asyncio.Task[None]] = set()
+        self._manifest_topic = topics[MANIFESTS]
+
+    @property
+    def pending_operations(self) -> int:
+        return self._executor.in_flight
+
+    def committable(self) -> dict[str, int]:
+        """Next offset to commit per topic: the lowest one whose work is not finished."""
+        offsets = {}
+        for topic, tracker in self._trackers.items():
+            offset = tracker.committable()
+            if offset is not None:
+                offsets[topic] = offset
+        return offsets
+
+    async def handle(self, source: SourceRecord) -> None:
+        kind = self._kinds[source.topic]
+        tracker = self._trackers[source.topic]
+        tracker.begin(source.offset)
+        decoded = decode_record(
+            topic_kind=kind,
+            key=source.key,
+            value=source.value,
+            headers=source.headers,
+            max_value_bytes=self._max_value_bytes,
+        )
+        if isinstance(decoded, Poison):
+            await self._dead_letters.send(source, reason=decoded.reason.value, detail=decoded.detail)
+            self._metrics.events.labels(kind, "dead_lettered").inc()
+            tracker.done(source.offset)
+            return
+        if isinstance(decoded, DocumentCreated):
+            plan = plan_document(self.view, self._routing, decoded)
+            self._metrics.events.labels(kind, plan.outcome).inc()
+            self._execute(plan, source, [(source.topic, source.offset)])
+            return
+        self._handle_part(decoded, source)
+
+    def _handle_part(self, part: ManifestSnapshot, source: SourceRecord) -> None:
+        result = self._assembler.add(part, offset=source.offset, now=self._clock())
+        self._metrics.manifests.labels(result.outcome).inc()
+        for offset in result.released:
+            self._trackers[source.topic].done(offset)
+        if result.complete is not None:
+            self.apply_manifest(result.complete, source)
+
+    def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
+        plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+        self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
+        agency = manifest.agency_id
+        for _ in (op for op in plan.operations if getattr(op, "lane", None) is not None):
+            self._metrics.first_publication_planned.labels(agency).inc()
+        log.info(
+            "manifest applied",
+            extra={
+                "agency": agency,
+                "building": manifest.building_id,
+                "snapshot_id": manifest.snapshot_id,
+                "outcome": plan.outcome,
+                "operations": len(plan.operations),
+                "records": len(plan.records),
+            },
+        )
+        self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+
+    def expire(self) -> None:
+        """Drop incomplete snapshots past their deadline; they never delete anything."""
+        for expired in self._assembler.expire(self._clock()):
+            self._metrics.manifests.labels("expired").inc()
+            log.warning(
+                "incomplete manifest expired",
+                extra={"snapshot_id": expired.snapshot_id, "partition": self.partition},
+            )
+            for offset in expired.offsets:
+                self._trackers[self._manifest_topic].done(offset)
+
+    def release_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
+        """Operator action: carry out (or forget) the withdrawals the guard held for a building."""
+        plan = (discard_held if discard else release_held)(self.view, agency_id, building_id)
+        source = SourceRecord(
+            topic="admin", partition=self.partition, offset=-1, timestamp_ms=0,
+            key=f"{agency_id}:{building_id}".encode(), value=None, headers=(),
+        )
+        self._execute(plan, source, [])
+        return len(plan.operations) + len(plan.records)
+
+    def _execute(
+        self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
+    ) -> None:
+        held = list(offsets)
+        for topic, offset in held:
+            self._trackers[topic].hold(offset)
+        work: list[Awaitable[object]] = []
+        for record in plan.records:
+            self.view.apply(record)
+            work.append(self._writer.write(record))
+        for operation in plan.operations:
+            work.append(self._executor.submit(operation, source=source))
+        task = asyncio.create_task(self._complete(work, held))
+        self._completions.add(task)
+        task.add_done_callback(self._completions.discard)
+        for topic, offset in held:
+            # The hold above keeps the offset open until the completion task marks it done.
+            self._trackers[topic].done(offset)
+
+    async def _complete(self, work: list[Awaitable[object]], offsets: list[tuple[str, int]]) -> None:
+        await asyncio.gather(*work)
+        for topic, offset in offsets:
+            self._trackers[topic].done(offset)
+
+    async def close(self) -> None:
+        """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""
+        await self._executor.cancel_all()
+        for task in list(self._completions):
+            task.cancel()
+        await asyncio.gather(*self._completions, return_exceptions=True)

@@ -1,0 +1,66 @@
+"""Recovery of upload intents whose outcome is unknown after a restart.
+
+An ``uploading`` record in a restored view means the relay stopped between writing the intent and
+writing the result. Before any input of the partition is processed, each such document is looked
+up on the partner by its reference: found means published (with the sha256 the partner reports),
+absent means never uploaded (the intent is removed and the input, read again, uploads it once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from consumer.errors import PartnerError
+from consumer.executor import RecordWriter
+from consumer.partner.client import ChouetteCoproClient
+from consumer.scheduler import Lane, Scheduler
+from consumer.state import DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.view import PublishedView
+
+log = logging.getLogger(__name__)
+
+
+async def reconcile_partition(
+    *,
+    view: PublishedView,
+    writer: RecordWriter,
+    scheduler: Scheduler,
+    partner: ChouetteCoproClient,
+) -> int:
+    """Settle every intent of ``view`` with the partner; returns how many were settled."""
+    intents = list(view.with_status(DocStatus.UPLOADING))
+    if not intents:
+        return 0
+
+    async def settle(intent: DocumentRecord) -> None:
+        async def look_up() -> StateRecord:
+            if intent.condominium_id is None:
+                return Tombstone(intent.key)
+            found = await partner.find_by_reference(
+                agency_id=intent.key.agency_id,
+                condominium_id=intent.condominium_id,
+                reference=intent.key.document_id,
+            )
+            if found is None:
+                return Tombstone(intent.key)
+            return dataclasses.replace(
+                intent, status=DocStatus.PUBLISHED, remote_id=found.remote_id, sha256=found.sha256
+            )
+
+        try:
+            record = await scheduler.submit(look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE)
+        except PartnerError as exc:
+            # Credentials or rights are wrong: keep the intent; it is settled after the fix.
+            log.error(
+                "cannot reconcile upload intent",
+                extra={"key": intent.key.encode().decode(), "error": str(exc)},
+            )
+            return
+        await writer.write(record)
+        view.apply(record)
+
+    await asyncio.gather(*(settle(intent) for intent in intents))
+    log.info("upload intents reconciled", extra={"intents": len(intents)})
+    return len(intents)

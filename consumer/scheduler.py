@@ -1,0 +1,446 @@
+"""Runs partner operations: two lanes, per-agency rate limits and breakers, bounded retries.
+
+A job is an async callable submitted for an agency in a lane; ``submit`` returns a future that
+completes with the job's result, or with its error once the error is final (not retriable, or
+needs an operator). Retriable failures are retried with jittered backoff or after the partner's
+Retry-After; a job that runs out of attempts goes back to the queue behind the agency's breaker,
+so work is never dropped. Workers take live work before backfill and rotate between agencies, so
+one agency's backfill never holds back another agency. Jobs of one agency may run concurrently
+and in any order: the caller orders operations that depend on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
+
+from consumer.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from consumer.errors import ConfigError
+from consumer.ratelimit import RateLimit, TokenBucket
+
+__all__ = [
+    "BreakerPolicy",
+    "BreakerState",
+    "Lane",
+    "Outcome",
+    "RateLimit",
+    "RetryPolicy",
+    "RetryReason",
+    "Scheduler",
+    "SchedulerObserver",
+    "SchedulerSnapshot",
+]
+
+T = TypeVar("T")
+
+
+class Lane(StrEnum):
+    """Priority lanes; every live job of an agency goes before its backfill."""
+
+    LIVE = "live"
+    BACKFILL = "backfill"
+
+
+_LANES = (Lane.LIVE, Lane.BACKFILL)
+
+
+class Outcome(StrEnum):
+    """How one attempt of a job ended."""
+
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"  # retriable failure, retried after a backoff or Retry-After
+    REQUEUED = "requeued"  # retriable failure ending a round: back in the queue behind the breaker
+    FAILED = "failed"  # final failure: the future holds the error
+    PARKED = "parked"  # needs an operator: the future holds the error, nothing is retried
+    CANCELLED = "cancelled"
+
+
+class RetryReason(StrEnum):
+    """Why a job is tried again."""
+
+    BACKOFF = "backoff"
+    RETRY_AFTER = "retry_after"
+    ROUND_EXHAUSTED = "round_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Attempts per round and the jittered exponential backoff between them."""
+
+    max_attempts: int = 5
+    base_seconds: float = 0.5
+    cap_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0 < self.base_seconds <= self.cap_seconds:
+            raise ConfigError("need 0 < base_seconds <= cap_seconds")
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        """Backoff after the ``failures``-th failure of a round, in [d/2, d].
+
+        ``d = min(cap, base * 2 ** (failures - 1))``; the jitter spreads out the retries of jobs
+        that failed together.
+        """
+        ceiling = min(self.cap_seconds, self.base_seconds * 2.0 ** min(failures - 1, 64))
+        return rng.uniform(ceiling / 2, ceiling)
+
+
+class SchedulerObserver(Protocol):
+    """Receives what the scheduler does; the relay maps it to metrics. Must not block or raise."""
+
+    def job_started(self, agency: str, lane: Lane) -> None:
+        """An attempt (one partner request) starts."""
+
+    def job_finished(self, agency: str, lane: Lane, outcome: Outcome, seconds: float) -> None:
+        """An attempt ended after ``seconds``."""
+
+    def retry(self, agency: str, reason: RetryReason) -> None:
+        """A failed job will be tried again."""
+
+    def breaker_changed(self, agency: str, state: BreakerState) -> None:
+        """An agency's breaker changed state."""
+
+
+class _NoObserver:
+    def job_started(self, agency: str, lane: Lane) -> None:
+        pass
+
+    def job_finished(self, agency: str, lane: Lane, outcome: Outcome, seconds: float) -> None:
+        pass
+
+    def retry(self, agency: str, reason: RetryReason) -> None:
+        pass
+
+    def breaker_changed(self, agency: str, state: BreakerState) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    """Backlog and health for metrics and the status page."""
+
+    queued: dict[Lane, dict[str, int]]  # waiting jobs (not running) by lane, then agency
+    running: dict[str, int]  # attempts in flight by agency
+    oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
+    breakers: dict[str, BreakerState]  # every agency seen so far
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    seq: int
+    agency: str
+    lane: Lane
+    call: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+    submitted_at: float
+    failures: int = 0  # retriable failures in the current round
+    queued: bool = True  # counted in its agency's queued count (waiting, not running)
+
+
+@dataclass(eq=False, slots=True)
+class _Agency:
+    bucket: TokenBucket
+    breaker: CircuitBreaker
+    ready: dict[Lane, deque[_Job]] = field(
+        default_factory=lambda: {lane: deque() for lane in _LANES}
+    )
+    queued: dict[Lane, int] = field(default_factory=lambda: dict.fromkeys(_LANES, 0))
+    running: int = 0
+
+
+class Scheduler:
+    """Runs submitted jobs on ``concurrency`` workers; an async context manager."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        default_rate_limit: RateLimit | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+        observer: SchedulerObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        self._concurrency = concurrency
+        self._default_limit = default_rate_limit or RateLimit()
+        self._limits = dict(rate_limits or {})
+        self._retry = retry or RetryPolicy()
+        self._breaker_policy = breaker or BreakerPolicy()
+        self._observer: SchedulerObserver = observer or _NoObserver()
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
+        self._agencies: dict[str, _Agency] = {}
+        # Agencies with ready jobs, per lane, in round-robin order (dicts keep insertion order).
+        self._rotation: dict[Lane, dict[str, None]] = {lane: {} for lane in _LANES}
+        self._delayed: list[tuple[float, int, _Job]] = []  # heap of jobs backing off
+        self._pending: dict[Lane, dict[int, _Job]] = {lane: {} for lane in _LANES}
+        self._seq = itertools.count()
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        if self._runner is not None or self._closed:
+            raise RuntimeError("a scheduler is started once")
+        self._runner = asyncio.create_task(self.run(), name="scheduler")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def run(self) -> None:
+        """Run the workers until cancelled (``__aenter__`` does this in a task of its own)."""
+        async with asyncio.TaskGroup() as workers:
+            for number in range(self._concurrency):
+                workers.create_task(self._work(), name=f"scheduler-worker-{number}")
+
+    def submit(
+        self, call: Callable[[], Awaitable[T]], *, agency_id: str, lane: Lane
+    ) -> asyncio.Future[T]:
+        """Queue a job; cancelling the returned future before the job starts withdraws it."""
+        if self._closed:
+            raise RuntimeError("the scheduler is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        job = _Job(next(self._seq), agency_id, lane, call, future, self._clock())
+        agency = self._agency(agency_id)
+        agency.queued[lane] += 1
+        self._pending[lane][job.seq] = job
+        self._idle.clear()
+        self._make_ready(job, agency, first=False)
+        future.add_done_callback(lambda _: self._forget(job))
+        self._wake()
+        return future
+
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
+        """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the workers and cancel the futures of unfinished jobs. Closing twice is harmless."""
+        self._closed = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.wait({runner})
+        for lane in _LANES:
+            for job in list(self._pending[lane].values()):
+                job.future.cancel()
+        if runner is not None and not runner.cancelled() and runner.exception() is not None:
+            raise RuntimeError("a scheduler worker crashed") from runner.exception()
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """Queued counts, jobs in flight, oldest pending age per lane and breaker states."""
+        now = self._clock()
+        oldest: dict[Lane, float | None] = {}
+        for lane in _LANES:
+            first = next(iter(self._pending[lane].values()), None)
+            oldest[lane] = None if first is None else max(0.0, now - first.submitted_at)
+        return SchedulerSnapshot(
+            queued={
+                lane: {name: a.queued[lane] for name, a in self._agencies.items() if a.queued[lane]}
+                for lane in _LANES
+            },
+            running={name: a.running for name, a in self._agencies.items() if a.running},
+            oldest_pending_seconds=oldest,
+            breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
+        )
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._next_job()
+            await self._attempt(job)
+            self._wake()
+
+    async def _next_job(self) -> _Job:
+        loop = asyncio.get_running_loop()
+        while True:
+            job, wake_at = self._pick(self._clock())
+            if job is not None:
+                return job
+            # Registered before awaiting, so a submit between now and the wait still wakes us.
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+            try:
+                await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                self._waiters.discard(waiter)
+                waiter.cancel()
+
+    def _pick(self, now: float) -> tuple[_Job | None, float | None]:
+        """The next job to send now, or the time when one may become sendable (None: unknown)."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, job = heapq.heappop(self._delayed)
+            self._make_ready(job, self._agencies[job.agency], first=True)
+        wake_at = self._delayed[0][0] if self._delayed else None
+        for lane in _LANES:
+            rotation = self._rotation[lane]
+            for name in list(rotation):
+                agency = self._agencies[name]
+                queue = agency.ready[lane]
+                while queue and queue[0].future.done():
+                    queue.popleft()  # withdrawn by its caller; the done callback forgets it
+                if not queue:
+                    del rotation[name]
+                    continue
+                if not agency.breaker.allows(now):
+                    wake_at = _earliest(wake_at, agency.breaker.reopens_at(now))
+                    continue
+                if not agency.bucket.try_take(now):
+                    wake_at = _earliest(wake_at, agency.bucket.available_at(now))
+                    continue
+                job = queue.popleft()
+                del rotation[name]
+                if queue:
+                    rotation[name] = None  # to the back of the round
+                return job, None
+        return None, wake_at
+
+    async def _attempt(self, job: _Job) -> None:
+        agency = self._agencies[job.agency]
+        now = self._clock()
+        probe = agency.breaker.start(now)
+        self._unqueue(job)
+        agency.running += 1
+        self._observer.job_started(job.agency, job.lane)
+        try:
+            outcome = await self._settle(job, agency, probe=probe)
+        finally:
+            agency.running -= 1
+        self._observer.job_finished(job.agency, job.lane, outcome, self._clock() - now)
+
+    async def _settle(self, job: _Job, agency: _Agency, *, probe: bool) -> Outcome:
+        """Run one attempt and settle the job's future, or reschedule the job."""
+        try:
+            result = await job.call()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the scheduler is closing; close() cancels the futures
+            agency.breaker.release_probe(probe=probe)
+            job.future.cancel()
+            return Outcome.CANCELLED
+        except Exception as error:  # noqa: BLE001 - every error is the job's result, for its caller
+            return self._failed(job, agency, error, probe=probe)
+        agency.breaker.record_success(probe=probe)
+        if not job.future.done():
+            job.future.set_result(result)
+        return Outcome.SUCCEEDED
+
+    def _failed(self, job: _Job, agency: _Agency, error: Exception, *, probe: bool) -> Outcome:
+        """Settle or reschedule a job whose attempt raised ``error``."""
+        now = self._clock()
+        if getattr(error, "needs_operator", False) or not getattr(error, "retriable", False):
+            # The partner answered (or the job is broken): the account itself is reachable.
+            agency.breaker.record_success(probe=probe)
+            if not job.future.done():
+                job.future.set_exception(error)
+            return Outcome.PARKED if getattr(error, "needs_operator", False) else Outcome.FAILED
+        retry_after: float | None = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            # The partner said when to come back, for the whole key: pause the agency. This is
+            # not a health signal, so the breaker count is left alone.
+            agency.bucket.pause_until(now + max(0.0, retry_after), now=now)
+            agency.breaker.release_probe(probe=probe)
+        else:
+            agency.breaker.record_failure(now, probe=probe)
+        if job.future.done():
+            return Outcome.CANCELLED
+        job.failures += 1
+        self._requeue(job, agency)
+        if job.failures >= self._retry.max_attempts:
+            job.failures = 0
+            agency.breaker.trip(now)
+            self._make_ready(job, agency, first=True)
+            self._observer.retry(job.agency, RetryReason.ROUND_EXHAUSTED)
+            return Outcome.REQUEUED
+        if retry_after is not None:
+            not_before, reason = now + max(0.0, retry_after), RetryReason.RETRY_AFTER
+        else:
+            not_before = now + self._retry.delay(job.failures, self._rng)
+            reason = RetryReason.BACKOFF
+        heapq.heappush(self._delayed, (not_before, job.seq, job))
+        self._observer.retry(job.agency, reason)
+        return Outcome.RETRYING
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _agency(self, name: str) -> _Agency:
+        agency = self._agencies.get(name)
+        if agency is None:
+            limit = self._limits.get(name, self._default_limit)
+            agency = _Agency(
+                bucket=TokenBucket(limit, now=self._clock()),
+                breaker=CircuitBreaker(
+                    self._breaker_policy,
+                    on_change=lambda state: self._observer.breaker_changed(name, state),
+                ),
+            )
+            self._agencies[name] = agency
+        return agency
+
+    def _make_ready(self, job: _Job, agency: _Agency, *, first: bool) -> None:
+        queue = agency.ready[job.lane]
+        if first:
+            queue.appendleft(job)  # a retried job is older than anything behind it
+        else:
+            queue.append(job)
+        self._rotation[job.lane].setdefault(job.agency, None)
+
+    def _requeue(self, job: _Job, agency: _Agency) -> None:
+        job.queued = True
+        agency.queued[job.lane] += 1
+
+    def _unqueue(self, job: _Job) -> None:
+        if job.queued:
+            job.queued = False
+            self._agencies[job.agency].queued[job.lane] -= 1
+
+    def _forget(self, job: _Job) -> None:
+        """The job's future is done: it no longer counts, wherever it still sits."""
+        self._unqueue(job)
+        pending = self._pending[job.lane]
+        pending.pop(job.seq, None)
+        if not any(self._pending.values()):
+            self._idle.set()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+
+def _earliest(current: float | None, candidate: float | None) -> float | None:
+    if candidate is None:
+        return current
+    return candidate if current is None else min(current, candidate)
