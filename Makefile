@@ -52,5 +52,8 @@ bench: install ## Benchmarks, each printed side by side with its baseline
 plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing
 	$(BIN)/chouette-relay plan $(if $(AGENCY),--agency $(AGENCY),)
 
+k8s-check: install ## Validate Kubernetes manifests, alert rules and the dashboard offline
+	$(BIN)/pytest -q tests/integration/test_deploy.py
+
 clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var

@@ -18,9 +18,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -68,7 +70,9 @@ def _calendar_date(value: object) -> object:
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise PydanticCustomError("date_from_string", "Input should be a date that exists") from None
+        raise PydanticCustomError(
+            "date_from_string", "Input should be a date that exists"
+        ) from None
 
 
 def _rfc3339_timestamp(value: object) -> object:
@@ -167,6 +171,12 @@ class Content(_Frozen):
         if (self.url is None) == (self.inline_base64 is None):
             raise ValueError("content needs exactly one of url or inline_base64")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # Dumps must validate again: the source not given is left out, not written as null.
+        data: dict[str, object] = handler(self)
+        return {name: value for name, value in data.items() if value is not None}
 
 
 class Document(_Frozen):

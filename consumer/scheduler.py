@@ -211,7 +211,12 @@ class Scheduler:
         await self.close()
 
     async def run(self) -> None:
-        """Run the workers until cancelled (``__aenter__`` does this in a task of its own)."""
+        """Run the workers until cancelled.
+
+        ``async with`` runs this in a task of its own; a composition root that owns a TaskGroup
+        may run it there instead, so that a crashing worker stops the service, and still call
+        ``close()`` to cancel what is left.
+        """
         async with asyncio.TaskGroup() as workers:
             for number in range(self._concurrency):
                 workers.create_task(self._work(), name=f"scheduler-worker-{number}")

@@ -233,9 +233,9 @@ def _decode_value(key: DocKey | BuildingKey, data: dict[str, Any]) -> StateRecor
             condominium_id=_string(data, "condominium_id"),
             held_by=_string(data, "held_by"),
             parked_reason=_string(data, "parked_reason"),
-            document=None if document is None else Document.model_validate_json(
-                orjson.dumps(document)
-            ),
+            document=None
+            if document is None
+            else Document.model_validate_json(orjson.dumps(document)),
         )
     raise ValueError(f"kind {kind!r} does not fit a {type(key).__name__}")
 

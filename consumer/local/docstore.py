@@ -8,6 +8,7 @@ never ends) and requests are counted per document.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections import Counter
@@ -51,6 +52,7 @@ class DocumentStore:
         self._requests: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._closing = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -67,14 +69,16 @@ class DocumentStore:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/documents/{name}.pdf", self._serve)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._requested_port)
         await site.start()
         self._runner = runner
         self._port = int(runner.addresses[0][1])
+        self._closing.clear()
 
     async def close(self) -> None:
+        self._closing.set()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -159,7 +163,8 @@ class DocumentStore:
         try:
             for start in range(0, len(data), self._chunk_size):
                 if fault.chunk_delay_s:
-                    await asyncio.sleep(fault.chunk_delay_s)
+                    with contextlib.suppress(TimeoutError):  # a closing store stops waiting
+                        await asyncio.wait_for(self._closing.wait(), fault.chunk_delay_s)
                 await response.write(data[start : start + self._chunk_size])
             await response.write_eof()
         except ConnectionError:

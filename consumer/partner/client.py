@@ -8,6 +8,7 @@ missing key) or rejected (400, 409, 422). It never retries: the scheduler does.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import email.utils
 import logging
@@ -127,10 +128,14 @@ class ChouetteCoproClient:
             {"filter[condominium]": condominium_id, "filter[reference]": reference}
         )
         status, body = await self._call("find_by_reference", "GET", url, agency_id)
-        _expect(status, body, ok=(200,), operation="find_by_reference", not_found=PartnerParkedError)
+        _expect(
+            status, body, ok=(200,), operation="find_by_reference", not_found=PartnerParkedError
+        )
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
-            raise PartnerRetriableError("find_by_reference: the answer has no data list", status=200)
+            raise PartnerRetriableError(
+                "find_by_reference: the answer has no data list", status=200
+            )
         found = [
             _resource(item, operation="find_by_reference")
             for item in data
@@ -153,11 +158,11 @@ class ChouetteCoproClient:
         if session is None:
             raise RuntimeError("ChouetteCoproClient used outside 'async with'")
         key = self._keys.require(agency_id)
-        auth = aiohttp.BasicAuth(key.get_secret_value(), "")
+        headers = {"Authorization": _basic_authorization(key.get_secret_value(), agency_id)}
         started = time.monotonic()
         outcome = "cancelled"
         try:
-            async with session.request(method, url, auth=auth, data=data) as response:
+            async with session.request(method, url, headers=headers, data=data) as response:
                 raw = await response.read()
                 outcome = str(response.status)
                 retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -205,6 +210,13 @@ def _expect(
     raise PartnerParkedError(f"{message} (not in the contract)", status=status)
 
 
+def _basic_authorization(key: str, agency_id: str) -> str:
+    """Basic auth with the key as user name and an empty password (RFC 7617)."""
+    if ":" in key:
+        raise PartnerParkedError(f"the API key of agency {agency_id} contains ':'")
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode("ascii")
+
+
 def _attributes(document: Document) -> dict[str, Any]:
     return {
         "reference": document.id,
@@ -220,7 +232,7 @@ def _attributes(document: Document) -> dict[str, Any]:
 
 def _document_form(resource: Mapping[str, Any], content: bytes) -> aiohttp.FormData:
     form = aiohttp.FormData()
-    form.add_field("data", orjson.dumps({"data": resource}), content_type=JSON_API)
+    form.add_field("data", orjson.dumps({"data": resource}).decode(), content_type=JSON_API)
     form.add_field("file", content, filename="document.pdf", content_type="application/pdf")
     return form
 

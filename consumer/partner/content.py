@@ -124,7 +124,9 @@ class ContentFetcher:
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ContentError(f"inline content is not valid base64: {exc}", reason="bad_base64") from None
+            raise ContentError(
+                f"inline content is not valid base64: {exc}", reason="bad_base64"
+            ) from None
 
     async def _download(self, url: URL, declared_size: int) -> bytes:
         session = self._session

@@ -1,0 +1,92 @@
+"""The dead-letter envelope: a record the relay gave up on, with its original bytes and the reason.
+
+``build_dead_letter`` only builds the Kafka key, value and headers (``schemas/dead-letter.v1``);
+producing them is the caller's business. The envelope keeps key, value and headers as base64, so
+any record, UTF-8 or not, null or not, can be replayed byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Final
+
+import orjson
+
+from consumer.decoding import PoisonReason
+
+DEAD_LETTER_SCHEMA_VERSION: Final = 1
+REASON_HEADER: Final = "dead-letter-reason"
+MAX_DETAIL_CHARS: Final = 2000
+
+
+class ProcessingReason(StrEnum):
+    """Why a record that decoded fine was still dead-lettered later on."""
+
+    PARTNER_REJECTED = "partner_rejected"
+    """ChouetteCopro refused the document for good (422)."""
+    CONTENT_REJECTED = "content_rejected"
+    """The content cannot be used: checksum or size differ, host not allowed, too large."""
+
+
+DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *ProcessingReason})
+
+
+def build_dead_letter(
+    *,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    reason: str,
+    detail: str,
+    failed_at: dt.datetime,
+    relay_version: str,
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
+    """Return the dead-letter record's key (the original one), JSON value and headers.
+
+    ``reason`` must be one of ``DEAD_LETTER_REASONS`` and ``failed_at`` timezone-aware: anything
+    else is a programming error and raises ``ValueError``. A negative ``timestamp_ms`` (Kafka's
+    "no timestamp") is written as null; ``detail`` is cut to ``MAX_DETAIL_CHARS``.
+    """
+    if reason not in DEAD_LETTER_REASONS:
+        raise ValueError(f"not a dead-letter reason: {reason!r}")
+    if failed_at.utcoffset() is None:
+        raise ValueError("failed_at must be timezone-aware")
+    envelope = {
+        "schema_version": DEAD_LETTER_SCHEMA_VERSION,
+        "reason": reason,
+        "detail": detail[:MAX_DETAIL_CHARS],
+        "failed_at": _rfc3339_utc(failed_at),
+        "relay_version": relay_version,
+        "source": {
+            "topic": source_topic,
+            "partition": partition,
+            "offset": offset,
+            "timestamp_ms": timestamp_ms
+            if timestamp_ms is not None and timestamp_ms >= 0
+            else None,
+        },
+        "record": {
+            "key_base64": _b64(key),
+            "value_base64": _b64(value),
+            "headers": [{"key": name, "value_base64": _b64(raw)} for name, raw in headers],
+        },
+    }
+    dead_letter_headers: list[tuple[str, bytes | None]] = [(REASON_HEADER, reason.encode())]
+    dead_letter_headers.extend(headers)
+    return key, orjson.dumps(envelope), dead_letter_headers
+
+
+def _b64(raw: bytes | None) -> str | None:
+    return None if raw is None else base64.b64encode(raw).decode("ascii")
+
+
+def _rfc3339_utc(moment: dt.datetime) -> str:
+    utc = moment.astimezone(dt.UTC)
+    return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")

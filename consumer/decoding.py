@@ -1,0 +1,240 @@
+"""Turning a raw Kafka record into an event, or into poison with a machine-readable reason.
+
+``decode_record`` parses the value once (orjson) and validates it once (pydantic), then checks what
+the schema cannot say: the Kafka key and headers against the body, the topic against the event
+type, and the numbering and counts of a manifest part. Checks run from the outside in, so the
+reason is the most specific one: bytes, then JSON, then version and type, then the schema, then
+the record's envelope, then the rules across fields of a manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Literal
+
+import orjson
+from pydantic import ValidationError
+
+from consumer.events import DocumentCreated, Event, ManifestSnapshot
+
+TopicKind = Literal["document-created", "manifest-snapshot"]
+
+_MODELS: Final[dict[str, type[DocumentCreated] | type[ManifestSnapshot]]] = {
+    "document-created": DocumentCreated,
+    "manifest-snapshot": ManifestSnapshot,
+}
+_SCHEMA_VERSION: Final = 1
+_EVENT_TYPE_HEADER: Final = "event-type"
+_SCHEMA_VERSION_HEADER: Final = "schema-version"
+
+
+class PoisonReason(StrEnum):
+    """Why a record cannot become an event; one label of the dead-letter metric."""
+
+    NULL_VALUE = "null_value"
+    OVERSIZED = "oversized"
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    WRONG_TOPIC = "wrong_topic"
+    HEADER_MISMATCH = "header_mismatch"
+    SCHEMA_VIOLATION = "schema_violation"
+    KEY_MISSING = "key_missing"
+    KEY_MISMATCH = "key_mismatch"
+    PART_OUT_OF_RANGE = "part_out_of_range"
+    ITEM_COUNT_MISMATCH = "item_count_mismatch"
+    ITEM_OUT_OF_SCOPE = "item_out_of_scope"
+    DUPLICATE_ITEM_ID = "duplicate_item_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """A record that is not a valid event: dead-letter it with this reason and detail."""
+
+    reason: PoisonReason
+    detail: str
+
+
+def decode_record(
+    *,
+    topic_kind: TopicKind | str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    max_value_bytes: int,
+) -> Event | Poison:
+    """Decode one record read from the topic of ``topic_kind``.
+
+    Never raises for any key, value or headers. Raises ``ValueError`` only for a ``topic_kind``
+    that is not an event topic, which is a wiring mistake rather than bad input.
+    """
+    if topic_kind not in _MODELS:
+        raise ValueError(f"not an event topic kind: {topic_kind!r}")
+    body = _parse_object(value, max_value_bytes)
+    if isinstance(body, Poison):
+        return body
+    poison = _check_version_and_type(body, topic_kind) or _check_headers(body, headers)
+    if poison is not None:
+        return poison
+    # The event type is known and matches the topic by now, or is left for the schema to reject.
+    try:
+        event: Event = _MODELS[topic_kind].model_validate(body)
+    except ValidationError as error:
+        return Poison(PoisonReason.SCHEMA_VIOLATION, _describe(error))
+    poison = _check_key(event, key)
+    if poison is None and isinstance(event, ManifestSnapshot):
+        poison = _check_manifest_part(event)
+    return event if poison is None else poison
+
+
+def _parse_object(value: bytes | None, max_value_bytes: int) -> dict[str, object] | Poison:
+    if value is None:
+        return Poison(PoisonReason.NULL_VALUE, "the record has no value (a tombstone)")
+    if len(value) > max_value_bytes:
+        return Poison(
+            PoisonReason.OVERSIZED,
+            f"the value has {len(value)} bytes, more than the limit of {max_value_bytes}",
+        )
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        return _unparsable(value, error)
+    if not isinstance(body, dict):
+        return Poison(PoisonReason.NOT_AN_OBJECT, f"the value is a JSON {_json_type(body)}")
+    return body
+
+
+def _unparsable(value: bytes, error: orjson.JSONDecodeError) -> Poison:
+    # orjson refuses invalid UTF-8 too; telling the two apart costs a decode on this path only.
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as not_utf8:
+        return Poison(
+            PoisonReason.NOT_UTF8,
+            f"the value is not UTF-8: byte {not_utf8.start} ({not_utf8.reason})",
+        )
+    return Poison(PoisonReason.NOT_JSON, f"the value is not JSON: {error}")
+
+
+def _check_version_and_type(body: dict[str, object], topic_kind: str) -> Poison | None:
+    version = body.get("schema_version")
+    # A version of another JSON type is a schema violation, not an unknown version.
+    if _is_json_integer(version) and version != _SCHEMA_VERSION:
+        return Poison(
+            PoisonReason.UNKNOWN_SCHEMA_VERSION,
+            f"schema_version {version!r} is not one this relay reads ({_SCHEMA_VERSION})",
+        )
+    event_type = body.get("event_type")
+    if isinstance(event_type, str) and event_type not in _MODELS:
+        return Poison(
+            PoisonReason.UNKNOWN_EVENT_TYPE, f"event_type {_quote(event_type)} is not known"
+        )
+    if isinstance(event_type, str) and event_type != topic_kind:
+        return Poison(
+            PoisonReason.WRONG_TOPIC,
+            f"a {event_type} event was published on the {topic_kind} topic",
+        )
+    return None
+
+
+def _check_headers(
+    body: dict[str, object], headers: Sequence[tuple[str, bytes | None]]
+) -> Poison | None:
+    """Headers may be absent; when present they must agree with the body."""
+    event_type = body.get("event_type")
+    version = body.get("schema_version")
+    for name, raw in headers:
+        if name == _EVENT_TYPE_HEADER and isinstance(event_type, str):
+            expected = event_type
+        elif name == _SCHEMA_VERSION_HEADER and _is_json_integer(version):
+            expected = str(_SCHEMA_VERSION)
+        else:
+            continue
+        if raw != expected.encode():
+            shown = "no value" if raw is None else _quote(raw.decode("utf-8", "backslashreplace"))
+            return Poison(
+                PoisonReason.HEADER_MISMATCH,
+                f"header {name} has {shown} but the body says {_quote(expected)}",
+            )
+    return None
+
+
+def _check_key(event: Event, key: bytes | None) -> Poison | None:
+    if not key:
+        return Poison(
+            PoisonReason.KEY_MISSING, "the record has no key; events are keyed agency:building"
+        )
+    expected = f"{event.agency_id}:{event.building_id}"
+    if key != expected.encode():
+        shown = _quote(key.decode("utf-8", "backslashreplace"))
+        return Poison(
+            PoisonReason.KEY_MISMATCH, f"the key is {shown} but the body says {_quote(expected)}"
+        )
+    return None
+
+
+def _check_manifest_part(manifest: ManifestSnapshot) -> Poison | None:
+    if manifest.part > manifest.parts:
+        return Poison(
+            PoisonReason.PART_OUT_OF_RANGE, f"part {manifest.part} of only {manifest.parts}"
+        )
+    listed = len(manifest.items)
+    if listed > manifest.item_count or (manifest.parts == 1 and listed != manifest.item_count):
+        return Poison(
+            PoisonReason.ITEM_COUNT_MISMATCH,
+            f"part {manifest.part} of {manifest.parts} lists {listed} items"
+            f" for an item_count of {manifest.item_count}",
+        )
+    covered = set(manifest.modules)
+    seen: set[str] = set()
+    for index, item in enumerate(manifest.items):
+        if item.module not in covered:
+            return Poison(
+                PoisonReason.ITEM_OUT_OF_SCOPE,
+                f"items[{index}] is of module {item.module}, which the manifest does not cover",
+            )
+        if item.id in seen:
+            return Poison(
+                PoisonReason.DUPLICATE_ITEM_ID, f"items[{index}] repeats document id {item.id}"
+            )
+        seen.add(item.id)
+    return None
+
+
+def _describe(error: ValidationError) -> str:
+    """Name the first failing field path, then what is wrong with it."""
+    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    first = problems[0]
+    path = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
+    ).lstrip(".")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{path or '(value)'}: {first['msg']}{more}"
+
+
+def _is_json_integer(value: object) -> bool:
+    """Whether JSON Schema sees an integer: 2 and 2.0 are, true is not."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _quote(text: str, limit: int = 120) -> str:
+    """Quote untrusted text for a detail message, cut to a readable length."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")

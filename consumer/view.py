@@ -1,0 +1,259 @@
+"""The published view of one partition: what the relay has published, held, parked or baselined.
+
+The view changes only through ``apply(record)``, on restore and in live processing alike. It is
+kept compact because one partition may hold a million documents: per building, a dict from
+document id to 60-odd packed bytes (raw sha256, times as integers, module and status as codes,
+condominium and snapshot ids as indexes into a shared string table, remote id as the tail).
+Records that carry a full document (parked) are kept as they are. Lookups rebuild the record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+
+from consumer.events import Module
+from consumer.state import (
+    BuildingKey,
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+    from_epoch_us,
+    to_epoch_us,
+)
+
+# sha256, seen_at (µs), size, document date (ordinal), status, module, condominium, held_by;
+# the remote id follows as UTF-8. An absent string index is _NONE.
+_PACK = struct.Struct("<32sqqIBBII")
+_STATUS_AT = 52
+_MODULE_AT = 53
+_NONE = 0xFFFFFFFF
+_STATUSES = tuple(DocStatus)
+_STATUS_CODES = {status: code for code, status in enumerate(_STATUSES)}
+_MODULES = tuple(Module)
+_MODULE_CODES = {module: code for code, module in enumerate(_MODULES)}
+_TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD)
+ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
+"""Statuses of documents the relay published and the partner holds."""
+
+_Stored = bytes | DocumentRecord
+
+
+class _Building:
+    __slots__ = ("agency_id", "building_id", "docs", "on_partner", "record")
+
+    def __init__(self, agency_id: str, building_id: str) -> None:
+        self.agency_id = agency_id
+        self.building_id = building_id
+        self.docs: dict[str, _Stored] = {}
+        self.record: BuildingRecord | None = None
+        self.on_partner: dict[Module, int] = {}
+
+
+class PublishedView:
+    """The compacted view of one partition, rebuilt from (and kept in step with) the changelog."""
+
+    def __init__(self) -> None:
+        self._buildings: dict[tuple[str, str], _Building] = {}
+        self._strings: list[str] = []
+        self._string_ids: dict[str, int] = {}
+        self._counts = dict.fromkeys(DocStatus, 0)
+        self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
+
+    # -- changes ---------------------------------------------------------------------------------
+    def apply(self, record: StateRecord) -> None:
+        """Apply one state record; the only way the view changes."""
+        if isinstance(record, DocumentRecord):
+            self._put(record)
+        elif isinstance(record, BuildingRecord):
+            self._building_for(record.agency_id, record.building_id).record = record
+        elif isinstance(record.key, DocKey):
+            self._remove(record.key)
+        else:
+            place = (record.key.agency_id, record.key.building_id)
+            building = self._buildings.get(place)
+            if building is not None:
+                building.record = None
+                self._drop_if_empty(place, building)
+
+    def _put(self, record: DocumentRecord) -> None:
+        key = record.key
+        building = self._building_for(key.agency_id, key.building_id)
+        old = building.docs.get(key.document_id)
+        if old is not None:
+            self._uncount(building, key, old)
+        building.docs[key.document_id] = self._pack(record) or record
+        self._counts[record.status] += 1
+        if record.status in ON_PARTNER:
+            counts = building.on_partner
+            counts[record.module] = counts.get(record.module, 0) + 1
+        tracked = self._tracked.get(record.status)
+        if tracked is not None:
+            tracked[key] = None
+
+    def _remove(self, key: DocKey) -> None:
+        place = (key.agency_id, key.building_id)
+        building = self._buildings.get(place)
+        if building is None:
+            return
+        old = building.docs.pop(key.document_id, None)
+        if old is not None:
+            self._uncount(building, key, old)
+        self._drop_if_empty(place, building)
+
+    def _uncount(self, building: _Building, key: DocKey, stored: _Stored) -> None:
+        status, module = _status_module(stored)
+        self._counts[status] -= 1
+        if status in ON_PARTNER:
+            building.on_partner[module] -= 1
+        tracked = self._tracked.get(status)
+        if tracked is not None:
+            tracked.pop(key, None)
+
+    def _building_for(self, agency_id: str, building_id: str) -> _Building:
+        place = (agency_id, building_id)
+        building = self._buildings.get(place)
+        if building is None:
+            building = self._buildings[place] = _Building(agency_id, building_id)
+        return building
+
+    def _drop_if_empty(self, place: tuple[str, str], building: _Building) -> None:
+        if not building.docs and building.record is None:
+            del self._buildings[place]
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def document(self, key: DocKey) -> DocumentRecord | None:
+        building = self._buildings.get((key.agency_id, key.building_id))
+        if building is None:
+            return None
+        stored = building.docs.get(key.document_id)
+        if stored is None:
+            return None
+        return self._unpack(key, stored)
+
+    def building(self, agency_id: str, building_id: str) -> BuildingRecord | None:
+        building = self._buildings.get((agency_id, building_id))
+        return None if building is None else building.record
+
+    def buildings(self) -> Iterator[BuildingKey]:
+        """Every building with documents or a building record."""
+        for agency_id, building_id in list(self._buildings):
+            yield BuildingKey(agency_id, building_id)
+
+    def documents(self, agency_id: str, building_id: str) -> Iterator[DocumentRecord]:
+        """Every document record of one building (a snapshot: applying meanwhile is safe)."""
+        building = self._buildings.get((agency_id, building_id))
+        if building is None:
+            return
+        agency_id, building_id = building.agency_id, building.building_id
+        for document_id, stored in list(building.docs.items()):
+            yield self._unpack(DocKey(agency_id, building_id, document_id), stored)
+
+    def with_status(self, status: DocStatus) -> Iterator[DocumentRecord]:
+        """Every document with ``status``; parked, uploading and held ones without a scan."""
+        tracked = self._tracked.get(status)
+        if tracked is not None:
+            for key in list(tracked):
+                record = self.document(key)
+                if record is not None:
+                    yield record
+            return
+        for building in list(self._buildings.values()):
+            for record in self.documents(building.agency_id, building.building_id):
+                if record.status is status:
+                    yield record
+
+    def parked(self) -> Iterator[DocumentRecord]:
+        return self.with_status(DocStatus.PARKED)
+
+    def uploading(self) -> Iterator[DocumentRecord]:
+        """Upload intents: after a restart, their outcome must be reconciled with the partner."""
+        return self.with_status(DocStatus.UPLOADING)
+
+    def held(self, agency_id: str, building_id: str) -> list[DocumentRecord]:
+        """The withdrawals the mass-deletion guard holds for one building."""
+        return [
+            record
+            for key in list(self._tracked[DocStatus.DELETE_HELD])
+            if key.agency_id == agency_id
+            and key.building_id == building_id
+            and (record := self.document(key)) is not None
+        ]
+
+    def counts(self) -> Mapping[DocStatus, int]:
+        return dict(self._counts)
+
+    def count(self, status: DocStatus) -> int:
+        return self._counts[status]
+
+    @property
+    def held_count(self) -> int:
+        return self._counts[DocStatus.DELETE_HELD]
+
+    @property
+    def size(self) -> int:
+        """Number of documents in the view."""
+        return sum(self._counts.values())
+
+    def published_count(self, agency_id: str, building_id: str, modules: Iterable[Module]) -> int:
+        """Documents of these modules that the relay published and the partner holds."""
+        building = self._buildings.get((agency_id, building_id))
+        if building is None:
+            return 0
+        return sum(building.on_partner.get(module, 0) for module in set(modules))
+
+    # -- packing ---------------------------------------------------------------------------------
+    def _intern(self, value: str | None) -> int:
+        if value is None:
+            return _NONE
+        index = self._string_ids.get(value)
+        if index is None:
+            index = self._string_ids[value] = len(self._strings)
+            self._strings.append(value)
+        return index
+
+    def _pack(self, record: DocumentRecord) -> bytes | None:
+        if record.document is not None or record.parked_reason is not None:
+            return None
+        if not 0 <= record.size_bytes < 2**63 or record.remote_id == "":
+            return None  # rare shapes are kept as they are rather than packed ambiguously
+        packed = _PACK.pack(
+            bytes.fromhex(record.sha256),
+            to_epoch_us(record.seen_at),
+            record.size_bytes,
+            record.document_date.toordinal(),
+            _STATUS_CODES[record.status],
+            _MODULE_CODES[record.module],
+            self._intern(record.condominium_id),
+            self._intern(record.held_by),
+        )
+        return packed if record.remote_id is None else packed + record.remote_id.encode()
+
+    def _unpack(self, key: DocKey, stored: _Stored) -> DocumentRecord:
+        if isinstance(stored, DocumentRecord):
+            return stored
+        sha, seen_at, size, ordinal, status, module, condominium, held_by = _PACK.unpack_from(
+            stored
+        )
+        remote_id = stored[_PACK.size :].decode() if len(stored) > _PACK.size else None
+        return DocumentRecord(
+            key=key,
+            status=_STATUSES[status],
+            sha256=sha.hex(),
+            module=_MODULES[module],
+            seen_at=from_epoch_us(seen_at),
+            document_date=dt.date.fromordinal(ordinal),
+            size_bytes=size,
+            remote_id=remote_id,
+            condominium_id=None if condominium == _NONE else self._strings[condominium],
+            held_by=None if held_by == _NONE else self._strings[held_by],
+        )
+
+
+def _status_module(stored: _Stored) -> tuple[DocStatus, Module]:
+    if isinstance(stored, DocumentRecord):
+        return stored.status, stored.module
+    return _STATUSES[stored[_STATUS_AT]], _MODULES[stored[_MODULE_AT]]

@@ -1,0 +1,201 @@
+"""State records: the changelog format the relay restores its view from after a restart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry, Resource
+
+from consumer.events import Document, Module
+from consumer.state import (
+    BuildingKey,
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateDecodeError,
+    StateRecord,
+    Tombstone,
+    decode_key,
+    decode_state,
+    encode_state,
+)
+from tests.strategies import document_dicts, document_ids, identifiers
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+PARIS = dt.timezone(dt.timedelta(hours=2))
+KEY = DocKey("agence-lyon", "bat-12", "evt-1:att-1")
+
+
+def _validator() -> Draft202012Validator:
+    schemas = [json.loads(p.read_text(encoding="utf-8")) for p in SCHEMAS.glob("*.schema.json")]
+    registry: Registry[Any] = Registry().with_resources(
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas
+    )
+    schema = json.loads((SCHEMAS / "state-record.v1.schema.json").read_text(encoding="utf-8"))
+    return Draft202012Validator(schema, registry=registry, format_checker=FormatChecker())
+
+
+VALIDATOR = _validator()
+
+
+def published(**changes: Any) -> DocumentRecord:
+    fields: dict[str, Any] = {
+        "key": KEY,
+        "status": DocStatus.PUBLISHED,
+        "sha256": hashlib.sha256(b"v1").hexdigest(),
+        "module": Module.AG,
+        "seen_at": dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC),
+        "document_date": dt.date(2024, 5, 1),
+        "size_bytes": 52_000,
+        "remote_id": "doc-991",
+        "condominium_id": "8841",
+    }
+    return DocumentRecord(**(fields | changes))
+
+
+def a_document(data: dict[str, Any] | None = None) -> Document:
+    return Document.model_validate(
+        data
+        or {
+            "id": KEY.document_id,
+            "module": "ag",
+            "category": "PV",
+            "title": "AG 2024",
+            "document_date": "2024-05-01",
+            "audience": "building",
+            "content": {
+                "media_type": "application/pdf",
+                "size_bytes": 52_000,
+                "sha256": hashlib.sha256(b"v1").hexdigest(),
+                "url": "https://documents.lsc.example/1.pdf",
+            },
+        }
+    )
+
+
+def round_trip(record: StateRecord) -> StateRecord:
+    key, value = encode_state(record)
+    if value is not None:
+        VALIDATOR.validate(orjson.loads(value))
+    return decode_state(key, value)
+
+
+RECORDS = [
+    published(),
+    published(status=DocStatus.BASELINE, remote_id=None, condominium_id=None),
+    published(status=DocStatus.UPLOADING, remote_id=None),
+    published(status=DocStatus.DELETE_HELD, held_by="3f2c1b7e-0000-4000-8000-000000000001"),
+    published(
+        status=DocStatus.PARKED,
+        remote_id=None,
+        condominium_id=None,
+        parked_reason="unmapped_building",
+        document=a_document(),
+    ),
+    BuildingRecord(
+        "agence-lyon",
+        "bat-12",
+        {Module.AG: dt.datetime(2024, 5, 6, tzinfo=dt.UTC)},
+        first_publication_done=True,
+    ),
+    BuildingRecord("agence-lyon", "bat-13"),
+    Tombstone(KEY),
+    Tombstone(BuildingKey("agence-lyon", "bat-12")),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_every_record_kind_survives_the_changelog(record: StateRecord) -> None:
+    assert round_trip(record) == record
+
+
+def test_keys_are_agency_building_document_and_document_ids_may_hold_colons() -> None:
+    key, value = encode_state(Tombstone(KEY))
+    assert (key, value) == (b"agence-lyon:bat-12:evt-1:att-1", None)
+    assert decode_key(key) == KEY
+    assert decode_key(b"agence-lyon:bat-12") == BuildingKey("agence-lyon", "bat-12")
+
+
+def test_values_carry_version_and_kind_and_times_in_utc() -> None:
+    record = published(seen_at=dt.datetime(2024, 5, 6, 9, 8, 9, tzinfo=PARIS))
+    value = orjson.loads(encode_state(record)[1] or b"")
+    assert (value["schema_version"], value["kind"]) == (1, "document")
+    assert value["seen_at"] == "2024-05-06T07:08:09Z"
+    restored = round_trip(record)
+    assert isinstance(restored, DocumentRecord)
+    assert restored.seen_at == record.seen_at  # the same instant
+    assert restored.seen_at.tzinfo == dt.UTC
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        (b"agence-lyon", b"{}", "not agency:building"),
+        (b"agence-lyon::doc", None, "not agency:building"),
+        (b"\xff:b:c", None, "not UTF-8"),
+        (KEY.encode(), b"{not json", "not JSON"),
+        (KEY.encode(), b"[]", "not a JSON object"),
+        (KEY.encode(), b'{"schema_version": 2, "kind": "document"}', "reads version 1 only"),
+        (KEY.encode(), b'{"schema_version": 1, "kind": "document"}', "malformed"),
+    ],
+)
+def test_records_the_relay_cannot_trust_are_refused(
+    key: bytes, value: bytes | None, problem: str
+) -> None:
+    with pytest.raises(StateDecodeError, match=problem):
+        decode_state(key, value)
+
+
+def test_a_document_record_under_a_building_key_is_refused() -> None:
+    _, value = encode_state(published())
+    with pytest.raises(StateDecodeError, match="does not fit a BuildingKey"):
+        decode_state(b"agence-lyon:bat-12", value)
+
+
+@settings(max_examples=60)
+@given(
+    agency=identifiers(),
+    building=identifiers(),
+    document_id=document_ids(),
+    data=document_dicts(),
+    status=st.sampled_from(list(DocStatus)),
+    seen_at=st.datetimes(
+        min_value=dt.datetime(1990, 1, 1),
+        max_value=dt.datetime(2099, 1, 1),
+        timezones=st.just(dt.UTC),
+    ),
+)
+def test_any_document_record_round_trips_and_matches_the_schema(
+    agency: str,
+    building: str,
+    document_id: str,
+    data: dict[str, Any],
+    status: DocStatus,
+    seen_at: dt.datetime,
+) -> None:
+    document = a_document(data)
+    record = DocumentRecord(
+        key=DocKey(agency, building, document_id),
+        status=status,
+        sha256=document.content.sha256,
+        module=document.module,
+        seen_at=seen_at,
+        document_date=document.document_date,
+        size_bytes=document.content.size_bytes,
+        remote_id=None if status is DocStatus.BASELINE else "r-1",
+        condominium_id="8841",
+        held_by="snap" if status is DocStatus.DELETE_HELD else None,
+        parked_reason="unmapped_building" if status is DocStatus.PARKED else None,
+        document=document if status is DocStatus.PARKED else None,
+    )
+    assert round_trip(record) == record
