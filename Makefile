@@ -27,7 +27,7 @@ run: install ## Run the relay; with no Kafka/partner settings, on the local brok
 kafka: install ## Run the local single-node Kafka (KRaft) in the foreground
 	$(BIN)/python -m consumer.local.kafka run
 
-sandbox: install ## Run the ChouetteCopro sandbox and the LSC document store in the foreground
+sandbox: install ## Run the ChouetteCopro sandbox alone in the foreground (demo account)
 	$(BIN)/python -m consumer.local.sandbox
 
 test: install lint typecheck ## The whole suite: lint, type check, unit and integration tests

@@ -3,8 +3,9 @@
 ``decode_record`` parses the value once (orjson) and validates it once (pydantic), then checks what
 the schema cannot say: the Kafka key and headers against the body, the topic against the event
 type, and the numbering and counts of a manifest part. Checks run from the outside in, so the
-reason is the most specific one: bytes, then JSON, then version and type, then the schema, then
-the record's envelope, then the rules across fields of a manifest.
+reason is the most specific one: null and size, UTF-8, JSON, an object; then the schema version
+(a newer version may differ in anything else), the event type and its topic, the headers; then
+the schema; then the key; last the rules across fields of a manifest part.
 """
 
 from __future__ import annotations

@@ -155,12 +155,23 @@ class OperationExecutor:
                     content=body,
                 )
             else:
-                remote = await self._partner.update(
-                    agency_id=upload.key.agency_id,
-                    remote_id=current.remote_id,
-                    document=upload.document,
-                    content=body,
-                )
+                try:
+                    remote = await self._partner.update(
+                        agency_id=upload.key.agency_id,
+                        remote_id=current.remote_id,
+                        document=upload.document,
+                        content=body,
+                    )
+                except PartnerRejectedError as exc:
+                    if exc.status != 404:
+                        raise
+                    # Deleted by hand on the partner's side: publish it again as a new document.
+                    remote = await self._partner.upload(
+                        agency_id=upload.key.agency_id,
+                        condominium_id=upload.condominium_id,
+                        document=upload.document,
+                        content=body,
+                    )
             await self._writer.write(published_record(upload, remote.remote_id, sha))
             return RemoteState(remote.remote_id, sha)
 

@@ -61,7 +61,9 @@ def document(module: str = "ag", audience: str = "building") -> Document:
 
 
 def agency(**fields: Any) -> dict[str, Any]:
-    return {"agencies": {"agence-lyon": {"modules": ["ag"], "first_publication": "history"} | fields}}
+    return {
+        "agencies": {"agence-lyon": {"modules": ["ag"], "first_publication": "history"} | fields}
+    }
 
 
 def config_error(data: dict[str, Any]) -> str:

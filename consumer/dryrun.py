@@ -1,0 +1,162 @@
+"""The dry run of a first publication: what the relay would send, and how long it would take.
+
+Reads the manifest topic from the beginning and the relay's state topic (no consumer group, no
+commit, nothing produced), keeps the newest complete manifest of every building, and plans it
+against the current view without applying anything. Nothing is sent to the partner.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections import defaultdict
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from consumer.changelog import restore_partition
+from consumer.decoding import decode_record
+from consumer.errors import ConfigError
+from consumer.events import ManifestSnapshot
+from consumer.guard import DeletionGuard
+from consumer.manifest import CompleteManifest, ManifestAssembler
+from consumer.planner import DryRun, plan_first_publication
+from consumer.routing import RoutingTable, load_routing
+from consumer.settings import Settings
+from consumer.view import PublishedView
+
+
+async def latest_manifests(
+    settings: Settings, *, agency: str | None
+) -> dict[int, dict[tuple[str, str], CompleteManifest]]:
+    """Newest complete manifest per building, grouped by partition number."""
+    topic = settings.kafka.manifests_topic
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=max(settings.kafka.max_value_bytes * 4, 52_428_800),
+        max_partition_fetch_bytes=max(settings.kafka.max_value_bytes * 2, 1_048_576),
+    )
+    await reader.start()
+    found: dict[int, dict[tuple[str, str], CompleteManifest]] = defaultdict(dict)
+    try:
+        partitions = reader.partitions_for_topic(topic) or set()
+        if not partitions:
+            await reader.topics()
+            partitions = reader.partitions_for_topic(topic) or set()
+        if not partitions:
+            raise ConfigError(f"manifest topic {topic!r} not found")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        reader.assign(tps)
+        ends = await reader.end_offsets(tps)
+        await reader.seek_to_beginning(*tps)
+        assemblers = {tp.partition: ManifestAssembler(
+            expiry=dt.timedelta(days=3650), max_pending_items=settings.manifest.max_pending_items
+        ) for tp in tps}
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        while remaining:
+            batches = await reader.getmany(*remaining, timeout_ms=1000, max_records=5000)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    decoded = decode_record(
+                        topic_kind="manifest-snapshot", key=record.key, value=record.value,
+                        headers=tuple(record.headers or ()),
+                        max_value_bytes=settings.kafka.max_value_bytes,
+                    )
+                    if not isinstance(decoded, ManifestSnapshot):
+                        continue
+                    if agency is not None and decoded.agency_id != agency:
+                        continue
+                    result = assemblers[tp.partition].add(
+                        decoded, offset=record.offset, now=dt.datetime.now(dt.UTC)
+                    )
+                    if result.complete is not None:
+                        place = (result.complete.agency_id, result.complete.building_id)
+                        known = found[tp.partition].get(place)
+                        if known is None or known.taken_at <= result.complete.taken_at:
+                            found[tp.partition][place] = result.complete
+            for tp in list(remaining):
+                if await reader.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await reader.stop()
+    return found
+
+
+async def build_plan(
+    settings: Settings, routing: RoutingTable, *, agency: str | None
+) -> DryRun:
+    manifests = await latest_manifests(settings, agency=agency)
+    guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
+    total = DryRun()
+    for partition, by_building in sorted(manifests.items()):
+        view = PublishedView()
+        await restore_partition(
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            topic=settings.kafka.state_topic,
+            partition=partition,
+            view=view,
+        )
+        for _, manifest in sorted(by_building.items()):
+            total = total + plan_first_publication(view, routing, manifest, guard)
+    return total
+
+
+def render(plan: DryRun, routing: RoutingTable, default_rate: float) -> str:
+    lines = [f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
+             f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"]
+    per_agency: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for line in plan.lines:
+        lines.append(
+            f"{line.agency_id:<20} {line.building_id:<14} {line.module.value:<18} "
+            f"{line.uploads:>8} {line.upload_bytes / 1048576:>9.1f} {line.baseline:>9} "
+            f"{line.deletes:>8} {line.held:>6} {line.parked:>7}"
+        )
+        totals = per_agency[line.agency_id]
+        totals[0] += line.uploads
+        totals[1] += line.upload_bytes
+        totals[2] += line.deletes
+    lines.append("")
+    for agency_id, (uploads, size, deletes) in sorted(per_agency.items()):
+        config = routing.agencies.get(agency_id)
+        rate = config.rate_per_second if config and config.rate_per_second else default_rate
+        seconds = (uploads + deletes) / rate
+        lines.append(
+            f"{agency_id}: {uploads} uploads ({size / 1048576:.1f} MiB), {deletes} withdrawals, "
+            f"about {_duration(seconds)} at {rate:g} requests/s"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -> int:
+    if settings.routing_file is None or not settings.kafka.bootstrap_servers:
+        raise ConfigError(
+            "the dry run reads a real cluster: set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS and "
+            "CHOUETTE_RELAY_ROUTING_FILE"
+        )
+    routing = load_routing(settings.routing_file)
+    plan = await build_plan(settings, routing, agency=agency)
+    if as_json:
+        payload = {
+            "lines": [
+                {"agency": l.agency_id, "building": l.building_id, "module": l.module.value,
+                 "uploads": l.uploads, "upload_bytes": l.upload_bytes, "baseline": l.baseline,
+                 "deletes": l.deletes, "held": l.held, "parked": l.parked}
+                for l in plan.lines
+            ],
+            "uploads": plan.uploads, "upload_bytes": plan.upload_bytes,
+            "baseline": plan.baseline, "deletes": plan.deletes,
+        }
+        sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(render(plan, routing, settings.partner.default_rate_per_second) + "\n")
+    return 0
