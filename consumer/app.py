@@ -112,6 +112,7 @@ class Relay:
             state_topic=s.kafka.state_topic,
             dead_letter_topic=s.kafka.dead_letter_topic,
             create_missing_state=s.kafka.create_state_topic,
+            max_value_bytes=s.kafka.max_value_bytes,
         )
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer = AIOKafkaProducer(

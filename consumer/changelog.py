@@ -42,6 +42,7 @@ async def check_topics(
     state_topic: str,
     dead_letter_topic: str,
     create_missing_state: bool,
+    max_value_bytes: int = 1_048_576,
     replication_factor: int = 1,
 ) -> TopicLayout:
     """Verify the input topics agree with each other and with the state topic.
@@ -76,7 +77,9 @@ async def check_topics(
                 f"{docs}; recreate it with {docs} partitions (cleanup.policy=compact)"
             )
         if (await _partition_counts(admin, [dead_letter_topic])).get(dead_letter_topic) is None:
-            await _create(admin, dead_letter_topic, 1, replication_factor, {})
+            # A dead letter carries the original value in base64: about 4/3 of its size.
+            room = {"max.message.bytes": str(max_value_bytes * 2 + 65_536)}
+            await _create(admin, dead_letter_topic, 1, replication_factor, room)
         return TopicLayout(input_partitions=docs, state_partitions=state)
     finally:
         await admin.close()

@@ -180,9 +180,12 @@ class OperationExecutor:
                 call, agency_id=upload.key.agency_id, lane=upload.lane
             )
         except (PartnerRejectedError, ContentError) as exc:
-            reason = exc.reason if isinstance(exc, ContentError) else "partner_rejected"
+            if isinstance(exc, ContentError):
+                reason, detail = "content_rejected", f"{exc.reason}: {exc}"
+            else:
+                reason, detail = "partner_rejected", str(exc)
             await self._dead_letters.send(
-                source, reason=reason, detail=f"document {upload.key.document_id}: {exc}"
+                source, reason=reason, detail=f"document {upload.key.document_id}: {detail}"
             )
             await self._writer.write(self._revert(upload, base))
             self._settle(upload.key, self._revert(upload, base))
