@@ -1,0 +1,482 @@
+"""Delta planning, rule by rule: what each event makes the relay send, record, hold or leave."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from consumer.events import Document, DocumentCreated, Module
+from consumer.guard import DeletionGuard
+from consumer.manifest import CompleteManifest
+from consumer.planner import (
+    Delete,
+    Lane,
+    Outcome,
+    Plan,
+    Upload,
+    discard_held,
+    intent_record,
+    plan_document,
+    plan_first_publication,
+    plan_manifest,
+    published_record,
+    release_held,
+    retry_parked,
+)
+from consumer.routing import RoutingTable
+from consumer.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, Tombstone
+from consumer.view import PublishedView
+
+AGENCY, BUILDING, UNMAPPED = "agence-lyon", "bat-12", "bat-13"
+T0 = dt.datetime(2024, 6, 1, 10, 0, tzinfo=dt.UTC)
+GUARD = DeletionGuard(max_share=0.5, min_count=3)
+
+
+def at(minutes: int) -> dt.datetime:
+    return T0 + dt.timedelta(minutes=minutes)
+
+
+def sha(tag: str) -> str:
+    return hashlib.sha256(tag.encode()).hexdigest()
+
+
+def routing(first_publication: str = "history") -> RoutingTable:
+    return RoutingTable.from_mapping(
+        {
+            "agencies": {
+                AGENCY: {
+                    "modules": ["ag", "contrats"],
+                    "audiences": ["building", "council"],
+                    "first_publication": first_publication,
+                    "condominia": {BUILDING: "8841"},
+                }
+            }
+        }
+    )
+
+
+def doc(
+    document_id: str,
+    version: str = "v1",
+    *,
+    module: str = "ag",
+    audience: str = "building",
+    date: str = "2024-05-01",
+) -> Document:
+    return Document.model_validate(
+        {
+            "id": document_id,
+            "module": module,
+            "category": "PV",
+            "title": document_id,
+            "document_date": date,
+            "audience": audience,
+            "content": {
+                "media_type": "application/pdf",
+                "size_bytes": 1000,
+                "sha256": sha(f"{document_id}/{version}"),
+                "url": f"https://documents.lsc.example/{document_id}.pdf",
+            },
+        }
+    )
+
+
+def created(document: Document, when: dt.datetime, building: str = BUILDING) -> DocumentCreated:
+    return DocumentCreated.model_validate(
+        {
+            "schema_version": 1,
+            "event_type": "document-created",
+            "event_id": str(uuid.uuid4()),
+            "occurred_at": when.isoformat(),
+            "agency_id": AGENCY,
+            "building_id": building,
+            "document": document.model_dump(mode="json"),
+        }
+    )
+
+
+def manifest(
+    when: dt.datetime,
+    *items: Document,
+    modules: Iterable[Module] = (Module.AG, Module.CONTRATS),
+    building: str = BUILDING,
+) -> CompleteManifest:
+    return CompleteManifest(
+        agency_id=AGENCY,
+        building_id=building,
+        snapshot_id=str(uuid.uuid4()),
+        taken_at=when,
+        modules=frozenset(modules),
+        items=items,
+        offsets=(1,),
+    )
+
+
+def key(document_id: str, building: str = BUILDING) -> DocKey:
+    return DocKey(AGENCY, building, document_id)
+
+
+def published(document: Document, seen_at: dt.datetime = T0, **changes: Any) -> DocumentRecord:
+    fields: dict[str, Any] = {
+        "key": key(document.id),
+        "status": DocStatus.PUBLISHED,
+        "sha256": document.content.sha256,
+        "module": document.module,
+        "seen_at": seen_at,
+        "document_date": document.document_date,
+        "size_bytes": document.content.size_bytes,
+        "remote_id": f"r-{document.id}",
+        "condominium_id": "8841",
+    }
+    return DocumentRecord(**(fields | changes))
+
+
+def view_of(*records: Any) -> PublishedView:
+    view = PublishedView()
+    for record in records:
+        view.apply(record)
+    return view
+
+
+def decided(when: dt.datetime, *modules: Module, building: str = BUILDING) -> BuildingRecord:
+    return BuildingRecord(AGENCY, building, dict.fromkeys(modules, when), True)
+
+
+def uploads(plan: Plan) -> dict[str, Upload]:
+    return {op.key.document_id: op for op in plan.operations if isinstance(op, Upload)}
+
+
+def deletes(plan: Plan) -> dict[str, Delete]:
+    return {op.key.document_id: op for op in plan.operations if isinstance(op, Delete)}
+
+
+def statuses(plan: Plan) -> dict[str, DocStatus]:
+    return {r.key.document_id: r.status for r in plan.records if isinstance(r, DocumentRecord)}
+
+
+def tombstones(plan: Plan) -> set[str]:
+    return {
+        r.key.document_id
+        for r in plan.records
+        if isinstance(r, Tombstone) and isinstance(r.key, DocKey)
+    }
+
+
+# -- document-created: the live lane ----------------------------------------------------------------
+
+
+def test_a_new_document_is_uploaded_in_the_live_lane() -> None:
+    plan = plan_document(PublishedView(), routing(), created(doc("d1"), at(5)))
+    assert plan.outcome is Outcome.UPLOAD
+    assert uploads(plan) == {
+        "d1": Upload(key("d1"), doc("d1"), "8841", Lane.LIVE, at(5), remote_id=None, previous=None)
+    }
+    assert plan.records == ()
+
+
+def test_same_content_is_skipped_and_changed_content_updates_in_place() -> None:
+    current = published(doc("d1"))
+    view = view_of(current)
+    assert plan_document(view, routing(), created(doc("d1"), at(5))) == Plan(Outcome.UNCHANGED)
+    plan = plan_document(view, routing(), created(doc("d1", "v2"), at(5)))
+    update = uploads(plan)["d1"]
+    assert (update.remote_id, update.previous, update.condominium_id) == ("r-d1", current, "8841")
+
+
+@pytest.mark.parametrize("status", [DocStatus.UPLOADING, DocStatus.BASELINE])
+def test_same_content_already_uploading_or_baseline_is_skipped(status: DocStatus) -> None:
+    view = view_of(published(doc("d1"), status=status, remote_id=None))
+    assert plan_document(view, routing(), created(doc("d1"), at(5))).outcome is Outcome.UNCHANGED
+
+
+def test_a_baseline_document_changed_after_cut_over_is_sent() -> None:
+    view = view_of(published(doc("d1"), status=DocStatus.BASELINE, remote_id=None))
+    plan = plan_document(view, routing(), created(doc("d1", "v2"), at(5)))
+    assert uploads(plan)["d1"].remote_id is None
+
+
+def test_an_event_a_newer_manifest_already_decided_is_superseded() -> None:
+    view = view_of(decided(at(10), Module.AG))
+    for when in (at(9), at(10)):
+        plan = plan_document(view, routing(), created(doc("d1"), when))
+        assert plan == Plan(Outcome.SUPERSEDED)  # listed: handled; absent: stays unpublished
+    assert plan_document(view, routing(), created(doc("d1"), at(11))).outcome is Outcome.UPLOAD
+    other_module = created(doc("d2", module="contrats"), at(9))
+    assert plan_document(view, routing(), other_module).outcome is Outcome.UPLOAD
+
+
+def test_an_event_older_than_the_version_recorded_is_stale() -> None:
+    view = view_of(published(doc("d1", "v2"), seen_at=at(10)))
+    assert plan_document(view, routing(), created(doc("d1"), at(5))) == Plan(Outcome.STALE)
+
+
+@pytest.mark.parametrize(
+    ("document", "agency_known"),
+    [
+        (doc("d1", audience="individual"), True),
+        (doc("d1", audience="owners"), True),
+        (doc("d1", module="comptes"), True),
+        (doc("d1"), False),
+    ],
+)
+def test_what_routing_filters_is_never_uploaded(document: Document, agency_known: bool) -> None:
+    table = (
+        routing()
+        if agency_known
+        else RoutingTable.from_mapping(
+            {"agencies": {"agence-nice": {"modules": ["ag"], "first_publication": "history"}}}
+        )
+    )
+    plan = plan_document(PublishedView(), table, created(document, at(5)))
+    assert plan == Plan(Outcome.FILTERED)
+
+
+def test_a_published_document_whose_new_version_routing_filters_is_withdrawn() -> None:
+    view = view_of(published(doc("d1")))
+    plan = plan_document(view, routing(), created(doc("d1", "v2", audience="individual"), at(5)))
+    assert plan.outcome is Outcome.FILTERED
+    assert deletes(plan) == {"d1": Delete(key("d1"), "8841", "r-d1")}
+
+
+def test_an_unmapped_building_parks_the_document_with_its_reason() -> None:
+    event = created(doc("d1"), at(5), building=UNMAPPED)
+    plan = plan_document(PublishedView(), routing(), event)
+    assert plan.outcome is Outcome.PARKED
+    assert plan.operations == ()
+    (parked,) = plan.records
+    assert isinstance(parked, DocumentRecord)
+    assert (parked.status, parked.parked_reason, parked.document) == (
+        DocStatus.PARKED,
+        "unmapped_building",
+        event.document,
+    )
+    again = plan_document(view_of(parked), routing(), created(doc("d1"), at(6), UNMAPPED))
+    assert again == Plan(Outcome.PARKED)  # nothing new to write
+
+
+def test_a_held_withdrawal_published_again_later_is_unheld() -> None:
+    view = view_of(published(doc("d1"), status=DocStatus.DELETE_HELD, held_by="snap"))
+    plan = plan_document(view, routing(), created(doc("d1"), at(5)))
+    assert statuses(plan) == {"d1": DocStatus.PUBLISHED}
+
+
+# -- manifests: the backfill lane -----------------------------------------------------------------
+
+
+def test_first_publication_history_sends_everything_forwardable() -> None:
+    items = [doc("d1"), doc("d2", module="contrats"), doc("d3", audience="individual")]
+    plan = plan_manifest(PublishedView(), routing(), manifest(at(0), *items), GUARD)
+    assert plan.outcome is Outcome.APPLIED
+    assert set(uploads(plan)) == {"d1", "d2"}
+    assert {u.lane for u in uploads(plan).values()} == {Lane.BACKFILL}
+    assert {u.seen_at for u in uploads(plan).values()} == {at(0)}
+    assert plan.records[-1] == decided(at(0), Module.AG, Module.CONTRATS)
+
+
+def test_first_publication_since_records_older_documents_as_baseline() -> None:
+    items = [doc("old", date="2023-12-31"), doc("new", date="2024-01-01")]
+    plan = plan_manifest(
+        PublishedView(), routing("since:2024-01-01"), manifest(at(0), *items), GUARD
+    )
+    assert set(uploads(plan)) == {"new"}
+    assert statuses(plan) == {"old": DocStatus.BASELINE}
+
+
+def test_first_publication_fresh_sends_nothing_and_keeps_what_is_published() -> None:
+    view = view_of(published(doc("live"), seen_at=at(-5)))  # came live before the first manifest
+    items = [doc("d1"), doc("d2"), doc("live")]
+    plan = plan_manifest(view, routing("fresh"), manifest(at(0), *items), GUARD)
+    assert plan.operations == ()
+    assert statuses(plan) == {"d1": DocStatus.BASELINE, "d2": DocStatus.BASELINE}
+
+
+def test_later_manifests_send_new_and_changed_documents_only() -> None:
+    view = view_of(
+        decided(at(0), Module.AG, Module.CONTRATS),
+        published(doc("same")),
+        published(doc("changed")),
+        published(doc("base"), status=DocStatus.BASELINE, remote_id=None),
+        published(doc("base2"), status=DocStatus.BASELINE, remote_id=None),
+    )
+    items = [doc("same"), doc("changed", "v2"), doc("base"), doc("base2", "v2"), doc("new")]
+    plan = plan_manifest(view, routing("fresh"), manifest(at(10), *items), GUARD)
+    sent = uploads(plan)
+    assert set(sent) == {"changed", "base2", "new"}
+    assert sent["changed"].remote_id == "r-changed"
+    assert sent["base2"].remote_id is None
+    assert statuses(plan) == {}
+
+
+def test_documents_absent_from_a_manifest_are_withdrawn_if_seen_before_it() -> None:
+    view = view_of(
+        *(published(doc(f"keep{i}")) for i in range(4)),
+        published(doc("gone"), seen_at=at(5)),
+        published(doc("after"), seen_at=at(15)),  # created after the snapshot was taken
+    )
+    items = [doc(f"keep{i}") for i in range(4)]
+    plan = plan_manifest(view, routing(), manifest(at(10), *items), GUARD)
+    assert deletes(plan) == {"gone": Delete(key("gone"), "8841", "r-gone")}
+
+
+def test_only_what_the_relay_published_is_ever_deleted() -> None:
+    view = view_of(
+        published(doc("keep")),
+        published(doc("base"), status=DocStatus.BASELINE, remote_id=None),
+        published(doc("park"), status=DocStatus.PARKED, remote_id=None, parked_reason="x"),
+    )
+    plan = plan_manifest(view, routing(), manifest(at(10), doc("keep")), GUARD)
+    assert deletes(plan) == {}
+    assert tombstones(plan) == {"base", "park"}  # forgotten, never a partner call
+
+
+def test_modules_the_manifest_does_not_cover_are_untouched() -> None:
+    view = view_of(published(doc("keep")), published(doc("c1", module="contrats")))
+    plan = plan_manifest(view, routing(), manifest(at(10), doc("keep"), modules=[Module.AG]), GUARD)
+    assert deletes(plan) == {}
+    assert plan.records[-1] == decided(at(10), Module.AG)
+
+
+def test_a_stale_manifest_changes_nothing_and_a_partly_stale_one_only_its_new_modules() -> None:
+    view = view_of(
+        decided(at(10), Module.AG), published(doc("a1")), published(doc("c1", module="contrats"))
+    )
+    stale = manifest(at(5), modules=[Module.AG])
+    assert plan_manifest(view, routing(), stale, GUARD) == Plan(Outcome.STALE)
+    partly = plan_manifest(view, routing(), manifest(at(5), doc("new", module="contrats")), GUARD)
+    assert set(uploads(partly)) == {"new"}
+    assert set(deletes(partly)) == {"c1"}  # a1 is in the stale module: left alone
+    assert partly.records[-1] == BuildingRecord(
+        AGENCY, BUILDING, {Module.AG: at(10), Module.CONTRATS: at(5)}, True
+    )
+
+
+def test_a_manifest_never_rolls_back_a_version_published_after_it_was_taken() -> None:
+    view = view_of(decided(at(0), Module.AG), published(doc("d1", "v2"), seen_at=at(15)))
+    plan = plan_manifest(view, routing(), manifest(at(10), doc("d1", "v1")), GUARD)
+    assert uploads(plan) == {}
+
+
+def test_listed_documents_that_routing_now_filters_are_withdrawn() -> None:
+    view = view_of(published(doc("d1")))
+    plan = plan_manifest(view, routing(), manifest(at(10), doc("d1", audience="individual")), GUARD)
+    assert set(deletes(plan)) == {"d1"}
+
+
+def test_an_unmapped_building_parks_its_backfill() -> None:
+    plan = plan_manifest(
+        PublishedView(), routing(), manifest(at(0), doc("d1"), building=UNMAPPED), GUARD
+    )
+    assert plan.operations == ()
+    assert statuses(plan) == {"d1": DocStatus.PARKED}
+
+
+# -- the mass-deletion guard ----------------------------------------------------------------------
+
+
+def test_an_empty_manifest_holds_instead_of_wiping() -> None:
+    view = view_of(published(doc("d1")), published(doc("d2")))
+    plan = plan_manifest(view, routing(), manifest(at(10)), GUARD)
+    assert plan.outcome is Outcome.HELD
+    assert plan.operations == ()
+    held = [r for r in plan.records if isinstance(r, DocumentRecord)]
+    assert {(r.key.document_id, r.status) for r in held} == {
+        ("d1", DocStatus.DELETE_HELD),
+        ("d2", DocStatus.DELETE_HELD),
+    }
+
+
+def test_a_truncated_manifest_holds_and_a_later_full_one_unholds() -> None:
+    documents = [doc(f"d{i}") for i in range(10)]
+    view = view_of(*(published(d) for d in documents))
+    truncated = manifest(at(10), *documents[:3])
+    plan = plan_manifest(view, routing(), truncated, GUARD)
+    assert plan.outcome is Outcome.HELD
+    assert {r.held_by for r in plan.records if isinstance(r, DocumentRecord)} == {
+        truncated.snapshot_id
+    }
+    for record in plan.records:
+        view.apply(record)
+    assert view.held_count == 7
+    full = plan_manifest(view, routing(), manifest(at(20), *documents[:9]), GUARD)
+    assert full.outcome is Outcome.APPLIED
+    assert set(deletes(full)) == {"d9"}
+    assert statuses(full) == {f"d{i}": DocStatus.PUBLISHED for i in range(3, 9)}
+
+
+def test_the_operator_releases_or_discards_held_withdrawals() -> None:
+    held = published(doc("d1"), status=DocStatus.DELETE_HELD, held_by="snap")
+    view = view_of(held, published(doc("d2")))
+    assert deletes(release_held(view, AGENCY, BUILDING)) == {
+        "d1": Delete(key("d1"), "8841", "r-d1")
+    }
+    discarded = discard_held(view, AGENCY, BUILDING)
+    assert discarded.records == (
+        dataclasses.replace(held, status=DocStatus.PUBLISHED, held_by=None),
+    )
+    assert release_held(view, AGENCY, UNMAPPED).operations == ()
+
+
+# -- around the partner call, and after a configuration fix ---------------------------------------
+
+
+def test_intent_then_published_record_around_an_upload() -> None:
+    upload = Upload(key("d1"), doc("d1"), "8841", Lane.LIVE, at(5))
+    intent = intent_record(upload)
+    assert (intent.status, intent.remote_id, intent.sha256, intent.seen_at) == (
+        DocStatus.UPLOADING,
+        None,
+        doc("d1").content.sha256,
+        at(5),
+    )
+    done = published_record(upload, "r-9", doc("d1").content.sha256)
+    assert (done.status, done.remote_id, done.condominium_id) == (
+        DocStatus.PUBLISHED,
+        "r-9",
+        "8841",
+    )
+
+
+def test_parked_documents_are_retried_once_the_building_is_mapped() -> None:
+    plan = plan_document(PublishedView(), routing(), created(doc("d1"), at(5), building=UNMAPPED))
+    view = view_of(*plan.records)
+    fixed = RoutingTable.from_mapping(
+        {
+            "agencies": {
+                AGENCY: {
+                    "modules": ["ag"],
+                    "first_publication": "history",
+                    "condominia": {UNMAPPED: "9000"},
+                }
+            }
+        }
+    )
+    assert retry_parked(view, routing()).operations == ()
+    retried = uploads(retry_parked(view, fixed))
+    assert (retried["d1"].condominium_id, retried["d1"].lane) == ("9000", Lane.BACKFILL)
+
+
+def test_the_dry_run_counts_documents_bytes_and_time_before_anything_is_sent() -> None:
+    items = [
+        doc("old", date="2023-01-01"),
+        doc("new1", date="2024-02-01"),
+        doc("new2", date="2024-03-01", module="contrats"),
+        doc("private", audience="individual"),
+    ]
+    view = view_of(published(doc("gone"), seen_at=at(-5)))
+    dry = plan_first_publication(view, routing("since:2024-01-01"), manifest(at(0), *items))
+    assert [
+        (line.module, line.uploads, line.upload_bytes, line.baseline, line.deletes)
+        for line in dry.lines
+    ] == [
+        (Module.AG, 1, 1000, 1, 1),
+        (Module.CONTRATS, 1, 1000, 0, 0),
+    ]
+    assert (dry.uploads, dry.upload_bytes, dry.baseline, dry.deletes) == (2, 2000, 1, 1)
+    assert dry.estimated_seconds(rate_per_second=2.0) == 1.5
+    assert view.size == 1  # nothing applied
