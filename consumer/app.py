@@ -25,6 +25,7 @@ from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
 from consumer.manifest import ManifestAssembler
 from consumer.metrics import RelayMetrics
+from consumer.observers import MetricsObserver, rate_limits
 from consumer.opshttp import OpsServer
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
@@ -33,7 +34,6 @@ from consumer.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.reconcile import reconcile_partition
 from consumer.routing import RoutingTable
 from consumer.scheduler import Scheduler
-from consumer.observers import MetricsObserver, rate_limits
 from consumer.settings import Settings
 from consumer.sinks import DeadLetterSink
 from consumer.state import DocStatus
@@ -88,7 +88,7 @@ class Relay:
 
     def held(self) -> list[dict[str, Any]]:
         found: dict[tuple[str, str], int] = {}
-        for processor in (self._ingest.processors.values() if self._ingest else ()):
+        for processor in self._ingest.processors.values() if self._ingest else ():
             for record in processor.view.with_status(DocStatus.DELETE_HELD):
                 place = (record.key.agency_id, record.key.building_id)
                 found[place] = found.get(place, 0) + 1
@@ -169,9 +169,7 @@ class Relay:
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
             )
-            guard = DeletionGuard(
-                max_share=s.guard.max_delete_share, min_count=s.guard.min_deletes
-            )
+            guard = DeletionGuard(max_share=s.guard.max_delete_share, min_count=s.guard.min_deletes)
             topics = {DOCUMENTS: s.kafka.documents_topic, MANIFESTS: s.kafka.manifests_topic}
 
             async def build_processor(partition: int) -> PartitionProcessor:

@@ -7,6 +7,7 @@ checks the topic layout at start-up: the relay refuses to run when partition cou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,10 +55,12 @@ async def check_topics(
     await admin.start()
     try:
         counts = await _partition_counts(admin, [documents_topic, manifests_topic, state_topic])
-        for topic in (documents_topic, manifests_topic):
-            if counts.get(topic) is None:
+        docs, manifests = counts.get(documents_topic), counts.get(manifests_topic)
+        for topic, count in ((documents_topic, docs), (manifests_topic, manifests)):
+            if count is None:
                 raise ConfigError(f"input topic {topic!r} does not exist on {bootstrap_servers}")
-        docs, manifests = counts[documents_topic], counts[manifests_topic]
+        if docs is None or manifests is None:
+            raise ConfigError("input topics are missing")
         if docs != manifests:
             raise ConfigError(
                 f"input topics differ in partition count: {documents_topic!r} has {docs}, "
@@ -98,13 +101,17 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
 async def _create(
     admin: AIOKafkaAdminClient, name: str, partitions: int, replication: int, config: dict[str, str]
 ) -> None:
-    try:
+    with contextlib.suppress(TopicAlreadyExistsError):
         await admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=replication,
-                      topic_configs=config)]
+            [
+                NewTopic(
+                    name,
+                    num_partitions=partitions,
+                    replication_factor=replication,
+                    topic_configs=config,
+                )
+            ]
         )
-    except TopicAlreadyExistsError:
-        pass
 
 
 class ChangelogWriter:

@@ -55,8 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from consumer.admin import call_admin  # noqa: PLC0415 - only these commands need it
 
         return asyncio.run(
-            call_admin(settings, args.command, url=args.url,
-                       agency=getattr(args, "agency", None), building=getattr(args, "building", None))
+            call_admin(
+                settings,
+                args.command,
+                url=args.url,
+                agency=getattr(args, "agency", None),
+                building=getattr(args, "building", None),
+            )
         )
     except ConfigError as exc:
         print(f"chouette-relay: {exc}", file=sys.stderr)
@@ -78,7 +83,7 @@ async def _run(settings: Settings) -> int:
         raise ConfigError("CHOUETTE_RELAY_ROUTING_FILE is not set")
     routing = load_routing(settings.routing_file)
     api_keys = ApiKeyStore(settings.partner.api_keys_dir)
-    missing = sorted(set(routing.agencies) - api_keys.agencies)
+    missing = sorted(set(routing.agencies) - api_keys.agencies())
     if missing:
         raise ConfigError(
             f"no API key file for agencies {', '.join(missing)} in {settings.partner.api_keys_dir}"

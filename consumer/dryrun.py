@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from collections import defaultdict
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -51,33 +52,26 @@ async def latest_manifests(
         reader.assign(tps)
         ends = await reader.end_offsets(tps)
         await reader.seek_to_beginning(*tps)
-        assemblers = {tp.partition: ManifestAssembler(
-            expiry=dt.timedelta(days=3650), max_pending_items=settings.manifest.max_pending_items
-        ) for tp in tps}
+        assemblers = {
+            tp.partition: ManifestAssembler(
+                expiry=dt.timedelta(days=3650),
+                max_pending_items=settings.manifest.max_pending_items,
+            )
+            for tp in tps
+        }
         remaining = {tp for tp in tps if ends[tp] > 0}
         while remaining:
             batches = await reader.getmany(*remaining, timeout_ms=1000, max_records=5000)
             for tp, records in batches.items():
                 for record in records:
-                    if record.offset >= ends[tp]:
-                        continue
-                    decoded = decode_record(
-                        topic_kind="manifest-snapshot", key=record.key, value=record.value,
-                        headers=tuple(record.headers or ()),
-                        max_value_bytes=settings.kafka.max_value_bytes,
-                    )
-                    if not isinstance(decoded, ManifestSnapshot):
-                        continue
-                    if agency is not None and decoded.agency_id != agency:
-                        continue
-                    result = assemblers[tp.partition].add(
-                        decoded, offset=record.offset, now=dt.datetime.now(dt.UTC)
-                    )
-                    if result.complete is not None:
-                        place = (result.complete.agency_id, result.complete.building_id)
-                        known = found[tp.partition].get(place)
-                        if known is None or known.taken_at <= result.complete.taken_at:
-                            found[tp.partition][place] = result.complete
+                    if record.offset < ends[tp]:
+                        _take(
+                            record,
+                            assemblers[tp.partition],
+                            found[tp.partition],
+                            agency=agency,
+                            max_value_bytes=settings.kafka.max_value_bytes,
+                        )
             for tp in list(remaining):
                 if await reader.position(tp) >= ends[tp]:
                     remaining.discard(tp)
@@ -86,9 +80,35 @@ async def latest_manifests(
     return found
 
 
-async def build_plan(
-    settings: Settings, routing: RoutingTable, *, agency: str | None
-) -> DryRun:
+def _take(
+    record: Any,
+    assembler: ManifestAssembler,
+    found: dict[tuple[str, str], CompleteManifest],
+    *,
+    agency: str | None,
+    max_value_bytes: int,
+) -> None:
+    """Feed one manifest record to its partition's assembler; keep the newest complete one."""
+    decoded = decode_record(
+        topic_kind="manifest-snapshot",
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers or ()),
+        max_value_bytes=max_value_bytes,
+    )
+    if not isinstance(decoded, ManifestSnapshot):
+        return
+    if agency is not None and decoded.agency_id != agency:
+        return
+    result = assembler.add(decoded, offset=record.offset, now=dt.datetime.now(dt.UTC))
+    if result.complete is not None:
+        place = (result.complete.agency_id, result.complete.building_id)
+        known = found.get(place)
+        if known is None or known.taken_at <= result.complete.taken_at:
+            found[place] = result.complete
+
+
+async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str | None) -> DryRun:
     manifests = await latest_manifests(settings, agency=agency)
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
@@ -106,8 +126,10 @@ async def build_plan(
 
 
 def render(plan: DryRun, routing: RoutingTable, default_rate: float) -> str:
-    lines = [f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
-             f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"]
+    lines = [
+        f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
+        f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"
+    ]
     per_agency: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for line in plan.lines:
         lines.append(
@@ -148,13 +170,23 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
     if as_json:
         payload = {
             "lines": [
-                {"agency": l.agency_id, "building": l.building_id, "module": l.module.value,
-                 "uploads": l.uploads, "upload_bytes": l.upload_bytes, "baseline": l.baseline,
-                 "deletes": l.deletes, "held": l.held, "parked": l.parked}
-                for l in plan.lines
+                {
+                    "agency": line.agency_id,
+                    "building": line.building_id,
+                    "module": line.module.value,
+                    "uploads": line.uploads,
+                    "upload_bytes": line.upload_bytes,
+                    "baseline": line.baseline,
+                    "deletes": line.deletes,
+                    "held": line.held,
+                    "parked": line.parked,
+                }
+                for line in plan.lines
             ],
-            "uploads": plan.uploads, "upload_bytes": plan.upload_bytes,
-            "baseline": plan.baseline, "deletes": plan.deletes,
+            "uploads": plan.uploads,
+            "upload_bytes": plan.upload_bytes,
+            "baseline": plan.baseline,
+            "deletes": plan.deletes,
         }
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

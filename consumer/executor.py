@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedError
-from consumer.events import Content, Document
+from consumer.events import Content
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient, RemoteDocument
 from consumer.planner import Delete, Lane, Upload, intent_record, published_record
 from consumer.scheduler import Scheduler
 from consumer.sinks import DeadLetterSink, SourceRecord
-from consumer.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.state import DocKey, DocStatus, StateRecord, Tombstone
 from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ class RecordWriter(Protocol):
 
 class ContentSource(Protocol):
     async def fetch(self, content: Content) -> bytes: ...
+
+
+@dataclass(slots=True)
+class _Tried:
+    reached_partner: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +78,15 @@ class OperationExecutor:
     def in_flight(self) -> int:
         return len(self._chains)
 
-    def submit(self, operation: Operation, *, source: SourceRecord) -> asyncio.Task[RemoteState | None]:
+    def submit(
+        self, operation: Operation, *, source: SourceRecord
+    ) -> asyncio.Task[RemoteState | None]:
         """Queue ``operation`` behind any earlier one on the same document; return its task."""
         key = operation.key
         previous = self._chains.get(key)
-        task = asyncio.create_task(self._run(operation, previous, source), name=f"op:{key.encode()!r}")
+        task = asyncio.create_task(
+            self._run(operation, previous, source), name=f"op:{key.encode()!r}"
+        )
         self._chains[key] = task
         lane = operation.lane if isinstance(operation, Upload) else Lane.LIVE
         kind = "upload" if isinstance(operation, Upload) else "delete"
@@ -112,13 +121,18 @@ class OperationExecutor:
         if previous is not None:
             base = await previous
         elif operation.remote_id is not None:
-            sha = operation.previous.sha256 if isinstance(operation, Upload) and operation.previous else ""
+            sha = (
+                operation.previous.sha256
+                if isinstance(operation, Upload) and operation.previous
+                else ""
+            )
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
         if isinstance(operation, Upload):
             return await self._run_upload(operation, base, source)
-        return await self._run_delete(operation, base)
+        await self._run_delete(operation, base)
+        return None
 
     async def _run_upload(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord
@@ -128,52 +142,10 @@ class OperationExecutor:
         if base is not None and base.sha256 == sha:
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
-        attempted = False
+        tried = _Tried()
 
         async def call() -> RemoteState:
-            nonlocal attempted
-            current = base
-            if attempted and current is None:
-                # The last attempt may have reached the partner before failing: look before acting.
-                found = await self._lookup(upload)
-                if found is not None:
-                    current = RemoteState(found.remote_id, found.sha256)
-                    if found.sha256 == sha:
-                        await self._writer.write(published_record(upload, found.remote_id, sha))
-                        return current
-            body = await self._content.fetch(upload.document.content)
-            intent = intent_record(upload)
-            if current is not None:
-                intent = dataclasses.replace(intent, remote_id=current.remote_id)
-            await self._writer.write(intent)
-            attempted = True
-            if current is None:
-                remote = await self._partner.upload(
-                    agency_id=upload.key.agency_id,
-                    condominium_id=upload.condominium_id,
-                    document=upload.document,
-                    content=body,
-                )
-            else:
-                try:
-                    remote = await self._partner.update(
-                        agency_id=upload.key.agency_id,
-                        remote_id=current.remote_id,
-                        document=upload.document,
-                        content=body,
-                    )
-                except PartnerRejectedError as exc:
-                    if exc.status != 404:
-                        raise
-                    # Deleted by hand on the partner's side: publish it again as a new document.
-                    remote = await self._partner.upload(
-                        agency_id=upload.key.agency_id,
-                        condominium_id=upload.condominium_id,
-                        document=upload.document,
-                        content=body,
-                    )
-            await self._writer.write(published_record(upload, remote.remote_id, sha))
-            return RemoteState(remote.remote_id, sha)
+            return await self._attempt_upload(upload, base, tried)
 
         try:
             result: RemoteState | None = await self._scheduler.submit(
@@ -202,15 +174,65 @@ class OperationExecutor:
             await self._writer.write(parked)
             self._settle(upload.key, parked)
             self._metrics.operations.labels(lane, "upload", "parked").inc()
-            log.error("document parked", extra={"key": upload.key.encode().decode(), "why": str(exc)})
+            log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing
+                "document parked", extra={"key": upload.key.encode().decode(), "why": str(exc)}
+            )
             return base
         if result is not None:
             self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         return result
 
+    async def _attempt_upload(
+        self, upload: Upload, base: RemoteState | None, tried: _Tried
+    ) -> RemoteState:
+        """One attempt; the scheduler calls it again after a retriable failure."""
+        sha = upload.document.content.sha256
+        current = base
+        if tried.reached_partner and current is None:
+            # The last attempt may have reached the partner before failing: look before acting.
+            found = await self._lookup(upload)
+            if found is not None:
+                current = RemoteState(found.remote_id, found.sha256 or "")
+                if found.sha256 == sha:
+                    await self._writer.write(published_record(upload, found.remote_id, sha))
+                    return current
+        body = await self._content.fetch(upload.document.content)
+        intent = intent_record(upload)
+        if current is not None:
+            intent = dataclasses.replace(intent, remote_id=current.remote_id)
+        await self._writer.write(intent)
+        tried.reached_partner = True
+        remote = await self._send(upload, current, body)
+        await self._writer.write(published_record(upload, remote.remote_id, sha))
+        return RemoteState(remote.remote_id, sha)
+
+    async def _send(
+        self, upload: Upload, current: RemoteState | None, body: bytes
+    ) -> RemoteDocument:
+        agency = upload.key.agency_id
+        if current is not None:
+            try:
+                return await self._partner.update(
+                    agency_id=agency,
+                    remote_id=current.remote_id,
+                    document=upload.document,
+                    content=body,
+                )
+            except PartnerRejectedError as exc:
+                if exc.status != 404:
+                    raise
+                # Deleted by hand on the partner's side: publish it again as a new document.
+        return await self._partner.upload(
+            agency_id=agency,
+            condominium_id=upload.condominium_id,
+            document=upload.document,
+            content=body,
+        )
+
     async def _run_delete(self, delete: Delete, base: RemoteState | None) -> None:
         if base is not None:
+
             async def call() -> None:
                 await self._partner.delete(agency_id=delete.key.agency_id, remote_id=base.remote_id)
 
@@ -218,7 +240,6 @@ class OperationExecutor:
         await self._writer.write(Tombstone(delete.key))
         self._settle(delete.key, Tombstone(delete.key))
         self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
-        return None
 
     async def _lookup(self, upload: Upload) -> RemoteDocument | None:
         return await self._partner.find_by_reference(
@@ -243,4 +264,3 @@ class OperationExecutor:
         current = asyncio.current_task()
         if self._chains.get(key) is current:
             self._view.apply(record)
-

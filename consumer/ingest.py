@@ -8,6 +8,7 @@ committed. Offsets are committed periodically, each up to the lowest unfinished 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -106,10 +107,8 @@ class Ingest:
     async def run_housekeeping(self) -> None:
         """Commit, expire incomplete manifests and refresh lag on a fixed interval."""
         while not self._stopping.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._commit_interval_s)
-            except TimeoutError:
-                pass
             for processor in list(self.processors.values()):
                 processor.expire()
             await self.commit()

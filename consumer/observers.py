@@ -44,5 +44,7 @@ def rate_limits(
     limits = {}
     for agency_id, agency in routing.agencies.items():
         if agency.rate_per_second is not None:
-            limits[agency_id] = RateLimit(agency.rate_per_second, agency.burst or partner.default_burst)
+            limits[agency_id] = RateLimit(
+                agency.rate_per_second, agency.burst or partner.default_burst
+            )
     return default, limits

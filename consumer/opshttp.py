@@ -60,7 +60,7 @@ class OpsServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001 - aiohttp exposes the bound port only here
+        sockets = site._server.sockets if site._server else []
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         log.info("ops server listening", extra={"host": self._host, "port": self.port})
         return self
@@ -107,8 +107,14 @@ class OpsServer:
             "held deletions settled by operator",
             extra={"agency": agency, "building": building, "discard": discard, "documents": count},
         )
-        return web.json_response({"agency": agency, "building": building,
-                                  "action": request.match_info["action"], "documents": count})
+        return web.json_response(
+            {
+                "agency": agency,
+                "building": building,
+                "action": request.match_info["action"],
+                "documents": count,
+            }
+        )
 
 
 def _forbidden(disabled: bool) -> web.Response:

@@ -18,7 +18,7 @@ from enum import StrEnum
 from consumer.events import Document, DocumentCreated, Module
 from consumer.guard import DeletionGuard
 from consumer.manifest import CompleteManifest
-from consumer.routing import Action, RoutingTable, Verdict
+from consumer.routing import Action, Reason, RoutingTable, Verdict
 from consumer.state import (
     BuildingRecord,
     DocKey,
@@ -70,11 +70,13 @@ class Upload:
 @dataclass(frozen=True, slots=True)
 class Delete:
     """Withdraw a document the relay published. ``remote_id`` is None only for an upload intent
-    whose result is not known yet: the executor settles that upload first."""
+    whose result is not known yet: the executor settles that upload first. Once the partner
+    acknowledged, ``deleted_record`` is what stands for the document (usually a tombstone)."""
 
     key: DocKey
     condominium_id: str | None
     remote_id: str | None
+    leaves: DocumentRecord | None = None
 
 
 Operation = Upload | Delete
@@ -98,10 +100,14 @@ def _delete(record: DocumentRecord) -> Delete:
     return Delete(record.key, record.condominium_id, record.remote_id)
 
 
-def _unroute(current: DocumentRecord | None) -> tuple[list[Operation], list[StateRecord]]:
-    """A document routing no longer forwards: withdraw what was sent, forget what was parked."""
-    if current is None or current.status is DocStatus.BASELINE:
-        return [], []
+_SETTLED = frozenset(
+    {DocStatus.PUBLISHED, DocStatus.UPLOADING, DocStatus.DELETE_HELD, DocStatus.BASELINE}
+)
+"""Statuses for which the same content needs nothing more (parked and filtered are reconsidered)."""
+
+
+def _unroute(current: DocumentRecord) -> tuple[list[Operation], list[StateRecord]]:
+    """A document routing does not forward: withdraw what was sent, forget the rest."""
     if _owned(current):
         return [_delete(current)], []
     return [], [Tombstone(current.key)]
@@ -184,11 +190,18 @@ def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCre
         return Plan(Outcome.STALE)
     verdict = routing.decide(event.agency_id, event.building_id, document)
     if verdict.action is Action.FILTER:
-        operations, records = _unroute(current)
-        return Plan(Outcome.FILTERED, tuple(operations), tuple(records))
+        if verdict.reason is Reason.UNKNOWN_AGENCY:
+            return Plan(Outcome.FILTERED)
+        # remembered until a newer manifest, so that an older one cannot bring back a version
+        # that routing forwarded (say, before its audience became owners)
+        marker = _record(key, document, DocStatus.FILTERED, event.occurred_at)
+        if current is not None and _owned(current):
+            withdraw = dataclasses.replace(_delete(current), leaves=marker)
+            return Plan(Outcome.FILTERED, (withdraw,))
+        return Plan(Outcome.FILTERED, records=(marker,))
     if (
         current is not None
-        and current.status is not DocStatus.PARKED
+        and current.status in _SETTLED
         and current.sha256 == document.content.sha256
     ):
         # a held withdrawal published again after the manifest that left it out: wanted after all
@@ -239,15 +252,16 @@ class _ManifestPlanner:
         manifest = self.manifest
         key = DocKey(manifest.agency_id, manifest.building_id, document.id)
         current = self.view.document(key)
+        if current is not None and to_epoch_us(current.seen_at) > self.taken_us:
+            return  # a version seen after the snapshot was taken is newer than this item
         verdict = self.routing.decide(manifest.agency_id, manifest.building_id, document)
         if verdict.action is Action.FILTER:
-            operations, records = _unroute(current)
-            self.operations += operations
-            self.records += records
+            if current is not None:
+                operations, records = _unroute(current)
+                self.operations += operations
+                self.records += records
             return
-        if current is not None and to_epoch_us(current.seen_at) > self.taken_us:
-            return  # a version published after the snapshot was taken is newer than this item
-        if current is not None and current.status is not DocStatus.PARKED:
+        if current is not None and current.status in _SETTLED:
             if current.sha256 == document.content.sha256:
                 if current.status is DocStatus.DELETE_HELD:
                     self.records.append(_unheld(current))
@@ -349,6 +363,11 @@ def published_record(upload: Upload, remote_id: str, sha256: str) -> DocumentRec
         condominium_id=upload.condominium_id,
     )
     return dataclasses.replace(record, sha256=sha256)
+
+
+def deleted_record(delete: Delete) -> StateRecord:
+    """Written once the partner acknowledged a withdrawal."""
+    return delete.leaves if delete.leaves is not None else Tombstone(delete.key)
 
 
 def release_held(view: PublishedView, agency_id: str, building_id: str) -> Plan:

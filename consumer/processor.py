@@ -91,7 +91,9 @@ class PartitionProcessor:
             max_value_bytes=self._max_value_bytes,
         )
         if isinstance(decoded, Poison):
-            await self._dead_letters.send(source, reason=decoded.reason.value, detail=decoded.detail)
+            await self._dead_letters.send(
+                source, reason=decoded.reason.value, detail=decoded.detail
+            )
             self._metrics.events.labels(kind, "dead_lettered").inc()
             tracker.done(source.offset)
             return
@@ -144,8 +146,13 @@ class PartitionProcessor:
         """Operator action: carry out (or forget) the withdrawals the guard held for a building."""
         plan = (discard_held if discard else release_held)(self.view, agency_id, building_id)
         source = SourceRecord(
-            topic="admin", partition=self.partition, offset=-1, timestamp_ms=0,
-            key=f"{agency_id}:{building_id}".encode(), value=None, headers=(),
+            topic="admin",
+            partition=self.partition,
+            offset=-1,
+            timestamp_ms=0,
+            key=f"{agency_id}:{building_id}".encode(),
+            value=None,
+            headers=(),
         )
         self._execute(plan, source, [])
         return len(plan.operations) + len(plan.records)
@@ -169,7 +176,9 @@ class PartitionProcessor:
             # The hold above keeps the offset open until the completion task marks it done.
             self._trackers[topic].done(offset)
 
-    async def _complete(self, work: list[Awaitable[object]], offsets: list[tuple[str, int]]) -> None:
+    async def _complete(
+        self, work: list[Awaitable[object]], offsets: list[tuple[str, int]]
+    ) -> None:
         await asyncio.gather(*work)
         for topic, offset in offsets:
             self._trackers[topic].done(offset)

@@ -46,14 +46,17 @@ async def reconcile_partition(
             if found is None:
                 return Tombstone(intent.key)
             return dataclasses.replace(
-                intent, status=DocStatus.PUBLISHED, remote_id=found.remote_id, sha256=found.sha256
+                intent,
+                status=DocStatus.PUBLISHED,
+                remote_id=found.remote_id,
+                sha256=found.sha256 or intent.sha256,
             )
 
         try:
             record = await scheduler.submit(look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE)
         except PartnerError as exc:
             # Credentials or rights are wrong: keep the intent; it is settled after the fix.
-            log.error(
+            log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing
                 "cannot reconcile upload intent",
                 extra={"key": intent.key.encode().decode(), "error": str(exc)},
             )

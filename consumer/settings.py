@@ -57,7 +57,9 @@ class KafkaSettings(_Group):
 
 
 class PartnerSettings(_Group):
-    base_url: str = Field(default="", description="ChouetteCopro API root; empty starts the sandbox.")
+    base_url: str = Field(
+        default="", description="ChouetteCopro API root; empty starts the sandbox."
+    )
     api_keys_dir: Path | None = Field(
         default=None, description="Directory with one file per agency holding its API key."
     )
@@ -70,7 +72,9 @@ class PartnerSettings(_Group):
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
-            raise ValueError(f"{value!r} is not an http(s) URL such as https://app.chouettecopro.com/api/v1")
+            raise ValueError(
+                f"{value!r} is not an http(s) URL such as https://app.chouettecopro.com/api/v1"
+            )
         return value.rstrip("/")
 
 
@@ -102,7 +106,9 @@ class HttpSettings(_Group):
             return None
         token = self.admin_token_file.read_text(encoding="utf-8").strip()
         if not token:
-            raise ConfigError(f"{ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE: {self.admin_token_file} is empty")
+            raise ConfigError(
+                f"{ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE: {self.admin_token_file} is empty"
+            )
         return SecretStr(token)
 
 
@@ -117,7 +123,9 @@ class Settings(BaseSettings):
     manifest: ManifestSettings = ManifestSettings()
     guard: GuardSettings = GuardSettings()
     http: HttpSettings = HttpSettings()
-    routing_file: Path | None = Field(default=None, description="TOML file with per-agency routing.")
+    routing_file: Path | None = Field(
+        default=None, description="TOML file with per-agency routing."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     drain_timeout_s: Annotated[float, Field(gt=0)] = 20.0
@@ -143,7 +151,8 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise ConfigError(
-                "incomplete configuration: set " + ", ".join(missing)
+                "incomplete configuration: set "
+                + ", ".join(missing)
                 + " (or set none of the Kafka and partner settings to run the local default)"
             )
         for name, path in (

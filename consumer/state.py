@@ -87,6 +87,10 @@ class DocStatus(StrEnum):
     UPLOADING = "uploading"  # upload intent written before the partner call
     DELETE_HELD = "delete_held"  # on the partner; the mass-deletion guard holds its withdrawal
     PARKED = "parked"  # needs an operator (unmapped building, bad credentials)
+    # LSC's newest version is one routing does not forward (e.g. its audience became owners):
+    # not on the partner, kept until a manifest taken after it, so that an older manifest read
+    # late cannot bring an earlier version back
+    FILTERED = "filtered"
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,9 @@ def demo_publication(store: DocumentStore, *, now: dt.datetime) -> list[DemoReco
     records: list[DemoRecord] = []
     counter = 0
 
-    def document(agency: str, building: str, index: int, *, date: dt.date, audience: str) -> dict[str, Any]:
+    def document(
+        agency: str, building: str, index: int, *, date: dt.date, audience: str
+    ) -> dict[str, Any]:
         nonlocal counter
         counter += 1
         module = MODULES[index % len(MODULES)]
@@ -95,40 +97,70 @@ def demo_publication(store: DocumentStore, *, now: dt.datetime) -> list[DemoReco
         buildings = list(spec["buildings"]) + list(spec.get("unmapped", []))
         for building in buildings:
             history = [
-                document(agency, building, i, date=dt.date(2023 + i % 3, 1 + i % 12, 10),
-                         audience="building")
+                document(
+                    agency,
+                    building,
+                    i,
+                    date=dt.date(2023 + i % 3, 1 + i % 12, 10),
+                    audience="building",
+                )
                 for i in range(6)
             ]
             history.append(
                 document(agency, building, 6, date=dt.date(2025, 3, 1), audience="individual")
             )
             items_per_part = 4
-            parts = [history[i : i + items_per_part] for i in range(0, len(history), items_per_part)]
+            parts = [
+                history[i : i + items_per_part] for i in range(0, len(history), items_per_part)
+            ]
             snapshot = str(uuid.uuid4())
             for number, items in enumerate(parts, start=1):
                 records.append(
-                    _record("manifests", agency, building, {
-                        "schema_version": 1, "event_type": "manifest-snapshot",
-                        "snapshot_id": snapshot, "taken_at": _ts(taken_at),
-                        "agency_id": agency, "building_id": building, "modules": list(MODULES),
-                        "part": number, "parts": len(parts), "item_count": len(history),
-                        "items": items,
-                    })
+                    _record(
+                        "manifests",
+                        agency,
+                        building,
+                        {
+                            "schema_version": 1,
+                            "event_type": "manifest-snapshot",
+                            "snapshot_id": snapshot,
+                            "taken_at": _ts(taken_at),
+                            "agency_id": agency,
+                            "building_id": building,
+                            "modules": list(MODULES),
+                            "part": number,
+                            "parts": len(parts),
+                            "item_count": len(history),
+                            "items": items,
+                        },
+                    )
                 )
             for i in range(7, 9):
                 records.append(
-                    _record("documents", agency, building, {
-                        "schema_version": 1, "event_type": "document-created",
-                        "event_id": str(uuid.uuid4()),
-                        "occurred_at": _ts(now + dt.timedelta(seconds=i)),
-                        "agency_id": agency, "building_id": building,
-                        "document": document(agency, building, i, date=now.date(),
-                                             audience="building"),
-                    })
+                    _record(
+                        "documents",
+                        agency,
+                        building,
+                        {
+                            "schema_version": 1,
+                            "event_type": "document-created",
+                            "event_id": str(uuid.uuid4()),
+                            "occurred_at": _ts(now + dt.timedelta(seconds=i)),
+                            "agency_id": agency,
+                            "building_id": building,
+                            "document": document(
+                                agency, building, i, date=now.date(), audience="building"
+                            ),
+                        },
+                    )
                 )
     records.append(
-        DemoRecord("documents", b"agence-lyon:bat-1", b'{"schema_version": 1, "event_type": ',
-                   [("event-type", b"document-created")])
+        DemoRecord(
+            "documents",
+            b"agence-lyon:bat-1",
+            b'{"schema_version": 1, "event_type": ',
+            [("event-type", b"document-created")],
+        )
     )
     return records
 

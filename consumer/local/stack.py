@@ -31,16 +31,7 @@ PARTITIONS = 3
 
 
 async def run_local(settings: Settings) -> int:
-    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
-    keys_dir = LOCAL_DIR / "api-keys"
-    keys_dir.mkdir(exist_ok=True)
-    accounts: dict[str, set[str]] = {}
-    for agency, spec in AGENCIES.items():
-        key = f"demo-key-{agency}"
-        (keys_dir / agency).write_text(key + "\n", encoding="utf-8")
-        accounts[key] = set(spec["buildings"].values())
-    routing_file = LOCAL_DIR / "routing.toml"
-    routing_file.write_text(routing_toml(), encoding="utf-8")
+    keys_dir, routing_file, accounts = _write_local_config()
 
     _say("starting the local Kafka broker (KRaft, single node)...")
     async with (
@@ -74,7 +65,8 @@ async def run_local(settings: Settings) -> int:
         )
         relay.install_signal_handlers()
         _say(f"Kafka      {bootstrap} (broker log: {kafka.log_path})")
-        _say(f"sandbox    {sandbox.base_url}  (inspect: {sandbox.base_url.rsplit('/api', 1)[0]}/_sandbox/state)")
+        control = sandbox.base_url.rsplit("/api", 1)[0]
+        _say(f"sandbox    {sandbox.base_url}  (inspect: {control}/_sandbox/state)")
         _say(f"documents  {store.base_url}")
         running = asyncio.create_task(relay.run(), name="relay")
         await _wait_ready(relay, running)
@@ -84,6 +76,21 @@ async def run_local(settings: Settings) -> int:
         await running
     _say("stopped.")
     return 0
+
+
+def _write_local_config() -> tuple[Path, Path, dict[str, set[str]]]:
+    """API key files and the routing file of the demo agencies, under ``var/local``."""
+    LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+    keys_dir = LOCAL_DIR / "api-keys"
+    keys_dir.mkdir(exist_ok=True)
+    accounts: dict[str, set[str]] = {}
+    for agency, spec in AGENCIES.items():
+        key = f"demo-key-{agency}"
+        (keys_dir / agency).write_text(key + "\n", encoding="utf-8")
+        accounts[key] = set(spec["buildings"].values())
+    routing_file = LOCAL_DIR / "routing.toml"
+    routing_file.write_text(routing_toml(), encoding="utf-8")
+    return keys_dir, routing_file, accounts
 
 
 async def _wait_ready(relay: Relay, running: asyncio.Task[None]) -> None:
@@ -96,27 +103,37 @@ async def _wait_ready(relay: Relay, running: asyncio.Task[None]) -> None:
 
 async def _publish_demo(bootstrap: str, settings: Settings, store: DocumentStore) -> None:
     records = demo_publication(store, now=dt.datetime.now(dt.UTC))
-    topics = {"documents": settings.kafka.documents_topic, "manifests": settings.kafka.manifests_topic}
+    topics = {
+        "documents": settings.kafka.documents_topic,
+        "manifests": settings.kafka.manifests_topic,
+    }
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for record in records:
             await producer.send_and_wait(
-                topics[record.topic_kind], value=record.value, key=record.key,
+                topics[record.topic_kind],
+                value=record.value,
+                key=record.key,
                 headers=record.headers,
             )
     finally:
         await producer.stop()
-    _say(f"demo       published {len(records)} LSC events (history manifests, live documents, "
-         "one per-owner document, one poison record)")
+    _say(
+        f"demo       published {len(records)} LSC events (history manifests, live documents, "
+        "one per-owner document, one poison record)"
+    )
 
 
 async def _report(relay: Relay, sandbox: SandboxServer, running: asyncio.Task[None]) -> None:
     last = ""
     while not relay.stopping.is_set() and not running.done():
         held = sum(h["documents"] for h in relay.held())
-        counts = {c: len(sandbox.documents(c)) for spec in AGENCIES.values()
-                  for c in spec["buildings"].values()}
+        counts = {
+            c: len(sandbox.documents(c))
+            for spec in AGENCIES.values()
+            for c in spec["buildings"].values()
+        }
         line = "sandbox    " + "  ".join(f"{c}={n}" for c, n in counts.items())
         line += f"  | held={held} dead-letters={_dead_letters(relay)}"
         if line != last:

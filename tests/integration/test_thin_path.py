@@ -18,8 +18,9 @@ async def test_a_document_created_event_becomes_a_document_in_the_sandbox(
 
     await world.publish(world.document_created("agence-a", "bat-1", document))
 
-    await world.wait_until(lambda: document["id"] in world.partner_references("c-1"),
-                           what="the upload")
+    await world.wait_until(
+        lambda: document["id"] in world.partner_references("c-1"), what="the upload"
+    )
     held = world.sandbox.documents("c-1")
     assert [(d.reference, d.title, d.sha256) for d in held] == [
         (document["id"], "PV AG 2025", document["content"]["sha256"])
