@@ -1,0 +1,1 @@
+"""Benchmarks of the relay, each printed side by side with a baseline."""
