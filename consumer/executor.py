@@ -19,7 +19,14 @@ from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedErr
 from consumer.events import Content
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient, RemoteDocument
-from consumer.planner import Delete, Lane, Upload, intent_record, published_record
+from consumer.planner import (
+    Delete,
+    Lane,
+    Upload,
+    deleted_record,
+    intent_record,
+    published_record,
+)
 from consumer.scheduler import Scheduler
 from consumer.sinks import DeadLetterSink, SourceRecord
 from consumer.state import DocKey, DocStatus, StateRecord, Tombstone
@@ -103,7 +110,7 @@ class OperationExecutor:
         if isinstance(operation, Upload):
             self._view.apply(intent_record(operation))
         else:
-            self._view.apply(Tombstone(key))
+            self._view.apply(deleted_record(operation))
         return task
 
     async def cancel_all(self) -> None:
@@ -237,8 +244,8 @@ class OperationExecutor:
                 await self._partner.delete(agency_id=delete.key.agency_id, remote_id=base.remote_id)
 
             await self._scheduler.submit(call, agency_id=delete.key.agency_id, lane=Lane.LIVE)
-        await self._writer.write(Tombstone(delete.key))
-        self._settle(delete.key, Tombstone(delete.key))
+        await self._writer.write(deleted_record(delete))
+        self._settle(delete.key, deleted_record(delete))
         self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
 
     async def _lookup(self, upload: Upload) -> RemoteDocument | None:

@@ -60,8 +60,8 @@ class OpsServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        sockets = site._server.sockets if site._server else []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self._port
         log.info("ops server listening", extra={"host": self._host, "port": self.port})
         return self
 

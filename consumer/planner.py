@@ -4,8 +4,9 @@ Pure functions of the published view, the routing table and the event. Time come
 events: a document carries ``seen_at``; a manifest withdraws only documents seen before its
 ``taken_at``; a document-created event at or before the newest manifest applied for its module
 is already decided by that manifest. The planner never deletes what the relay did not publish.
-State records in a ``Plan`` are applied at once; the records that follow a partner call
-(``intent_record`` before it, ``published_record`` or a tombstone after it) are the executor's.
+State records in a ``Plan`` are applied at once; the records around a partner call
+(``intent_record`` before it, ``published_record`` or ``deleted_record`` after it) are the
+executor's.
 """
 
 from __future__ import annotations
@@ -190,15 +191,7 @@ def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCre
         return Plan(Outcome.STALE)
     verdict = routing.decide(event.agency_id, event.building_id, document)
     if verdict.action is Action.FILTER:
-        if verdict.reason is Reason.UNKNOWN_AGENCY:
-            return Plan(Outcome.FILTERED)
-        # remembered until a newer manifest, so that an older one cannot bring back a version
-        # that routing forwarded (say, before its audience became owners)
-        marker = _record(key, document, DocStatus.FILTERED, event.occurred_at)
-        if current is not None and _owned(current):
-            withdraw = dataclasses.replace(_delete(current), leaves=marker)
-            return Plan(Outcome.FILTERED, (withdraw,))
-        return Plan(Outcome.FILTERED, records=(marker,))
+        return _filtered(key, document, verdict, event.occurred_at, current)
     if (
         current is not None
         and current.status in _SETTLED
@@ -219,6 +212,30 @@ def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCre
         current=current,
     )
     return Plan(Outcome.UPLOAD, (upload,))
+
+
+def _filtered(
+    key: DocKey,
+    document: Document,
+    verdict: Verdict,
+    seen_at: dt.datetime,
+    current: DocumentRecord | None,
+) -> Plan:
+    """A version routing does not forward: withdraw an earlier one that was sent.
+
+    When its audience is what stops it, it is remembered until a newer manifest, so that an
+    older manifest read late cannot bring back a version routing forwarded (say, before its
+    audience became owners). A disabled module or an agency not served leaves no trace.
+    """
+    marker = None
+    if verdict.reason in _AUDIENCE_REASONS:
+        marker = _record(key, document, DocStatus.FILTERED, seen_at)
+    if current is not None and _owned(current):
+        return Plan(Outcome.FILTERED, (dataclasses.replace(_delete(current), leaves=marker),))
+    return Plan(Outcome.FILTERED, records=() if marker is None else (marker,))
+
+
+_AUDIENCE_REASONS = frozenset({Reason.AUDIENCE_NOT_FORWARDED, Reason.INDIVIDUAL_NEVER_FORWARDED})
 
 
 def _unheld(record: DocumentRecord) -> DocumentRecord:
@@ -251,10 +268,19 @@ class _ManifestPlanner:
         """One item of the manifest, in a module it covers."""
         manifest = self.manifest
         key = DocKey(manifest.agency_id, manifest.building_id, document.id)
-        current = self.view.document(key)
-        if current is not None and to_epoch_us(current.seen_at) > self.taken_us:
+        brief = self.view.brief(key)
+        if brief is not None and brief.seen_at_us > self.taken_us:
             return  # a version seen after the snapshot was taken is newer than this item
         verdict = self.routing.decide(manifest.agency_id, manifest.building_id, document)
+        if (
+            brief is not None
+            and brief.status in _SETTLED
+            and brief.sha256 == document.content.sha256
+            and brief.status is not DocStatus.DELETE_HELD
+            and verdict.action is not Action.FILTER
+        ):
+            return  # the common case, decided without rebuilding the record
+        current = self.view.document(key)
         if verdict.action is Action.FILTER:
             if current is not None:
                 operations, records = _unroute(current)
@@ -294,18 +320,18 @@ class _ManifestPlanner:
     def withdrawals(self) -> list[DocumentRecord]:
         """Documents of covered modules seen before the snapshot and absent from it."""
         manifest = self.manifest
-        everything_listed = {document.id for document in manifest.items}
         withdrawn = []
-        for record in self.view.documents(manifest.agency_id, manifest.building_id):
-            if (
-                record.module in self.covered
-                and record.key.document_id not in everything_listed
-                and to_epoch_us(record.seen_at) < self.taken_us
-            ):
-                if _owned(record):
-                    withdrawn.append(record)
-                else:
-                    self.records.append(Tombstone(record.key))  # baseline or parked: never sent
+        for record in self.view.seen_before(
+            manifest.agency_id,
+            manifest.building_id,
+            manifest.taken_at,
+            modules=self.covered,
+            excluding={document.id for document in manifest.items},
+        ):
+            if _owned(record):
+                withdrawn.append(record)
+            else:
+                self.records.append(Tombstone(record.key))  # baseline, parked, filtered: not sent
         return withdrawn
 
 

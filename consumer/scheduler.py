@@ -25,6 +25,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from consumer.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from consumer.errors import ConfigError
+from consumer.planner import Lane  # the lanes are the planner's: live before backfill
 from consumer.ratelimit import RateLimit, TokenBucket
 
 __all__ = [
@@ -41,13 +42,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class Lane(StrEnum):
-    """Priority lanes; every live job of an agency goes before its backfill."""
-
-    LIVE = "live"
-    BACKFILL = "backfill"
 
 
 _LANES = (Lane.LIVE, Lane.BACKFILL)

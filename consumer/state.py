@@ -98,9 +98,9 @@ class DocumentRecord:
     """What the relay knows about one document.
 
     ``seen_at`` is the ``occurred_at`` of the document-created event or the ``taken_at`` of the
-    manifest that listed it. ``document`` is kept only where work may have to be redone without
-    the input event: parked records (retried once an operator fixes the configuration) and upload
-    intents (an unknown outcome is reconciled, and possibly uploaded, after a restart).
+    manifest that listed it. ``document`` is kept for parked records only, so that they can be
+    retried once an operator fixes the configuration; everything else is redone from the input,
+    which is read again from the last committed offset.
     """
 
     key: DocKey

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 from consumer.events import Module
 from consumer.state import (
@@ -28,9 +29,12 @@ from consumer.state import (
 # sha256, seen_at (µs), size, document date (ordinal), status, module, condominium, held_by;
 # the remote id follows as UTF-8. An absent string index is _NONE.
 _PACK = struct.Struct("<32sqqIBBII")
+_SEEN_AT = struct.Struct("<q")
+_SEEN_AT_AT = 32
 _STATUS_AT = 52
 _MODULE_AT = 53
 _NONE = 0xFFFFFFFF
+_EPOCH = from_epoch_us(0)
 _STATUSES = tuple(DocStatus)
 _STATUS_CODES = {status: code for code, status in enumerate(_STATUSES)}
 _MODULES = tuple(Module)
@@ -40,6 +44,14 @@ ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
 """Statuses of documents the relay published and the partner holds."""
 
 _Stored = bytes | DocumentRecord
+
+
+class DocumentBrief(NamedTuple):
+    """The part of a record that decides most deltas, read without rebuilding the record."""
+
+    status: DocStatus
+    sha256: str
+    seen_at_us: int  # microseconds since the epoch
 
 
 class _Building:
@@ -134,6 +146,17 @@ class PublishedView:
             return None
         return self._unpack(key, stored)
 
+    def brief(self, key: DocKey) -> DocumentBrief | None:
+        """Status, sha256 and seen_at of one document: cheaper than ``document``."""
+        building = self._buildings.get((key.agency_id, key.building_id))
+        stored = None if building is None else building.docs.get(key.document_id)
+        if stored is None:
+            return None
+        if isinstance(stored, DocumentRecord):
+            return DocumentBrief(stored.status, stored.sha256, to_epoch_us(stored.seen_at))
+        sha, seen_at_us = stored[:32].hex(), _SEEN_AT.unpack_from(stored, _SEEN_AT_AT)[0]
+        return DocumentBrief(_STATUSES[stored[_STATUS_AT]], sha, seen_at_us)
+
     def building(self, agency_id: str, building_id: str) -> BuildingRecord | None:
         building = self._buildings.get((agency_id, building_id))
         return None if building is None else building.record
@@ -151,6 +174,36 @@ class PublishedView:
         agency_id, building_id = building.agency_id, building.building_id
         for document_id, stored in list(building.docs.items()):
             yield self._unpack(DocKey(agency_id, building_id, document_id), stored)
+
+    def seen_before(
+        self,
+        agency_id: str,
+        building_id: str,
+        before: dt.datetime,
+        *,
+        modules: Container[Module],
+        excluding: Container[str],
+    ) -> Iterator[DocumentRecord]:
+        """Documents of ``modules`` seen before ``before`` and not in ``excluding``.
+
+        What a manifest taken at ``before`` and listing ``excluding`` leaves out; only those
+        records are rebuilt.
+        """
+        building = self._buildings.get((agency_id, building_id))
+        if building is None:
+            return
+        before_us = to_epoch_us(before)
+        for document_id, stored in list(building.docs.items()):
+            if document_id in excluding:
+                continue
+            if isinstance(stored, DocumentRecord):
+                seen_at_us, module = to_epoch_us(stored.seen_at), stored.module
+            else:
+                seen_at_us = _SEEN_AT.unpack_from(stored, _SEEN_AT_AT)[0]
+                module = _MODULES[stored[_MODULE_AT]]
+            if seen_at_us < before_us and module in modules:
+                key = DocKey(building.agency_id, building.building_id, document_id)
+                yield self._unpack(key, stored)
 
     def with_status(self, status: DocStatus) -> Iterator[DocumentRecord]:
         """Every document with ``status``; parked, uploading and held ones without a scan."""
@@ -238,18 +291,19 @@ class PublishedView:
         sha, seen_at, size, ordinal, status, module, condominium, held_by = _PACK.unpack_from(
             stored
         )
-        remote_id = stored[_PACK.size :].decode() if len(stored) > _PACK.size else None
+        strings = self._strings
+        # positional arguments, in DocumentRecord's field order: this runs for every lookup
         return DocumentRecord(
-            key=key,
-            status=_STATUSES[status],
-            sha256=sha.hex(),
-            module=_MODULES[module],
-            seen_at=from_epoch_us(seen_at),
-            document_date=dt.date.fromordinal(ordinal),
-            size_bytes=size,
-            remote_id=remote_id,
-            condominium_id=None if condominium == _NONE else self._strings[condominium],
-            held_by=None if held_by == _NONE else self._strings[held_by],
+            key,
+            _STATUSES[status],
+            sha.hex(),
+            _MODULES[module],
+            _EPOCH + dt.timedelta(microseconds=seen_at),
+            dt.date.fromordinal(ordinal),
+            size,
+            stored[_PACK.size :].decode() if len(stored) > _PACK.size else None,
+            None if condominium == _NONE else strings[condominium],
+            None if held_by == _NONE else strings[held_by],
         )
 
 

@@ -1,1 +1,1 @@
-"""The embedded local default: Kafka, the ChouetteCopro sandbox, the LSC document store, the demo."""
+"""The embedded local default: Kafka, the ChouetteCopro sandbox, the LSC document store, a demo."""

@@ -20,6 +20,7 @@ from consumer.planner import (
     Outcome,
     Plan,
     Upload,
+    deleted_record,
     discard_held,
     intent_record,
     plan_document,
@@ -168,7 +169,7 @@ def tombstones(plan: Plan) -> set[str]:
     }
 
 
-# -- document-created: the live lane ----------------------------------------------------------------
+# -- document-created: the live lane ------------------------------------------------------------
 
 
 def test_a_new_document_is_uploaded_in_the_live_lane() -> None:
@@ -216,32 +217,50 @@ def test_an_event_older_than_the_version_recorded_is_stale() -> None:
     assert plan_document(view, routing(), created(doc("d1"), at(5))) == Plan(Outcome.STALE)
 
 
-@pytest.mark.parametrize(
-    ("document", "agency_known"),
-    [
-        (doc("d1", audience="individual"), True),
-        (doc("d1", audience="owners"), True),
-        (doc("d1", module="comptes"), True),
-        (doc("d1"), False),
-    ],
-)
-def test_what_routing_filters_is_never_uploaded(document: Document, agency_known: bool) -> None:
-    table = (
-        routing()
-        if agency_known
-        else RoutingTable.from_mapping(
-            {"agencies": {"agence-nice": {"modules": ["ag"], "first_publication": "history"}}}
-        )
+@pytest.mark.parametrize("audience", ["individual", "owners"])
+def test_a_version_whose_audience_is_not_forwarded_is_remembered_not_sent(audience: str) -> None:
+    document = doc("d1", audience=audience)
+    plan = plan_document(PublishedView(), routing(), created(document, at(5)))
+    assert (plan.outcome, plan.operations) == (Outcome.FILTERED, ())
+    # until a newer manifest: an older one read late must not bring back an earlier version
+    assert statuses(plan) == {"d1": DocStatus.FILTERED}
+    view = view_of(*plan.records)
+    late = plan_manifest(view, routing(), manifest(at(2), doc("d1", "v0")), GUARD)
+    assert uploads(late) == {}
+    newer = plan_manifest(view, routing(), manifest(at(9), document), GUARD)
+    assert tombstones(newer) == {"d1"}
+
+
+def test_documents_of_disabled_modules_or_agencies_not_served_leave_no_trace() -> None:
+    other = RoutingTable.from_mapping(
+        {"agencies": {"agence-nice": {"modules": ["ag"], "first_publication": "history"}}}
     )
-    plan = plan_document(PublishedView(), table, created(document, at(5)))
-    assert plan == Plan(Outcome.FILTERED)
+    filtered = Plan(Outcome.FILTERED)
+    assert plan_document(PublishedView(), other, created(doc("d1"), at(5))) == filtered
+    comptes = created(doc("d1", module="comptes"), at(5))
+    assert plan_document(PublishedView(), routing(), comptes) == filtered
 
 
 def test_a_published_document_whose_new_version_routing_filters_is_withdrawn() -> None:
     view = view_of(published(doc("d1")))
-    plan = plan_document(view, routing(), created(doc("d1", "v2", audience="individual"), at(5)))
+    new_version = doc("d1", "v2", audience="individual")
+    plan = plan_document(view, routing(), created(new_version, at(5)))
     assert plan.outcome is Outcome.FILTERED
-    assert deletes(plan) == {"d1": Delete(key("d1"), "8841", "r-d1")}
+    (withdraw,) = plan.operations
+    assert isinstance(withdraw, Delete)
+    assert (withdraw.key, withdraw.condominium_id, withdraw.remote_id) == (
+        key("d1"),
+        "8841",
+        "r-d1",
+    )
+    after = deleted_record(withdraw)  # what stands for it once the partner acknowledged
+    assert isinstance(after, DocumentRecord)
+    assert (after.status, after.sha256, after.seen_at) == (
+        DocStatus.FILTERED,
+        new_version.content.sha256,
+        at(5),
+    )
+    assert deleted_record(Delete(key("d2"), "8841", "r-d2")) == Tombstone(key("d2"))
 
 
 def test_an_unmapped_building_parks_the_document_with_its_reason() -> None:
