@@ -115,25 +115,7 @@ class Relay:
             max_value_bytes=s.kafka.max_value_bytes,
         )
         log.info("topics checked", extra={"partitions": layout.input_partitions})
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            client_id=s.kafka.client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
-        )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            group_id=s.kafka.group_id,
-            client_id=s.kafka.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.kafka.max_poll_records,
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),
-            max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
-        )
+        producer, consumer = _kafka_clients(s)
         observer = MetricsObserver(self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             await producer.start()
@@ -209,7 +191,7 @@ class Relay:
                     "partition restored",
                     extra={"partition": partition, "records": applied, "documents": view.size},
                 )
-                return PartitionProcessor(
+                processor = PartitionProcessor(
                     partition=partition,
                     topics=topics,
                     view=view,
@@ -226,6 +208,10 @@ class Relay:
                     max_value_bytes=s.kafka.max_value_bytes,
                     clock=lambda: dt.datetime.now(dt.UTC),
                 )
+                retried = processor.retry_parked()
+                if retried:
+                    log.info("parked documents sent again", extra={"documents": retried})
+                return processor
 
             self._ingest = ingest = Ingest(
                 consumer=consumer,
@@ -251,18 +237,76 @@ class Relay:
             async with asyncio.TaskGroup() as tasks:
                 consuming = tasks.create_task(ingest.run(), name="ingest")
                 housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
+                gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
                 await self.stopping.wait()
                 log.info("stopping: draining in-flight work")
                 ingest.stop()
                 await consuming
                 await ingest.shutdown(s.drain_timeout_s)
                 await housekeeping
+                gauges.cancel()
             log.info("stopped cleanly")
+
+    async def _refresh_gauges(self) -> None:
+        """Gauges derived from the views and the scheduler, refreshed every couple of seconds."""
+        while True:
+            self.refresh_gauges()
+            await asyncio.sleep(2.0)
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        processors = list(self._ingest.processors.values()) if self._ingest else []
+        by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)
+        held: dict[str, int] = dict.fromkeys(self.routing.agencies, 0)
+        parked: dict[str, int] = {}
+        for processor in processors:
+            for status, count in processor.view.counts().items():
+                by_status[status.value] = by_status.get(status.value, 0) + count
+            for record in processor.view.with_status(DocStatus.DELETE_HELD):
+                held[record.key.agency_id] = held.get(record.key.agency_id, 0) + 1
+            for record in processor.view.parked():
+                reason = (record.parked_reason or "unknown").split(":", 1)[0]
+                parked[reason] = parked.get(reason, 0) + 1
+        for name, count in by_status.items():
+            m.state_documents.labels(name).set(count)
+        for agency, count in held.items():
+            m.held_deletions.labels(agency).set(count)
+        m.parked_documents.clear()
+        for reason, count in parked.items():
+            m.parked_documents.labels(reason).set(count)
+        if self._scheduler is not None:
+            snapshot = self._scheduler.snapshot()
+            for lane, age in snapshot.oldest_pending_seconds.items():
+                m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+
+
+def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    """The producer (state and dead letters, idempotent, acks=all) and the group consumer."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            client_id=s.kafka.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
+        )
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            group_id=s.kafka.group_id,
+            client_id=s.kafka.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=s.kafka.max_poll_records,
+            session_timeout_ms=s.kafka.session_timeout_ms,
+            fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),
+            max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
+        )
+    return producer, consumer
 
 
 def _plain(value: Any) -> Any:

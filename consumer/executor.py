@@ -188,6 +188,8 @@ class OperationExecutor:
         if result is not None:
             self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
+        if upload.lane is Lane.BACKFILL:
+            self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
 
     async def _attempt_upload(

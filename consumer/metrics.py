@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from consumer.deadletter import DEAD_LETTER_REASONS
+
 PREFIX = "chouette_relay"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -165,4 +167,8 @@ class RelayMetrics:
             ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
+        # Known label values start at 0 so that increase() sees the first event after a restart.
+        for reason in DEAD_LETTER_REASONS:
+            metrics.dead_letters.labels(reason)
+        metrics.manifests.labels("expired")
         return metrics

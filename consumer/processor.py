@@ -20,7 +20,16 @@ from consumer.guard import DeletionGuard
 from consumer.manifest import CompleteManifest, ManifestAssembler
 from consumer.metrics import RelayMetrics
 from consumer.offsets import OffsetTracker
-from consumer.planner import Plan, discard_held, plan_document, plan_manifest, release_held
+from consumer.planner import (
+    Lane,
+    Plan,
+    Upload,
+    discard_held,
+    plan_document,
+    plan_manifest,
+    release_held,
+    retry_parked,
+)
 from consumer.routing import RoutingTable
 from consumer.sinks import DeadLetterSink, SourceRecord
 from consumer.view import PublishedView
@@ -116,8 +125,11 @@ class PartitionProcessor:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
-        for _ in (op for op in plan.operations if getattr(op, "lane", None) is not None):
-            self._metrics.first_publication_planned.labels(agency).inc()
+        backfill = sum(
+            1 for op in plan.operations if isinstance(op, Upload) and op.lane is Lane.BACKFILL
+        )
+        if backfill:
+            self._metrics.first_publication_planned.labels(agency).inc(backfill)
         log.info(
             "manifest applied",
             extra={
@@ -142,19 +154,27 @@ class PartitionProcessor:
             for offset in expired.offsets:
                 self._trackers[self._manifest_topic].done(offset)
 
-    def release_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
-        """Operator action: carry out (or forget) the withdrawals the guard held for a building."""
-        plan = (discard_held if discard else release_held)(self.view, agency_id, building_id)
-        source = SourceRecord(
-            topic="admin",
+    def retry_parked(self) -> int:
+        """After a restart with fixed configuration: send what was parked and now can go."""
+        plan = retry_parked(self.view, self._routing)
+        self._execute(plan, self._admin_source("parked"), [])
+        return len(plan.operations)
+
+    def _admin_source(self, what: str) -> SourceRecord:
+        return SourceRecord(
+            topic=f"relay:{what}",
             partition=self.partition,
             offset=-1,
-            timestamp_ms=0,
-            key=f"{agency_id}:{building_id}".encode(),
+            timestamp_ms=-1,
+            key=None,
             value=None,
             headers=(),
         )
-        self._execute(plan, source, [])
+
+    def release_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
+        """Operator action: carry out (or forget) the withdrawals the guard held for a building."""
+        plan = (discard_held if discard else release_held)(self.view, agency_id, building_id)
+        self._execute(plan, self._admin_source("admin"), [])
         return len(plan.operations) + len(plan.records)
 
     def _execute(
