@@ -287,25 +287,25 @@ class Relay:
 
 def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
     """The producer (state and dead letters, idempotent, acks=all) and the group consumer."""
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            client_id=s.kafka.client_id,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
-        )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            group_id=s.kafka.group_id,
-            client_id=s.kafka.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=s.kafka.max_poll_records,
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),
-            max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
-        )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=s.kafka.bootstrap_servers,
+        client_id=s.kafka.client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.kafka.bootstrap_servers,
+        group_id=s.kafka.group_id,
+        client_id=s.kafka.client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=s.kafka.max_poll_records,
+        session_timeout_ms=s.kafka.session_timeout_ms,
+        fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),
+        max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
+    )
     return producer, consumer
 
 
