@@ -58,6 +58,13 @@ class Relay:
         self._ingest: Ingest | None = None
         self._scheduler: Scheduler | None = None
         self._restoring: dict[int, float] = {}
+        self._guard = DeletionGuard(
+            max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
+        )
+        self._topics = {
+            DOCUMENTS: settings.kafka.documents_topic,
+            MANIFESTS: settings.kafka.manifests_topic,
+        }
 
     # -- control surface -----------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -151,8 +158,7 @@ class Relay:
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
             )
-            guard = DeletionGuard(max_share=s.guard.max_delete_share, min_count=s.guard.min_deletes)
-            topics = {DOCUMENTS: s.kafka.documents_topic, MANIFESTS: s.kafka.manifests_topic}
+            guard, topics = self._guard, self._topics
 
             async def build_processor(partition: int) -> PartitionProcessor:
                 view = PublishedView()
