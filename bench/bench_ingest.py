@@ -1,14 +1,16 @@
 """Ingest throughput: the relay's read path beside a bare aiokafka consumer of the same topic.
 
-One topic is filled with N valid document-created events (50,000 by default), then read twice
+One topic is filled with N valid document-created events (50,000 by default), then read
 with the consumer configuration the relay uses (``getmany`` with ``max_poll_records``):
 (a) a bare aiokafka consumer that only counts records;
 (b) the relay's own ``Ingest`` loop and ``PartitionProcessor.handle``: decode (orjson), validate
     (pydantic), check key and headers, plan against the published view and route. Routing
     filters every document (its module is not enabled), so no partner call is made; whatever the
     planner records for a filtered document is applied to the view and written to a real
-    changelog topic, and a record only counts once its offset is committable (its work done).
-Target: (b) reads at least 0.6 times as many records per second as (a).
+    changelog topic, and a record only counts once its offset is committable (its work done);
+(c) ``decode_record`` and ``plan_document`` alone in a plain loop: the most (b) could reach.
+Target: (b) reads at least 0.6 times as many records per second as (a). Each round runs (a),
+(b) and (c) in turn; the best of each is compared.
 
 Run with ``python -m bench.bench_ingest [--records N]``. The broker is the one named by
 ``CHOUETTE_RELAY_TEST_KAFKA``, or a local one started for the run.

@@ -19,7 +19,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from consumer.changelog import ChangelogWriter, check_topics, restore_partition
+from consumer.changelog import (
+    ChangelogWriter,
+    check_topics,
+    dead_letter_room,
+    restore_partition,
+)
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -157,6 +162,7 @@ class Relay:
                 topic=s.kafka.dead_letter_topic,
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
+                max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
             )
             guard, topics = self._guard, self._topics
 
@@ -299,7 +305,7 @@ def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
-        max_request_size=max(s.kafka.max_value_bytes * 2, 1_048_576),
+        max_request_size=_max_request_size(s),
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=s.kafka.bootstrap_servers,
@@ -313,6 +319,10 @@ def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
         max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
     )
     return producer, consumer
+
+
+def _max_request_size(s: Settings) -> int:
+    return max(dead_letter_room(s.kafka.max_value_bytes), 1_048_576)
 
 
 def _plain(value: Any) -> Any:

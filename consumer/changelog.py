@@ -29,6 +29,11 @@ COMPACTED_TOPIC_CONFIG = {
 }
 
 
+def dead_letter_room(max_value_bytes: int) -> int:
+    """Bytes a dead letter may take: the original value in base64 (4/3) plus its envelope."""
+    return max_value_bytes * 2 + 65_536
+
+
 @dataclass(frozen=True, slots=True)
 class TopicLayout:
     input_partitions: int
@@ -81,7 +86,7 @@ async def check_topics(
             )
         if (await _partition_counts(admin, [dead_letter_topic])).get(dead_letter_topic) is None:
             # A dead letter carries the original value in base64: about 4/3 of its size.
-            room = {"max.message.bytes": str(max_value_bytes * 2 + 65_536)}
+            room = {"max.message.bytes": str(dead_letter_room(max_value_bytes))}
             await _create(admin, dead_letter_topic, 1, replication_factor, room)
         return TopicLayout(input_partitions=docs, state_partitions=state)
     finally:

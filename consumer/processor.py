@@ -180,21 +180,22 @@ class PartitionProcessor:
     def _execute(
         self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
     ) -> None:
+        """Apply and write the plan's records, submit its operations, and release ``offsets``
+        (each opened by ``begin`` when read) once all of that is acknowledged."""
         held = list(offsets)
-        for topic, offset in held:
-            self._trackers[topic].hold(offset)
         work: list[Awaitable[object]] = []
         for record in plan.records:
             self.view.apply(record)
             work.append(self._writer.write(record))
         for operation in plan.operations:
             work.append(self._executor.submit(operation, source=source))
+        if not work:
+            for topic, offset in held:
+                self._trackers[topic].done(offset)
+            return
         task = asyncio.create_task(self._complete(work, held))
         self._completions.add(task)
         task.add_done_callback(self._completions.discard)
-        for topic, offset in held:
-            # The hold above keeps the offset open until the completion task marks it done.
-            self._trackers[topic].done(offset)
 
     async def _complete(
         self, work: list[Awaitable[object]], offsets: list[tuple[str, int]]

@@ -7,6 +7,7 @@ carry exactly what LSC sent (key, value, headers) with its topic, partition and 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -33,27 +34,31 @@ class DeadLetterSink:
     """Sends a source record with a machine-readable reason to the dead-letter topic."""
 
     def __init__(
-        self, *, producer: AIOKafkaProducer, topic: str, metrics: RelayMetrics, relay_version: str
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        topic: str,
+        metrics: RelayMetrics,
+        relay_version: str,
+        max_bytes: int,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._metrics = metrics
         self._version = relay_version
+        self._max_bytes = max_bytes
 
     async def send(self, source: SourceRecord, *, reason: str, detail: str) -> None:
-        key, value, headers = build_dead_letter(
-            source_topic=source.topic,
-            partition=source.partition,
-            offset=source.offset,
-            timestamp_ms=source.timestamp_ms,
-            key=source.key,
-            value=source.value,
-            headers=list(source.headers),
-            reason=reason,
-            detail=detail,
-            failed_at=dt.datetime.now(dt.UTC),
-            relay_version=self._version,
-        )
+        key, value, headers = self._envelope(source, source.value, reason, detail)
+        if len(value) > self._max_bytes and source.value is not None:
+            # Too large to carry even in the dead-letter topic: say where the original stays.
+            digest = hashlib.sha256(source.value).hexdigest()
+            detail = (
+                f"{detail} [value of {len(source.value)} bytes left out of this envelope "
+                f"(sha256 {digest}); the original stays in {source.topic} partition "
+                f"{source.partition} at offset {source.offset}]"
+            )
+            key, value, headers = self._envelope(source, None, reason, detail)
         delivery = await self._producer.send(self._topic, value=value, key=key, headers=headers)
         await delivery
         self._metrics.dead_letters.labels(reason).inc()
@@ -66,4 +71,21 @@ class DeadLetterSink:
                 "partition": source.partition,
                 "offset": source.offset,
             },
+        )
+
+    def _envelope(
+        self, source: SourceRecord, value: bytes | None, reason: str, detail: str
+    ) -> tuple[bytes | None, bytes, list[tuple[str, bytes | None]]]:
+        return build_dead_letter(
+            source_topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            timestamp_ms=source.timestamp_ms,
+            key=source.key,
+            value=value,
+            headers=list(source.headers),
+            reason=reason,
+            detail=detail,
+            failed_at=dt.datetime.now(dt.UTC),
+            relay_version=self._version,
         )

@@ -10,6 +10,7 @@ neither send nor dead-letter anything a second time.
 from __future__ import annotations
 
 import base64
+import hashlib
 import datetime as dt
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +35,8 @@ AGENCY = "agence-a"
 BUILDING = "bat-1"
 VERSIONED_BUILDING = "bat-2"
 VERSIONED_ID = "lsc-ag-2025:pv-principal"
+MANIFEST_BUILDING = "bat-3"
+BUILDINGS = {BUILDING: "c-1", VERSIONED_BUILDING: "c-2", MANIFEST_BUILDING: "c-3"}
 MAX_VALUE_BYTES = 4096
 CASE_HEADER = "test-case"
 DEAD_LETTERS_TOTAL = "chouette_relay_dead_letters_total"
@@ -59,6 +62,7 @@ class Scenario:
     cases: list[PoisonCase]
     documents: list[Json] = field(default_factory=list)
     versions: list[Json] = field(default_factory=list)
+    listed: list[Json] = field(default_factory=list)
 
 
 def _small_values(world: RelayWorld) -> KafkaSettings:
@@ -182,8 +186,16 @@ def _poison_cases(world: RelayWorld) -> list[PoisonCase]:
 
 async def _publish_scenario(world: RelayWorld) -> Scenario:
     """Each poison record between two valid documents of its building; a document of another
-    building is changed every few records (same id, new content each time)."""
+    building is changed every few records (same id, new content each time); the two parts of a
+    third building's manifest have poison between them."""
     scenario = Scenario(_poison_cases(world))
+    scenario.listed = [
+        world.document(title=f"Diagnostic {n}", module="diagnostics") for n in (1, 2)
+    ]
+    first_part, second_part = world.manifest_parts(
+        AGENCY, MANIFEST_BUILDING, scenario.listed, parts=2, taken_at=dt.datetime.now(dt.UTC)
+    )
+    await world.publish(first_part)
     start = dt.datetime.now(dt.UTC)
     for index, case in enumerate(scenario.cases):
         # occurred_at strictly increases, so that each event is newer than the one before it
@@ -201,7 +213,7 @@ async def _publish_scenario(world: RelayWorld) -> Scenario:
             )
     last = world.document(title="Contrat final", module="contrats")
     scenario.documents.append(last)
-    await world.publish(world.document_created(AGENCY, BUILDING, last))
+    await world.publish(world.document_created(AGENCY, BUILDING, last), second_part)
     return scenario
 
 
@@ -216,8 +228,10 @@ def _dead_lettered(relay: Relay) -> float:
 
 def _delivered(world: RelayWorld, scenario: Scenario) -> bool:
     last_version = scenario.versions[-1]["content"]["sha256"]
-    return world.partner_references("c-1").keys() >= {d["id"] for d in scenario.documents} and (
-        world.partner_references("c-2").get(VERSIONED_ID) == last_version
+    return (
+        world.partner_references("c-1").keys() >= {d["id"] for d in scenario.documents}
+        and world.partner_references("c-2").get(VERSIONED_ID) == last_version
+        and world.partner_references("c-3").keys() >= {d["id"] for d in scenario.listed}
     )
 
 
@@ -290,9 +304,7 @@ async def _wait_for_commits_at_end(world: RelayWorld) -> dict[TopicPartition, in
 async def test_each_kind_of_poison_is_dead_lettered_as_read_and_valid_events_still_flow(
     relay_world: WorldFactory,
 ) -> None:
-    world = await relay_world(
-        agencies={AGENCY: AgencySpec(buildings={BUILDING: "c-1", VERSIONED_BUILDING: "c-2"})}
-    )
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings=BUILDINGS)})
     relay = await world.start_relay(kafka=_small_values(world))
 
     scenario = await _publish_scenario(world)
@@ -353,6 +365,9 @@ async def test_each_kind_of_poison_is_dead_lettered_as_read_and_valid_events_sti
         (VERSIONED_ID, last["title"], last["content"]["sha256"])
     ]
     assert world.sandbox.create_count(VERSIONED_ID) == 1
+    assert world.partner_references("c-3") == {
+        d["id"]: d["content"]["sha256"] for d in scenario.listed
+    }
     uploads = relay.registry.get_sample_value(
         "chouette_relay_events_total", {"kind": "document-created", "outcome": "upload"}
     )
@@ -362,9 +377,7 @@ async def test_each_kind_of_poison_is_dead_lettered_as_read_and_valid_events_sti
 async def test_poison_does_not_block_commits_and_a_restart_repeats_nothing(
     relay_world: WorldFactory,
 ) -> None:
-    world = await relay_world(
-        agencies={AGENCY: AgencySpec(buildings={BUILDING: "c-1", VERSIONED_BUILDING: "c-2"})}
-    )
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings=BUILDINGS)})
     kafka = _small_values(world)
     first = await world.start_relay(kafka=kafka)
     scenario = await _publish_scenario(world)
@@ -412,6 +425,35 @@ async def test_poison_does_not_block_commits_and_a_restart_repeats_nothing(
     ]
     assert len(sources) == len(scenario.cases) + 1
     assert len(set(sources)) == len(sources)
+
+
+async def test_a_record_far_over_the_value_limit_is_dead_lettered_too(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings=BUILDINGS)})
+    await world.start_relay(kafka=_small_values(world))
+    relay_task = world.relays[-1][1]
+    key = f"{AGENCY}:{BUILDING}".encode()
+    # Well within what the input topic accepts (1 MB), but 25 times the relay's value limit.
+    huge = orjson.dumps(world.document_created(AGENCY, BUILDING, world.document()))
+    huge += b" " * (25 * MAX_VALUE_BYTES)
+    after = world.document(title="Contrat suivant", module="contrats")
+
+    await world.publish_raw(world.documents_topic, key=key, value=huge)
+    await world.publish(world.document_created(AGENCY, BUILDING, after))
+
+    await world.wait_until(
+        lambda: relay_task.done() or after["id"] in world.partner_references("c-1"),
+        what="the document after the oversized record, or the relay stopping",
+    )
+    assert not relay_task.done(), "the relay stopped on an oversized record"
+    (dead_letter,) = await world.dead_letters()
+    assert dead_letter["reason"] == PoisonReason.OVERSIZED.value
+    # Too large for the dead-letter topic too: the envelope says where the original stays.
+    assert dead_letter["record"]["value_base64"] is None
+    assert _decode(dead_letter["record"]["key_base64"]) == key
+    assert hashlib.sha256(huge).hexdigest() in dead_letter["detail"]
+    assert f"at offset {dead_letter['source']['offset']}" in dead_letter["detail"]
 
 
 def _decode(text: str | None) -> bytes | None:
