@@ -217,7 +217,11 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
         )
         scheduler = await stack.enter_async_context(Scheduler(concurrency=8))
         dead_letters = DeadLetterSink(
-            producer=producer, topic=topics.dead_letters, metrics=metrics, relay_version="bench"
+            producer=producer,
+            topic=topics.dead_letters,
+            metrics=metrics,
+            relay_version="bench",
+            max_bytes=1_000_000,
         )
         kinds = {DOCUMENTS: topics.documents, MANIFESTS: topics.manifests}
 

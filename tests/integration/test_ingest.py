@@ -10,8 +10,8 @@ neither send nor dead-letter anything a second time.
 from __future__ import annotations
 
 import base64
-import hashlib
 import datetime as dt
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
