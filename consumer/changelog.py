@@ -93,6 +93,16 @@ async def check_topics(
         await admin.close()
 
 
+async def topic_partitions(bootstrap_servers: str, topic: str) -> int | None:
+    """How many partitions ``topic`` has, or None when it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        return (await _partition_counts(admin, [topic])).get(topic)
+    finally:
+        await admin.close()
+
+
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
     described = await admin.describe_topics(topics)
     counts: dict[str, int | None] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.changelog import restore_partition
+from consumer.changelog import restore_partition, topic_partitions
 from consumer.decoding import decode_record
 from consumer.errors import ConfigError
 from consumer.events import ManifestSnapshot
@@ -112,14 +112,18 @@ async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str |
     manifests = await latest_manifests(settings, agency=agency)
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
+    state_exists = await topic_partitions(
+        settings.kafka.bootstrap_servers, settings.kafka.state_topic
+    )
     for partition, by_building in sorted(manifests.items()):
-        view = PublishedView()
-        await restore_partition(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            topic=settings.kafka.state_topic,
-            partition=partition,
-            view=view,
-        )
+        view = PublishedView()  # no state topic yet: nothing was ever published
+        if state_exists:
+            await restore_partition(
+                bootstrap_servers=settings.kafka.bootstrap_servers,
+                topic=settings.kafka.state_topic,
+                partition=partition,
+                view=view,
+            )
         for _, manifest in sorted(by_building.items()):
             total = total + plan_first_publication(view, routing, manifest, guard)
     return total

@@ -97,7 +97,8 @@ class Ingest:
                 for tp, records in batches.items():
                     processor = self.processors.get(tp.partition)
                     if processor is None:
-                        continue  # revoked between fetch and processing: the new owner reads it
+                        self._refetch_later(tp, records[0].offset)
+                        continue
                     for record in records:
                         await processor.handle(_source(record))
                 self._apply_backpressure()
@@ -145,6 +146,13 @@ class Ingest:
         for processor in list(self.processors.values()):
             await processor.close()
         await self.commit()
+
+    def _refetch_later(self, tp: TopicPartition, offset: int) -> None:
+        """Records of a partition whose view is not restored yet (aiokafka may fetch for a new
+        assignment while it is restored) are read again later; revoked ones are the new owner's.
+        """
+        if tp in self._consumer.assignment():
+            self._consumer.seek(tp, offset)
 
     def _apply_backpressure(self) -> None:
         for partition, processor in self.processors.items():

@@ -32,6 +32,7 @@ from consumer.planner import (
 )
 from consumer.routing import RoutingTable
 from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.state import BuildingRecord
 from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class PartitionProcessor:
         self._max_value_bytes = max_value_bytes
         self._clock = clock
         self._completions: set[asyncio.Task[None]] = set()
+        self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
 
     @property
@@ -184,25 +186,54 @@ class PartitionProcessor:
         (each opened by ``begin`` when read) once all of that is acknowledged."""
         held = list(offsets)
         work: list[Awaitable[object]] = []
+        deferred: list[BuildingRecord] = []
         for record in plan.records:
             self.view.apply(record)
-            work.append(self._writer.write(record))
+            if isinstance(record, BuildingRecord) and (
+                plan.operations or (record.agency_id, record.building_id) in self._building_tails
+            ):
+                # "This manifest is applied" becomes durable only once its operations are: a
+                # crash before that reads the manifest again instead of judging it stale.
+                deferred.append(record)
+            else:
+                work.append(self._writer.write(record))
         for operation in plan.operations:
             work.append(self._executor.submit(operation, source=source))
         if not work:
             for topic, offset in held:
                 self._trackers[topic].done(offset)
             return
-        task = asyncio.create_task(self._complete(work, held))
+        earlier: asyncio.Task[None] | None = None
+        places = {(r.agency_id, r.building_id) for r in deferred}
+        for place in places:
+            earlier = self._building_tails.get(place)
+        task = asyncio.create_task(self._complete(work, deferred, held, earlier))
+        for place in places:
+            self._building_tails[place] = task
         self._completions.add(task)
-        task.add_done_callback(self._completions.discard)
+        task.add_done_callback(self._forget_completion)
 
     async def _complete(
-        self, work: list[Awaitable[object]], offsets: list[tuple[str, int]]
+        self,
+        work: list[Awaitable[object]],
+        deferred: list[BuildingRecord],
+        offsets: list[tuple[str, int]],
+        earlier: asyncio.Task[None] | None,
     ) -> None:
         await asyncio.gather(*work)
+        if deferred and earlier is not None:
+            # An earlier manifest of the building may still have uploads this one counted on.
+            await asyncio.gather(earlier, return_exceptions=True)
+        for record in deferred:
+            await self._writer.write(record)
         for topic, offset in offsets:
             self._trackers[topic].done(offset)
+
+    def _forget_completion(self, task: asyncio.Task[None]) -> None:
+        self._completions.discard(task)
+        for place, tail in list(self._building_tails.items()):
+            if tail is task:
+                del self._building_tails[place]
 
     async def close(self) -> None:
         """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""

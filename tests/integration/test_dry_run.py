@@ -70,9 +70,7 @@ async def _publish_manifests(world: RelayWorld) -> dict[tuple[str, str, str], Ex
             )
             await world.publish(*parts)
             for module in ("ag", "contrats"):
-                listed = [
-                    d for d in items if d["module"] == module and d["audience"] == "building"
-                ]
+                listed = [d for d in items if d["module"] == module and d["audience"] == "building"]
                 sent = [d for d in listed if _sends(spec.first_publication, d)]
                 expected[(agency, building, module)] = Expected(
                     uploads=len(sent),
@@ -184,11 +182,6 @@ async def test_the_plan_command_prints_the_same_plan_as_json(world: RelayWorld) 
     assert world.sandbox.request_count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: build_plan waits 40 s per partition, then raises KafkaTimeoutError, "
-    "when the state topic does not exist yet (no relay has ever run)",
-)
 async def test_the_plan_works_before_any_relay_has_created_the_state_topic(
     relay_world: WorldFactory,
 ) -> None:

@@ -55,7 +55,7 @@ def _views(relay: Relay) -> dict[int, dict[str, DocumentRecord | BuildingRecord 
 
     The status view shows counts only; the restore is judged on the records themselves.
     """
-    ingest = relay._ingest  # noqa: SLF001 - the views are what a restore is about
+    ingest = relay._ingest
     assert ingest is not None
     views: dict[int, dict[str, DocumentRecord | BuildingRecord | None]] = {}
     for partition, processor in ingest.processors.items():
@@ -71,6 +71,16 @@ def _views(relay: Relay) -> dict[int, dict[str, DocumentRecord | BuildingRecord 
 
 def _counts(relay: Relay) -> dict[str, Any]:
     return {p: entry["by_status"] for p, entry in relay.status()["partitions"].items()}
+
+
+def _events(relay: Relay, kind: str) -> dict[str, float]:
+    """Input events of one topic kind the relay handled, by outcome."""
+    found: dict[str, float] = {}
+    for metric in relay.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "chouette_relay_events_total" and sample.labels["kind"] == kind:
+                found[sample.labels["outcome"]] = sample.value
+    return {outcome: n for outcome, n in found.items() if n}
 
 
 def _idle(relay: Relay) -> bool:
@@ -119,8 +129,10 @@ def gated_restore(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
 
 @pytest.mark.parametrize(
     "read_again",
-    [False, True],
-    ids=["committed-offsets", "input-read-again-from-the-start"],
+    [
+        pytest.param(False, id="committed-offsets"),
+        pytest.param(True, id="input-read-again-from-the-start"),
+    ],
 )
 async def test_a_restarted_relay_restores_its_view_and_sends_nothing_again(
     relay_world: WorldFactory, gated_restore: asyncio.Event, read_again: bool
@@ -180,6 +192,12 @@ async def test_a_restarted_relay_restores_its_view_and_sends_nothing_again(
     assert world.sandbox.request_count() == requests_before + len(sentinels)
     assert world.sandbox.request_count("POST", 201) == len(expected)
     assert world.sandbox.duplicated_references() == {}
+    # what was read again was judged against the restored view, not dropped
+    documents_read = _events(second, "document-created")
+    assert documents_read.pop("upload") == len(sentinels)
+    assert sum(documents_read.values()) == (2 * len(buildings) if read_again else 0)
+    manifests_read = _events(second, "manifest-snapshot")
+    assert manifests_read == ({"stale": len(buildings)} if read_again else {})
 
 
 # -- takeover after a crash ------------------------------------------------------------------------
@@ -218,20 +236,22 @@ async def test_a_relay_takes_over_the_partitions_of_a_killed_one_and_finishes_th
     async def both_own_partitions() -> bool:
         split[:] = [await _assigned(port) for port in ports]
         owned = [s for s in split if s]
-        return len(owned) == 2 and owned[0].isdisjoint(owned[1]) and (
-            owned[0] | owned[1] == set(range(partitions))
+        return (
+            len(owned) == 2
+            and owned[0].isdisjoint(owned[1])
+            and (owned[0] | owned[1] == set(range(partitions)))
         )
 
     try:
         await world.wait_until(both_own_partitions, timeout=60, what="both relays in the group")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{_log_tail(logs[0])}\n{_log_tail(logs[1])}") from None
-    victim, survivor = split[0], split[1]
+    victim = split[0]
     assert victim is not None
-    assert survivor is not None
 
     expected = await _publish_buildings(world, list(buildings), listed=4, live=2)
     victim_condominia = [c for b, c in buildings.items() if _partition_of(b, partitions) in victim]
+    assert victim_condominia
     await world.wait_until(
         lambda: sum(len(world.partner_references(c)) for c in victim_condominia) >= 4,
         what="the first relay to be under way",
@@ -243,7 +263,7 @@ async def test_a_relay_takes_over_the_partitions_of_a_killed_one_and_finishes_th
     try:
         await world.wait_until(
             lambda: world.partner_references() == expected,
-            timeout=60,
+            timeout=30,
             what="the surviving relay to finish the work",
         )
     except AssertionError as exc:
@@ -307,9 +327,7 @@ async def test_an_older_unlisted_document_read_after_the_manifest_is_not_publish
     await world.wait_until(lambda: published(later), what="the document created later")
 
     assert not published(unlisted)
-    assert world.partner_references() == {
-        d["id"]: d["content"]["sha256"] for d in (listed, later)
-    }
+    assert world.partner_references() == {d["id"]: d["content"]["sha256"] for d in (listed, later)}
     assert world.sandbox.create_count(listed["id"]) == 1
 
 
@@ -334,6 +352,4 @@ async def test_a_document_created_after_the_snapshot_survives_a_manifest_that_om
         lambda: published(listed) and not published(older), what="the manifest to apply"
     )
 
-    assert world.partner_references() == {
-        d["id"]: d["content"]["sha256"] for d in (newer, listed)
-    }
+    assert world.partner_references() == {d["id"]: d["content"]["sha256"] for d in (newer, listed)}

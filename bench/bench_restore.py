@@ -1,0 +1,235 @@
+"""Restore throughput: rebuilding the published view from the changelog beside a bare read of it.
+
+One compacted topic partition is filled with N state records (200,000 by default: published
+documents of a few hundred buildings and their building records, encoded with ``encode_state``),
+then read with the fetch settings the relay's restore uses (4 MiB per partition fetch,
+``getmany`` of up to 10,000 records), each run including the reader's start and stop:
+(a) a bare aiokafka consumer that only counts records;
+(b) ``consumer.changelog.restore_partition`` into an empty ``PublishedView`` (decode every
+    record, apply it);
+(c) decode and apply the same records from memory, no Kafka: the most (b) could reach.
+Target: (b) restores at least 0.7 times as many records per second as (a) reads.
+
+Run with ``python -m bench.bench_restore [--records N]``. The broker is the one named by
+``CHOUETTE_RELAY_TEST_KAFKA``, or a local one started for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumer.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.events import Module
+from consumer.local.kafka import LocalKafka, create_topics
+from consumer.state import (
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+    decode_state,
+    encode_state,
+)
+from consumer.view import PublishedView
+
+EXTERNAL_BROKER_VARIABLE = "CHOUETTE_RELAY_TEST_KAFKA"
+TARGET_RATIO = 0.7
+AGENCY = "agence-bench"
+DOCUMENTS_PER_BUILDING = 400
+FETCH_BYTES = 4 * 1024 * 1024  # what restore_partition asks for
+BATCH_RECORDS = 10_000
+SEEN_AT = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
+MODULES = list(Module)
+
+Encoded = tuple[bytes, bytes | None]
+
+
+@dataclass(frozen=True)
+class Measure:
+    records: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.records / self.seconds
+
+
+def _records(count: int) -> list[Encoded]:
+    """``count`` changelog records: every building's documents, then its building record."""
+    encoded: list[Encoded] = []
+    building = 0
+    while len(encoded) < count:
+        building_id = f"bat-{building}"
+        per_building = min(DOCUMENTS_PER_BUILDING, count - len(encoded) - 1)
+        for n in range(per_building):
+            encoded.append(encode_state(_document(building_id, n)))
+        record: StateRecord = BuildingRecord(
+            AGENCY, building_id, dict.fromkeys(MODULES[:3], SEEN_AT), True
+        )
+        encoded.append(encode_state(record))
+        building += 1
+    return encoded
+
+
+def _document(building_id: str, n: int) -> DocumentRecord:
+    return DocumentRecord(
+        key=DocKey(AGENCY, building_id, f"{uuid.UUID(int=n * 2_654_435_761)}:att-{n % 3}"),
+        status=DocStatus.PUBLISHED,
+        sha256=hashlib.sha256(f"{building_id}/{n}".encode()).hexdigest(),
+        module=MODULES[n % len(MODULES)],
+        seen_at=SEEN_AT - dt.timedelta(minutes=n),
+        document_date=dt.date(2020, 1, 1) + dt.timedelta(days=n % 1500),
+        size_bytes=50_000 + n,
+        remote_id=str(1_000_000 + n),
+        condominium_id=f"c-{building_id}",
+    )
+
+
+async def _fill(bootstrap: str, topic: str, encoded: list[Encoded]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=1_048_576
+    )
+    await producer.start()
+    try:
+        pending: list[asyncio.Future[object]] = []
+        for key, value in encoded:
+            pending.append(await producer.send(topic, value=value, key=key, partition=0))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+async def read_bare(bootstrap: str, topic: str) -> Measure:
+    """(a) Count every record of the partition with the restore's fetch settings."""
+    started = time.perf_counter()
+    tp = TopicPartition(topic, 0)
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=FETCH_BYTES,
+    )
+    await reader.start()
+    try:
+        reader.assign([tp])
+        end = (await reader.end_offsets([tp]))[tp]
+        await reader.seek_to_beginning(tp)
+        count = 0
+        while await reader.position(tp) < end:
+            batches = await reader.getmany(tp, timeout_ms=1000, max_records=BATCH_RECORDS)
+            count += sum(1 for record in batches.get(tp, []) if record.offset < end)
+    finally:
+        await reader.stop()
+    return Measure(count, time.perf_counter() - started)
+
+
+async def read_restore(bootstrap: str, topic: str, expected_documents: int) -> Measure:
+    """(b) The relay's restore of the partition into an empty view."""
+    started = time.perf_counter()
+    view = PublishedView()
+    applied = await restore_partition(
+        bootstrap_servers=bootstrap, topic=topic, partition=0, view=view
+    )
+    seconds = time.perf_counter() - started
+    if view.count(DocStatus.PUBLISHED) != expected_documents:
+        raise RuntimeError(
+            f"restored {view.count(DocStatus.PUBLISHED)} documents, expected {expected_documents}"
+        )
+    return Measure(applied, seconds)
+
+
+def decode_and_apply(encoded: list[Encoded]) -> Measure:
+    """(c) The restore's own work on records already in memory."""
+    started = time.perf_counter()
+    view = PublishedView()
+    for key, value in encoded:
+        view.apply(decode_state(key, value))
+    return Measure(len(encoded), time.perf_counter() - started)
+
+
+async def bench(bootstrap: str, *, records: int, rounds: int) -> None:
+    topic = f"bench.published-view.{uuid.uuid4().hex[:10]}"
+    await create_topics(bootstrap, [topic], partitions=1, config=COMPACTED_TOPIC_CONFIG)
+    bare: list[Measure] = []
+    restore: list[Measure] = []
+    floor: list[Measure] = []
+    try:
+        filling = time.perf_counter()
+        encoded = _records(records)
+        documents = sum(1 for key, _ in encoded if key.count(b":") >= 2)
+        size = sum(len(key) + len(value or b"") for key, value in encoded)
+        await _fill(bootstrap, topic, encoded)
+        print(
+            f"filled {topic} with {records:,} state records ({documents:,} documents, "
+            f"{size / 1_048_576:.0f} MiB) in {time.perf_counter() - filling:.1f} s"
+        )
+        for _ in range(rounds):
+            bare.append(await read_bare(bootstrap, topic))
+            _show("(a) bare aiokafka getmany", bare[-1])
+            restore.append(await read_restore(bootstrap, topic, documents))
+            _show("(b) restore_partition", restore[-1])
+            floor.append(decode_and_apply(encoded))
+            _show("(c) decode + apply, no Kafka", floor[-1])
+    finally:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topic])
+        finally:
+            await admin.close()
+    best_bare = max(m.per_second for m in bare)
+    best_restore = max(m.per_second for m in restore)
+    best_floor = max(m.per_second for m in floor)
+    ratio = best_restore / best_bare
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print(
+        f"best of {rounds}: (a) {best_bare:,.0f} records/s, (b) {best_restore:,.0f} records/s, "
+        f"(c) {best_floor:,.0f} records/s"
+    )
+    print(
+        f"ratio (b)/(a) = {ratio:.2f} (target >= {TARGET_RATIO}: {verdict}); "
+        f"(c)/(a) = {best_floor / best_bare:.2f} is the most (b) could reach"
+    )
+
+
+def _show(label: str, measure: Measure) -> None:
+    print(
+        f"{label:<30}{measure.records:>9,} records {measure.seconds:6.2f} s "
+        f"{measure.per_second:>10,.0f} records/s",
+        flush=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_restore", description=__doc__)
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternate (a), (b) and (c); keep the best"
+    )
+    args = parser.parse_args(list(argv) if argv is not None else [])
+    options = {"records": args.records, "rounds": args.rounds}
+    external = os.environ.get(EXTERNAL_BROKER_VARIABLE, "").strip()
+    if external:
+        asyncio.run(bench(external, **options))
+        return
+    with LocalKafka() as kafka:
+        asyncio.run(bench(kafka.bootstrap_servers, **options))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
