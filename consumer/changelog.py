@@ -17,7 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from consumer.errors import ConfigError
-from consumer.state import StateRecord, decode_state, encode_state
+from consumer.state import StateRecord, encode_state
 from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ async def restore_partition(
             for message in batches.get(tp, []):
                 if message.offset >= end:
                     break
-                view.apply(decode_state(message.key, message.value))
+                view.apply_encoded(message.key, message.value)
                 applied += 1
             on_progress(applied, total)
             # The position moves past compacted gaps and past what was just returned.

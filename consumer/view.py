@@ -14,14 +14,18 @@ import struct
 from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
+import orjson
+
 from consumer.events import Module
 from consumer.state import (
+    SCHEMA_VERSION,
     BuildingKey,
     BuildingRecord,
     DocKey,
     DocStatus,
     DocumentRecord,
     StateRecord,
+    decode_state,
     from_epoch_us,
     to_epoch_us,
 )
@@ -37,7 +41,9 @@ _NONE = 0xFFFFFFFF
 _EPOCH = from_epoch_us(0)
 _STATUSES = tuple(DocStatus)
 _STATUS_CODES = {status: code for code, status in enumerate(_STATUSES)}
+_STATUS_BY_VALUE = {status.value: status for status in _STATUSES}
 _MODULES = tuple(Module)
+_MODULE_BY_VALUE = {module.value: module for module in _MODULES}
 _MODULE_CODES = {module: code for code, module in enumerate(_MODULES)}
 _TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD)
 ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
@@ -90,6 +96,68 @@ class PublishedView:
             if building is not None:
                 building.record = None
                 self._drop_if_empty(place, building)
+
+    def apply_encoded(self, key: bytes, value: bytes | None) -> None:
+        """Apply a changelog record from its bytes: ``apply(decode_state(key, value))``, faster.
+
+        The restore path. Plain document records (the vast majority) are packed straight from
+        the JSON; anything else, or anything unexpected, goes through ``decode_state``, which
+        raises the precise error.
+        """
+        if value is None or not self._restore_document(key, value):
+            self.apply(decode_state(key, value))
+
+    def _restore_document(self, key: bytes, value: bytes) -> bool:
+        try:
+            data = orjson.loads(value)
+            if (
+                data["kind"] != "document"
+                or data["schema_version"] != SCHEMA_VERSION
+                or data["document"] is not None
+                or data["parked_reason"] is not None
+            ):
+                return False
+            agency_id, building_id, document_id = key.decode().split(":", 2)
+            status = _STATUS_BY_VALUE[data["status"]]
+            module = _MODULE_BY_VALUE[data["module"]]
+            sha = data["sha256"]
+            size = data["size_bytes"]
+            remote_id = data["remote_id"]
+            seen_at = dt.datetime.fromisoformat(data["seen_at"])
+            if (
+                not (agency_id and building_id and document_id)
+                or status in self._tracked
+                or type(size) is not int
+                or not 0 <= size < 2**63
+                or len(sha) != 64
+                or seen_at.tzinfo is None
+                or (remote_id is not None and (type(remote_id) is not str or not remote_id))
+            ):
+                return False
+            raw_sha = bytes.fromhex(sha)
+            if raw_sha.hex() != sha:
+                return False
+            packed = _PACK.pack(
+                raw_sha,
+                to_epoch_us(seen_at),
+                size,
+                dt.date.fromisoformat(data["document_date"]).toordinal(),
+                _STATUS_CODES[status],
+                _MODULE_CODES[module],
+                self._intern(_optional_text(data["condominium_id"])),
+                self._intern(_optional_text(data["held_by"])),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, orjson.JSONDecodeError):
+            return False
+        building = self._building_for(agency_id, building_id)
+        old = building.docs.get(document_id)
+        if old is not None:
+            self._uncount(building, DocKey(agency_id, building_id, document_id), old)
+        building.docs[document_id] = packed if remote_id is None else packed + remote_id.encode()
+        self._counts[status] += 1
+        if status in ON_PARTNER:
+            building.on_partner[module] = building.on_partner.get(module, 0) + 1
+        return True
 
     def _put(self, record: DocumentRecord) -> None:
         key = record.key
@@ -305,6 +373,12 @@ class PublishedView:
             None if condominium == _NONE else strings[condominium],
             None if held_by == _NONE else strings[held_by],
         )
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError("expected a string or null")
 
 
 def _status_module(stored: _Stored) -> tuple[DocStatus, Module]:

@@ -20,6 +20,7 @@ from consumer.state import (
     DocumentRecord,
     StateRecord,
     Tombstone,
+    encode_state,
 )
 from consumer.view import PublishedView
 from tests.strategies import document_ids, identifiers
@@ -207,3 +208,29 @@ def test_a_document_costs_well_under_300_bytes() -> None:
         tracemalloc.stop()
     assert view.size == count
     assert per_document < 300
+
+
+@settings(max_examples=150)
+@given(
+    records=st.lists(
+        document_records.filter(lambda r: r.size_bytes < 2**63),  # what JSON can carry
+        min_size=1,
+        max_size=6,
+    ),
+    drop=st.booleans(),
+)
+def test_restoring_from_bytes_gives_the_same_view_as_applying_records(
+    records: list[DocumentRecord], drop: bool
+) -> None:
+    applied, restored = PublishedView(), PublishedView()
+    changelog = [*records, Tombstone(records[0].key)] if drop else records
+    for entry in changelog:
+        applied.apply(entry)
+        restored.apply_encoded(*encode_state(entry))
+    assert restored.counts() == applied.counts()
+    for entry in records:
+        assert restored.document(entry.key) == applied.document(entry.key)
+    for status in DocStatus:
+        assert sorted(r.key.encode() for r in restored.with_status(status)) == sorted(
+            r.key.encode() for r in applied.with_status(status)
+        )
