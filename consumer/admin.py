@@ -1,30 +1,93 @@
-"""Operator commands against a running relay's admin endpoints (held deletions)."""
+"""Operator commands from the command line: list, release or discard held deletions.
+
+They talk to Kafka directly, not to one replica: ``held`` reads every partition of the relay's
+state topic, and ``release``/``discard`` write a command that the replica owning the building
+carries out (see ``consumer.commands``). Nothing here needs to know which pod owns what.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
+import socket
 import sys
+from collections import Counter
 
-import aiohttp
 import orjson
+from aiokafka import AIOKafkaProducer
 
+from consumer.changelog import restore_partition, topic_partitions
+from consumer.commands import HeldAction, OperatorCommand, send_command
 from consumer.errors import ConfigError
 from consumer.settings import Settings
+from consumer.state import DocStatus
+from consumer.view import PublishedView
 
 
-async def call_admin(
-    settings: Settings, command: str, *, url: str, agency: str | None, building: str | None
+def _require_kafka(settings: Settings) -> str:
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError(
+            "set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS (and the topic names, if not the "
+            "defaults) to reach the relay's topics"
+        )
+    return settings.kafka.bootstrap_servers
+
+
+async def held_deletions(settings: Settings) -> list[dict[str, object]]:
+    """Every building with withdrawals held by the mass-deletion guard, across all partitions."""
+    bootstrap = _require_kafka(settings)
+    partitions = await topic_partitions(bootstrap, settings.kafka.state_topic) or 0
+    found: Counter[tuple[str, str, str]] = Counter()
+    for partition in range(partitions):
+        view = PublishedView()
+        await restore_partition(
+            bootstrap_servers=bootstrap,
+            topic=settings.kafka.state_topic,
+            partition=partition,
+            view=view,
+        )
+        for record in view.with_status(DocStatus.DELETE_HELD):
+            found[(record.key.agency_id, record.key.building_id, record.held_by or "")] += 1
+    return [
+        {"agency": agency, "building": building, "snapshot_id": snapshot, "documents": count}
+        for (agency, building, snapshot), count in sorted(found.items())
+    ]
+
+
+async def queue_command(
+    settings: Settings, action: HeldAction, agency_id: str, building_id: str
+) -> dict[str, object]:
+    bootstrap = _require_kafka(settings)
+    command = OperatorCommand(
+        command=action,
+        agency_id=agency_id,
+        building_id=building_id,
+        requested_at=dt.datetime.now(dt.UTC),
+        requested_by=f"cli:{getpass.getuser()}@{socket.gethostname()}",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        partition, offset = await send_command(producer, settings.kafka.commands_topic, command)
+    finally:
+        await producer.stop()
+    return {
+        "queued": action.value,
+        "agency": agency_id,
+        "building": building_id,
+        "partition": partition,
+        "offset": offset,
+    }
+
+
+async def run_admin(
+    settings: Settings, command: str, *, agency: str | None, building: str | None
 ) -> int:
-    token = settings.http.admin_token()
-    if token is None:
-        raise ConfigError("set CHOUETTE_RELAY_HTTP__ADMIN_TOKEN_FILE to the admin token file")
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
-    base = url.rstrip("/")
-    async with aiohttp.ClientSession(headers=headers) as session:
-        if command == "held":
-            request = session.get(f"{base}/admin/held")
-        else:
-            request = session.post(f"{base}/admin/held/{agency}/{building}/{command}")
-        async with request as response:
-            body = await response.read()
-    sys.stdout.write(orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode() + "\n")
-    return 0 if response.status == 200 else 1
+    if command == "held":
+        result: object = {"held": await held_deletions(settings)}
+    else:
+        if agency is None or building is None:
+            raise ConfigError(f"{command} needs AGENCY and BUILDING")
+        result = await queue_command(settings, HeldAction(command), agency, building)
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import signal
 from importlib.metadata import version
@@ -21,10 +22,12 @@ from prometheus_client import CollectorRegistry
 
 from consumer.changelog import (
     ChangelogWriter,
+    TopicLayout,
     check_topics,
     dead_letter_room,
     restore_partition,
 )
+from consumer.commands import HeldAction, OperatorCommand, send_command
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -35,7 +38,7 @@ from consumer.opshttp import OpsServer
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
 from consumer.partner.keys import ApiKeyStore
-from consumer.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.reconcile import reconcile_partition
 from consumer.routing import RoutingTable
 from consumer.scheduler import Scheduler
@@ -62,6 +65,7 @@ class Relay:
         self.ops_port: int | None = None
         self._ingest: Ingest | None = None
         self._scheduler: Scheduler | None = None
+        self._producer: AIOKafkaProducer | None = None
         self._restoring: dict[int, float] = {}
         self._guard = DeletionGuard(
             max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
@@ -69,6 +73,7 @@ class Relay:
         self._topics = {
             DOCUMENTS: settings.kafka.documents_topic,
             MANIFESTS: settings.kafka.manifests_topic,
+            COMMANDS: settings.kafka.commands_topic,
         }
 
     # -- control surface -----------------------------------------------------------------------
@@ -106,28 +111,31 @@ class Relay:
                 found[place] = found.get(place, 0) + 1
         return [{"agency": a, "building": b, "documents": n} for (a, b), n in sorted(found.items())]
 
-    async def settle_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
-        if self._ingest is None:
-            return 0
-        return sum(
-            processor.release_held(agency_id, building_id, discard=discard)
-            for processor in self._ingest.processors.values()
+    async def settle_held(
+        self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
+    ) -> dict[str, Any]:
+        """Queue an operator command; the replica owning the building carries it out."""
+        if self._producer is None:
+            raise RuntimeError("the relay is not running")
+        command = OperatorCommand(
+            command=HeldAction.DISCARD if discard else HeldAction.RELEASE,
+            agency_id=agency_id,
+            building_id=building_id,
+            requested_at=dt.datetime.now(dt.UTC),
+            requested_by=requested_by,
         )
+        partition, offset = await send_command(
+            self._producer, self.settings.kafka.commands_topic, command
+        )
+        return {"partition": partition, "offset": offset}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
-        layout = await check_topics(
-            bootstrap_servers=s.kafka.bootstrap_servers,
-            documents_topic=s.kafka.documents_topic,
-            manifests_topic=s.kafka.manifests_topic,
-            state_topic=s.kafka.state_topic,
-            dead_letter_topic=s.kafka.dead_letter_topic,
-            create_missing_state=s.kafka.create_state_topic,
-            max_value_bytes=s.kafka.max_value_bytes,
-        )
+        layout = await self._check_topics()
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer, consumer = _kafka_clients(s)
+        self._producer = producer
         observer = MetricsObserver(self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             await producer.start()
@@ -164,70 +172,17 @@ class Relay:
                 relay_version=RELAY_VERSION,
                 max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
             )
-            guard, topics = self._guard, self._topics
-
-            async def build_processor(partition: int) -> PartitionProcessor:
-                view = PublishedView()
-                writer = ChangelogWriter(
-                    producer=producer, topic=s.kafka.state_topic, partition=partition
-                )
-                self._restoring[partition] = 0.0
-
-                def progress(done: int, total: int) -> None:
-                    ratio = 1.0 if total == 0 else done / total
-                    self._restoring[partition] = ratio
-                    self.metrics.restore_progress.labels(str(partition)).set(ratio)
-
-                applied = await restore_partition(
-                    bootstrap_servers=s.kafka.bootstrap_servers,
-                    topic=s.kafka.state_topic,
-                    partition=partition,
-                    view=view,
-                    on_progress=progress,
-                )
-                self.metrics.restore_records.inc(applied)
-                executor = OperationExecutor(
-                    view=view,
-                    writer=writer,
-                    scheduler=scheduler,
-                    partner=partner,
-                    content=fetcher,
-                    dead_letters=dead_letters,
-                    metrics=self.metrics,
-                )
-                await reconcile_partition(
-                    view=view, writer=writer, scheduler=scheduler, partner=partner
-                )
-                self._restoring.pop(partition, None)
-                log.info(
-                    "partition restored",
-                    extra={"partition": partition, "records": applied, "documents": view.size},
-                )
-                processor = PartitionProcessor(
-                    partition=partition,
-                    topics=topics,
-                    view=view,
-                    assembler=ManifestAssembler(
-                        expiry=dt.timedelta(seconds=s.manifest.expiry_s),
-                        max_pending_items=s.manifest.max_pending_items,
-                    ),
-                    routing=self.routing,
-                    guard=guard,
-                    executor=executor,
-                    writer=writer,
-                    dead_letters=dead_letters,
-                    metrics=self.metrics,
-                    max_value_bytes=s.kafka.max_value_bytes,
-                    clock=lambda: dt.datetime.now(dt.UTC),
-                )
-                retried = processor.retry_parked()
-                if retried:
-                    log.info("parked documents sent again", extra={"documents": retried})
-                return processor
-
+            build_processor = functools.partial(
+                self._build_processor,
+                producer=producer,
+                scheduler=scheduler,
+                partner=partner,
+                fetcher=fetcher,
+                dead_letters=dead_letters,
+            )
             self._ingest = ingest = Ingest(
                 consumer=consumer,
-                topics=list(topics.values()),
+                topics=list(self._topics.values()),
                 processor_factory=build_processor,
                 metrics=self.metrics,
                 commit_interval_s=s.kafka.commit_interval_s,
@@ -258,6 +213,86 @@ class Relay:
                 await housekeeping
                 gauges.cancel()
             log.info("stopped cleanly")
+
+    async def _build_processor(
+        self,
+        partition: int,
+        *,
+        producer: AIOKafkaProducer,
+        scheduler: Scheduler,
+        partner: ChouetteCoproClient,
+        fetcher: ContentFetcher,
+        dead_letters: DeadLetterSink,
+    ) -> PartitionProcessor:
+        """Restore one partition's view, settle its upload intents, and build its processor."""
+        s = self.settings
+        guard, topics = self._guard, self._topics
+        view = PublishedView()
+        writer = ChangelogWriter(producer=producer, topic=s.kafka.state_topic, partition=partition)
+        self._restoring[partition] = 0.0
+
+        def progress(done: int, total: int) -> None:
+            ratio = 1.0 if total == 0 else done / total
+            self._restoring[partition] = ratio
+            self.metrics.restore_progress.labels(str(partition)).set(ratio)
+
+        applied = await restore_partition(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            topic=s.kafka.state_topic,
+            partition=partition,
+            view=view,
+            on_progress=progress,
+        )
+        self.metrics.restore_records.inc(applied)
+        executor = OperationExecutor(
+            view=view,
+            writer=writer,
+            scheduler=scheduler,
+            partner=partner,
+            content=fetcher,
+            dead_letters=dead_letters,
+            metrics=self.metrics,
+        )
+        await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
+        self._restoring.pop(partition, None)
+        log.info(
+            "partition restored",
+            extra={"partition": partition, "records": applied, "documents": view.size},
+        )
+        processor = PartitionProcessor(
+            partition=partition,
+            topics=topics,
+            view=view,
+            assembler=ManifestAssembler(
+                expiry=dt.timedelta(seconds=s.manifest.expiry_s),
+                max_pending_items=s.manifest.max_pending_items,
+            ),
+            routing=self.routing,
+            guard=guard,
+            executor=executor,
+            writer=writer,
+            dead_letters=dead_letters,
+            metrics=self.metrics,
+            max_value_bytes=s.kafka.max_value_bytes,
+            clock=lambda: dt.datetime.now(dt.UTC),
+        )
+        retried = processor.retry_parked()
+        if retried:
+            log.info("parked documents sent again", extra={"documents": retried})
+        return processor
+
+    async def _check_topics(self) -> TopicLayout:
+        s = self.settings
+        return await check_topics(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            documents_topic=s.kafka.documents_topic,
+            manifests_topic=s.kafka.manifests_topic,
+            state_topic=s.kafka.state_topic,
+            dead_letter_topic=s.kafka.dead_letter_topic,
+            commands_topic=s.kafka.commands_topic,
+            create_missing_state=s.kafka.create_state_topic,
+            max_value_bytes=s.kafka.max_value_bytes,
+        )
 
     async def _refresh_gauges(self) -> None:
         """Gauges derived from the views and the scheduler, refreshed every couple of seconds."""

@@ -47,6 +47,7 @@ async def check_topics(
     manifests_topic: str,
     state_topic: str,
     dead_letter_topic: str,
+    commands_topic: str,
     create_missing_state: bool,
     max_value_bytes: int = 1_048_576,
     replication_factor: int = 1,
@@ -59,7 +60,9 @@ async def check_topics(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        counts = await _partition_counts(admin, [documents_topic, manifests_topic, state_topic])
+        counts = await _partition_counts(
+            admin, [documents_topic, manifests_topic, state_topic, commands_topic]
+        )
         docs, manifests = counts.get(documents_topic), counts.get(manifests_topic)
         for topic, count in ((documents_topic, docs), (manifests_topic, manifests)):
             if count is None:
@@ -83,6 +86,14 @@ async def check_topics(
             raise ConfigError(
                 f"state topic {state_topic!r} has {state} partitions but the input topics have "
                 f"{docs}; recreate it with {docs} partitions (cleanup.policy=compact)"
+            )
+        commands = counts.get(commands_topic)
+        if commands is None:
+            await _create(admin, commands_topic, docs, replication_factor, {})
+        elif commands != docs:
+            raise ConfigError(
+                f"commands topic {commands_topic!r} has {commands} partitions but the input "
+                f"topics have {docs}; recreate it with {docs} partitions"
             )
         if (await _partition_counts(admin, [dead_letter_topic])).get(dead_letter_topic) is None:
             # A dead letter carries the original value in base64: about 4/3 of its size.

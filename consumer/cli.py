@@ -1,8 +1,9 @@
 """Command line: ``chouette-relay run | plan | held | release | discard``.
 
 ``run`` starts the service (on the embedded local default when no Kafka and partner settings are
-given); ``plan`` is the dry run of a first publication and sends nothing; the held-deletion
-commands call a running relay's admin endpoint with the admin token.
+given); ``plan`` is the dry run of a first publication and sends nothing; ``held`` lists the
+withdrawals held by the mass-deletion guard, and ``release``/``discard`` queue an operator command
+that the replica owning the building carries out.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("discard", "forget the held withdrawals of a building (documents stay published)"),
     ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("--url", default="http://127.0.0.1:8080", help="relay ops address")
         if name != "held":
             command.add_argument("agency")
             command.add_argument("building")
@@ -52,13 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from consumer.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
             return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
-        from consumer.admin import call_admin  # noqa: PLC0415 - only these commands need it
+        from consumer.admin import run_admin  # noqa: PLC0415 - only these commands need it
 
         return asyncio.run(
-            call_admin(
+            run_admin(
                 settings,
                 args.command,
-                url=args.url,
                 agency=getattr(args, "agency", None),
                 building=getattr(args, "building", None),
             )

@@ -21,7 +21,9 @@ class RelayControl(Protocol):
     def is_ready(self) -> bool: ...
     def status(self) -> dict[str, Any]: ...
     def held(self) -> list[dict[str, Any]]: ...
-    async def settle_held(self, agency_id: str, building_id: str, *, discard: bool) -> int: ...
+    async def settle_held(
+        self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
+    ) -> dict[str, Any]: ...
 
 
 class OpsServer:
@@ -101,19 +103,19 @@ class OpsServer:
             return _forbidden(self._token is None)
         agency = request.match_info["agency"]
         building = request.match_info["building"]
-        discard = request.match_info["action"] == "discard"
-        count = await self._control.settle_held(agency, building, discard=discard)
+        action = request.match_info["action"]
+        queued = await self._control.settle_held(
+            agency,
+            building,
+            discard=action == "discard",
+            requested_by=f"http:{request.remote or 'unknown'}",
+        )
         log.warning(
-            "held deletions settled by operator",
-            extra={"agency": agency, "building": building, "discard": discard, "documents": count},
+            "operator command queued",
+            extra={"agency": agency, "building": building, "action": action, **queued},
         )
         return web.json_response(
-            {
-                "agency": agency,
-                "building": building,
-                "action": request.match_info["action"],
-                "documents": count,
-            }
+            {"agency": agency, "building": building, "action": action, **queued}, status=202
         )
 
 

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
+from consumer.commands import HeldAction, decode_command
 from consumer.decoding import Poison, decode_record
 from consumer.events import DocumentCreated, ManifestSnapshot
 from consumer.executor import OperationExecutor, RecordWriter
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
 MANIFESTS = "manifest-snapshot"
+COMMANDS = "operator-command"
 
 
 class PartitionProcessor:
@@ -94,6 +96,9 @@ class PartitionProcessor:
         kind = self._kinds[source.topic]
         tracker = self._trackers[source.topic]
         tracker.begin(source.offset)
+        if kind == COMMANDS:
+            await self._handle_command(source)
+            return
         decoded = decode_record(
             topic_kind=kind,
             key=source.key,
@@ -114,6 +119,30 @@ class PartitionProcessor:
             self._execute(plan, source, [(source.topic, source.offset)])
             return
         self._handle_part(decoded, source)
+
+    async def _handle_command(self, source: SourceRecord) -> None:
+        command = decode_command(source.key, source.value)
+        if isinstance(command, Poison):
+            await self._dead_letters.send(
+                source, reason=command.reason.value, detail=command.detail
+            )
+            self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
+            self._trackers[source.topic].done(source.offset)
+            return
+        settle = discard_held if command.command is HeldAction.DISCARD else release_held
+        plan = settle(self.view, command.agency_id, command.building_id)
+        self._metrics.events.labels(COMMANDS, command.command.value).inc()
+        log.warning(
+            "operator command on held deletions",
+            extra={
+                "command": command.command.value,
+                "agency": command.agency_id,
+                "building": command.building_id,
+                "requested_by": command.requested_by,
+                "documents": len(plan.operations) + len(plan.records),
+            },
+        )
+        self._execute(plan, source, [(source.topic, source.offset)])
 
     def _handle_part(self, part: ManifestSnapshot, source: SourceRecord) -> None:
         result = self._assembler.add(part, offset=source.offset, now=self._clock())
@@ -172,12 +201,6 @@ class PartitionProcessor:
             value=None,
             headers=(),
         )
-
-    def release_held(self, agency_id: str, building_id: str, *, discard: bool) -> int:
-        """Operator action: carry out (or forget) the withdrawals the guard held for a building."""
-        plan = (discard_held if discard else release_held)(self.view, agency_id, building_id)
-        self._execute(plan, self._admin_source("admin"), [])
-        return len(plan.operations) + len(plan.records)
 
     def _execute(
         self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]

@@ -35,6 +35,10 @@ class KafkaSettings(_Group):
     manifests_topic: str = "lsc.manifest-snapshot.v1"
     state_topic: str = "chouette-relay.published-view.v1"
     dead_letter_topic: str = "chouette-relay.dead-letter.v1"
+    commands_topic: str = Field(
+        default="chouette-relay.commands.v1",
+        description="Operator commands (release/discard held deletions), keyed like the inputs.",
+    )
     max_value_bytes: int = Field(default=1_048_576, ge=1024)
     commit_interval_s: float = Field(default=1.0, gt=0)
     max_poll_records: int = Field(default=500, ge=1)

@@ -14,6 +14,7 @@ import math
 import random
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -27,6 +28,18 @@ MODULES = ("ag", "contrats", "carnet_entretien", "diagnostics")
 ITEMS_PER_PART = 200
 DRAIN_TIMEOUT_S = 5.0  # the harness's drain timeout
 EXIT_MARGIN_S = 10.0  # leaving the group and closing the producer after the drain
+
+# Both tests restart a relay on a backlog and hit two relay bugs; see the reasons.
+RESTART_BUGS = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "relay bugs: (1) Ingest.run drops records fetched while on_partitions_assigned is still "
+        "restoring (no processor yet) and never reads them again, so a relay started on a "
+        "backlog processes nothing; (2) the re-read of a manifest whose work was interrupted is "
+        "planned as stale (its building record, written when it was planned, has the same "
+        "taken_at), so its unfinished uploads are never done"
+    ),
+)
 
 
 def history(world: RelayWorld, count: int) -> list[Json]:
@@ -55,6 +68,10 @@ def uploaded(world: RelayWorld) -> int:
     return len(world.partner_references())
 
 
+def reached(world: RelayWorld, count: int) -> Callable[[], bool]:
+    return lambda: uploaded(world) >= count
+
+
 def assert_published_exactly_once(world: RelayWorld, expected: dict[str, str]) -> None:
     assert world.partner_references() == expected
     assert world.sandbox.duplicated_references() == {}
@@ -63,10 +80,10 @@ def assert_published_exactly_once(world: RelayWorld, expected: dict[str, str]) -
 
 
 async def wait_for_exit(
-    world: RelayWorld, process: subprocess.Popen[bytes], *, timeout: float
+    world: RelayWorld, process: subprocess.Popen[bytes], *, within: float
 ) -> int:
     # Polled, not process.wait(): the sandbox serving the draining relay runs on this loop.
-    await world.wait_until(lambda: process.poll() is not None, timeout=timeout, what="the exit")
+    await world.wait_until(lambda: process.poll() is not None, timeout=within, what="the exit")
     code = process.returncode
     assert code is not None
     return code
@@ -84,6 +101,7 @@ def log_messages(log_path: Path) -> list[str]:
     return messages
 
 
+@RESTART_BUGS
 async def test_a_relay_killed_three_times_mid_backfill_publishes_every_document_exactly_once(
     relay_world: WorldFactory, tmp_path: Path
 ) -> None:
@@ -110,14 +128,17 @@ async def test_a_relay_killed_three_times_mid_backfill_publishes_every_document_
         await world.publish(*manifest(world, agency, building, items))
 
     for crash in range(3):
-        # A random moment: some documents into this run, plus a fraction of a second.
-        target = uploaded(world) + rng.randint(60, 200)
-        await world.wait_until(
-            lambda target=target: uploaded(world) >= target,  # type: ignore[misc]
-            timeout=60,
-            what=f"progress before crash {crash + 1}",
-        )
-        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        if crash == 1:
+            # Soon after a restart: while the relay joins the group, restores or reconciles.
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+        else:
+            # In the middle of the uploads: some documents into this run, then a little more.
+            await world.wait_until(
+                reached(world, uploaded(world) + rng.randint(5, 200)),
+                timeout=30,
+                what=f"progress before crash {crash + 1}",
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.5))
         world.kill(process)
         assert uploaded(world) < len(expected), "the backfill ended before the crash"
         process = world.spawn_relay(log_path)
@@ -128,13 +149,14 @@ async def test_a_relay_killed_three_times_mid_backfill_publishes_every_document_
     assert_published_exactly_once(world, expected)
 
     process.send_signal(signal.SIGTERM)
-    assert await wait_for_exit(world, process, timeout=DRAIN_TIMEOUT_S + EXIT_MARGIN_S) == 0
+    assert await wait_for_exit(world, process, within=DRAIN_TIMEOUT_S + EXIT_MARGIN_S) == 0
     log = log_path.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log
     assert "stopped cleanly" in log_messages(log_path)
     assert_published_exactly_once(world, expected)
 
 
+@RESTART_BUGS
 async def test_a_relay_stopped_mid_backfill_finishes_the_work_after_a_restart(
     relay_world: WorldFactory,
 ) -> None:
@@ -161,6 +183,6 @@ async def test_a_relay_stopped_mid_backfill_finishes_the_work_after_a_restart(
 
     await world.start_relay()
     await world.wait_until(
-        lambda: world.partner_references() == expected, timeout=60, what="the rest of the backfill"
+        lambda: world.partner_references() == expected, timeout=45, what="the rest of the backfill"
     )
     assert_published_exactly_once(world, expected)

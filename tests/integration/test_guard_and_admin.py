@@ -8,11 +8,14 @@ with the admin bearer token. Documents created by hand in ChouetteCopro are neve
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from consumer.app import Relay
@@ -134,8 +137,8 @@ async def test_held_deletions_survive_a_restart_and_a_release_deletes_exactly_th
 
     status, body = await _call(relay, "POST", "/admin/held/agence-a/bat-1/release", token=TOKEN)
 
-    assert status == 200
-    assert body["documents"] == len(withdrawn)
+    assert status == 202  # queued on the commands topic for the replica owning the building
+    assert body["action"] == "release"
     await world.wait_until(
         lambda: world.partner_references("c-1") == _references(kept) and _idle(relay),
         what="the released withdrawals",
@@ -170,7 +173,7 @@ async def test_discarding_held_deletions_keeps_the_documents(relay_world: WorldF
 
     status, body = await _call(relay, "POST", "/admin/held/agence-a/bat-1/discard", token=TOKEN)
 
-    assert status == 200
+    assert status == 202
     assert body["action"] == "discard"
     await world.wait_until(lambda: relay.held() == [] and _idle(relay), what="the discard")
     assert world.partner_references("c-1") == _references(documents)
@@ -202,3 +205,66 @@ async def test_an_empty_manifest_is_held_even_for_a_small_building(
     assert world.partner_references("c-1") == _references(emptied)
     assert world.sandbox.document(manual) is not None
     assert world.sandbox.request_count("DELETE", 204) == 1
+
+
+async def _cli(world: RelayWorld, *args: str) -> Any:
+    """Run ``chouette-relay ARGS`` as an operator would, with the relay's environment."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumer.cli",
+        *args,
+        env=world.environment(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, err.decode()
+    return orjson.loads(out)
+
+
+async def test_the_cli_lists_and_releases_held_deletions_whichever_replica_owns_them(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    documents = await _publish_building(world, relay, "bat-1", 24)
+    kept = documents[:4]
+    await _shrink(world, "bat-1", kept)
+    await world.wait_until(lambda: relay.held() == _held("bat-1", 20), what="the hold")
+
+    listed = await _cli(world, "held")
+    assert [(h["agency"], h["building"], h["documents"]) for h in listed["held"]] == [
+        (AGENCY, "bat-1", 20)
+    ]
+    queued = await _cli(world, "release", AGENCY, "bat-1")
+    assert queued["queued"] == "release"
+
+    await world.wait_until(
+        lambda: world.partner_references("c-1") == _references(kept) and _idle(relay),
+        what="the released withdrawals",
+    )
+    assert world.sandbox.request_count("DELETE", 204) == 20
+    assert (await _cli(world, "held")) == {"held": []}
+
+
+async def test_a_malformed_operator_command_is_dead_lettered_and_changes_nothing(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    documents = await _publish_building(world, relay, "bat-1", 20)
+    await _shrink(world, "bat-1", documents[:2])
+    await world.wait_until(lambda: relay.held() == _held("bat-1", 18), what="the hold")
+    commands_topic = relay.settings.kafka.commands_topic
+
+    await world.publish_raw(commands_topic, key=b"agence-a:bat-1", value=b'{"command": "nuke"}')
+
+    async def dead_lettered() -> bool:
+        return any(d["source"]["topic"] == commands_topic for d in await world.dead_letters())
+
+    await world.wait_until(dead_lettered, what="the bad command in the dead-letter topic")
+    (letter,) = [d for d in await world.dead_letters() if d["source"]["topic"] == commands_topic]
+    assert letter["reason"] == "schema_violation"
+    assert relay.held() == _held("bat-1", 18)
+    assert world.sandbox.request_count("DELETE") == 0

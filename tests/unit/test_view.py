@@ -223,7 +223,7 @@ def test_restoring_from_bytes_gives_the_same_view_as_applying_records(
     records: list[DocumentRecord], drop: bool
 ) -> None:
     applied, restored = PublishedView(), PublishedView()
-    changelog = [*records, Tombstone(records[0].key)] if drop else records
+    changelog: list[StateRecord] = [*records, Tombstone(records[0].key)] if drop else [*records]
     for entry in changelog:
         applied.apply(entry)
         restored.apply_encoded(*encode_state(entry))
