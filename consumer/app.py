@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from consumer.breaker import BreakerPolicy
 from consumer.changelog import (
     ChangelogWriter,
     TopicLayout,
@@ -61,6 +62,8 @@ class Relay:
         self.api_keys = api_keys
         self.registry = CollectorRegistry()
         self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
+        for agency_id in routing.agencies:
+            self.metrics.circuit_open.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
         self._ingest: Ingest | None = None
@@ -162,6 +165,10 @@ class Relay:
                     concurrency=s.partner.concurrency,
                     default_rate_limit=default_limit,
                     rate_limits=limits,
+                    breaker=BreakerPolicy(
+                        failure_threshold=s.partner.breaker_failures,
+                        cooldown_seconds=s.partner.breaker_cooldown_s,
+                    ),
                     observer=observer,
                 )
             )

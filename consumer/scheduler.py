@@ -365,16 +365,20 @@ class Scheduler:
                 job.future.set_exception(error)
             return Outcome.PARKED if getattr(error, "needs_operator", False) else Outcome.FAILED
         retry_after: float | None = getattr(error, "retry_after", None)
+        # "Too many requests, come back then" is a rate signal, not a health one: it pauses the
+        # agency but neither counts for its breaker nor uses up the job's round of attempts. A
+        # 5xx with Retry-After pauses the agency and counts as a failure.
+        rate_limited = retry_after is not None and getattr(error, "status", None) in (None, 429)
         if retry_after is not None:
-            # The partner said when to come back, for the whole key: pause the agency. This is
-            # not a health signal, so the breaker count is left alone.
             agency.bucket.pause_until(now + max(0.0, retry_after), now=now)
+        if rate_limited:
             agency.breaker.release_probe(probe=probe)
         else:
             agency.breaker.record_failure(now, probe=probe)
         if job.future.done():
             return Outcome.CANCELLED
-        job.failures += 1
+        if not rate_limited:
+            job.failures += 1
         self._requeue(job, agency)
         if job.failures >= self._retry.max_attempts:
             job.failures = 0

@@ -71,6 +71,12 @@ class PartnerSettings(_Group):
     concurrency: int = Field(default=8, ge=1, le=256)
     default_rate_per_second: float = Field(default=5.0, gt=0)
     default_burst: int = Field(default=5, ge=1)
+    breaker_failures: int = Field(
+        default=5, ge=1, description="Failures in a row that pause an agency's partner calls."
+    )
+    breaker_cooldown_s: float = Field(
+        default=30.0, gt=0, le=600, description="First pause; doubled after a failed probe."
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -67,6 +67,8 @@ class ChouetteCoproClient:
         self._headers = {"Accept": JSON_API, "User-Agent": user_agent}
         self._observe = observe
         self._session: aiohttp.ClientSession | None = None
+        # Per agency (one API key each): no request before this monotonic time (Retry-After).
+        self._not_before: dict[str, float] = {}
 
     async def __aenter__(self) -> Self:
         if self._session is None:
@@ -159,6 +161,13 @@ class ChouetteCoproClient:
             raise RuntimeError("ChouetteCoproClient used outside 'async with'")
         key = self._keys.require(agency_id)
         headers = {"Authorization": _basic_authorization(key.get_secret_value(), agency_id)}
+        wait = self._not_before.get(agency_id, 0.0) - time.monotonic()
+        if wait > 0:
+            # Another request of this key was told to come back later: so is this one, even if
+            # it was already being prepared when that answer arrived.
+            raise PartnerRetriableError(
+                f"{operation}: ChouetteCopro asked this key to wait", status=429, retry_after=wait
+            )
         started = time.monotonic()
         outcome = "cancelled"
         try:
@@ -180,6 +189,9 @@ class ChouetteCoproClient:
         # A partner that echoes the key in an error detail must not leak it into our messages.
         body = _parse_json(raw.replace(key.get_secret_value().encode(), b"***"))
         if response.status == 429 or response.status >= 500 or response.status == 408:
+            if retry_after is not None:
+                until = time.monotonic() + retry_after
+                self._not_before[agency_id] = max(self._not_before.get(agency_id, 0.0), until)
             raise PartnerRetriableError(
                 _message(operation, response.status, body),
                 status=response.status,
