@@ -135,9 +135,7 @@ async def _report(relay: Relay, sandbox: SandboxServer, running: asyncio.Task[No
             for c in spec["buildings"].values()
         }
         line = "sandbox    " + "  ".join(f"{c}={n}" for c, n in counts.items())
-        parked = sum(
-            p["by_status"].get("parked", 0) for p in relay.status()["partitions"].values()
-        )
+        parked = sum(p["by_status"].get("parked", 0) for p in relay.status()["partitions"].values())
         line += f"  | held={held} parked={parked} dead-letters={_dead_letters(relay)}"
         if line != last:
             _say(line)
