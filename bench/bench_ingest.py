@@ -22,8 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
-import os
 import sys
 import time
 import uuid
@@ -33,17 +33,17 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter
 
+from bench.common import Measure, delete_topics, on_a_broker, report, show
 from consumer.changelog import COMPACTED_TOPIC_CONFIG, ChangelogWriter
 from consumer.decoding import decode_record
 from consumer.events import DocumentCreated
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
-from consumer.local.kafka import LocalKafka, create_topics
+from consumer.local.kafka import create_topics
 from consumer.manifest import ManifestAssembler
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
@@ -57,7 +57,6 @@ from consumer.settings import KafkaSettings
 from consumer.sinks import DeadLetterSink
 from consumer.view import PublishedView
 
-EXTERNAL_BROKER_VARIABLE = "CHOUETTE_RELAY_TEST_KAFKA"
 TARGET_RATIO = 0.6
 AGENCY = "agence-bench"
 BUILDINGS = 200
@@ -83,16 +82,6 @@ class Topics:
     manifests: str
     state: str
     dead_letters: str
-
-
-@dataclass(frozen=True)
-class Measure:
-    records: int
-    seconds: float
-
-    @property
-    def per_second(self) -> float:
-        return self.records / self.seconds
 
 
 def _event(n: int, occurred_at: dt.datetime) -> dict[str, Any]:
@@ -340,44 +329,20 @@ async def bench(bootstrap: str, *, records: int, partitions: int, rounds: int) -
         )
         for _ in range(rounds):
             bare.append(await read_bare(bootstrap, topics, records))
-            _show("(a) bare aiokafka getmany", bare[-1])
+            show("(a) bare aiokafka getmany", bare[-1])
             measure, metrics = await read_relay(bootstrap, topics, records)
             relay.append(measure)
-            _show("(b) relay Ingest + handle", measure)
+            show("(b) relay Ingest + handle", measure)
             outcomes = ", ".join(
                 f"{k}={v:,.0f}" for k, v in sorted(_totals(metrics.events).items())
             )
             calls = sum(_totals(metrics.partner_requests).values())
             print(f"      outcomes: {outcomes}; partner requests: {calls:,.0f}")
             floor.append(decode_and_plan(encoded))
-            _show("(c) decode + plan, no Kafka", floor[-1])
+            show("(c) decode + plan, no Kafka", floor[-1])
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics(list(vars(topics).values()))
-        finally:
-            await admin.close()
-    best_bare = max(m.per_second for m in bare)
-    best_relay = max(m.per_second for m in relay)
-    best_floor = max(m.per_second for m in floor)
-    ratio = best_relay / best_bare
-    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-    print(
-        f"best of {rounds}: (a) {best_bare:,.0f} records/s, (b) {best_relay:,.0f} records/s, "
-        f"(c) {best_floor:,.0f} records/s"
-    )
-    print(
-        f"ratio (b)/(a) = {ratio:.2f} (target >= {TARGET_RATIO}: {verdict}); "
-        f"(c)/(a) = {best_floor / best_bare:.2f} is the most (b) could reach"
-    )
-
-
-def _show(label: str, measure: Measure) -> None:
-    print(
-        f"{label:<28}{measure.records:>8,} records {measure.seconds:6.2f} s "
-        f"{measure.per_second:>10,.0f} records/s"
-    )
+        await delete_topics(bootstrap, list(vars(topics).values()))
+    report(rounds=rounds, bare=bare, relay=relay, floor=floor, target=TARGET_RATIO)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -389,12 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(list(argv) if argv is not None else [])
     options = {"records": args.records, "partitions": args.partitions, "rounds": args.rounds}
-    external = os.environ.get(EXTERNAL_BROKER_VARIABLE, "").strip()
-    if external:
-        asyncio.run(bench(external, **options))
-        return
-    with LocalKafka() as kafka:
-        asyncio.run(bench(kafka.bootstrap_servers, **options))
+    on_a_broker(functools.partial(bench, **options))
 
 
 if __name__ == "__main__":

@@ -19,20 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import hashlib
-import os
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
+from bench.common import Measure, delete_topics, on_a_broker, report, show
 from consumer.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
 from consumer.events import Module
-from consumer.local.kafka import LocalKafka, create_topics
+from consumer.local.kafka import create_topics
 from consumer.state import (
     BuildingRecord,
     DocKey,
@@ -43,7 +42,6 @@ from consumer.state import (
 )
 from consumer.view import PublishedView
 
-EXTERNAL_BROKER_VARIABLE = "CHOUETTE_RELAY_TEST_KAFKA"
 TARGET_RATIO = 0.7
 AGENCY = "agence-bench"
 DOCUMENTS_PER_BUILDING = 400
@@ -53,16 +51,6 @@ SEEN_AT = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 MODULES = list(Module)
 
 Encoded = tuple[bytes, bytes | None]
-
-
-@dataclass(frozen=True)
-class Measure:
-    records: int
-    seconds: float
-
-    @property
-    def per_second(self) -> float:
-        return self.records / self.seconds
 
 
 def _records(count: int) -> list[Encoded]:
@@ -179,39 +167,14 @@ async def bench(bootstrap: str, *, records: int, rounds: int) -> None:
         )
         for _ in range(rounds):
             bare.append(await read_bare(bootstrap, topic))
-            _show("(a) bare aiokafka getmany", bare[-1])
+            show("(a) bare aiokafka getmany", bare[-1])
             restore.append(await read_restore(bootstrap, topic, documents))
-            _show("(b) restore_partition", restore[-1])
+            show("(b) restore_partition", restore[-1])
             floor.append(decode_and_apply(encoded))
-            _show("(c) decode + apply, no Kafka", floor[-1])
+            show("(c) decode + apply, no Kafka", floor[-1])
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics([topic])
-        finally:
-            await admin.close()
-    best_bare = max(m.per_second for m in bare)
-    best_restore = max(m.per_second for m in restore)
-    best_floor = max(m.per_second for m in floor)
-    ratio = best_restore / best_bare
-    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-    print(
-        f"best of {rounds}: (a) {best_bare:,.0f} records/s, (b) {best_restore:,.0f} records/s, "
-        f"(c) {best_floor:,.0f} records/s"
-    )
-    print(
-        f"ratio (b)/(a) = {ratio:.2f} (target >= {TARGET_RATIO}: {verdict}); "
-        f"(c)/(a) = {best_floor / best_bare:.2f} is the most (b) could reach"
-    )
-
-
-def _show(label: str, measure: Measure) -> None:
-    print(
-        f"{label:<30}{measure.records:>9,} records {measure.seconds:6.2f} s "
-        f"{measure.per_second:>10,.0f} records/s",
-        flush=True,
-    )
+        await delete_topics(bootstrap, [topic])
+    report(rounds=rounds, bare=bare, relay=restore, floor=floor, target=TARGET_RATIO)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -222,12 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(list(argv) if argv is not None else [])
     options = {"records": args.records, "rounds": args.rounds}
-    external = os.environ.get(EXTERNAL_BROKER_VARIABLE, "").strip()
-    if external:
-        asyncio.run(bench(external, **options))
-        return
-    with LocalKafka() as kafka:
-        asyncio.run(bench(kafka.bootstrap_servers, **options))
+    on_a_broker(functools.partial(bench, **options))
 
 
 if __name__ == "__main__":

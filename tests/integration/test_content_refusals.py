@@ -16,10 +16,8 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app import Relay
@@ -27,55 +25,20 @@ from consumer.local.pdf import make_pdf
 from consumer.logs import JsonFormatter
 from consumer.settings import ContentSettings
 from consumer.state import DocStatus, DocumentRecord, decode_state
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.fixtures.relay import (
+    AgencySpec,
+    Json,
+    RelayWorld,
+    WorldFactory,
+    metric,
+    ops_get,
+    uncommitted_records,
+)
 
 pytestmark = pytest.mark.integration
 
 AGENCY = "agence-a"
 MAX_BYTES = 2048  # the test PDFs are under 1 KiB
-
-
-# -- observation helpers ---------------------------------------------------------------------
-
-
-async def ops_get(relay: Relay, path: str) -> str:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{relay.ops_port}{path}") as response,
-    ):
-        response.raise_for_status()
-        return await response.text()
-
-
-async def metric(relay: Relay, name: str, **labels: str) -> float | None:
-    """One sample scraped from ``/metrics``, or None when the relay does not expose it."""
-    for family in text_string_to_metric_families(await ops_get(relay, "/metrics")):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
-
-
-async def uncommitted_records(world: RelayWorld) -> int:
-    """Input records the relay's consumer group has not committed yet (0 once drained)."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=world.bootstrap, group_id=world.group_id, enable_auto_commit=False
-    )
-    await reader.start()
-    try:
-        await reader.topics()
-        partitions = [
-            TopicPartition(topic, partition)
-            for topic in (world.documents_topic, world.manifests_topic)
-            for partition in sorted(reader.partitions_for_topic(topic) or ())
-        ]
-        ends = await reader.end_offsets(partitions)
-        behind = 0
-        for tp in partitions:
-            behind += ends[tp] - (await reader.committed(tp) or 0)
-        return behind
-    finally:
-        await reader.stop()
 
 
 async def wait_until_committed(world: RelayWorld) -> None:

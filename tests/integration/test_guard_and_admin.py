@@ -20,7 +20,7 @@ import pytest
 
 from consumer.app import Relay
 from consumer.settings import HttpSettings
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, metric
 
 pytestmark = pytest.mark.integration
 
@@ -43,17 +43,7 @@ async def _call(
 
 
 async def _held_gauge(relay: Relay, agency: str) -> float | None:
-    assert relay.ops_port is not None
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{relay.ops_port}/metrics") as response,
-    ):
-        text = await response.text()
-    prefix = f'chouette_relay_held_deletions{{agency="{agency}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.removeprefix(prefix))
-    return None
+    return await metric(relay, "chouette_relay_held_deletions", agency=agency)
 
 
 def _token_http(tmp: Path) -> HttpSettings:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer.app import Relay
 from consumer.decoding import PoisonReason
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, ops_get
 
 pytestmark = pytest.mark.integration
 
@@ -249,15 +248,8 @@ def _header(headers: Any, name: str) -> bytes | None:
 
 
 async def _scrape_dead_letters(relay: Relay) -> Counter[str]:
-    assert relay.ops_port is not None
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{relay.ops_port}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
     counts: Counter[str] = Counter()
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(await ops_get(relay, "/metrics")):
         for sample in family.samples:
             if sample.name == DEAD_LETTERS_TOTAL and sample.value:
                 counts[sample.labels["reason"]] += int(sample.value)
