@@ -13,6 +13,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import os
 import re
@@ -224,6 +225,16 @@ async def _broker_answers(bootstrap: str) -> bool:
         await client.close()
 
 
+def _die_with_parent() -> None:
+    """In the broker's process, before exec: on Linux, get SIGTERM when the relay dies.
+
+    A relay (or test run) killed with SIGKILL cannot stop its broker; the kernel can.
+    """
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _port_accepts(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
         return True
@@ -374,6 +385,7 @@ class LocalKafka:
             stderr=subprocess.STDOUT,
             cwd=data_dir,
             start_new_session=True,  # its own process group, so stop() reaches every child
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, safe after fork
         )
         bootstrap = f"127.0.0.1:{port}"
         while True:
