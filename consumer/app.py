@@ -104,7 +104,25 @@ class Relay:
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),
             "held": self.held(),
+            "parked": self.parked(),
         }
+
+    def parked(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Documents parked until an operator fixes something, with why (at most ``limit``)."""
+        found: list[dict[str, Any]] = []
+        for processor in self._ingest.processors.values() if self._ingest else ():
+            for record in processor.view.parked():
+                if len(found) >= limit:
+                    return found
+                found.append(
+                    {
+                        "agency": record.key.agency_id,
+                        "building": record.key.building_id,
+                        "document": record.key.document_id,
+                        "reason": record.parked_reason,
+                    }
+                )
+        return found
 
     def held(self) -> list[dict[str, Any]]:
         found: dict[tuple[str, str], int] = {}

@@ -163,6 +163,10 @@ class OperationExecutor:
                 reason, detail = "content_rejected", f"{exc.reason}: {exc}"
             else:
                 reason, detail = "partner_rejected", str(exc)
+            if source.offset < 0:
+                # Work the relay started itself (a parked document sent again): there is no input
+                # record to dead-letter, so the document stays parked with the refusal.
+                return await self._park(upload, base, f"{reason}: {detail}")
             await self._dead_letters.send(
                 source, reason=reason, detail=f"document {upload.key.document_id}: {detail}"
             )
@@ -171,26 +175,28 @@ class OperationExecutor:
             self._metrics.operations.labels(lane, "upload", "dead_lettered").inc()
             return base
         except PartnerParkedError as exc:
-            parked = dataclasses.replace(
-                intent_record(upload),
-                status=DocStatus.PARKED,
-                parked_reason=f"partner: {exc}",
-                document=upload.document,
-                remote_id=base.remote_id if base else None,
-            )
-            await self._writer.write(parked)
-            self._settle(upload.key, parked)
-            self._metrics.operations.labels(lane, "upload", "parked").inc()
-            log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing
-                "document parked", extra={"key": upload.key.encode().decode(), "why": str(exc)}
-            )
-            return base
+            return await self._park(upload, base, f"partner: {exc}")
         if result is not None:
             self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
+
+    async def _park(self, upload: Upload, base: RemoteState | None, why: str) -> RemoteState | None:
+        """Keep the document (whole) until an operator fixes what stops it; counted and logged."""
+        parked = dataclasses.replace(
+            intent_record(upload),
+            status=DocStatus.PARKED,
+            parked_reason=why,
+            document=upload.document,
+            remote_id=base.remote_id if base else None,
+        )
+        await self._writer.write(parked)
+        self._settle(upload.key, parked)
+        self._metrics.operations.labels(upload.lane.value, "upload", "parked").inc()
+        log.error("document parked", extra={"key": upload.key.encode().decode(), "why": why})
+        return base
 
     async def _attempt_upload(
         self, upload: Upload, base: RemoteState | None, tried: _Tried

@@ -78,10 +78,13 @@ class Ingest:
         log.info("partitions assigned", extra={"partitions": sorted(partitions)})
 
     async def revoke(self, partitions: set[int]) -> None:
-        for partition in sorted(partitions & set(self.processors)):
-            processor = self.processors.pop(partition)
-            await processor.close()
+        leaving = sorted(partitions & set(self.processors))
+        for partition in leaving:
+            await self.processors[partition].close()
+        # What these partitions finished is committed before they go: the next owner starts there.
         await self.commit()
+        for partition in leaving:
+            del self.processors[partition]
         self._assigned -= partitions
         self._metrics.partitions_ready.set(len(self.processors))
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})

@@ -281,6 +281,13 @@ class SandboxServer:
             self._accounts[api_key] = dataclasses.replace(self._accounts[api_key], rate_limit=limit)
         self._buckets.clear()
 
+    def grant(self, api_key: str, condominium_id: str) -> None:
+        """Give an account access to one more condominium (as ChouetteCopro's admin would)."""
+        account = self._accounts[api_key]
+        self._accounts[api_key] = dataclasses.replace(
+            account, condominia=account.condominia | {condominium_id}
+        )
+
     def seed_manual_document(self, condominium_id: str, title: str) -> str:
         """A document created by hand in ChouetteCopro (no reference); returns its id."""
         document = SandboxDocument(
