@@ -46,6 +46,7 @@ class Outcome(StrEnum):
     PARKED = "parked"  # waits for an operator (unmapped building)
     APPLIED = "applied"  # a manifest reconciled its building
     HELD = "held"  # ... and the guard held its withdrawals
+    UNSERVED = "unserved"  # a manifest of an agency or modules the relay does not serve
     RELEASED = "released"
     DISCARDED = "discarded"
     RETRIED = "retried"
@@ -358,8 +359,18 @@ def plan_manifest(
         ]
     else:
         planner.operations += [_delete(record) for record in withdrawn]
-    decided = planner.decided | dict.fromkeys(planner.covered, manifest.taken_at)
-    planner.records.append(BuildingRecord(manifest.agency_id, manifest.building_id, decided, True))
+    # Only modules the relay serves for this agency are "decided": one that is enabled later (or
+    # an agency added to the routing later) then gets its first publication, in its own mode,
+    # instead of being taken as already published.
+    agency = routing.agency(manifest.agency_id)
+    served = planner.covered & agency.modules if agency is not None else set()
+    if served:
+        decided = planner.decided | dict.fromkeys(served, manifest.taken_at)
+        planner.records.append(
+            BuildingRecord(manifest.agency_id, manifest.building_id, decided, True)
+        )
+    elif not planner.operations and not planner.records:
+        outcome = Outcome.UNSERVED
     return Plan(outcome, tuple(planner.operations), tuple(planner.records))
 
 

@@ -315,6 +315,55 @@ def test_first_publication_fresh_sends_nothing_and_keeps_what_is_published() -> 
     assert statuses(plan) == {"d1": DocStatus.BASELINE, "d2": DocStatus.BASELINE}
 
 
+def applied(view: PublishedView, plan: Plan) -> PublishedView:
+    for record in plan.records:
+        view.apply(record)
+    return view
+
+
+def test_an_agency_added_to_the_routing_later_gets_its_own_first_publication() -> None:
+    # LSC publishes for every agency; this one is not served yet, so nothing is decided for it.
+    unserved = RoutingTable.from_mapping(
+        {"agencies": {"agence-nice": {"modules": ["ag"], "first_publication": "history"}}}
+    )
+    view = PublishedView()
+    before = plan_manifest(view, unserved, manifest(at(0), doc("d1"), doc("d2")), GUARD)
+    assert before.outcome is Outcome.UNSERVED
+    assert before.operations == ()
+    assert applied(view, before).building(AGENCY, BUILDING) is None
+
+    # Onboarded in "fresh" mode: its next manifest is its first publication, sent nothing.
+    plan = plan_manifest(view, routing("fresh"), manifest(at(10), doc("d1"), doc("d2")), GUARD)
+    assert plan.operations == ()
+    assert statuses(plan) == {"d1": DocStatus.BASELINE, "d2": DocStatus.BASELINE}
+
+
+def test_a_module_enabled_later_follows_the_agency_first_publication_mode() -> None:
+    ag_only = RoutingTable.from_mapping(
+        {
+            "agencies": {
+                AGENCY: {
+                    "modules": ["ag"],
+                    "first_publication": "fresh",
+                    "condominia": {BUILDING: "8841"},
+                }
+            }
+        }
+    )
+    view = PublishedView()
+    items = [doc("pv"), doc("contrat", module="contrats")]
+    first = plan_manifest(view, ag_only, manifest(at(0), *items), GUARD)
+    applied(view, first)
+    decided_modules = view.building(AGENCY, BUILDING)
+    assert decided_modules is not None
+    assert set(decided_modules.manifest_taken_at) == {Module.AG}
+
+    # "contrats" enabled: still fresh for it, so its history is baseline, not sent.
+    plan = plan_manifest(view, routing("fresh"), manifest(at(10), *items), GUARD)
+    assert plan.operations == ()
+    assert statuses(plan) == {"contrat": DocStatus.BASELINE}
+
+
 def test_later_manifests_send_new_and_changed_documents_only() -> None:
     view = view_of(
         decided(at(0), Module.AG, Module.CONTRATS),
