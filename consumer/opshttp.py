@@ -14,6 +14,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
+from consumer.webserver import AppServer
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +28,8 @@ class RelayControl(Protocol):
     ) -> dict[str, Any]: ...
 
 
-class OpsServer:
-    """An aiohttp server on the configured port; an async context manager."""
+class OpsServer(AppServer):
+    """The ops endpoints on the configured port; an async context manager."""
 
     def __init__(
         self,
@@ -38,15 +40,12 @@ class OpsServer:
         port: int,
         admin_token: SecretStr | None,
     ) -> None:
+        super().__init__(host=host, port=port)
         self._control = control
         self._registry = registry
-        self._host = host
-        self._port = port
         self._token = admin_token
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
 
-    async def __aenter__(self) -> OpsServer:
+    def build_app(self) -> web.Application:
         app = web.Application()
         app.add_routes(
             [
@@ -58,19 +57,11 @@ class OpsServer:
                 web.post("/admin/held/{agency}/{building}/{action:release|discard}", self._settle),
             ]
         )
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self._port
-        log.info("ops server listening", extra={"host": self._host, "port": self.port})
-        return self
+        return app
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+    async def start(self) -> None:
+        await super().start()
+        log.info("ops server listening", extra={"host": self.host, "port": self.port})
 
     async def _livez(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -13,12 +13,12 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
-from types import TracebackType
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 from aiohttp import web
 
 from consumer.local.pdf import make_pdf
+from consumer.webserver import AppServer
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _ENDLESS_CHUNK = b"%PDF-1.4\n" + b"0" * 65_527
@@ -39,59 +39,21 @@ class _Fault:
     hide_length: bool = False
 
 
-class DocumentStore:
+class DocumentStore(AppServer):
     """In-memory PDF server; ``async with DocumentStore() as store: store.add_pdf(...)``."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, chunk_size: int = 16_384) -> None:
-        self._host = host
-        self._requested_port = port
+        super().__init__(host=host, port=port)
         self._chunk_size = chunk_size
         self._files: dict[str, bytes] = {}
         self._endless: set[str] = set()
         self._faults: dict[str, _Fault] = {}
         self._requests: Counter[str] = Counter()
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        self._closing = asyncio.Event()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/documents/{name}.pdf", self._serve)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, self._host, self._requested_port)
-        await site.start()
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        self._closing.clear()
-
-    async def close(self) -> None:
-        self._closing.set()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the document store is not started")
-        return self._port
+        return app
 
     @property
     def base_url(self) -> str:
@@ -164,7 +126,7 @@ class DocumentStore:
             for start in range(0, len(data), self._chunk_size):
                 if fault.chunk_delay_s:
                     with contextlib.suppress(TimeoutError):  # a closing store stops waiting
-                        await asyncio.wait_for(self._closing.wait(), fault.chunk_delay_s)
+                        await asyncio.wait_for(self.closing.wait(), fault.chunk_delay_s)
                 await response.write(data[start : start + self._chunk_size])
             await response.write_eof()
         except ConnectionError:

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -38,6 +37,8 @@ from openapi_core.templating.paths.exceptions import OperationNotFound, PathNotF
 from openapi_core.validation.request.exceptions import ParameterValidationError
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from consumer.webserver import AppServer
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _load_contract(path: Path) -> OpenAPI:
     return OpenAPI.from_file_path(str(path), config=config)
 
 
-class SandboxServer:
+class SandboxServer(AppServer):
     """``async with SandboxServer(accounts={"key": {"c-1"}}) as sandbox: sandbox.base_url``."""
 
     def __init__(
@@ -180,14 +181,11 @@ class SandboxServer:
         }
         self._default_limit = rate_limit
         self._keep_bytes = keep_bytes
-        self._host = host
-        self._requested_port = port
+        super().__init__(host=host, port=port)
         self._contract = _load_contract(schema_path)
         self._clock = clock
         self._random = random.Random(seed)  # noqa: S311 - fault sampling, not cryptography
         self._max_upload_bytes = max_upload_bytes
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
         self._faults = _FaultState()
         self._buckets: dict[str, _TokenBucket] = {}
         self._not_before: dict[str, float] = {}
@@ -198,23 +196,10 @@ class SandboxServer:
         self._bytes: dict[str, bytes] = {}
         self._creates: Counter[str] = Counter()
         self._next_id = 1
-        self._closing = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
+    def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self._max_upload_bytes)
         api = "/api/v1"
         app.router.add_get(f"{api}/condominia/{{id}}", self._api(self._get_condominium))
@@ -229,24 +214,7 @@ class SandboxServer:
         app.router.add_post("/_sandbox/faults", self._control_set_faults)
         app.router.add_delete("/_sandbox/faults", self._control_clear_faults)
         app.router.add_post("/_sandbox/manual-documents", self._control_seed)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, self._host, self._requested_port).start()
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        self._closing.clear()
-
-    async def close(self) -> None:
-        self._closing.set()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the sandbox is not started")
-        return self._port
+        return app
 
     @property
     def base_url(self) -> str:
@@ -371,7 +339,7 @@ class SandboxServer:
         if self._faults.latency_ms:
             # Wakes early when the sandbox closes, so shutdown never waits for injected latency.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._faults.latency_ms / 1000)
+                await asyncio.wait_for(self.closing.wait(), self._faults.latency_ms / 1000)
         now = self._clock()
         api_key, auth_problem = self._authenticate(request)
         if api_key is not None and now < self._not_before.get(api_key, -math.inf):
