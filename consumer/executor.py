@@ -206,6 +206,7 @@ class OperationExecutor:
         current = base
         if tried.reached_partner and current is None:
             # The last attempt may have reached the partner before failing: look before acting.
+            # The lookup is this attempt's first request; the upload after it needs its own token.
             found = await self._lookup(upload)
             if found is not None:
                 current = RemoteState(found.remote_id, found.sha256 or "")
@@ -217,6 +218,8 @@ class OperationExecutor:
         if current is not None:
             intent = dataclasses.replace(intent, remote_id=current.remote_id)
         await self._writer.write(intent)
+        if tried.reached_partner and base is None:
+            await self._scheduler.take_token(upload.key.agency_id)
         tried.reached_partner = True
         remote = await self._send(upload, current, body)
         await self._writer.write(published_record(upload, remote.remote_id, sha))
@@ -237,7 +240,9 @@ class OperationExecutor:
             except PartnerRejectedError as exc:
                 if exc.status != 404:
                     raise
-                # Deleted by hand on the partner's side: publish it again as a new document.
+                # Deleted by hand on the partner's side: publish it again as a new document,
+                # a second request of this attempt, with a token of its own.
+                await self._scheduler.take_token(agency)
         return await self._partner.upload(
             agency_id=agency,
             condominium_id=upload.condominium_id,

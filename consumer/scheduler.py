@@ -232,6 +232,20 @@ class Scheduler:
         self._wake()
         return future
 
+    async def take_token(self, agency_id: str) -> None:
+        """Wait for one more of the agency's tokens, for a job that needs a second request.
+
+        A job's attempt takes one token when it starts; a job that sends another request in the
+        same attempt (a lookup before uploading again) takes one more here, so that every request
+        counts against the agency's rate and respects its Retry-After pause.
+        """
+        agency = self._agency(agency_id)
+        while True:
+            now = self._clock()
+            if agency.bucket.try_take(now):
+                return
+            await asyncio.sleep(max(agency.bucket.available_at(now) - now, 0.001))
+
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
         """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
         try:

@@ -215,6 +215,36 @@ async def test_an_agencys_rate_is_never_exceeded(make_scheduler: MakeScheduler) 
     assert sent[-1] - sent[0] == pytest.approx((60 - burst) / rate, abs=0.25)
 
 
+async def test_a_job_that_sends_a_second_request_takes_a_second_token(
+    make_scheduler: MakeScheduler,
+) -> None:
+    rate, burst = 50.0, 2
+    sent: list[float] = []
+    scheduler = make_scheduler(
+        concurrency=4, default_rate_limit=RateLimit(rate_per_second=rate, burst=burst)
+    )
+
+    async def lookup_then_upload() -> str:
+        sent.append(time.monotonic())  # the lookup: the attempt's own token
+        await scheduler.take_token("a")
+        sent.append(time.monotonic())  # the upload after it
+        return "ok"
+
+    async with scheduler:
+        await all_done(
+            [scheduler.submit(lookup_then_upload, agency_id="a", lane=Lane.LIVE) for _ in range(20)]
+        )
+
+    sent.sort()
+    assert len(sent) == 40
+    for window in (0.1, 0.25, 0.5):
+        most = max(
+            sum(1 for later in sent[index:] if later - start < window)
+            for index, start in enumerate(sent)
+        )
+        assert most <= rate * window + burst, (window, most)
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 
