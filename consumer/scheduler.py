@@ -171,6 +171,9 @@ class Scheduler:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         self._concurrency = concurrency
+        # Backfill may use every worker but one, so a live document never waits behind it.
+        self._backfill_slots = max(1, concurrency - 1)
+        self._backfill_running = 0
         self._default_limit = default_rate_limit or RateLimit()
         self._limits = dict(rate_limits or {})
         self._retry = retry or RetryPolicy()
@@ -316,6 +319,8 @@ class Scheduler:
             self._make_ready(job, self._agencies[job.agency], first=True)
         wake_at = self._delayed[0][0] if self._delayed else None
         for lane in _LANES:
+            if lane is Lane.BACKFILL and self._backfill_running >= self._backfill_slots:
+                break  # the last worker stays free for live work, however long the backfill
             rotation = self._rotation[lane]
             for name in list(rotation):
                 agency = self._agencies[name]
@@ -344,11 +349,14 @@ class Scheduler:
         probe = agency.breaker.start(now)
         self._unqueue(job)
         agency.running += 1
+        backfill = job.lane is Lane.BACKFILL
+        self._backfill_running += backfill
         self._observer.job_started(job.agency, job.lane)
         try:
             outcome = await self._settle(job, agency, probe=probe)
         finally:
             agency.running -= 1
+            self._backfill_running -= backfill
         self._observer.job_finished(job.agency, job.lane, outcome, self._clock() - now)
 
     async def _settle(self, job: _Job, agency: _Agency, *, probe: bool) -> Outcome:

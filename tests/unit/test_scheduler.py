@@ -245,6 +245,37 @@ async def test_a_job_that_sends_a_second_request_takes_a_second_token(
         assert most <= rate * window + burst, (window, most)
 
 
+async def test_a_long_backfill_never_takes_the_last_worker_from_live_work(
+    make_scheduler: MakeScheduler,
+) -> None:
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def slow_backfill() -> str:
+        started.append("backfill")
+        await release.wait()
+        return "backfill"
+
+    live_started = asyncio.Event()
+
+    async def live() -> str:
+        live_started.set()
+        return "live"
+
+    async with make_scheduler(concurrency=3) as scheduler:
+        backfill = [
+            scheduler.submit(slow_backfill, agency_id="a", lane=Lane.BACKFILL) for _ in range(10)
+        ]
+        await eventually(lambda: len(started) == 2)
+        first = scheduler.submit(live, agency_id="b", lane=Lane.LIVE)
+        # Two workers hold backfill uploads that do not end; the third takes the live job.
+        await asyncio.wait_for(live_started.wait(), DEADLINE_SECONDS)
+        assert await first == "live"
+        assert len(started) == 2
+        release.set()
+        await all_done(backfill)
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 
