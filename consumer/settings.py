@@ -55,10 +55,6 @@ class KafkaSettings(_Group):
                 raise ValueError(f"{part!r} is not host:port (example: kafka-0.kafka:9092)")
         return value.strip()
 
-    @property
-    def bootstrap_list(self) -> list[str]:
-        return [p.strip() for p in self.bootstrap_servers.split(",") if p.strip()]
-
 
 class PartnerSettings(_Group):
     base_url: str = Field(
