@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create the virtualenv and install the relay with its dev tools
+install: $(STAMP) ## Create the virtualenv, install the relay, its dev tools, Kafka jars and promtool
 	$(BIN)/python -m consumer.local.kafka fetch
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus) for the alert rule tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool not found: the alert rule tests will be skipped (install the prometheus package)"; \
+	  fi; }
 
 run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo
 	$(BIN)/chouette-relay run
