@@ -239,6 +239,7 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
                 metrics=metrics,
                 max_value_bytes=settings.max_value_bytes,
                 clock=lambda: dt.datetime.now(dt.UTC),
+                on_failure=_raise,
             )
 
         ingest = Ingest(
@@ -272,6 +273,10 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
         for processor in ingest.processors.values():
             await processor.close()
         return Measure(done(), seconds), metrics
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 def decode_and_plan(records: list[tuple[bytes, bytes]]) -> Measure:

@@ -66,6 +66,7 @@ class Relay:
             self.metrics.circuit_open.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
+        self.failure: BaseException | None = None
         self._ingest: Ingest | None = None
         self._scheduler: Scheduler | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -300,6 +301,7 @@ class Relay:
             metrics=self.metrics,
             max_value_bytes=s.kafka.max_value_bytes,
             clock=lambda: dt.datetime.now(dt.UTC),
+            on_failure=self._fail,
         )
         retried = processor.retry_parked()
         if retried:
@@ -350,6 +352,12 @@ class Relay:
             snapshot = self._scheduler.snapshot()
             for lane, age in snapshot.oldest_pending_seconds.items():
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
+
+    def _fail(self, error: BaseException) -> None:
+        """Unexpected failure of partition work: stop (drain, commit what is done) and exit 1."""
+        log.error("partition work failed; stopping", exc_info=error)
+        self.failure = error
+        self.stopping.set()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

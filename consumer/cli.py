@@ -91,7 +91,7 @@ async def _run(settings: Settings) -> int:
     relay = Relay(settings=settings, routing=routing, api_keys=api_keys)
     relay.install_signal_handlers()
     await relay.run()
-    return 0
+    return 1 if relay.failure is not None else 0
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class OperationExecutor:
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._chains: dict[DocKey, asyncio.Task[RemoteState | None]] = {}
+        # Every unfinished operation, not only chain heads: closing must stop them all.
+        self._running: set[asyncio.Task[RemoteState | None]] = set()
 
     @property
     def in_flight(self) -> int:
@@ -95,6 +97,7 @@ class OperationExecutor:
             self._run(operation, previous, source), name=f"op:{key.encode()!r}"
         )
         self._chains[key] = task
+        self._running.add(task)
         lane = operation.lane if isinstance(operation, Upload) else Lane.LIVE
         kind = "upload" if isinstance(operation, Upload) else "delete"
         backlog = self._metrics.backlog.labels(lane.value, kind)
@@ -102,6 +105,7 @@ class OperationExecutor:
 
         def finished(done: asyncio.Task[RemoteState | None]) -> None:
             backlog.dec()
+            self._running.discard(done)
             if self._chains.get(key) is done:
                 del self._chains[key]
 
@@ -114,7 +118,7 @@ class OperationExecutor:
         return task
 
     async def cancel_all(self) -> None:
-        tasks = list(self._chains.values())
+        tasks = list(self._running)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

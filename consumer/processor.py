@@ -61,6 +61,7 @@ class PartitionProcessor:
         metrics: RelayMetrics,
         max_value_bytes: int,
         clock: Callable[[], dt.datetime],
+        on_failure: Callable[[BaseException], None],
     ) -> None:
         self.partition = partition
         self.view = view
@@ -75,6 +76,7 @@ class PartitionProcessor:
         self._metrics = metrics
         self._max_value_bytes = max_value_bytes
         self._clock = clock
+        self._on_failure = on_failure
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
@@ -254,6 +256,10 @@ class PartitionProcessor:
 
     def _forget_completion(self, task: asyncio.Task[None]) -> None:
         self._completions.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Work that failed in an unexpected way (the changelog unreachable, a bug) would hold
+            # its offsets forever: stop instead, and let the restart redo it from the commit.
+            self._on_failure(error)
         for place, tail in list(self._building_tails.items()):
             if tail is task:
                 del self._building_tails[place]

@@ -74,6 +74,9 @@ async def run_local(settings: Settings) -> int:
         await _publish_demo(bootstrap, local, store)
         await _report(relay, sandbox, running)
         await running
+    if relay.failure is not None:
+        _say(f"stopped after a failure: {relay.failure!r}")
+        return 1
     _say("stopped.")
     return 0
 
