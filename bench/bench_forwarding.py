@@ -45,8 +45,9 @@ from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
 from consumer.partner.keys import ApiKeyStore
 from consumer.planner import Lane, Upload
+from consumer.records import SourceRecord
 from consumer.scheduler import RateLimit, Scheduler
-from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.sinks import DeadLetterSink
 from consumer.state import DocKey, StateRecord
 from consumer.view import PublishedView
 

@@ -17,7 +17,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from consumer.changelog import restore_partition, topic_partitions
-from consumer.commands import HeldAction, OperatorCommand, send_command
+from consumer.command_sender import send_command
+from consumer.commands import HeldAction, OperatorCommand
 from consumer.errors import ConfigError
 from consumer.settings import Settings
 from consumer.state import DocStatus

@@ -28,7 +28,8 @@ from consumer.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.commands import HeldAction, OperatorCommand, send_command
+from consumer.command_sender import send_command
+from consumer.commands import HeldAction, OperatorCommand
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -67,7 +68,7 @@ class Relay:
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
         self.failure: BaseException | None = None
-        self._ingest: Ingest | None = None
+        self._ingest: Ingest[PartitionProcessor] | None = None
         self._scheduler: Scheduler | None = None
         self._producer: AIOKafkaProducer | None = None
         self._restoring: dict[int, float] = {}

@@ -4,7 +4,8 @@ The mass-deletion guard holds withdrawals in the view of the partition that owns
 only the replica that owns that partition can act on them. So an operator command (release or
 discard the held withdrawals of one building) is a record on the commands topic, keyed like the
 input topics so it lands on the same partition number: whichever replica owns the building reads
-it in order with the building's events. Any replica, or the CLI, can send one.
+it in order with the building's events. Any replica, or the CLI, can send one. This module is the
+command itself and its decoding; sending it is the Kafka edge's part (``send_command``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import datetime as dt
 from enum import StrEnum
 from typing import Annotated, Literal
 
-import orjson
-from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from consumer.decoding import Poison, PoisonReason
@@ -54,13 +53,3 @@ def decode_command(key: bytes | None, value: bytes | None) -> OperatorCommand | 
     if key != command.key:
         return Poison(PoisonReason.KEY_MISMATCH, f"key {key!r} is not {command.key!r}")
     return command
-
-
-async def send_command(
-    producer: AIOKafkaProducer, topic: str, command: OperatorCommand
-) -> tuple[int, int]:
-    """Send ``command``; returns the partition and offset it was written to."""
-    value = orjson.dumps(command.model_dump(mode="json"))
-    delivery = await producer.send(topic, value=value, key=command.key)
-    metadata = await delivery
-    return int(metadata.partition), int(metadata.offset)

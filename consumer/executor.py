@@ -27,8 +27,8 @@ from consumer.planner import (
     intent_record,
     published_record,
 )
+from consumer.records import SourceRecord
 from consumer.scheduler import Scheduler
-from consumer.sinks import DeadLetterSink, SourceRecord
 from consumer.state import DocKey, DocStatus, StateRecord, Tombstone
 from consumer.view import PublishedView
 
@@ -43,6 +43,12 @@ class RecordWriter(Protocol):
 
 class ContentSource(Protocol):
     async def fetch(self, content: Content) -> bytes: ...
+
+
+class DeadLetters(Protocol):
+    """Where rejected input goes; the composition root passes the Kafka dead-letter sink."""
+
+    async def send(self, source: SourceRecord, *, reason: str, detail: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -69,7 +75,7 @@ class OperationExecutor:
         scheduler: Scheduler,
         partner: ChouetteCoproClient,
         content: ContentSource,
-        dead_letters: DeadLetterSink,
+        dead_letters: DeadLetters,
         metrics: RelayMetrics,
     ) -> None:
         self._view = view

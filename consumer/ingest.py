@@ -11,22 +11,37 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from consumer.metrics import RelayMetrics
-from consumer.processor import PartitionProcessor
-from consumer.sinks import SourceRecord
+from consumer.records import SourceRecord
 
 log = logging.getLogger(__name__)
 
-ProcessorFactory = Callable[[int], Awaitable[PartitionProcessor]]
+
+class PartitionWork(Protocol):
+    """What ingest needs of a partition's processor; the composition root supplies the real one."""
+
+    @property
+    def pending_operations(self) -> int: ...
+
+    def committable(self) -> dict[str, int]: ...
+
+    async def handle(self, source: SourceRecord) -> None: ...
+
+    def expire(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=PartitionWork)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
-    def __init__(self, ingest: Ingest) -> None:
+    def __init__(self, ingest: Ingest[Any]) -> None:
         self._ingest = ingest
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -36,7 +51,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._ingest.assign({tp.partition for tp in assigned})
 
 
-class Ingest:
+class Ingest(Generic[P]):
     """Reads both input topics and routes each record to its partition's processor."""
 
     def __init__(
@@ -44,7 +59,7 @@ class Ingest:
         *,
         consumer: AIOKafkaConsumer,
         topics: list[str],
-        processor_factory: ProcessorFactory,
+        processor_factory: Callable[[int], Awaitable[P]],
         metrics: RelayMetrics,
         commit_interval_s: float,
         max_records: int,
@@ -57,7 +72,7 @@ class Ingest:
         self._commit_interval_s = commit_interval_s
         self._max_records = max_records
         self._max_pending = max_pending_per_partition
-        self.processors: dict[int, PartitionProcessor] = {}
+        self.processors: dict[int, P] = {}
         self._assigned: set[int] = set()
         self._consuming = False
         self._stopping = asyncio.Event()

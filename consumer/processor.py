@@ -31,8 +31,9 @@ from consumer.planner import (
     release_held,
     retry_parked,
 )
+from consumer.records import SourceRecord
 from consumer.routing import RoutingTable
-from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.sinks import DeadLetterSink
 from consumer.state import BuildingRecord
 from consumer.view import PublishedView
 

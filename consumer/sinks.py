@@ -1,7 +1,7 @@
 """Where input goes when it cannot be forwarded: the dead-letter topic.
 
-``SourceRecord`` is an input record as read, bytes untouched, so that the dead-letter envelope can
-carry exactly what LSC sent (key, value, headers) with its topic, partition and offset.
+The sink wraps a ``SourceRecord`` (bytes untouched) in the dead-letter envelope, so the topic
+carries exactly what LSC sent (key, value, headers) with its topic, partition and offset.
 """
 
 from __future__ import annotations
@@ -9,25 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 
 from consumer.deadletter import build_dead_letter
 from consumer.metrics import RelayMetrics
+from consumer.records import SourceRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
 
 
 class DeadLetterSink:

@@ -15,8 +15,9 @@ from consumer.guard import DeletionGuard
 from consumer.manifest import ManifestAssembler
 from consumer.metrics import RelayMetrics
 from consumer.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.records import SourceRecord
 from consumer.routing import RoutingTable
-from consumer.sinks import DeadLetterSink, SourceRecord
+from consumer.sinks import DeadLetterSink
 from consumer.state import StateRecord
 from consumer.view import PublishedView
 
