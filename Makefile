@@ -46,9 +46,10 @@ test-unit: install ## Unit tests only (no broker)
 test-integration: install ## Integration tests (real local Kafka, loopback HTTP servers)
 	$(BIN)/pytest -q tests/integration
 
-lint: install ## ruff lint and format check
+lint: install ## ruff lint and format check, and the import layering contracts (lint-imports)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install ## mypy --strict over the package, tests and benchmarks
 	$(BIN)/mypy

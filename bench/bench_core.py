@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from consumer.events import Document, ManifestSnapshot, Module
-from consumer.guard import DeletionGuard
-from consumer.manifest import ManifestAssembler
-from consumer.planner import Delete, Plan, Upload, plan_manifest
-from consumer.routing import RoutingTable
-from consumer.state import DocKey, DocStatus, DocumentRecord
-from consumer.view import PublishedView
+from consumer.core.events import Document, ManifestSnapshot, Module
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import ManifestAssembler
+from consumer.core.planner import Delete, Plan, Upload, plan_manifest
+from consumer.core.routing import RoutingTable
+from consumer.core.state import DocKey, DocStatus, DocumentRecord
+from consumer.core.view import PublishedView
 
 AGENCY, BUILDING = "agence-lyon", "bat-12"
 TAKEN_AT = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)

@@ -37,19 +37,19 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from consumer.events import Document
-from consumer.executor import OperationExecutor
+from consumer.core.events import Document
+from consumer.core.planner import Lane, Upload
+from consumer.core.records import SourceRecord
+from consumer.core.state import DocKey, StateRecord
+from consumer.core.view import PublishedView
+from consumer.kafka.deadletters import DeadLetterSink
 from consumer.local.pdf import make_pdf
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
+from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
-from consumer.planner import Lane, Upload
-from consumer.records import SourceRecord
-from consumer.scheduler import RateLimit, Scheduler
-from consumer.sinks import DeadLetterSink
-from consumer.state import DocKey, StateRecord
-from consumer.view import PublishedView
+from consumer.partner.scheduler import RateLimit, Scheduler
 
 AGENCY = "agence-bench"
 API_KEY = "bench-key"

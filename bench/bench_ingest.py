@@ -37,25 +37,25 @@ from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter
 
 from bench.common import Measure, delete_topics, on_a_broker, report, show
-from consumer.changelog import COMPACTED_TOPIC_CONFIG, ChangelogWriter
-from consumer.decoding import decode_record
-from consumer.events import DocumentCreated
-from consumer.executor import OperationExecutor
-from consumer.guard import DeletionGuard
-from consumer.ingest import Ingest
+from consumer.app.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.decoding import decode_record
+from consumer.core.events import DocumentCreated
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import ManifestAssembler
+from consumer.core.planner import plan_document
+from consumer.core.routing import RoutingTable
+from consumer.core.view import PublishedView
+from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, ChangelogWriter
+from consumer.kafka.deadletters import DeadLetterSink
+from consumer.kafka.ingest import Ingest
 from consumer.local.kafka import create_topics
-from consumer.manifest import ManifestAssembler
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
+from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
-from consumer.planner import plan_document
-from consumer.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
-from consumer.routing import RoutingTable
-from consumer.scheduler import Scheduler
+from consumer.partner.scheduler import Scheduler
 from consumer.settings import KafkaSettings
-from consumer.sinks import DeadLetterSink
-from consumer.view import PublishedView
 
 TARGET_RATIO = 0.6
 AGENCY = "agence-bench"
@@ -148,7 +148,7 @@ async def _fill(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) 
 
 
 def _consumer(bootstrap: str, settings: KafkaSettings) -> AIOKafkaConsumer:
-    """The relay's consumer configuration (see ``consumer.app``), without a group: both sides
+    """The relay's consumer configuration (see ``consumer.app.relay``), without a group: both sides
     are assigned every partition by hand, so neither waits for a group to form."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,

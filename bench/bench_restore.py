@@ -5,7 +5,7 @@ documents of a few hundred buildings and their building records, encoded with ``
 then read with the fetch settings the relay's restore uses (4 MiB per partition fetch,
 ``getmany`` of up to 10,000 records), each run including the reader's start and stop:
 (a) a bare aiokafka consumer that only counts records;
-(b) ``consumer.changelog.restore_partition`` into an empty ``PublishedView`` (decode every
+(b) ``consumer.kafka.changelog.restore_partition`` into an empty ``PublishedView`` (decode every
     record, apply it);
 (c) decode and apply the same records from memory, no Kafka: the most (b) could reach.
 Target: (b) restores at least 0.7 times as many records per second as (a) reads.
@@ -29,10 +29,8 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import Measure, delete_topics, on_a_broker, report, show
-from consumer.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
-from consumer.events import Module
-from consumer.local.kafka import create_topics
-from consumer.state import (
+from consumer.core.events import Module
+from consumer.core.state import (
     BuildingRecord,
     DocKey,
     DocStatus,
@@ -40,7 +38,9 @@ from consumer.state import (
     StateRecord,
     encode_state,
 )
-from consumer.view import PublishedView
+from consumer.core.view import PublishedView
+from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.local.kafka import create_topics
 
 TARGET_RATIO = 0.7
 AGENCY = "agence-bench"

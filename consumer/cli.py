@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from consumer.errors import ConfigError
-from consumer.logs import configure_logging
+from consumer.ops.logs import configure_logging
 from consumer.settings import Settings, load_settings
 
 log = logging.getLogger("consumer")
@@ -49,10 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return asyncio.run(_run(settings))
         if args.command == "plan":
-            from consumer.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
+            from consumer.ops.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
             return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
-        from consumer.admin import run_admin  # noqa: PLC0415 - only these commands need it
+        from consumer.ops.admin import run_admin  # noqa: PLC0415 - only these commands need it
 
         return asyncio.run(
             run_admin(
@@ -74,9 +74,9 @@ async def _run(settings: Settings) -> int:
         from consumer.local.stack import run_local  # noqa: PLC0415 - the local stack is optional
 
         return await run_local(settings)
-    from consumer.app import Relay  # noqa: PLC0415 - keeps `plan` and admin commands light
+    from consumer.app.relay import Relay  # noqa: PLC0415 - keeps `plan` and admin commands light
+    from consumer.core.routing import load_routing  # noqa: PLC0415
     from consumer.partner.keys import ApiKeyStore  # noqa: PLC0415
-    from consumer.routing import load_routing  # noqa: PLC0415
 
     if settings.routing_file is None:
         raise ConfigError("CHOUETTE_RELAY_ROUTING_FILE is not set")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from consumer.deadletter import DEAD_LETTER_REASONS
+from consumer.core.deadletter import DEAD_LETTER_REASONS
 
 PREFIX = "chouette_relay"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

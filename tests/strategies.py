@@ -16,7 +16,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from consumer.events import Audience, Module
+from consumer.core.events import Audience, Module
 
 JsonObject = dict[str, Any]
 

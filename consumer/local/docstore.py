@@ -18,7 +18,7 @@ from typing import NamedTuple
 from aiohttp import web
 
 from consumer.local.pdf import make_pdf
-from consumer.webserver import AppServer
+from consumer.ops.webserver import AppServer
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 _ENDLESS_CHUNK = b"%PDF-1.4\n" + b"0" * 65_527

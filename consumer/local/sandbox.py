@@ -38,7 +38,7 @@ from openapi_core.validation.request.exceptions import ParameterValidationError
 from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from consumer.webserver import AppServer
+from consumer.ops.webserver import AppServer
 
 logger = logging.getLogger(__name__)
 

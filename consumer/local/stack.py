@@ -16,13 +16,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from consumer.app import Relay
+from consumer.app.relay import Relay
+from consumer.core.routing import load_routing
 from consumer.local.demo import AGENCIES, demo_publication, routing_toml
 from consumer.local.docstore import DocumentStore
 from consumer.local.kafka import LocalKafka, create_topics
 from consumer.local.sandbox import RateLimit, SandboxServer
 from consumer.partner.keys import ApiKeyStore
-from consumer.routing import load_routing
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)

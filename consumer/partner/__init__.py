@@ -1,1 +1,1 @@
-"""The ChouetteCopro side: the HTTP client and the content it uploads."""
+"""The partner edge: client, content, scheduling, executor. Imports core and shared, not kafka."""

@@ -22,13 +22,13 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from consumer.core.events import Document
 from consumer.errors import (
     PartnerError,
     PartnerParkedError,
     PartnerRejectedError,
     PartnerRetriableError,
 )
-from consumer.events import Document
 from consumer.partner.keys import ApiKeyStore
 
 logger = logging.getLogger(__name__)

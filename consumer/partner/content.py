@@ -18,8 +18,8 @@ from typing import Self
 import aiohttp
 from yarl import URL
 
+from consumer.core.events import Content
 from consumer.errors import ContentError, ContentUnavailableError
-from consumer.events import Content
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 3

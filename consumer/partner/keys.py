@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from consumer.core.events import IDENTIFIER_PATTERN
 from consumer.errors import ConfigError, PartnerParkedError
-from consumer.events import IDENTIFIER_PATTERN
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from consumer.core.events import Content
 from consumer.errors import ContentError, ContentUnavailableError
-from consumer.events import Content
 from consumer.local.docstore import DocumentStore, StoredPdf
 from consumer.local.pdf import make_pdf
 from consumer.partner.content import ContentFetcher, HostAllowlist

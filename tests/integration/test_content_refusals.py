@@ -20,11 +20,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.app import Relay
+from consumer.app.relay import Relay
+from consumer.core.state import DocStatus, DocumentRecord, decode_state
 from consumer.local.pdf import make_pdf
-from consumer.logs import JsonFormatter
+from consumer.ops.logs import JsonFormatter
 from consumer.settings import ContentSettings
-from consumer.state import DocStatus, DocumentRecord, decode_state
 from tests.fixtures.relay import (
     AgencySpec,
     Json,

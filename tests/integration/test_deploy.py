@@ -24,8 +24,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
+from consumer.core.routing import RoutingTable
 from consumer.metrics import RelayMetrics
-from consumer.routing import RoutingTable
 from consumer.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

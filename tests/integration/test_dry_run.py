@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.changelog import COMPACTED_TOPIC_CONFIG
-from consumer.dryrun import build_plan
+from consumer.core.planner import DryRun
+from consumer.core.routing import load_routing
+from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG
 from consumer.local.kafka import create_topics
-from consumer.planner import DryRun
-from consumer.routing import load_routing
+from consumer.ops.dryrun import build_plan
 from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from consumer.app import Relay
+from consumer.app.relay import Relay
 from consumer.settings import HttpSettings
 from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, metric
 

@@ -23,8 +23,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.app import Relay
-from consumer.decoding import PoisonReason
+from consumer.app.relay import Relay
+from consumer.core.decoding import PoisonReason
 from consumer.settings import KafkaSettings
 from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, ops_get
 

@@ -18,13 +18,13 @@ import orjson
 import pytest
 from aiohttp import web
 
+from consumer.core.events import Audience, Content, Document, Module
 from consumer.errors import (
     PartnerError,
     PartnerParkedError,
     PartnerRejectedError,
     PartnerRetriableError,
 )
-from consumer.events import Audience, Content, Document, Module
 from consumer.local.pdf import make_pdf
 from consumer.local.sandbox import RateLimit, SandboxServer
 from consumer.partner.client import ChouetteCoproClient, RemoteDocument

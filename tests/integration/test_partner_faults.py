@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from consumer.app import Relay
+from consumer.app.relay import Relay
 from consumer.settings import PartnerSettings
 from tests.fixtures.relay import (
     AgencySpec,

@@ -20,14 +20,14 @@ import aiohttp
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from consumer.app import Relay
-from consumer.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.app.relay import Relay
+from consumer.core.routing import load_routing
+from consumer.core.state import BuildingRecord, DocumentRecord
 from consumer.errors import ConfigError
+from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
 from consumer.local.kafka import create_topics, free_port
 from consumer.partner.keys import ApiKeyStore
-from consumer.routing import load_routing
 from consumer.settings import HttpSettings
-from consumer.state import BuildingRecord, DocumentRecord
 from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def gated_restore(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
         await gate.wait()
         return await restore_partition(**arguments)
 
-    monkeypatch.setattr("consumer.app.restore_partition", restore_when_open)
+    monkeypatch.setattr("consumer.app.relay.restore_partition", restore_when_open)
     yield gate
     gate.set()
 

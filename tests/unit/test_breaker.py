@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from consumer.errors import ConfigError
+from consumer.partner.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 
 POLICY = BreakerPolicy(failure_threshold=3, cooldown_seconds=10.0, max_cooldown_seconds=25.0)
 

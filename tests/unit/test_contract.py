@@ -1,4 +1,4 @@
-"""The JSON Schemas in ``schemas/`` and the models in ``consumer.events`` are one contract.
+"""The JSON Schemas in ``schemas/`` and the models in ``consumer.core.events`` are one contract.
 
 Every example beside the schemas is judged the same way by both: the JSON Schema (draft 2020-12,
 formats checked) and the pydantic model fed by a JSON parser, as decoding does. Generated events
@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import BaseModel, ValidationError
 from referencing import Registry, Resource
 
-from consumer.events import DocumentCreated, ManifestSnapshot
+from consumer.core.events import DocumentCreated, ManifestSnapshot
 from tests.strategies import (
     JsonObject,
     document_created_dicts,

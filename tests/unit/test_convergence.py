@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.events import Audience, Document, DocumentCreated, ManifestSnapshot, Module
-from consumer.guard import DeletionGuard
-from consumer.manifest import ManifestAssembler
-from consumer.planner import (
+from consumer.core.events import Audience, Document, DocumentCreated, ManifestSnapshot, Module
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import ManifestAssembler
+from consumer.core.planner import (
     Delete,
     Plan,
     Upload,
@@ -35,9 +35,9 @@ from consumer.planner import (
     release_held,
     retry_parked,
 )
-from consumer.routing import Action, RoutingTable
-from consumer.state import DocKey, DocStatus
-from consumer.view import PublishedView
+from consumer.core.routing import Action, RoutingTable
+from consumer.core.state import DocKey, DocStatus
+from consumer.core.view import PublishedView
 
 AGENCY = "agence-lyon"
 MAPPED = {"bat-1": "c1", "bat-2": "c2"}

@@ -15,14 +15,14 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
-from consumer.deadletter import (
+from consumer.core.deadletter import (
     DEAD_LETTER_REASONS,
     MAX_DETAIL_CHARS,
     REASON_HEADER,
     ProcessingReason,
     build_dead_letter,
 )
-from consumer.decoding import PoisonReason
+from consumer.core.decoding import PoisonReason
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 FAILED_AT = dt.datetime(2024, 5, 6, 11, 15, 3, 512_000, tzinfo=dt.timezone(dt.timedelta(hours=2)))

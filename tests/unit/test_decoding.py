@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.decoding import Poison, PoisonReason, decode_record
-from consumer.events import DocumentCreated, Event, ManifestSnapshot
+from consumer.core.decoding import Poison, PoisonReason, decode_record
+from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
 from tests.strategies import (
     JsonObject,
     document_created_dicts,

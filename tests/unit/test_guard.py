@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from consumer.core.guard import DeletionGuard
 from consumer.errors import ConfigError
-from consumer.guard import DeletionGuard
 
 GUARD = DeletionGuard(max_share=0.5, min_count=10)
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from consumer.events import Document, ManifestSnapshot, Module
-from consumer.manifest import AssemblyOutcome, AssemblyResult, ManifestAssembler
+from consumer.core.events import Document, ManifestSnapshot, Module
+from consumer.core.manifest import AssemblyOutcome, AssemblyResult, ManifestAssembler
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, tzinfo=dt.UTC)
 OLD, NEW = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))

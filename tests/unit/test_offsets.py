@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.offsets import OffsetTracker
+from consumer.core.offsets import OffsetTracker
 
 
 def test_nothing_read_means_nothing_to_commit() -> None:

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from consumer import events
+from consumer.core import events
 
 CORNERS = ["\n", "\x1c", "\x1f", "\x85", "\xa0", " ", "\t", "\u2028", "a", "0", "-", ":", "/"]
 PATTERNS = {

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from consumer.events import Document, DocumentCreated, Module
-from consumer.guard import DeletionGuard
-from consumer.manifest import CompleteManifest
-from consumer.planner import (
+from consumer.core.events import Document, DocumentCreated, Module
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import CompleteManifest
+from consumer.core.planner import (
     Delete,
     Lane,
     Outcome,
@@ -30,9 +30,9 @@ from consumer.planner import (
     release_held,
     retry_parked,
 )
-from consumer.routing import RoutingTable
-from consumer.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, Tombstone
-from consumer.view import PublishedView
+from consumer.core.routing import RoutingTable
+from consumer.core.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, Tombstone
+from consumer.core.view import PublishedView
 
 AGENCY, BUILDING, UNMAPPED = "agence-lyon", "bat-12", "bat-13"
 T0 = dt.datetime(2024, 6, 1, 10, 0, tzinfo=dt.UTC)

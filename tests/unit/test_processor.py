@@ -10,16 +10,16 @@ from typing import cast
 import orjson
 from prometheus_client import CollectorRegistry
 
-from consumer.executor import OperationExecutor
-from consumer.guard import DeletionGuard
-from consumer.manifest import ManifestAssembler
+from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import ManifestAssembler
+from consumer.core.records import SourceRecord
+from consumer.core.routing import RoutingTable
+from consumer.core.state import StateRecord
+from consumer.core.view import PublishedView
+from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
-from consumer.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
-from consumer.records import SourceRecord
-from consumer.routing import RoutingTable
-from consumer.sinks import DeadLetterSink
-from consumer.state import StateRecord
-from consumer.view import PublishedView
+from consumer.partner.executor import OperationExecutor
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.errors import ConfigError
-from consumer.ratelimit import RateLimit, TokenBucket
+from consumer.partner.ratelimit import RateLimit, TokenBucket
 
 
 def test_a_full_bucket_allows_a_burst_then_refuses() -> None:

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from consumer.errors import ConfigError
-from consumer.events import Audience, Document, Module
-from consumer.routing import (
+from consumer.core.events import Audience, Document, Module
+from consumer.core.routing import (
     Action,
     FirstPublication,
     FirstPublicationMode,
@@ -19,6 +18,7 @@ from consumer.routing import (
     RoutingTable,
     load_routing,
 )
+from consumer.errors import ConfigError
 
 EXAMPLE = """
 [defaults]

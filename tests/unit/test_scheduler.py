@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.errors import PartnerParkedError, PartnerRejectedError, PartnerRetriableError
-from consumer.scheduler import (
+from consumer.partner.scheduler import (
     BreakerPolicy,
     BreakerState,
     Lane,

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
-from consumer.events import Document, Module
-from consumer.state import (
+from consumer.core.events import Document, Module
+from consumer.core.state import (
     BuildingKey,
     BuildingRecord,
     DocKey,

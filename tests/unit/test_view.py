@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.events import Document, Module
-from consumer.state import (
+from consumer.core.events import Document, Module
+from consumer.core.state import (
     BuildingKey,
     BuildingRecord,
     DocKey,
@@ -22,7 +22,7 @@ from consumer.state import (
     Tombstone,
     encode_state,
 )
-from consumer.view import PublishedView
+from consumer.core.view import PublishedView
 from tests.strategies import document_ids, identifiers
 
 T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)

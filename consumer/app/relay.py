@@ -20,34 +20,34 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from consumer.breaker import BreakerPolicy
-from consumer.changelog import (
+from consumer.app.observers import MetricsObserver, rate_limits
+from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.commands import HeldAction, OperatorCommand
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import ManifestAssembler
+from consumer.core.routing import RoutingTable
+from consumer.core.state import DocStatus
+from consumer.core.view import PublishedView
+from consumer.kafka.changelog import (
     ChangelogWriter,
     TopicLayout,
     check_topics,
     dead_letter_room,
     restore_partition,
 )
-from consumer.command_sender import send_command
-from consumer.commands import HeldAction, OperatorCommand
-from consumer.executor import OperationExecutor
-from consumer.guard import DeletionGuard
-from consumer.ingest import Ingest
-from consumer.manifest import ManifestAssembler
+from consumer.kafka.commands import send_command
+from consumer.kafka.deadletters import DeadLetterSink
+from consumer.kafka.ingest import Ingest
 from consumer.metrics import RelayMetrics
-from consumer.observers import MetricsObserver, rate_limits
-from consumer.opshttp import OpsServer
+from consumer.ops.opshttp import OpsServer
+from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
+from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
-from consumer.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
-from consumer.reconcile import reconcile_partition
-from consumer.routing import RoutingTable
-from consumer.scheduler import Scheduler
+from consumer.partner.reconcile import reconcile_partition
+from consumer.partner.scheduler import Scheduler
 from consumer.settings import Settings
-from consumer.sinks import DeadLetterSink
-from consumer.state import DocStatus
-from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from consumer.core.state import StateRecord, encode_state
+from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
-from consumer.state import StateRecord, encode_state
-from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
 

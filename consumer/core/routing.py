@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from consumer.core.events import IDENTIFIER_PATTERN, Audience, Document, Module
 from consumer.errors import ConfigError
-from consumer.events import IDENTIFIER_PATTERN, Audience, Document, Module
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 _MODULE_SET = frozenset(module.value for module in Module)

@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from consumer.decoding import Poison, PoisonReason
-from consumer.events import IDENTIFIER_PATTERN
+from consumer.core.decoding import Poison, PoisonReason
+from consumer.core.events import IDENTIFIER_PATTERN
 
 
 class HeldAction(StrEnum):

@@ -16,8 +16,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from consumer.core.records import SourceRecord
 from consumer.metrics import RelayMetrics
-from consumer.records import SourceRecord
 
 log = logging.getLogger(__name__)
 

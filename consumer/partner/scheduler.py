@@ -23,10 +23,10 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
-from consumer.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from consumer.core.planner import Lane  # the lanes are the planner's: live before backfill
 from consumer.errors import ConfigError
-from consumer.planner import Lane  # the lanes are the planner's: live before backfill
-from consumer.ratelimit import RateLimit, TokenBucket
+from consumer.partner.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from consumer.partner.ratelimit import RateLimit, TokenBucket
 
 __all__ = [
     "BreakerPolicy",

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import orjson
 
-from consumer.events import Module
-from consumer.state import (
+from consumer.core.events import Module
+from consumer.core.state import (
     SCHEMA_VERSION,
     BuildingKey,
     BuildingRecord,

@@ -15,11 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedError
-from consumer.events import Content
-from consumer.metrics import RelayMetrics
-from consumer.partner.client import ChouetteCoproClient, RemoteDocument
-from consumer.planner import (
+from consumer.core.events import Content
+from consumer.core.planner import (
     Delete,
     Lane,
     Upload,
@@ -27,10 +24,13 @@ from consumer.planner import (
     intent_record,
     published_record,
 )
-from consumer.records import SourceRecord
-from consumer.scheduler import Scheduler
-from consumer.state import DocKey, DocStatus, StateRecord, Tombstone
-from consumer.view import PublishedView
+from consumer.core.records import SourceRecord
+from consumer.core.state import DocKey, DocStatus, StateRecord, Tombstone
+from consumer.core.view import PublishedView
+from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedError
+from consumer.metrics import RelayMetrics
+from consumer.partner.client import ChouetteCoproClient, RemoteDocument
+from consumer.partner.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-from consumer.events import Document, DocumentCreated, Module
-from consumer.guard import DeletionGuard
-from consumer.manifest import CompleteManifest
-from consumer.routing import Action, Reason, RoutingTable, Verdict
-from consumer.state import (
+from consumer.core.events import Document, DocumentCreated, Module
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import CompleteManifest
+from consumer.core.routing import Action, Reason, RoutingTable, Verdict
+from consumer.core.state import (
     BuildingRecord,
     DocKey,
     DocStatus,
@@ -29,7 +29,7 @@ from consumer.state import (
     Tombstone,
     to_epoch_us,
 )
-from consumer.view import PublishedView
+from consumer.core.view import PublishedView
 
 
 class Lane(StrEnum):

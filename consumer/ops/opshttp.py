@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
-from consumer.webserver import AppServer
+from consumer.ops.webserver import AppServer
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 
-from consumer.deadletter import build_dead_letter
+from consumer.core.deadletter import build_dead_letter
+from consumer.core.records import SourceRecord
 from consumer.metrics import RelayMetrics
-from consumer.records import SourceRecord
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Final
 
 import orjson
 
-from consumer.decoding import PoisonReason
+from consumer.core.decoding import PoisonReason
 
 DEAD_LETTER_SCHEMA_VERSION: Final = 1
 REASON_HEADER: Final = "dead-letter-reason"

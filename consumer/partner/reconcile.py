@@ -12,12 +12,12 @@ import asyncio
 import dataclasses
 import logging
 
+from consumer.core.state import DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.core.view import PublishedView
 from consumer.errors import PartnerError
-from consumer.executor import RecordWriter
 from consumer.partner.client import ChouetteCoproClient
-from consumer.scheduler import Lane, Scheduler
-from consumer.state import DocStatus, DocumentRecord, StateRecord, Tombstone
-from consumer.view import PublishedView
+from consumer.partner.executor import RecordWriter
+from consumer.partner.scheduler import Lane, Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ Also derives the per-agency rate limits from the routing table and the partner s
 
 from __future__ import annotations
 
-from consumer.breaker import BreakerState
+from consumer.core.routing import RoutingTable
 from consumer.metrics import RelayMetrics
-from consumer.ratelimit import RateLimit
-from consumer.routing import RoutingTable
-from consumer.scheduler import Lane, Outcome, RetryReason
+from consumer.partner.breaker import BreakerState
+from consumer.partner.ratelimit import RateLimit
+from consumer.partner.scheduler import Lane, Outcome, RetryReason
 from consumer.settings import PartnerSettings
 
 

@@ -13,15 +13,13 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from consumer.commands import HeldAction, decode_command
-from consumer.decoding import Poison, decode_record
-from consumer.events import DocumentCreated, ManifestSnapshot
-from consumer.executor import OperationExecutor, RecordWriter
-from consumer.guard import DeletionGuard
-from consumer.manifest import CompleteManifest, ManifestAssembler
-from consumer.metrics import RelayMetrics
-from consumer.offsets import OffsetTracker
-from consumer.planner import (
+from consumer.core.commands import HeldAction, decode_command
+from consumer.core.decoding import Poison, decode_record
+from consumer.core.events import DocumentCreated, ManifestSnapshot
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import CompleteManifest, ManifestAssembler
+from consumer.core.offsets import OffsetTracker
+from consumer.core.planner import (
     Lane,
     Plan,
     Upload,
@@ -31,11 +29,13 @@ from consumer.planner import (
     release_held,
     retry_parked,
 )
-from consumer.records import SourceRecord
-from consumer.routing import RoutingTable
-from consumer.sinks import DeadLetterSink
-from consumer.state import BuildingRecord
-from consumer.view import PublishedView
+from consumer.core.records import SourceRecord
+from consumer.core.routing import RoutingTable
+from consumer.core.state import BuildingRecord
+from consumer.core.view import PublishedView
+from consumer.kafka.deadletters import DeadLetterSink
+from consumer.metrics import RelayMetrics
+from consumer.partner.executor import OperationExecutor, RecordWriter
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import chain
 
-from consumer.events import Document, ManifestSnapshot, Module
-from consumer.state import to_epoch_us
+from consumer.core.events import Document, ManifestSnapshot, Module
+from consumer.core.state import to_epoch_us
 
 
 class AssemblyOutcome(StrEnum):

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
+from consumer.core.events import Document, Module
 from consumer.errors import RelayError
-from consumer.events import Document, Module
 
 SCHEMA_VERSION = 1
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from consumer.commands import OperatorCommand
+from consumer.core.commands import OperatorCommand
 
 
 async def send_command(

@@ -18,7 +18,7 @@ from typing import Final, Literal
 import orjson
 from pydantic import ValidationError
 
-from consumer.events import DocumentCreated, Event, ManifestSnapshot
+from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
 
 TopicKind = Literal["document-created", "manifest-snapshot"]
 

@@ -15,16 +15,16 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.changelog import restore_partition, topic_partitions
-from consumer.decoding import decode_record
+from consumer.core.decoding import decode_record
+from consumer.core.events import ManifestSnapshot
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import CompleteManifest, ManifestAssembler
+from consumer.core.planner import DryRun, plan_first_publication
+from consumer.core.routing import RoutingTable, load_routing
+from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
-from consumer.events import ManifestSnapshot
-from consumer.guard import DeletionGuard
-from consumer.manifest import CompleteManifest, ManifestAssembler
-from consumer.planner import DryRun, plan_first_publication
-from consumer.routing import RoutingTable, load_routing
+from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.settings import Settings
-from consumer.view import PublishedView
 
 
 async def latest_manifests(

@@ -2,7 +2,7 @@
 
 They talk to Kafka directly, not to one replica: ``held`` reads every partition of the relay's
 state topic, and ``release``/``discard`` write a command that the replica owning the building
-carries out (see ``consumer.commands``). Nothing here needs to know which pod owns what.
+carries out (see ``consumer.core.commands``). Nothing here needs to know which pod owns what.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from collections import Counter
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from consumer.changelog import restore_partition, topic_partitions
-from consumer.command_sender import send_command
-from consumer.commands import HeldAction, OperatorCommand
+from consumer.core.commands import HeldAction, OperatorCommand
+from consumer.core.state import DocStatus
+from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
+from consumer.kafka.changelog import restore_partition, topic_partitions
+from consumer.kafka.commands import send_command
 from consumer.settings import Settings
-from consumer.state import DocStatus
-from consumer.view import PublishedView
 
 
 def _require_kafka(settings: Settings) -> str:

@@ -1,0 +1,1 @@
+"""The composition root, which builds and wires everything; imports anything but local and cli."""

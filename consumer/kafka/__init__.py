@@ -1,0 +1,1 @@
+"""The Kafka edge: ingest, changelog, dead letters, commands. Imports core and shared only."""
