@@ -64,4 +64,4 @@ k8s-check: install ## Validate Kubernetes manifests, alert rules and the dashboa
 	$(BIN)/pytest -q tests/integration/test_deploy.py
 
 clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .hypothesis var
