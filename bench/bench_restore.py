@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import Measure, delete_topics, on_a_broker, report, show
 from consumer.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.connection import KafkaConnection
 from consumer.events import Module
 from consumer.local.kafka import create_topics
 from consumer.state import (
@@ -130,7 +131,7 @@ async def read_restore(bootstrap: str, topic: str, expected_documents: int) -> M
     started = time.perf_counter()
     view = PublishedView()
     applied = await restore_partition(
-        bootstrap_servers=bootstrap, topic=topic, partition=0, view=view
+        connection=KafkaConnection(bootstrap_servers=bootstrap), topic=topic, partition=0, view=view
     )
     seconds = time.perf_counter() - started
     if view.count(DocStatus.PUBLISHED) != expected_documents:

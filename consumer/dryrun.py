@@ -16,6 +16,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.changelog import restore_partition, topic_partitions
+from consumer.connection import KafkaConnection, kafka_connection, start_client
 from consumer.decoding import decode_record
 from consumer.errors import ConfigError
 from consumer.events import ManifestSnapshot
@@ -28,18 +29,18 @@ from consumer.view import PublishedView
 
 
 async def latest_manifests(
-    settings: Settings, *, agency: str | None
+    settings: Settings, connection: KafkaConnection, *, agency: str | None
 ) -> dict[int, dict[tuple[str, str], CompleteManifest]]:
     """Newest complete manifest per building, grouped by partition number."""
     topic = settings.kafka.manifests_topic
     reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **connection.options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_bytes=max(settings.kafka.max_value_bytes * 4, 52_428_800),
         max_partition_fetch_bytes=max(settings.kafka.max_value_bytes * 2, 1_048_576),
     )
-    await reader.start()
+    await start_client(reader, connection)
     found: dict[int, dict[tuple[str, str], CompleteManifest]] = defaultdict(dict)
     try:
         partitions = reader.partitions_for_topic(topic) or set()
@@ -109,17 +110,16 @@ def _take(
 
 
 async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str | None) -> DryRun:
-    manifests = await latest_manifests(settings, agency=agency)
+    connection = kafka_connection(settings.kafka)
+    manifests = await latest_manifests(settings, connection, agency=agency)
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
-    state_exists = await topic_partitions(
-        settings.kafka.bootstrap_servers, settings.kafka.state_topic
-    )
+    state_exists = await topic_partitions(connection, settings.kafka.state_topic)
     for partition, by_building in sorted(manifests.items()):
         view = PublishedView()  # no state topic yet: nothing was ever published
         if state_exists:
             await restore_partition(
-                bootstrap_servers=settings.kafka.bootstrap_servers,
+                connection=connection,
                 topic=settings.kafka.state_topic,
                 partition=partition,
                 view=view,
