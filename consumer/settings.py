@@ -79,6 +79,11 @@ class KafkaSettings(_Group):
         default=30.0, gt=0, le=600, description="Bound on connecting to Kafka at start-up."
     )
 
+    @field_validator("group_instance_id", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # set it empty to opt out of $POD_NAME
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_ports(cls, value: str) -> str:
