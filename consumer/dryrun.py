@@ -33,6 +33,10 @@ async def latest_manifests(
 ) -> dict[int, dict[tuple[str, str], CompleteManifest]]:
     """Newest complete manifest per building, grouped by partition number."""
     topic = settings.kafka.manifests_topic
+    # Asked of the broker: a client's bootstrap metadata need not list every topic.
+    partitions = await topic_partitions(connection, topic)
+    if not partitions:
+        raise ConfigError(f"manifest topic {topic!r} not found")
     reader = AIOKafkaConsumer(
         **connection.options(),
         enable_auto_commit=False,
@@ -43,13 +47,7 @@ async def latest_manifests(
     await start_client(reader, connection)
     found: dict[int, dict[tuple[str, str], CompleteManifest]] = defaultdict(dict)
     try:
-        partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            await reader.topics()
-            partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            raise ConfigError(f"manifest topic {topic!r} not found")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         reader.assign(tps)
         ends = await reader.end_offsets(tps)
         await reader.seek_to_beginning(*tps)
