@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
+from consumer.connection import kafka_connection, start_client
 from consumer.dryrun import build_plan
 from consumer.errors import KafkaConnectError
 from consumer.local.kafka import LocalKafka
@@ -219,3 +222,13 @@ async def test_a_silent_broker_stops_start_up_within_the_connect_timeout(
     # aiokafka alone would wait a request timeout (40 s) per attempt.
     with pytest.raises(KafkaConnectError, match=r"no answer within 1 s .*KAFKA__CONNECT_TIMEOUT_S"):
         await world.start_relay(kafka=KafkaSettings(**values))
+
+
+async def test_an_unreachable_broker_names_the_bootstrap_setting() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    connection = kafka_connection(KafkaSettings(bootstrap_servers=address))
+    admin = AIOKafkaAdminClient(**connection.options())
+    with pytest.raises(KafkaConnectError, match=r"cannot be reached .*KAFKA__BOOTSTRAP_SERVERS"):
+        await start_client(admin, connection)
