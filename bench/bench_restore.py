@@ -40,6 +40,7 @@ from consumer.core.state import (
 )
 from consumer.core.view import PublishedView
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.kafka.connection import KafkaConnection
 from consumer.local.kafka import create_topics
 
 TARGET_RATIO = 0.7
@@ -130,7 +131,7 @@ async def read_restore(bootstrap: str, topic: str, expected_documents: int) -> M
     started = time.perf_counter()
     view = PublishedView()
     applied = await restore_partition(
-        bootstrap_servers=bootstrap, topic=topic, partition=0, view=view
+        connection=KafkaConnection(bootstrap_servers=bootstrap), topic=topic, partition=0, view=view
     )
     seconds = time.perf_counter() - started
     if view.count(DocStatus.PUBLISHED) != expected_documents:

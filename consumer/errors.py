@@ -62,3 +62,7 @@ class ContentUnavailableError(ContentError):
     """The document store did not answer or answered 5xx: retry later."""
 
     retriable = True
+
+
+class KafkaConnectError(ConfigError):
+    """Kafka refused or did not answer at start-up; the message names the settings to check."""

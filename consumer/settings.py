@@ -2,12 +2,14 @@
 
 Every variable starts with ``CHOUETTE_RELAY_``; nested groups use ``__`` (for instance
 ``CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS``). Secrets are never set in the environment: they are
-read from files (the admin token file, and one API key file per agency in a mounted directory).
-A value that cannot work stops start-up with a message naming the variable and what to fix.
+read from files (the admin token, the Kafka SASL password and TLS key password, one API key file
+per agency in a mounted directory). A value that cannot work stops start-up with a message naming
+the variable and what to fix.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,7 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from consumer.errors import ConfigError
 
 ENV_PREFIX = "CHOUETTE_RELAY_"
+POD_NAME_VARIABLE = "POD_NAME"  # set by the Deployment through the downward API
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+# GSSAPI needs Kerberos libraries and OAUTHBEARER a token provider: neither is offered.
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class _Group(BaseModel):
@@ -46,6 +54,35 @@ class KafkaSettings(_Group):
     create_state_topic: bool = Field(
         default=True, description="Create the compacted state topic when it is missing."
     )
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str = ""
+    sasl_password_file: Path | None = Field(
+        default=None, description="File holding the SASL password (a mounted Secret)."
+    )
+    ssl_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle of the brokers' certificates (else system CAs)."
+    )
+    ssl_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate (chain) for mutual TLS."
+    )
+    ssl_key_file: Path | None = Field(default=None, description="PEM private key of that cert.")
+    ssl_key_password_file: Path | None = Field(
+        default=None, description="File holding the password of an encrypted private key."
+    )
+    group_instance_id: str | None = Field(
+        default_factory=lambda: os.environ.get(POD_NAME_VARIABLE) or None,
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",  # what Kafka accepts
+        description="Static group membership (KIP-345); defaults to $POD_NAME.",
+    )
+    connect_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="Bound on connecting to Kafka at start-up."
+    )
+
+    @field_validator("group_instance_id", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # set it empty to opt out of $POD_NAME
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -73,6 +110,9 @@ class PartnerSettings(_Group):
     breaker_cooldown_s: float = Field(
         default=30.0, gt=0, le=600, description="First pause; doubled after a failed probe."
     )
+    ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle trusted for ChouetteCopro, besides the system's."
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -85,6 +125,9 @@ class PartnerSettings(_Group):
 
 
 class ContentSettings(_Group):
+    ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle trusted for document URLs, besides the system's."
+    )
     allowed_hosts: tuple[str, ...] = Field(
         default=(), description="Hosts (optionally host:port) that document URLs may point to."
     )
@@ -123,7 +166,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="forbid"
     )
 
-    kafka: KafkaSettings = KafkaSettings()
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # reads $POD_NAME when built
     partner: PartnerSettings = PartnerSettings()
     content: ContentSettings = ContentSettings()
     manifest: ManifestSettings = ManifestSettings()
@@ -144,6 +187,12 @@ class Settings(BaseSettings):
     def check_complete(self) -> None:
         """Refuse half-configured production settings with a message that says what to fix."""
         if self.is_local:
+            if self.kafka.security_protocol != "PLAINTEXT":
+                raise ConfigError(
+                    f"{ENV_PREFIX}KAFKA__SECURITY_PROTOCOL is {self.kafka.security_protocol} but "
+                    f"{ENV_PREFIX}KAFKA__BOOTSTRAP_SERVERS is not set (the local default broker "
+                    "is plaintext)"
+                )
             return
         missing = [
             f"{ENV_PREFIX}{name}"
@@ -169,7 +218,11 @@ class Settings(BaseSettings):
                 raise ConfigError(f"{ENV_PREFIX}{name}: {path} does not exist")
 
     def masked(self) -> dict[str, Any]:
-        """The effective settings for the start-up log line; secrets are files, never values."""
+        """The effective settings for the start-up log line.
+
+        Secrets are settings only as file paths, never as values; a ``SecretStr`` field, should one
+        be added, dumps as asterisks.
+        """
         return self.model_dump(mode="json")
 
 

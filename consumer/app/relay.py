@@ -36,6 +36,7 @@ from consumer.kafka.changelog import (
     restore_partition,
 )
 from consumer.kafka.commands import send_command
+from consumer.kafka.connection import KafkaConnection, https_context, kafka_connection, start_client
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.metrics import RelayMetrics
@@ -61,6 +62,10 @@ class Relay:
         self.settings = settings
         self.routing = routing
         self.api_keys = api_keys
+        # Built here so that bad security settings stop start-up before any connection.
+        self.connection = kafka_connection(settings.kafka)
+        self._partner_tls = https_context(settings.partner.ca_file, "PARTNER__CA_FILE")
+        self._content_tls = https_context(settings.content.ca_file, "CONTENT__CA_FILE")
         self.registry = CollectorRegistry()
         self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
         for agency_id in routing.agencies:
@@ -157,11 +162,11 @@ class Relay:
         s = self.settings
         layout = await self._check_topics()
         log.info("topics checked", extra={"partitions": layout.input_partitions})
-        producer, consumer = _kafka_clients(s)
+        producer, consumer = _kafka_clients(s, self.connection)
         self._producer = producer
         observer = MetricsObserver(self.metrics)
         async with contextlib.AsyncExitStack() as stack:
-            await producer.start()
+            await start_client(producer, self.connection)
             stack.push_async_callback(producer.stop)
             partner = await stack.enter_async_context(
                 ChouetteCoproClient(
@@ -170,6 +175,7 @@ class Relay:
                     timeout_s=s.partner.timeout_s,
                     user_agent=f"chouette-relay/{RELAY_VERSION}",
                     observe=observer.request,
+                    ssl_context=self._partner_tls,
                 )
             )
             fetcher = await stack.enter_async_context(
@@ -177,6 +183,7 @@ class Relay:
                     allowed_hosts=s.content.allowed_hosts,
                     max_bytes=s.content.max_bytes,
                     timeout_s=s.content.fetch_timeout_s,
+                    ssl_context=self._content_tls,
                 )
             )
             default_limit, limits = rate_limits(self.routing, s.partner)
@@ -216,7 +223,7 @@ class Relay:
                 max_records=s.kafka.max_poll_records,
             )
             ingest.subscribe()
-            await consumer.start()
+            await start_client(consumer, self.connection)
             stack.push_async_callback(consumer.stop)
             ops = await stack.enter_async_context(
                 OpsServer(
@@ -264,7 +271,7 @@ class Relay:
             self.metrics.restore_progress.labels(str(partition)).set(ratio)
 
         applied = await restore_partition(
-            bootstrap_servers=s.kafka.bootstrap_servers,
+            connection=self.connection,
             topic=s.kafka.state_topic,
             partition=partition,
             view=view,
@@ -312,7 +319,7 @@ class Relay:
     async def _check_topics(self) -> TopicLayout:
         s = self.settings
         return await check_topics(
-            bootstrap_servers=s.kafka.bootstrap_servers,
+            connection=self.connection,
             documents_topic=s.kafka.documents_topic,
             manifests_topic=s.kafka.manifests_topic,
             state_topic=s.kafka.state_topic,
@@ -366,20 +373,25 @@ class Relay:
             loop.add_signal_handler(sig, self.stopping.set)
 
 
-def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
-    """The producer (state and dead letters, idempotent, acks=all) and the group consumer."""
+def _kafka_clients(
+    s: Settings, connection: KafkaConnection
+) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+    """The producer (state and dead letters, idempotent, acks=all) and the group consumer.
+
+    With a group instance id (the pod name), the consumer is a static member: a restart within
+    the session timeout gets its partitions back without a rebalance of the whole group.
+    """
     producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka.bootstrap_servers,
-        client_id=s.kafka.client_id,
+        **connection.options(),
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
         max_request_size=_max_request_size(s),
     )
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka.bootstrap_servers,
+        **connection.options(),
         group_id=s.kafka.group_id,
-        client_id=s.kafka.client_id,
+        group_instance_id=s.kafka.group_instance_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=s.kafka.max_poll_records,

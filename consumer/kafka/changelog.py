@@ -19,6 +19,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from consumer.core.state import StateRecord, encode_state
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
+from consumer.kafka.connection import KafkaConnection, start_client
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class TopicLayout:
 
 async def check_topics(
     *,
-    bootstrap_servers: str,
+    connection: KafkaConnection,
     documents_topic: str,
     manifests_topic: str,
     state_topic: str,
@@ -57,8 +58,8 @@ async def check_topics(
     The state topic is created (compacted, same partition count) when missing and allowed; any
     mismatch stops start-up with a message naming the topics and their counts.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
+    admin = AIOKafkaAdminClient(**connection.options())
+    await start_client(admin, connection)
     try:
         counts = await _partition_counts(
             admin, [documents_topic, manifests_topic, state_topic, commands_topic]
@@ -66,7 +67,9 @@ async def check_topics(
         docs, manifests = counts.get(documents_topic), counts.get(manifests_topic)
         for topic, count in ((documents_topic, docs), (manifests_topic, manifests)):
             if count is None:
-                raise ConfigError(f"input topic {topic!r} does not exist on {bootstrap_servers}")
+                raise ConfigError(
+                    f"input topic {topic!r} does not exist on {connection.bootstrap_servers}"
+                )
         if docs is None or manifests is None:
             raise ConfigError("input topics are missing")
         if docs != manifests:
@@ -104,10 +107,10 @@ async def check_topics(
         await admin.close()
 
 
-async def topic_partitions(bootstrap_servers: str, topic: str) -> int | None:
+async def topic_partitions(connection: KafkaConnection, topic: str) -> int | None:
     """How many partitions ``topic`` has, or None when it does not exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
+    admin = AIOKafkaAdminClient(**connection.options())
+    await start_client(admin, connection)
     try:
         return (await _partition_counts(admin, [topic])).get(topic)
     finally:
@@ -158,7 +161,7 @@ class ChangelogWriter:
 
 async def restore_partition(
     *,
-    bootstrap_servers: str,
+    connection: KafkaConnection,
     topic: str,
     partition: int,
     view: PublishedView,
@@ -170,12 +173,12 @@ async def restore_partition(
     """
     tp = TopicPartition(topic, partition)
     reader = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        **connection.options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    await reader.start()
+    await start_client(reader, connection)
     try:
         reader.assign([tp])
         start = (await reader.beginning_offsets([tp]))[tp]

@@ -36,6 +36,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from consumer.errors import RelayError
+from consumer.kafka.connection import KafkaConnection
+from consumer.local.tls import SecuredListeners
 
 KAFKA_VERSION = "4.1.2"
 # Kafka logs through slf4j 1.x; the binding must match the log4j-core that Kafka itself pulls in.
@@ -215,7 +217,8 @@ def _run_in_fresh_loop(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 
 
 async def _broker_answers(bootstrap: str) -> bool:
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    options = KafkaConnection(bootstrap_servers=bootstrap).options()
+    client = AIOKafkaClient(**options, request_timeout_ms=5000)
     try:
         await client.bootstrap()
         return bool(client.cluster.brokers())
@@ -259,6 +262,7 @@ class LocalKafka:
         port: int | None = None,
         controller_port: int | None = None,
         extra_properties: Mapping[str, str] | None = None,
+        secured: SecuredListeners | None = None,
         start_timeout: float = 60.0,
         stop_timeout: float = 20.0,
     ) -> None:
@@ -269,6 +273,8 @@ class LocalKafka:
         self._port = port
         self._controller_port = controller_port
         self._extra = dict(extra_properties or {})
+        self._secured = secured
+        self._secured_ports: dict[str, int] = {}
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._lock = threading.Lock()
@@ -283,6 +289,12 @@ class LocalKafka:
         if self._bootstrap is None:
             raise LocalKafkaError("the local Kafka broker is not started")
         return self._bootstrap
+
+    def listener(self, name: str) -> str:
+        """``host:port`` of a secured listener: ``SASL_SSL`` or ``SSL`` (``consumer.local.tls``)."""
+        if self._bootstrap is None or name not in self._secured_ports:
+            raise LocalKafkaError(f"the local Kafka broker has no started {name} listener")
+        return f"127.0.0.1:{self._secured_ports[name]}"
 
     @property
     def data_dir(self) -> Path:
@@ -363,6 +375,13 @@ class LocalKafka:
         properties = broker_properties(
             data_dir=data_dir, port=port, controller_port=controller_port, extra=self._extra
         )
+        if self._secured is not None:
+            self._secured_ports = {"SASL_SSL": free_port(), "SSL": free_port()}
+            self._secured.add_to(
+                properties,
+                sasl_port=self._secured_ports["SASL_SSL"],
+                ssl_port=self._secured_ports["SSL"],
+            )
         config = data_dir / "server.properties"
         config.write_text(
             "".join(f"{key}={value}\n" for key, value in properties.items()), encoding="utf-8"
@@ -413,6 +432,7 @@ class LocalKafka:
                 new_cluster_id(),
                 "--config",
                 str(config),
+                *(self._secured.format_arguments() if self._secured else ()),
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -469,7 +489,8 @@ async def create_topics(
     timeout_ms: int = 30_000,
 ) -> None:
     """Create ``names`` with ``partitions`` partitions and ``config``; existing topics are kept."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    options = KafkaConnection(bootstrap_servers=bootstrap).options()
+    admin = AIOKafkaAdminClient(**options, request_timeout_ms=timeout_ms)
     try:
         await admin.start()
         topics = [NewTopic(name, partitions, 1, topic_configs=dict(config or {})) for name in names]

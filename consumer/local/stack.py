@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.app.relay import Relay
 from consumer.core.routing import load_routing
+from consumer.kafka.connection import KafkaConnection, start_client
 from consumer.local.demo import AGENCIES, demo_publication, routing_toml
 from consumer.local.docstore import DocumentStore
 from consumer.local.kafka import LocalKafka, create_topics
@@ -71,7 +72,7 @@ async def run_local(settings: Settings) -> int:
         running = asyncio.create_task(relay.run(), name="relay")
         await _wait_ready(relay, running)
         _say(f"relay      ready; ops on http://127.0.0.1:{relay.ops_port} (/status, /metrics)")
-        await _publish_demo(bootstrap, local, store)
+        await _publish_demo(relay.connection, local, store)
         await _report(relay, sandbox, running)
         await running
     if relay.failure is not None:
@@ -104,14 +105,16 @@ async def _wait_ready(relay: Relay, running: asyncio.Task[None]) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _publish_demo(bootstrap: str, settings: Settings, store: DocumentStore) -> None:
+async def _publish_demo(
+    connection: KafkaConnection, settings: Settings, store: DocumentStore
+) -> None:
     records = demo_publication(store, now=dt.datetime.now(dt.UTC))
     topics = {
         "documents": settings.kafka.documents_topic,
         "manifests": settings.kafka.manifests_topic,
     }
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
+    producer = AIOKafkaProducer(**connection.options(), acks="all")
+    await start_client(producer, connection)
     try:
         for record in records:
             await producer.send_and_wait(

@@ -22,27 +22,28 @@ from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.kafka.commands import send_command
+from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
 from consumer.settings import Settings
 
 
-def _require_kafka(settings: Settings) -> str:
+def _require_kafka(settings: Settings) -> KafkaConnection:
     if not settings.kafka.bootstrap_servers:
         raise ConfigError(
             "set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS (and the topic names, if not the "
             "defaults) to reach the relay's topics"
         )
-    return settings.kafka.bootstrap_servers
+    return kafka_connection(settings.kafka)
 
 
 async def held_deletions(settings: Settings) -> list[dict[str, object]]:
     """Every building with withdrawals held by the mass-deletion guard, across all partitions."""
-    bootstrap = _require_kafka(settings)
-    partitions = await topic_partitions(bootstrap, settings.kafka.state_topic) or 0
+    connection = _require_kafka(settings)
+    partitions = await topic_partitions(connection, settings.kafka.state_topic) or 0
     found: Counter[tuple[str, str, str]] = Counter()
     for partition in range(partitions):
         view = PublishedView()
         await restore_partition(
-            bootstrap_servers=bootstrap,
+            connection=connection,
             topic=settings.kafka.state_topic,
             partition=partition,
             view=view,
@@ -58,7 +59,7 @@ async def held_deletions(settings: Settings) -> list[dict[str, object]]:
 async def queue_command(
     settings: Settings, action: HeldAction, agency_id: str, building_id: str
 ) -> dict[str, object]:
-    bootstrap = _require_kafka(settings)
+    connection = _require_kafka(settings)
     command = OperatorCommand(
         command=action,
         agency_id=agency_id,
@@ -66,8 +67,8 @@ async def queue_command(
         requested_at=dt.datetime.now(dt.UTC),
         requested_by=f"cli:{getpass.getuser()}@{socket.gethostname()}",
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
+    producer = AIOKafkaProducer(**connection.options(), acks="all")
+    await start_client(producer, connection)
     try:
         partition, offset = await send_command(producer, settings.kafka.commands_topic, command)
     finally:

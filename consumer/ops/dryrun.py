@@ -24,31 +24,30 @@ from consumer.core.routing import RoutingTable, load_routing
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
+from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
 from consumer.settings import Settings
 
 
 async def latest_manifests(
-    settings: Settings, *, agency: str | None
+    settings: Settings, connection: KafkaConnection, *, agency: str | None
 ) -> dict[int, dict[tuple[str, str], CompleteManifest]]:
     """Newest complete manifest per building, grouped by partition number."""
     topic = settings.kafka.manifests_topic
+    # Asked of the broker: a client's bootstrap metadata need not list every topic.
+    partitions = await topic_partitions(connection, topic)
+    if not partitions:
+        raise ConfigError(f"manifest topic {topic!r} not found")
     reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **connection.options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_bytes=max(settings.kafka.max_value_bytes * 4, 52_428_800),
         max_partition_fetch_bytes=max(settings.kafka.max_value_bytes * 2, 1_048_576),
     )
-    await reader.start()
+    await start_client(reader, connection)
     found: dict[int, dict[tuple[str, str], CompleteManifest]] = defaultdict(dict)
     try:
-        partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            await reader.topics()
-            partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            raise ConfigError(f"manifest topic {topic!r} not found")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         reader.assign(tps)
         ends = await reader.end_offsets(tps)
         await reader.seek_to_beginning(*tps)
@@ -109,17 +108,16 @@ def _take(
 
 
 async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str | None) -> DryRun:
-    manifests = await latest_manifests(settings, agency=agency)
+    connection = kafka_connection(settings.kafka)
+    manifests = await latest_manifests(settings, connection, agency=agency)
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
-    state_exists = await topic_partitions(
-        settings.kafka.bootstrap_servers, settings.kafka.state_topic
-    )
+    state_exists = await topic_partitions(connection, settings.kafka.state_topic)
     for partition, by_building in sorted(manifests.items()):
         view = PublishedView()  # no state topic yet: nothing was ever published
         if state_exists:
             await restore_partition(
-                bootstrap_servers=settings.kafka.bootstrap_servers,
+                connection=connection,
                 topic=settings.kafka.state_topic,
                 partition=partition,
                 view=view,

@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import email.utils
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,8 +61,11 @@ class ChouetteCoproClient:
         timeout_s: float = 30.0,
         user_agent: str = "chouette-relay",
         observe: Observe | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._base = URL(base_url.rstrip("/"))
+        # None keeps aiohttp's default: certificates verified against the system CAs.
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._keys = api_keys
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._headers = {"Accept": JSON_API, "User-Agent": user_agent}
@@ -72,7 +76,11 @@ class ChouetteCoproClient:
 
     async def __aenter__(self) -> Self:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
+            )
         return self
 
     async def __aexit__(

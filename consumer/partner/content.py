@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ssl
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
@@ -53,7 +54,8 @@ class HostAllowlist:
 class ContentFetcher:
     """``async with ContentFetcher(allowed_hosts=[...], max_bytes=...) as fetcher``.
 
-    Pass ``session`` to share an ``aiohttp.ClientSession`` (then closing it is the caller's job).
+    Pass ``session`` to share an ``aiohttp.ClientSession`` (then closing it is the caller's job,
+    and its connector decides TLS); ``ssl_context`` (a CA bundle) applies to the session made here.
     """
 
     def __init__(
@@ -65,7 +67,9 @@ class ContentFetcher:
         chunk_size: int = 65_536,
         user_agent: str = "chouette-relay",
         session: aiohttp.ClientSession | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._allowlist = HostAllowlist(allowed_hosts)
         self._max_bytes = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -76,7 +80,7 @@ class ContentFetcher:
 
     async def __aenter__(self) -> Self:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
         return self
 
     async def __aexit__(

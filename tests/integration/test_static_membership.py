@@ -1,0 +1,77 @@
+"""Static group membership: a replica that restarts under the same name gets its partitions back.
+
+With ``KAFKA__GROUP_INSTANCE_ID`` (the pod name by default) a stopping relay does not leave the
+group, and a relay that comes back with the same id within the session timeout takes over its
+partitions without a rebalance: the other replicas keep theirs, and restore nothing again.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from consumer.app.relay import Relay
+from consumer.settings import KafkaSettings
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, metric
+
+pytestmark = pytest.mark.integration
+
+AGENCY = "agence-a"
+
+
+def building_on(partition: int, partitions: int) -> str:
+    """A building id whose key the producer sends to ``partition``."""
+    partitioner = DefaultPartitioner()
+    for number in range(1000):
+        building = f"bat-{number}"
+        key = f"{AGENCY}:{building}".encode()
+        if partitioner(key, list(range(partitions)), list(range(partitions))) == partition:
+            return building
+    raise AssertionError("no building id found")
+
+
+def static(world: RelayWorld, instance: str) -> KafkaSettings:
+    # A session long enough for the restart below, even on a busy machine.
+    return world.settings().kafka.model_copy(
+        update={"group_instance_id": instance, "session_timeout_ms": 45_000}
+    )
+
+
+def owned(relay: Relay) -> set[int]:
+    return {int(p) for p in relay.status()["partitions"]}
+
+
+async def forward_one(world: RelayWorld, building: str) -> None:
+    document = world.document()
+    await world.publish(world.document_created(AGENCY, building, document))
+    condominium = world.agencies[AGENCY].buildings[building]
+    await world.wait_until(
+        lambda: document["id"] in world.partner_references(condominium), what="the upload"
+    )
+
+
+async def test_a_restarted_static_member_takes_its_partition_back_without_a_rebalance(
+    relay_world: WorldFactory,
+) -> None:
+    buildings = {building_on(0, 2): "c-0", building_on(1, 2): "c-1"}
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings=buildings)}, partitions=2)
+    first = await world.start_relay(kafka=static(world, "relay-a"))
+    second = await world.start_relay(kafka=static(world, "relay-b"))
+    await world.wait_until(
+        lambda: len(owned(first)) == 1 and len(owned(second)) == 1 and first.is_ready(),
+        what="one partition each",
+    )
+    (kept,) = owned(second)
+    for building in buildings:
+        await forward_one(world, building)
+    restored_before = await metric(second, "chouette_relay_restore_records_total")
+
+    await world.stop_relay(first)
+    restarted = await world.start_relay(kafka=static(world, "relay-a"))
+
+    assert owned(restarted) == {1 - kept}
+    for building in buildings:
+        await forward_one(world, building)
+    assert owned(second) == {kept}
+    # A rebalance would have revoked and restored the other replica's partition again.
+    assert await metric(second, "chouette_relay_restore_records_total") == restored_before
