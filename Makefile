@@ -75,7 +75,7 @@ plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends not
 
 k8s-check: install ## Render the k8s overlays and validate them, the alert rules and the dashboard offline
 	$(BIN)/python deploy/k8s/prometheusrule.py --check
-	$(BIN)/pytest -q tests/integration/test_deploy.py tests/integration/test_k8s.py
+	$(BIN)/pytest -q tests/integration/test_deploy.py tests/integration/test_k8s.py tests/integration/test_k8s_platform.py
 
 prometheusrule: install ## Regenerate deploy/k8s/base/prometheusrule.yaml from deploy/prometheus/alerts.yaml
 	$(BIN)/python deploy/k8s/prometheusrule.py
