@@ -20,22 +20,24 @@ from pydantic import BaseModel, ValidationError
 from consumer.routing import RoutingTable
 from consumer.settings import ENV_PREFIX, Settings
 from tests.fixtures.crd_schema import schema_errors
-from tests.fixtures.manifests import K8S, OVERLAYS, Document, Manifests, rendered
+from tests.fixtures.manifests import K8S, OVERLAYS, Document, Manifests, rendered, rendered_with
 
 KUBERNETES_VERSION = "1.30"
 # After the drain, the relay still closes its consumer (leaving the group) and exits.
 SHUTDOWN_MARGIN_S = 10
-# Secure Kafka variables the Deployment sets for Strimzi's SASL/TLS listener. One that
-# consumer/settings.py does not read (yet) is left out of the settings checks below; every one it
-# reads is checked like any other variable.
-SECURE_KAFKA_VARIABLES = frozenset(
-    f"{ENV_PREFIX}KAFKA__{name}"
+# Secure connection variables the manifests set (SASL/TLS to Strimzi's listener, private CAs).
+# One that consumer/settings.py does not read (yet) is left out of the settings checks below;
+# every one it reads is checked like any other variable.
+SECURE_CONNECTION_VARIABLES = frozenset(
+    f"{ENV_PREFIX}{name}"
     for name in (
-        "SECURITY_PROTOCOL",
-        "SASL_MECHANISM",
-        "SASL_USERNAME",
-        "SASL_PASSWORD_FILE",
-        "SSL_CA_FILE",
+        "KAFKA__SECURITY_PROTOCOL",
+        "KAFKA__SASL_MECHANISM",
+        "KAFKA__SASL_USERNAME",
+        "KAFKA__SASL_PASSWORD_FILE",
+        "KAFKA__SSL_CA_FILE",
+        "PARTNER__CA_FILE",
+        "CONTENT__CA_FILE",
     )
 )
 EXAMPLE_POD_NAME = "chouette-relay-5d8c7b9f6d-x2x7q"
@@ -80,7 +82,7 @@ def settings_environment(manifests: Manifests) -> dict[str, str]:
     return {
         name: value
         for name, value in manifests.environment().items()
-        if name.startswith(ENV_PREFIX) and (name in read or name not in SECURE_KAFKA_VARIABLES)
+        if name.startswith(ENV_PREFIX) and (name in read or name not in SECURE_CONNECTION_VARIABLES)
     }
 
 
@@ -258,6 +260,19 @@ def test_deployment_references_only_objects_that_will_exist(overlay: str) -> Non
     assert {m["name"] for m in manifests.container()["volumeMounts"]} == {
         v["name"] for v in pod["volumes"]
     }
+
+
+def test_private_ca_component_mounts_one_bundle_for_partner_and_documents(tmp_path: Path) -> None:
+    manifests = rendered_with("prod", "private-ca", tmp_path)
+    assert not kubernetes_errors(manifests.deployment())
+    env, mounted = manifests.environment(), mounts(manifests)
+    for name in ("PARTNER__CA_FILE", "CONTENT__CA_FILE"):
+        bundle = PurePosixPath(env[f"{ENV_PREFIX}{name}"])
+        volume = mounted[bundle.parent]["configMap"]
+        assert volume["name"] == "chouette-relay-private-ca"
+        assert {"key": "ca.crt", "path": bundle.name} in volume["items"]
+    unknown = set(settings_environment(manifests)) - settings_variable_names()
+    assert not unknown, f"not read by consumer/settings.py: {sorted(unknown)}"
 
 
 def test_pod_name_comes_from_the_downward_api() -> None:
