@@ -136,7 +136,8 @@ def test_kubernetes_validation_rejects_a_misspelt_field() -> None:
     assert not kubernetes_errors(deployment)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["resource"] = container.pop("resources")
-    assert kubernetes_errors(deployment)
+    errors = kubernetes_errors(deployment)
+    assert any("'resource'" in error for error in errors), errors
 
 
 def _misspell(document: Document, path: str, wrong: str) -> None:
@@ -165,13 +166,21 @@ def test_crd_validation_rejects_a_misspelt_field(
     document = copy.deepcopy(rendered("prod").find(kind, name))
     assert not schema_errors(document)
     _misspell(document, path, wrong)
-    assert schema_errors(document), f"{kind} with {wrong!r} instead of {path} was accepted"
+    errors = schema_errors(document)
+    assert any(f"'{wrong}'" in error for error in errors), f"{kind}: {wrong!r} accepted: {errors}"
 
 
 def test_crd_validation_rejects_a_wrong_value() -> None:
     user = copy.deepcopy(rendered("prod").find("KafkaUser", "chouette-relay"))
     user["spec"]["authentication"]["type"] = "scram-sha-1"
-    assert schema_errors(user)
+    assert any("'scram-sha-1'" in error for error in schema_errors(user))
+
+
+def test_a_custom_resource_without_a_pinned_schema_is_an_error() -> None:
+    connect = {"apiVersion": "kafka.strimzi.io/v1", "kind": "KafkaConnect", "spec": {}}
+    assert schema_errors(connect) == [
+        "no pinned CRD schema for kafka.strimzi.io/v1 KafkaConnect in crds"
+    ]
 
 
 def test_every_base_and_component_file_is_rendered() -> None:
