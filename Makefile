@@ -6,8 +6,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# kustomize renders the deploy/k8s overlays in the manifest tests; built from source with Go
+# (v5.8.2 is the newest release that builds with Go 1.26), into .cache/bin.
+KUSTOMIZE_VERSION := v5.8.2
+TOOLS := $(CURDIR)/.cache/bin
+KUSTOMIZE_STAMP := $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION)
 
-.PHONY: help install run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check clean
+.PHONY: help install run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check prometheusrule clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,7 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create the virtualenv, install the relay, its dev tools, Kafka jars and promtool
+$(KUSTOMIZE_STAMP):
+	@if command -v go >/dev/null 2>&1; then \
+	  echo "building kustomize $(KUSTOMIZE_VERSION) into .cache/bin (a few minutes the first time)"; \
+	  mkdir -p $(TOOLS) && GOBIN=$(TOOLS) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION) \
+	    && touch $@; \
+	else \
+	  echo "go not found: the Kubernetes manifest tests will be skipped (install Go to build kustomize)"; \
+	fi
+
+install: $(STAMP) $(KUSTOMIZE_STAMP) ## Create the virtualenv, install the relay, its dev tools, Kafka jars, promtool, kustomize
 	$(BIN)/python -m consumer.local.kafka fetch
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -60,8 +74,12 @@ bench: install ## Benchmarks, each printed side by side with its baseline
 plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing
 	$(BIN)/chouette-relay plan $(if $(AGENCY),--agency $(AGENCY),)
 
-k8s-check: install ## Validate Kubernetes manifests, alert rules and the dashboard offline
-	$(BIN)/pytest -q tests/integration/test_deploy.py
+k8s-check: install ## Render the k8s overlays and validate them, the alert rules and the dashboard offline
+	$(BIN)/python deploy/k8s/prometheusrule.py --check
+	$(BIN)/pytest -q tests/integration/test_deploy.py tests/integration/test_k8s.py tests/integration/test_k8s_platform.py
+
+prometheusrule: install ## Regenerate deploy/k8s/base/prometheusrule.yaml from deploy/prometheus/alerts.yaml
+	$(BIN)/python deploy/k8s/prometheusrule.py
 
 clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .hypothesis var

@@ -18,6 +18,7 @@ from importlib.metadata import version
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry
 
 from consumer.app.observers import MetricsObserver, rate_limits
@@ -379,7 +380,10 @@ def _kafka_clients(
     """The producer (state and dead letters, idempotent, acks=all) and the group consumer.
 
     With a group instance id (the pod name), the consumer is a static member: a restart within
-    the session timeout gets its partitions back without a rebalance of the whole group.
+    the session timeout gets its partitions back without a rebalance of the whole group. The range
+    assignor gives partition p of every input topic to the same replica (the topics have equal
+    partition counts), which owns changelog partition p; round-robin would split them whenever
+    the replica count does not divide the partition count.
     """
     producer = AIOKafkaProducer(
         **connection.options(),
@@ -392,6 +396,7 @@ def _kafka_clients(
         **connection.options(),
         group_id=s.kafka.group_id,
         group_instance_id=s.kafka.group_instance_id,
+        partition_assignment_strategy=(RangePartitionAssignor,),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=s.kafka.max_poll_records,

@@ -1,8 +1,8 @@
-"""The deployment surface agrees with the code: manifests, alerts and dashboard.
+"""The monitoring surface agrees with the code: alert rules and the dashboard.
 
-Kubernetes manifests are validated offline against the schemas bundled with kubernetes-validate,
-alert rules are checked and unit-tested with promtool, and every metric, environment variable and
-timeout the deployment files name is checked against ``RelayMetrics`` and ``Settings``.
+Alert rules are checked and unit-tested with promtool, and every metric the alerts and the
+dashboard name is checked against ``RelayMetrics``. The Kubernetes manifests have their own
+module, test_k8s.py.
 """
 
 from __future__ import annotations
@@ -13,30 +13,21 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ValidationError
 
-from consumer.core.routing import RoutingTable
 from consumer.metrics import RelayMetrics
-from consumer.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "chouette-relay.json"
 
-KUBERNETES_VERSION = "1.30"
-# After the drain, the relay still closes its consumer (leaving the group) and exits.
-SHUTDOWN_MARGIN_S = 10
 METRIC_NAME = re.compile(r"\bchouette_relay_[a-z0-9_]+")
 # Labels that Prometheus adds to every scraped series, not the relay.
 TARGET_LABELS = frozenset({"job", "instance", "__name__"})
@@ -53,62 +44,6 @@ Document = dict[str, Any]
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def load_yaml_documents(path: Path) -> list[Document]:
-    with path.open(encoding="utf-8") as stream:
-        return [doc for doc in yaml.safe_load_all(stream) if doc is not None]
-
-
-def k8s_manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-
-
-def all_manifests() -> list[Document]:
-    return [doc for path in k8s_manifest_files() for doc in load_yaml_documents(path)]
-
-
-def find(kind: str, name: str) -> Document:
-    matches = [m for m in all_manifests() if m["kind"] == kind and m["metadata"]["name"] == name]
-    assert len(matches) == 1, f"expected one {kind} {name!r} in {K8S}, found {len(matches)}"
-    return matches[0]
-
-
-def relay_deployment() -> Document:
-    return find("Deployment", "chouette-relay")
-
-
-def relay_container() -> Document:
-    containers: list[Document] = relay_deployment()["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == "relay")
-
-
-def deployment_environment() -> dict[str, str]:
-    """The relay container's environment: its ConfigMaps' data, then its own ``env``."""
-    container = relay_container()
-    environment: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        assert "secretRef" not in source, "secrets are mounted as files, never put in the env"
-        environment.update(find("ConfigMap", source["configMapRef"]["name"])["data"])
-    for variable in container.get("env", []):
-        assert "valueFrom" not in variable, f"{variable['name']}: secrets are files, not env"
-        environment[variable["name"]] = variable["value"]
-    return environment
-
-
-def settings_variable_names() -> set[str]:
-    """Every environment variable ``Settings`` reads, derived from the model fields."""
-    names: set[str] = set()
-    for field_name, field in Settings.model_fields.items():
-        group = field.annotation
-        if isinstance(group, type) and issubclass(group, BaseModel):
-            names.update(
-                f"{ENV_PREFIX}{field_name.upper()}__{nested.upper()}"
-                for nested in group.model_fields
-            )
-        else:
-            names.add(f"{ENV_PREFIX}{field_name.upper()}")
-    return names
 
 
 def exposed_samples() -> dict[str, frozenset[str]]:
@@ -196,150 +131,6 @@ def run_promtool(promtool: str, *args: str) -> None:
     )
     assert result.returncode == 0, (
         f"promtool {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
-    )
-
-
-# --- Kubernetes manifests -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("path", k8s_manifest_files(), ids=lambda p: p.name)
-def test_manifest_is_valid_for_kubernetes(path: Path) -> None:
-    documents = load_yaml_documents(path)
-    assert documents, f"{path.name} holds no manifest"
-    problems = []
-    for document in documents:
-        try:
-            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            where = "/".join(str(part) for part in error.path)
-            problems.append(f"{document['kind']} at {where}: {error.message}")
-    assert not problems, f"{path.name} is not valid for Kubernetes {KUBERNETES_VERSION}: {problems}"
-
-
-def test_kustomization_applies_every_manifest_except_the_example_secrets() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
-    expected = {p.name for p in k8s_manifest_files() if not p.name.endswith(".example.yaml")}
-    assert set(kustomization["resources"]) == expected
-
-
-def test_example_secrets_hold_only_placeholders() -> None:
-    for path in K8S.glob("secret-*.example.yaml"):
-        for secret in load_yaml_documents(path):
-            assert secret["kind"] == "Secret"
-            assert "data" not in secret, f"{path.name}: use stringData placeholders"
-            for key, value in secret["stringData"].items():
-                assert value.startswith("REPLACE-"), f"{path.name}: {key} is not a placeholder"
-
-
-def test_deployment_rolls_out_without_losing_capacity() -> None:
-    spec = relay_deployment()["spec"]
-    assert spec["replicas"] >= 2
-    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    budget = find("PodDisruptionBudget", "chouette-relay")["spec"]
-    assert budget["minAvailable"] == 1
-    pod_labels = spec["template"]["metadata"]["labels"]
-    for selector in (
-        spec["selector"]["matchLabels"],
-        budget["selector"]["matchLabels"],
-        find("Service", "chouette-relay")["spec"]["selector"],
-    ):
-        assert selector.items() <= pod_labels.items()
-
-
-def test_deployment_runs_locked_down() -> None:
-    pod = relay_deployment()["spec"]["template"]["spec"]
-    container = relay_container()
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
-    assert {"requests", "limits"} <= container["resources"].keys()
-
-
-def test_probes_use_the_ops_endpoints() -> None:
-    container = relay_container()
-    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "restore needs time"
-    annotations = relay_deployment()["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/path"] == "/metrics"
-
-
-def test_deployment_references_only_defined_objects() -> None:
-    pod = relay_deployment()["spec"]["template"]["spec"]
-    for volume in pod["volumes"]:
-        if "configMap" in volume:
-            find("ConfigMap", volume["configMap"]["name"])
-        if "secret" in volume:
-            find("Secret", volume["secret"]["secretName"])
-    mounted = {m["name"] for m in relay_container()["volumeMounts"]}
-    assert mounted == {v["name"] for v in pod["volumes"]}
-
-
-# --- settings and timeouts ----------------------------------------------------------------------
-
-
-def test_deployment_sets_only_variables_that_settings_reads() -> None:
-    unknown = set(deployment_environment()) - settings_variable_names()
-    assert not unknown, f"not read by consumer/settings.py: {sorted(unknown)}"
-
-
-@pytest.fixture
-def deployed_settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """``Settings`` as the relay container builds them from its environment."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    for name, value in deployment_environment().items():
-        monkeypatch.setenv(name, value)
-    try:
-        return Settings()
-    except ValidationError as error:
-        problem = str(error)
-    pytest.fail(f"Settings rejects the Deployment's environment: {problem}")
-
-
-def test_deployment_environment_is_a_valid_production_configuration(
-    deployed_settings: Settings,
-) -> None:
-    assert not deployed_settings.is_local
-    assert deployed_settings.log_format == "json"
-    ports = {p["containerPort"] for p in relay_container()["ports"]}
-    assert deployed_settings.http.port in ports
-
-
-def test_settings_point_at_the_mounted_files(deployed_settings: Settings) -> None:
-    pod = relay_deployment()["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {
-        PurePosixPath(m["mountPath"]): volumes[m["name"]] for m in relay_container()["volumeMounts"]
-    }
-
-    assert deployed_settings.partner.api_keys_dir is not None
-    api_keys = mounts[PurePosixPath(deployed_settings.partner.api_keys_dir)]
-    assert api_keys["secret"]["secretName"] == "chouette-relay-api-keys"
-
-    assert deployed_settings.http.admin_token_file is not None
-    token_file = PurePosixPath(deployed_settings.http.admin_token_file)
-    token_volume = mounts[token_file.parent]
-    assert token_file.name in {item["path"] for item in token_volume["secret"]["items"]}
-
-    assert deployed_settings.routing_file is not None
-    routing_file = PurePosixPath(deployed_settings.routing_file)
-    routing_map = find("ConfigMap", mounts[routing_file.parent]["configMap"]["name"])
-    routing = RoutingTable.from_mapping(tomllib.loads(routing_map["data"][routing_file.name]))
-    # The relay refuses to start when a routed agency has no API key file.
-    example_keys = find("Secret", "chouette-relay-api-keys")["stringData"]
-    assert set(routing.agencies) <= set(example_keys)
-
-
-def test_grace_period_outlasts_the_drain(deployed_settings: Settings) -> None:
-    grace = relay_deployment()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= deployed_settings.drain_timeout_s + SHUTDOWN_MARGIN_S, (
-        f"terminationGracePeriodSeconds {grace} leaves no time after the "
-        f"{deployed_settings.drain_timeout_s} s drain: Kubernetes would kill the relay mid-drain"
     )
 
 
