@@ -106,6 +106,26 @@ def decode_record(
     return event if poison is None else poison
 
 
+def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:
+    """The (agency, building, snapshot id) a poison manifest record names, when its key agrees.
+
+    Its siblings can then be let go at once instead of waiting for the expiry; a record whose key
+    names another building (or none) is not trusted to speak for any snapshot.
+    """
+    try:
+        body = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    agency, building, snapshot = (body.get(f) for f in ("agency_id", "building_id", "snapshot_id"))
+    if not (isinstance(agency, str) and isinstance(building, str) and isinstance(snapshot, str)):
+        return None
+    if key != f"{agency}:{building}".encode():
+        return None
+    return agency, building, snapshot
+
+
 def _parse_object(value: bytes | None, max_value_bytes: int) -> dict[str, object] | Poison:
     if value is None:
         return Poison(PoisonReason.NULL_VALUE, "the record has no value (a tombstone)")

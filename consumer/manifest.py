@@ -31,6 +31,7 @@ class AssemblyOutcome(StrEnum):
     INVALID_COUNT = "invalid_count"  # items do not add up to item_count
     INCONSISTENT = "inconsistent"  # parts of one snapshot disagree, or part > parts
     TOO_LARGE = "too_large"  # declares more items than max_pending_items: can never be assembled
+    ABANDONED = "abandoned"  # a part of the snapshot was dead-lettered: it can never complete
     EXPIRED = "expired"  # incomplete past the expiry
 
 
@@ -74,6 +75,8 @@ class AssemblyResult:
     dropped: list[DroppedSnapshot] = field(default_factory=list)
 
 
+_MAX_ABANDONED = 10_000
+
 SnapshotKey = tuple[str, str, str]
 """Agency, building and snapshot id: what tells one snapshot from another."""
 
@@ -116,6 +119,8 @@ class ManifestAssembler:
         self._pending_items = 0
         # per building and module: taken_at and snapshot id of the newest complete snapshot
         self._completed: dict[tuple[str, str], dict[Module, tuple[int, str]]] = {}
+        # snapshots with a dead-lettered part, and when: their later parts are turned away
+        self._abandoned: dict[SnapshotKey, int] = {}
 
     def add(self, part: ManifestSnapshot, *, offset: int, now: dt.datetime) -> AssemblyResult:
         """Take one part read at ``offset``; ``now`` is when it was published (its record's time),
@@ -162,7 +167,10 @@ class ManifestAssembler:
             if part.part not in pending.parts_items:
                 return pending
             outcome = AssemblyOutcome.DUPLICATE
-        elif any(sid == snapshot_id for _, sid in self._completed.get(place, {}).values()):
+        elif _key(part) in self._abandoned:
+            outcome = AssemblyOutcome.ABANDONED
+        elif (to_epoch_us(part.taken_at), snapshot_id) in self._completed.get(place, {}).values():
+            # an id used again for another snapshot (another taken_at) is no duplicate
             outcome = AssemblyOutcome.DUPLICATE
         elif self._covered(place, to_epoch_us(part.taken_at), part.modules, ignore=snapshot_id):
             outcome = AssemblyOutcome.SUPERSEDED
@@ -179,7 +187,22 @@ class ManifestAssembler:
         for key, pending in list(self._pending.items()):
             if pending.arrived_us <= deadline:
                 self._drop(key, AssemblyOutcome.EXPIRED, result)
+        for key, abandoned_us in list(self._abandoned.items()):
+            if abandoned_us <= deadline:
+                del self._abandoned[key]
         return result.dropped
+
+    def abandon(self, key: SnapshotKey, *, now: dt.datetime) -> AssemblyResult:
+        """A part of snapshot ``key`` was dead-lettered: drop the parts that arrived (their offsets
+        are released) and turn later ones away until the expiry, instead of holding them for it.
+        """
+        result = AssemblyResult(AssemblyOutcome.ABANDONED)
+        if key in self._pending:
+            self._drop(key, AssemblyOutcome.ABANDONED, result)
+        self._abandoned[key] = to_epoch_us(now)
+        while len(self._abandoned) > _MAX_ABANDONED:  # a flood of poison stays bounded
+            del self._abandoned[next(iter(self._abandoned))]
+        return result
 
     def pending_offsets(self) -> list[int]:
         """Offsets held by incomplete snapshots, lowest first."""

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from consumer.commands import HeldAction, decode_command
 from consumer.deadletter import ProcessingReason
-from consumer.decoding import Poison, decode_record
+from consumer.decoding import Poison, claimed_snapshot, decode_record
 from consumer.events import DocumentCreated, ManifestSnapshot
 from consumer.executor import OperationExecutor, RecordWriter
 from consumer.guard import DeletionGuard
@@ -129,6 +129,8 @@ class PartitionProcessor:
                 source, reason=decoded.reason.value, detail=decoded.detail
             )
             self._metrics.events.labels(kind, "dead_lettered").inc()
+            if kind == MANIFESTS:
+                self._abandon_snapshot(source, published_at or now)
             tracker.done(source.offset)
             return
         if isinstance(decoded, DocumentCreated):
@@ -183,6 +185,17 @@ class PartitionProcessor:
             self._trackers[source.topic].done(offset)
         if result.complete is not None:
             self.apply_manifest(result.complete, source)
+
+    def _abandon_snapshot(self, source: SourceRecord, at: dt.datetime) -> None:
+        """A dead-lettered part's snapshot can never complete: let its siblings go now."""
+        snapshot = claimed_snapshot(source.key, source.value)
+        if snapshot is None:
+            return
+        result = self._assembler.abandon(snapshot, now=at)
+        for dropped in result.dropped:
+            self._report_dropped(dropped, counted=False)
+        for offset in result.released:
+            self._trackers[source.topic].done(offset)
 
     def _report_dropped(self, dropped: DroppedSnapshot, *, counted: bool) -> None:
         if not counted:

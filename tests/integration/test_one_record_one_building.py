@@ -100,16 +100,18 @@ async def test_a_url_no_http_client_can_fetch_is_a_dead_letter_and_the_relay_kee
         await world.publish_raw(
             world.documents_topic, key=_key("bat-1"), value=orjson.dumps(event), headers=DOC_HEADERS
         )
-    # A manifest with one such item among good ones is refused whole, and says so.
-    listed = world.document(module="diagnostics")
-    (part,) = world.manifest_parts(
-        AGENCY,
-        "bat-2",
-        [listed, _with_url(world.document(module="diagnostics"), UNFETCHABLE_URLS[0])],
-    )
-    await world.publish_raw(
-        world.manifests_topic, key=_key("bat-2"), value=orjson.dumps(part), headers=MANIFEST_HEADERS
-    )
+    # A manifest with one such item among good ones is refused whole, and says so; the part
+    # already read is let go at once rather than holding the commit until the expiry.
+    listed = [world.document(module="diagnostics") for _ in range(3)]
+    bad = _with_url(world.document(module="diagnostics"), UNFETCHABLE_URLS[0])
+    good_part, bad_part = world.manifest_parts(AGENCY, "bat-2", [*listed, bad], parts=2)
+    for part in (good_part, bad_part):
+        await world.publish_raw(
+            world.manifests_topic,
+            key=_key("bat-2"),
+            value=orjson.dumps(part),
+            headers=MANIFEST_HEADERS,
+        )
     after = world.document(module="contrats")
     await world.publish(world.document_created(AGENCY, "bat-1", after))
 
@@ -123,10 +125,14 @@ async def test_a_url_no_http_client_can_fetch_is_a_dead_letter_and_the_relay_kee
     dead_letters = await world.dead_letters()
     assert [d["reason"] for d in dead_letters] == ["bad_url"] * (len(UNFETCHABLE_URLS) + 1)
     manifest_letter = next(d for d in dead_letters if d["source"]["topic"] == world.manifests_topic)
-    assert manifest_letter["detail"].startswith("items[1].content.url: ")
+    assert manifest_letter["detail"].startswith("items[1].content.url: ")  # of the second part
     assert all("secret" not in d["detail"] for d in dead_letters)
     assert _dead_letter_count(relay, "bad_url") == len(UNFETCHABLE_URLS) + 1
     assert world.partner_references("c-2") == {}  # nothing of the refused manifest was acted on
+    abandoned = relay.registry.get_sample_value(
+        "chouette_relay_manifests_total", {"outcome": "abandoned"}
+    )
+    assert abandoned == 1
     assert relay.failure is None
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.decoding import Poison, PoisonReason, decode_record
+from consumer.decoding import Poison, PoisonReason, claimed_snapshot, decode_record
 from consumer.events import DocumentCreated, Event, ManifestSnapshot
 from tests.strategies import (
     JsonObject,
@@ -464,3 +464,21 @@ def test_the_time_bound_refuses_exactly_the_events_after_it(event: JsonObject, s
     bound = moment + dt.timedelta(microseconds=shift)
     result = decode(event, key=key, not_after=bound)
     assert isinstance(result, Poison) == (shift < 0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "claimed"),
+    [
+        (KEY, orjson.dumps(MANIFEST), ("ag-lyon-3", "bat-0117", MANIFEST["snapshot_id"])),
+        (b"ag-lyon-3:bat-9", orjson.dumps(MANIFEST), None),  # the key speaks for another building
+        (None, orjson.dumps(MANIFEST), None),
+        (KEY, b'{"snapshot_id": ', None),
+        (KEY, orjson.dumps(CREATED), None),
+        (KEY, orjson.dumps(changed(MANIFEST, snapshot_id=12)), None),
+        (KEY, None, None),
+    ],
+)
+def test_a_poison_part_names_its_snapshot_only_when_its_key_agrees(
+    key: bytes | None, value: bytes | None, claimed: tuple[str, str, str] | None
+) -> None:
+    assert claimed_snapshot(key, value) == claimed

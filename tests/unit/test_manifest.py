@@ -252,6 +252,35 @@ def test_a_part_read_again_with_other_items_drops_the_snapshot() -> None:
     assert gatherer.pending_snapshots == 0
 
 
+def test_an_abandoned_snapshot_lets_its_parts_go_and_turns_later_ones_away() -> None:
+    gatherer = assembler()
+    gatherer.add(part(1, 3, ["a"], item_count=3), offset=1, now=NOW)
+    gatherer.add(
+        part(1, 2, ["x"], snapshot_id=OLD, item_count=2, building="bat-13"), offset=2, now=NOW
+    )
+    abandoned = gatherer.abandon(("agence-lyon", "bat-12", NEW), now=NOW)
+    assert abandoned.released == [1]
+    assert [(d.snapshot_id, d.reason) for d in abandoned.dropped] == [
+        (NEW, AssemblyOutcome.ABANDONED)
+    ]
+    late = gatherer.add(part(3, 3, ["c"], item_count=3), offset=4, now=NOW)
+    assert (late.outcome, late.released) == (AssemblyOutcome.ABANDONED, [4])
+    assert gatherer.pending_offsets() == [2]  # another building's snapshot is left alone
+    gatherer.expire(NOW + dt.timedelta(minutes=30))
+    again = gatherer.add(part(1, 1, ["a"], taken_at="2024-06-01T10:30:00Z"), offset=5, now=NOW)
+    assert again.outcome is AssemblyOutcome.COMPLETE  # forgotten after the expiry
+
+
+def test_an_id_used_again_for_a_newer_snapshot_of_the_building_is_no_duplicate() -> None:
+    gatherer = assembler()
+    gatherer.add(part(1, 1, ["a"]), offset=1, now=NOW)
+    again = gatherer.add(part(1, 1, ["a"]), offset=2, now=NOW)
+    assert again.outcome is AssemblyOutcome.DUPLICATE
+    reused = gatherer.add(part(1, 1, ["b"], taken_at="2024-06-01T11:00:00Z"), offset=3, now=NOW)
+    assert reused.complete is not None
+    assert ids_of(reused.complete.items) == ["b"]
+
+
 def test_one_snapshot_id_for_two_buildings_is_two_snapshots() -> None:
     gatherer = assembler()
     results = [
