@@ -113,8 +113,8 @@ class PartitionProcessor:
             await self._handle_command(source)
             return
         now = self._clock()
-        published_at = _record_time(source, now)
-        if kind == MANIFESTS and published_at is not None:
+        published_at = _record_time(source, now) if kind == MANIFESTS else None
+        if published_at is not None:
             self._manifest_time = max(self._manifest_time or published_at, published_at)
         decoded = decode_record(
             topic_kind=kind,
