@@ -3,12 +3,11 @@
 A snapshot is acted on only when every part ``1..parts`` of one ``snapshot_id`` of one building
 arrived and the items add up to ``item_count``; anything else is dropped without effect and
 reported (an item count mismatch, parts that disagree, a snapshot too large to hold, one with a
-dead-lettered part, an expired or evicted snapshot). Snapshots
-are told apart by agency, building and id, so that an id LSC reuses for two buildings costs neither
-its manifest. A snapshot whose modules are all covered by a newer one of the same building is
-superseded: waiting for it is pointless. Every input offset comes back either in a
-``CompleteManifest`` (done once its work is done) or as released (done now). Time is passed in:
-the assembler never reads a clock.
+dead-lettered part, an expired or evicted snapshot). Snapshots are told apart by agency, building
+and id, so that an id LSC reuses for two buildings costs neither its manifest. A snapshot whose
+modules are all covered by a newer one of the same building is superseded: waiting for it is
+pointless. Every input offset comes back either in a ``CompleteManifest`` (done once its work is
+done) or as released (done now). Time is passed in: the assembler never reads a clock.
 """
 
 from __future__ import annotations
