@@ -136,8 +136,16 @@ class ContentSettings(_Group):
 
 
 class ManifestSettings(_Group):
-    expiry_s: float = Field(default=3600.0, gt=0, description="Incomplete snapshots expire after.")
+    expiry_s: float = Field(
+        default=3600.0, gt=0, description="Incomplete snapshots expire this long after publication."
+    )
     max_pending_items: int = Field(default=500_000, ge=1)
+    max_clock_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86_400,
+        description="Events dated later than the relay's clock plus this are dead-lettered.",
+    )
 
 
 class GuardSettings(_Group):

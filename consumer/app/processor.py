@@ -3,7 +3,8 @@
 A ``PartitionProcessor`` owns the published view of its partition, the manifest assembler, the
 offset trackers of both input topics and the executor. ``handle`` only plans and enqueues; the
 offset of a record becomes committable when every state record and partner operation it caused
-is acknowledged.
+is acknowledged. It is also where the clock meets the pure core: events dated beyond the clock
+plus the allowed skew are dead-lettered, and incomplete snapshots expire by their records' time.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from consumer.core.commands import HeldAction, decode_command
-from consumer.core.decoding import Poison, decode_record
+from consumer.core.deadletter import ProcessingReason
+from consumer.core.decoding import Poison, claimed_snapshot, decode_record
 from consumer.core.events import DocumentCreated, ManifestSnapshot
 from consumer.core.guard import DeletionGuard
-from consumer.core.manifest import CompleteManifest, ManifestAssembler
+from consumer.core.manifest import (
+    AssemblyOutcome,
+    CompleteManifest,
+    DroppedSnapshot,
+    ManifestAssembler,
+)
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planner import (
     Lane,
@@ -63,6 +70,7 @@ class PartitionProcessor:
         max_value_bytes: int,
         clock: Callable[[], dt.datetime],
         on_failure: Callable[[BaseException], None],
+        max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
     ) -> None:
         self.partition = partition
         self.view = view
@@ -77,14 +85,22 @@ class PartitionProcessor:
         self._metrics = metrics
         self._max_value_bytes = max_value_bytes
         self._clock = clock
+        self._max_clock_skew = max_clock_skew
         self._on_failure = on_failure
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
+        # The time of the manifest stream: the newest record time read from it (never ahead of
+        # the clock). Expiry counts in it while older records are still to be read.
+        self._manifest_time: dt.datetime | None = None
 
     @property
     def pending_operations(self) -> int:
         return self._executor.in_flight
+
+    @property
+    def manifests_topic(self) -> str:
+        return self._manifest_topic
 
     def committable(self) -> dict[str, int]:
         """Next offset to commit per topic: the lowest one whose work is not finished."""
@@ -102,18 +118,25 @@ class PartitionProcessor:
         if kind == COMMANDS:
             await self._handle_command(source)
             return
+        now = self._clock()
+        published_at = _record_time(source, now) if kind == MANIFESTS else None
+        if published_at is not None:
+            self._manifest_time = max(self._manifest_time or published_at, published_at)
         decoded = decode_record(
             topic_kind=kind,
             key=source.key,
             value=source.value,
             headers=source.headers,
             max_value_bytes=self._max_value_bytes,
+            not_after=now + self._max_clock_skew,
         )
         if isinstance(decoded, Poison):
             await self._dead_letters.send(
                 source, reason=decoded.reason.value, detail=decoded.detail
             )
             self._metrics.events.labels(kind, "dead_lettered").inc()
+            if kind == MANIFESTS:
+                self._abandon_snapshot(source, published_at or now)
             tracker.done(source.offset)
             return
         if isinstance(decoded, DocumentCreated):
@@ -121,7 +144,8 @@ class PartitionProcessor:
             self._metrics.events.labels(kind, plan.outcome).inc()
             self._execute(plan, source, [(source.topic, source.offset)])
             return
-        self._handle_part(decoded, source)
+        # A record without a timestamp counts from its taken_at, which also survives a restart.
+        await self._handle_part(decoded, source, published_at or min(decoded.taken_at, now))
 
     async def _handle_command(self, source: SourceRecord) -> None:
         command = decode_command(source.key, source.value)
@@ -147,13 +171,54 @@ class PartitionProcessor:
         )
         self._execute(plan, source, [(source.topic, source.offset)])
 
-    def _handle_part(self, part: ManifestSnapshot, source: SourceRecord) -> None:
-        result = self._assembler.add(part, offset=source.offset, now=self._clock())
+    async def _handle_part(
+        self, part: ManifestSnapshot, source: SourceRecord, published_at: dt.datetime
+    ) -> None:
+        result = self._assembler.add(part, offset=source.offset, now=published_at)
         self._metrics.manifests.labels(result.outcome).inc()
+        refused = _REFUSED_PARTS.get(result.outcome)
+        if refused is not None:
+            # Input that can never work: kept with its bytes, not only counted.
+            reason, detail = refused
+            await self._dead_letters.send(
+                source,
+                reason=reason.value,
+                detail=f"snapshot {part.snapshot_id} part {part.part} of {part.parts}: {detail}",
+            )
+        for dropped in result.dropped:
+            self._report_dropped(dropped, counted=dropped.reason is result.outcome)
         for offset in result.released:
             self._trackers[source.topic].done(offset)
         if result.complete is not None:
             self.apply_manifest(result.complete, source)
+
+    def _abandon_snapshot(self, source: SourceRecord, at: dt.datetime) -> None:
+        """A dead-lettered part's snapshot can never complete: let its siblings go now."""
+        snapshot = claimed_snapshot(source.key, source.value)
+        if snapshot is None:
+            return
+        result = self._assembler.abandon(snapshot, now=at)
+        for dropped in result.dropped:
+            self._report_dropped(dropped, counted=False)
+        for offset in result.released:
+            self._trackers[source.topic].done(offset)
+
+    def _report_dropped(self, dropped: DroppedSnapshot, *, counted: bool) -> None:
+        if not counted:
+            self._metrics.manifests.labels(dropped.reason).inc()
+        log.warning(
+            "manifest snapshot dropped without effect",
+            extra={
+                "reason": dropped.reason.value,
+                "agency": dropped.agency_id,
+                "building": dropped.building_id,
+                "snapshot_id": dropped.snapshot_id,
+                "parts_received": dropped.parts_received,
+                "parts": dropped.parts,
+                "offsets": list(dropped.offsets),
+                "partition": self.partition,
+            },
+        )
 
     def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
@@ -177,13 +242,31 @@ class PartitionProcessor:
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
 
-    def expire(self) -> None:
-        """Drop incomplete snapshots past their deadline; they never delete anything."""
-        for expired in self._assembler.expire(self._clock()):
+    def expire(self, *, caught_up: bool) -> None:
+        """Drop incomplete snapshots past their deadline; they never delete anything.
+
+        Expiry counts from the time their first part was published, so a restart does not reset
+        it. Once the manifest partition is read to its end (``caught_up``), time is the clock:
+        an orphan part expires though no record follows it. Before that it is the newest record
+        time read, so that a backlog older than the expiry does not expire snapshots whose last
+        parts are only a few records further.
+        """
+        now = self._clock() if caught_up else self._manifest_time
+        if now is None:
+            return
+        for expired in self._assembler.expire(now):
             self._metrics.manifests.labels("expired").inc()
             log.warning(
                 "incomplete manifest expired",
-                extra={"snapshot_id": expired.snapshot_id, "partition": self.partition},
+                extra={
+                    "agency": expired.agency_id,
+                    "building": expired.building_id,
+                    "snapshot_id": expired.snapshot_id,
+                    "parts_received": expired.parts_received,
+                    "parts": expired.parts,
+                    "offsets": list(expired.offsets),
+                    "partition": self.partition,
+                },
             )
             for offset in expired.offsets:
                 self._trackers[self._manifest_topic].done(offset)
@@ -271,3 +354,27 @@ class PartitionProcessor:
         for task in list(self._completions):
             task.cancel()
         await asyncio.gather(*self._completions, return_exceptions=True)
+
+
+_REFUSED_PARTS = {
+    AssemblyOutcome.TOO_LARGE: (
+        ProcessingReason.MANIFEST_TOO_LARGE,
+        "the snapshot declares more items than CHOUETTE_RELAY_MANIFEST__MAX_PENDING_ITEMS allows"
+        " to hold while it is assembled",
+    ),
+    AssemblyOutcome.INCONSISTENT: (
+        ProcessingReason.INCONSISTENT_PARTS,
+        "the part contradicts the parts of its snapshot already read (header, or the same part"
+        " number with other items); the snapshot is dropped",
+    ),
+}
+"""Assembly outcomes that make the part itself a dead letter."""
+
+
+def _record_time(source: SourceRecord, now: dt.datetime) -> dt.datetime | None:
+    """When the record was published (its Kafka timestamp), never later than ``now``."""
+    if source.timestamp_ms < 0:
+        return None
+    if source.timestamp_ms >= now.timestamp() * 1000:
+        return now  # also keeps a wild timestamp from overflowing the conversion
+    return dt.datetime.fromtimestamp(source.timestamp_ms / 1000, dt.UTC)

@@ -311,6 +311,7 @@ class Relay:
             max_value_bytes=s.kafka.max_value_bytes,
             clock=lambda: dt.datetime.now(dt.UTC),
             on_failure=self._fail,
+            max_clock_skew=dt.timedelta(seconds=s.manifest.max_clock_skew_s),
         )
         retried = processor.retry_parked()
         if retried:

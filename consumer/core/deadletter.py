@@ -29,6 +29,11 @@ class ProcessingReason(StrEnum):
     """ChouetteCopro refused the document for good (422)."""
     CONTENT_REJECTED = "content_rejected"
     """The content cannot be used: checksum or size differ, host not allowed, too large."""
+    MANIFEST_TOO_LARGE = "manifest_too_large"
+    """A snapshot of more items than ``MANIFEST__MAX_PENDING_ITEMS``: it can never be assembled."""
+    INCONSISTENT_PARTS = "inconsistent_parts"
+    """A part contradicts parts of its snapshot already read (header, or same number with other
+    items): which one LSC meant is unknown, so the snapshot is dropped."""
 
 
 DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *ProcessingReason})

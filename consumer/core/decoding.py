@@ -5,11 +5,15 @@ the schema cannot say: the Kafka key and headers against the body, the topic aga
 type, and the numbering and counts of a manifest part. Checks run from the outside in, so the
 reason is the most specific one: null and size, UTF-8, JSON, an object; then the schema version
 (a newer version may differ in anything else), the event type and its topic, the headers; then
-the schema; then the key; last the rules across fields of a manifest part.
+the schema (a URL the relay could never fetch is named apart); then the key; then the rules across
+fields of a manifest part; last the event's time against the caller's clock, which decoding never
+reads itself.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,6 +21,7 @@ from typing import Final, Literal
 
 import orjson
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
 
@@ -50,6 +55,9 @@ class PoisonReason(StrEnum):
     ITEM_COUNT_MISMATCH = "item_count_mismatch"
     ITEM_OUT_OF_SCOPE = "item_out_of_scope"
     DUPLICATE_ITEM_ID = "duplicate_item_id"
+    BAD_URL = "bad_url"
+    TAKEN_AT_IN_FUTURE = "taken_at_in_future"
+    OCCURRED_AT_IN_FUTURE = "occurred_at_in_future"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +75,15 @@ def decode_record(
     value: bytes | None,
     headers: Sequence[tuple[str, bytes | None]],
     max_value_bytes: int,
+    not_after: dt.datetime | None = None,
 ) -> Event | Poison:
     """Decode one record read from the topic of ``topic_kind``.
 
-    Never raises for any key, value or headers. Raises ``ValueError`` only for a ``topic_kind``
-    that is not an event topic, which is a wiring mistake rather than bad input.
+    An event dated after ``not_after`` (the caller's clock plus the clock skew it allows) is
+    poison: a manifest from the future would make every later one of its building stale, a
+    document from the future would outlive every later manifest. Never raises for any key, value
+    or headers. Raises ``ValueError`` only for a ``topic_kind`` that is not an event topic, which
+    is a wiring mistake rather than bad input.
     """
     if topic_kind not in _MODELS:
         raise ValueError(f"not an event topic kind: {topic_kind!r}")
@@ -85,11 +97,33 @@ def decode_record(
     try:
         event: Event = _MODELS[topic_kind].model_validate(body)
     except ValidationError as error:
-        return Poison(PoisonReason.SCHEMA_VIOLATION, _describe(error))
+        return _schema_poison(error)
     poison = _check_key(event, key)
     if poison is None and isinstance(event, ManifestSnapshot):
         poison = _check_manifest_part(event)
+    if poison is None and not_after is not None:
+        poison = _check_time(event, not_after)
     return event if poison is None else poison
+
+
+def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:
+    """The (agency, building, snapshot id) a poison manifest record names, when its key agrees.
+
+    Its siblings can then be let go at once instead of waiting for the expiry; a record whose key
+    names another building (or none) is not trusted to speak for any snapshot.
+    """
+    try:
+        body = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    agency, building, snapshot = (body.get(f) for f in ("agency_id", "building_id", "snapshot_id"))
+    if not (isinstance(agency, str) and isinstance(building, str) and isinstance(snapshot, str)):
+        return None
+    if key != f"{agency}:{building}".encode():
+        return None
+    return agency, building, snapshot
 
 
 def _parse_object(value: bytes | None, max_value_bytes: int) -> dict[str, object] | Poison:
@@ -206,15 +240,65 @@ def _check_manifest_part(manifest: ManifestSnapshot) -> Poison | None:
     return None
 
 
-def _describe(error: ValidationError) -> str:
+def _check_time(event: Event, not_after: dt.datetime) -> Poison | None:
+    if isinstance(event, ManifestSnapshot):
+        reason, name, moment = PoisonReason.TAKEN_AT_IN_FUTURE, "taken_at", event.taken_at
+    else:
+        reason, name, moment = PoisonReason.OCCURRED_AT_IN_FUTURE, "occurred_at", event.occurred_at
+    if moment <= not_after:
+        return None
+    return Poison(
+        reason,
+        f"{name} {moment.isoformat()} is later than {not_after.isoformat()}, the relay's clock"
+        " plus the clock skew it allows",
+    )
+
+
+_USER_INFO: Final = re.compile(r"//[^/?#@]*@")
+_URL_ERRORS: Final = frozenset({"string_pattern_mismatch", "string_too_long"})
+_URL_RULE: Final = (
+    "an http(s) URL with a host name or IPv4 address, a port from 1 to 65535, no user info,"
+    " and only RFC 3986 characters with %HH escapes"
+)
+
+
+def _schema_poison(error: ValidationError) -> Poison:
+    """A schema violation; ``bad_url`` when a URL the relay could never fetch is all that is wrong.
+
+    A manifest part with one such item is refused whole: a list that cannot be read in full is no
+    exhaustive list, and acting on the rest would withdraw that item's published version.
+    """
+    problems = error.errors(include_url=False, include_context=False)
+    if all(_is_url_problem(problem) for problem in problems):
+        first = problems[0]
+        url = first["input"]
+        # user info may hold a password: it stays in the dead letter's bytes, not in logs
+        shown = _quote(_USER_INFO.sub("//***@", url)) if isinstance(url, str) else "?"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Poison(
+            PoisonReason.BAD_URL,
+            f"{_path(first['loc'])}: {shown} cannot be fetched; the contract asks for {_URL_RULE}"
+            f"{more}",
+        )
+    return Poison(PoisonReason.SCHEMA_VIOLATION, _describe(problems))
+
+
+def _is_url_problem(problem: ErrorDetails) -> bool:
+    return problem["loc"][-2:] == ("content", "url") and problem["type"] in _URL_ERRORS
+
+
+def _describe(problems: list[ErrorDetails]) -> str:
     """Name the first failing field path, then what is wrong with it."""
-    problems = error.errors(include_url=False, include_input=False, include_context=False)
     first = problems[0]
-    path = "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
-    ).lstrip(".")
+    # The URL pattern is far too long to quote; say what it asks for instead.
+    message = f"should be {_URL_RULE}" if _is_url_problem(first) else first["msg"]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{path or '(value)'}: {first['msg']}{more}"
+    return f"{_path(first['loc'])}: {message}{more}"
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return path.lstrip(".") or "(value)"
 
 
 def _is_json_integer(value: object) -> bool:

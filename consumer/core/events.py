@@ -36,7 +36,27 @@ UUID_PATTERN: Final = (
 )
 DOCUMENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$(?![\s\S])"
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$(?![\s\S])"
-URL_PATTERN: Final = r"^https?://[^\s]+$(?![\s\S])"
+# A URL the HTTP stack can always fetch: http(s), a host name (RFC 1123 labels of at most 63
+# letters, digits and hyphens, the last one starting with a letter, none with hyphens in 3rd and
+# 4th place, which RFC 5891 reserves for "xn--" labels that may not decode) or a dotted IPv4
+# address, a port from 1 to 65535, then RFC 3986 characters with %HH escapes only. No user info,
+# no IP literal in brackets, no white space or control character.
+_ALNUM: Final = "[A-Za-z0-9]"
+_LDH: Final = "[A-Za-z0-9-]"
+_LABEL_TAIL: Final = (
+    f"(?:{_LDH}{{0,2}}{_ALNUM}|{_LDH}(?:{_ALNUM}{_LDH}|-{_ALNUM}){_LDH}{{0,58}}{_ALNUM})?"
+)
+_HOST_NAME: Final = f"(?:{_ALNUM}{_LABEL_TAIL}\\.)*[A-Za-z]{_LABEL_TAIL}"
+_OCTET: Final = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4: Final = f"{_OCTET}(?:\\.{_OCTET}){{3}}"
+_PORT: Final = (
+    "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
+_PCHAR: Final = "(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
+URL_PATTERN: Final = (
+    f"^https?://(?:{_HOST_NAME}|{_IPV4})(?::{_PORT})?"
+    f"(?:/{_PCHAR}*)*(?:\\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?$(?![\\s\\S])"
+)
 BASE64_PATTERN: Final = (
     r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?![\s\S])"
 )

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from consumer.core.records import SourceRecord
 from consumer.metrics import RelayMetrics
@@ -28,11 +28,14 @@ class PartitionWork(Protocol):
     @property
     def pending_operations(self) -> int: ...
 
+    @property
+    def manifests_topic(self) -> str: ...
+
     def committable(self) -> dict[str, int]: ...
 
     async def handle(self, source: SourceRecord) -> None: ...
 
-    def expire(self) -> None: ...
+    def expire(self, *, caught_up: bool) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -128,13 +131,27 @@ class Ingest(Generic[P]):
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._commit_interval_s)
-            for processor in list(self.processors.values()):
-                processor.expire()
+            for partition, processor in list(self.processors.items()):
+                tp = TopicPartition(processor.manifests_topic, partition)
+                processor.expire(caught_up=await self._caught_up(tp))
             await self.commit()
             self._update_lag()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _caught_up(self, tp: TopicPartition) -> bool:
+        """Whether every record of ``tp`` published so far has been handed to its processor."""
+        if tp not in self._consumer.assignment():
+            return False
+        highwater = self._consumer.highwater(tp)
+        if highwater is None:  # nothing fetched yet: the position may still be looked up
+            return False
+        try:
+            position = await asyncio.wait_for(self._consumer.position(tp), timeout=1.0)
+        except (TimeoutError, IllegalStateError):
+            return False
+        return bool(position >= highwater)
 
     async def commit(self) -> None:
         offsets: dict[TopicPartition, int] = {}

@@ -46,6 +46,8 @@ async def latest_manifests(
     )
     await start_client(reader, connection)
     found: dict[int, dict[tuple[str, str], CompleteManifest]] = defaultdict(dict)
+    # The relay dead-letters manifests from beyond the clock skew; the plan must not count them.
+    not_after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.manifest.max_clock_skew_s)
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         reader.assign(tps)
@@ -70,6 +72,7 @@ async def latest_manifests(
                             found[tp.partition],
                             agency=agency,
                             max_value_bytes=settings.kafka.max_value_bytes,
+                            not_after=not_after,
                         )
             for tp in list(remaining):
                 if await reader.position(tp) >= ends[tp]:
@@ -86,6 +89,7 @@ def _take(
     *,
     agency: str | None,
     max_value_bytes: int,
+    not_after: dt.datetime,
 ) -> None:
     """Feed one manifest record to its partition's assembler; keep the newest complete one."""
     decoded = decode_record(
@@ -94,6 +98,7 @@ def _take(
         value=record.value,
         headers=tuple(record.headers or ()),
         max_value_bytes=max_value_bytes,
+        not_after=not_after,
     )
     if not isinstance(decoded, ManifestSnapshot):
         return

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.core.decoding import Poison, PoisonReason, decode_record
+from consumer.core.decoding import Poison, PoisonReason, claimed_snapshot, decode_record
 from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
 from tests.strategies import (
     JsonObject,
@@ -79,6 +82,7 @@ def decode(
     topic_kind: str | None = None,
     key: bytes | None = KEY,
     headers: Sequence[tuple[str, bytes | None]] = (),
+    not_after: dt.datetime | None = None,
 ) -> Event | Poison:
     """Decode a record as read from the topic of its event type (document topic for raw bytes)."""
     if isinstance(body, dict):
@@ -87,7 +91,12 @@ def decode(
     else:
         kind, value = topic_kind or "document-created", body
     return decode_record(
-        topic_kind=kind, key=key, value=value, headers=headers, max_value_bytes=LIMIT
+        topic_kind=kind,
+        key=key,
+        value=value,
+        headers=headers,
+        max_value_bytes=LIMIT,
+        not_after=not_after,
     )
 
 
@@ -367,3 +376,109 @@ def test_arbitrary_manifest_numbers_never_raise(
         items=items,
     )
     assert isinstance(decode(manifest), Poison | ManifestSnapshot)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
+BAD_URL_EXAMPLES = sorted(
+    path
+    for path in EXAMPLES.glob("*/invalid/*.json")
+    if path.stem.startswith(("url-", "item-url-")) and path.stem != "url-null"
+)
+
+
+def with_url(body: JsonObject, url: str) -> JsonObject:
+    document = copy.deepcopy(DOCUMENT)
+    document["content"]["url"] = url
+    if body["event_type"] == "document-created":
+        return changed(body, document=document)
+    return changed(body, items=[document, body["items"][1]])
+
+
+def test_every_url_example_the_contract_refuses_is_a_bad_url() -> None:
+    assert len(BAD_URL_EXAMPLES) >= 20
+    for path in BAD_URL_EXAMPLES:
+        body = json.loads(path.read_text(encoding="utf-8"))
+        if body["event_type"] == "document-created":
+            url = body["document"]["content"]["url"]
+        else:
+            url = body["items"][0]["content"]["url"]
+        for event in (CREATED, MANIFEST):
+            result = decode(with_url(event, url))
+            assert poison_reason(result) is PoisonReason.BAD_URL, (path.name, event["event_type"])
+
+
+def test_a_bad_url_names_the_item_and_hides_user_info() -> None:
+    result = decode(with_url(MANIFEST, "https://relay:secret@documents.lsc.example/1.pdf"))
+    assert isinstance(result, Poison)
+    assert result.reason is PoisonReason.BAD_URL
+    assert result.detail.startswith("items[0].content.url: 'https://***@documents.lsc.example")
+    assert "secret" not in result.detail
+
+
+def test_a_bad_url_beside_another_violation_is_a_schema_violation() -> None:
+    broken = with_url(CREATED, "https://documents.lsc.example:70000/1.pdf")
+    broken["document"]["title"] = ""
+    result = decode(broken)
+    assert poison_reason(result) is PoisonReason.SCHEMA_VIOLATION
+    assert isinstance(result, Poison)
+    assert "String should match pattern" not in result.detail  # the pattern is not quoted
+
+
+NOW = dt.datetime(2024, 5, 6, 9, 15, 2, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (changed(CREATED, occurred_at="2024-05-06T09:20:03Z"), PoisonReason.OCCURRED_AT_IN_FUTURE),
+        (changed(MANIFEST, taken_at="2024-05-06T11:20:03+02:00"), PoisonReason.TAKEN_AT_IN_FUTURE),
+    ],
+)
+def test_an_event_dated_after_the_bound_is_from_the_future(
+    body: JsonObject, reason: PoisonReason
+) -> None:
+    result = decode(body, not_after=NOW + dt.timedelta(minutes=5))
+    assert poison_reason(result) is reason
+    assert isinstance(result, Poison)
+    assert "clock skew" in result.detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        changed(CREATED, occurred_at="2024-05-06T09:20:02Z"),
+        changed(MANIFEST, taken_at="2024-05-06T11:20:02+02:00"),
+        changed(MANIFEST, taken_at="1999-01-01T00:00:00Z"),
+    ],
+)
+def test_an_event_dated_at_or_before_the_bound_decodes(body: JsonObject) -> None:
+    assert not isinstance(decode(body, not_after=NOW + dt.timedelta(minutes=5)), Poison)
+
+
+@given(event_dicts(), st.integers(min_value=-(10**6), max_value=10**6))
+def test_the_time_bound_refuses_exactly_the_events_after_it(event: JsonObject, shift: int) -> None:
+    key = f"{event['agency_id']}:{event['building_id']}".encode()
+    decoded = decode(event, key=key)
+    assert not isinstance(decoded, Poison)
+    moment = decoded.occurred_at if isinstance(decoded, DocumentCreated) else decoded.taken_at
+    bound = moment + dt.timedelta(microseconds=shift)
+    result = decode(event, key=key, not_after=bound)
+    assert isinstance(result, Poison) == (shift < 0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "claimed"),
+    [
+        (KEY, orjson.dumps(MANIFEST), ("ag-lyon-3", "bat-0117", MANIFEST["snapshot_id"])),
+        (b"ag-lyon-3:bat-9", orjson.dumps(MANIFEST), None),  # the key speaks for another building
+        (None, orjson.dumps(MANIFEST), None),
+        (KEY, b'{"snapshot_id": ', None),
+        (KEY, orjson.dumps(CREATED), None),
+        (KEY, orjson.dumps(changed(MANIFEST, snapshot_id=12)), None),
+        (KEY, None, None),
+    ],
+)
+def test_a_poison_part_names_its_snapshot_only_when_its_key_agrees(
+    key: bytes | None, value: bytes | None, claimed: tuple[str, str, str] | None
+) -> None:
+    assert claimed_snapshot(key, value) == claimed

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.core.events import Document, ManifestSnapshot, Module
 from consumer.core.manifest import AssemblyOutcome, AssemblyResult, ManifestAssembler
@@ -216,9 +218,9 @@ def test_incomplete_snapshots_expire_by_the_arrival_of_their_first_part() -> Non
 
 def test_the_oldest_pending_snapshot_is_evicted_beyond_the_item_budget() -> None:
     gatherer = assembler(max_pending_items=3)
-    gatherer.add(part(1, 2, ["a", "b"], snapshot_id=OLD, item_count=4), offset=1, now=NOW)
+    gatherer.add(part(1, 2, ["a", "b"], snapshot_id=OLD, item_count=3), offset=1, now=NOW)
     result = gatherer.add(
-        part(1, 2, ["c", "d"], item_count=4, building="bat-13"), offset=2, now=NOW
+        part(1, 2, ["c", "d"], item_count=3, building="bat-13"), offset=2, now=NOW
     )
     assert result.outcome is AssemblyOutcome.PENDING
     assert result.released == [1]
@@ -226,10 +228,117 @@ def test_the_oldest_pending_snapshot_is_evicted_beyond_the_item_budget() -> None
     assert gatherer.pending_items == 2
 
 
-def test_a_snapshot_larger_than_the_budget_is_evicted_itself() -> None:
+def test_a_snapshot_declaring_more_items_than_the_budget_is_refused_and_evicts_nobody() -> None:
     gatherer = assembler(max_pending_items=3)
-    result: AssemblyResult = gatherer.add(
-        part(1, 2, ["a", "b", "c", "d"], item_count=5), offset=1, now=NOW
+    waiting = part(1, 2, ["x"], snapshot_id=OLD, item_count=2, building="bat-13")
+    gatherer.add(waiting, offset=1, now=NOW)
+    for offset, number in ((2, 1), (3, 2)):
+        result: AssemblyResult = gatherer.add(
+            part(number, 2, ["a", "b"], item_count=4), offset=offset, now=NOW
+        )
+        assert (result.outcome, result.released, result.dropped) == (
+            AssemblyOutcome.TOO_LARGE,
+            [offset],
+            [],
+        )
+    assert gatherer.pending_offsets() == [1]  # the other building's snapshot still waits
+
+
+def test_a_part_read_again_with_other_items_drops_the_snapshot() -> None:
+    gatherer = assembler()
+    gatherer.add(part(1, 2, ["a"], item_count=2), offset=1, now=NOW)
+    other = gatherer.add(part(1, 2, ["z"], item_count=2), offset=2, now=NOW)
+    assert (other.outcome, sorted(other.released)) == (AssemblyOutcome.INCONSISTENT, [1, 2])
+    assert gatherer.pending_snapshots == 0
+
+
+def test_an_abandoned_snapshot_lets_its_parts_go_and_turns_later_ones_away() -> None:
+    gatherer = assembler()
+    gatherer.add(part(1, 3, ["a"], item_count=3), offset=1, now=NOW)
+    gatherer.add(
+        part(1, 2, ["x"], snapshot_id=OLD, item_count=2, building="bat-13"), offset=2, now=NOW
     )
-    assert (result.outcome, result.released) == (AssemblyOutcome.EVICTED, [1])
+    abandoned = gatherer.abandon(("agence-lyon", "bat-12", NEW), now=NOW)
+    assert abandoned.released == [1]
+    assert [(d.snapshot_id, d.reason) for d in abandoned.dropped] == [
+        (NEW, AssemblyOutcome.ABANDONED)
+    ]
+    late = gatherer.add(part(3, 3, ["c"], item_count=3), offset=4, now=NOW)
+    assert (late.outcome, late.released) == (AssemblyOutcome.ABANDONED, [4])
+    assert gatherer.pending_offsets() == [2]  # another building's snapshot is left alone
+    gatherer.expire(NOW + dt.timedelta(minutes=30))
+    again = gatherer.add(part(1, 1, ["a"], taken_at="2024-06-01T10:30:00Z"), offset=5, now=NOW)
+    assert again.outcome is AssemblyOutcome.COMPLETE  # forgotten after the expiry
+
+
+def test_an_id_used_again_for_a_newer_snapshot_of_the_building_is_no_duplicate() -> None:
+    gatherer = assembler()
+    gatherer.add(part(1, 1, ["a"]), offset=1, now=NOW)
+    again = gatherer.add(part(1, 1, ["a"]), offset=2, now=NOW)
+    assert again.outcome is AssemblyOutcome.DUPLICATE
+    reused = gatherer.add(part(1, 1, ["b"], taken_at="2024-06-01T11:00:00Z"), offset=3, now=NOW)
+    assert reused.complete is not None
+    assert ids_of(reused.complete.items) == ["b"]
+
+
+def test_one_snapshot_id_for_two_buildings_is_two_snapshots() -> None:
+    gatherer = assembler()
+    results = [
+        gatherer.add(part(1, 2, ["a1"], item_count=2), offset=1, now=NOW),
+        gatherer.add(part(1, 2, ["b1"], item_count=2, building="bat-13"), offset=2, now=NOW),
+        gatherer.add(part(2, 2, ["a2"], item_count=2), offset=3, now=NOW),
+        gatherer.add(part(2, 2, ["b2"], item_count=2, building="bat-13"), offset=4, now=NOW),
+    ]
+    complete = [r.complete for r in results if r.complete is not None]
+    assert [(c.building_id, ids_of(c.items), c.offsets) for c in complete] == [
+        ("bat-12", ["a1", "a2"], (1, 3)),
+        ("bat-13", ["b1", "b2"], (2, 4)),
+    ]
+    assert all(r.released == [] for r in results)
+
+
+@st.composite
+def _interleaved_snapshots(draw: st.DrawFn) -> list[ManifestSnapshot]:
+    """One snapshot per building, ids drawn from a pool of two, parts in any order."""
+    parts_of_all: list[ManifestSnapshot] = []
+    for building in draw(st.lists(st.sampled_from(BUILDINGS), min_size=1, max_size=4, unique=True)):
+        snapshot_id = draw(st.sampled_from([OLD, NEW]))
+        parts = draw(st.integers(min_value=1, max_value=3))
+        ids = [
+            [f"{building}-{n}-{i}" for i in range(draw(st.integers(0, 2)))] for n in range(parts)
+        ]
+        total = sum(len(chunk) for chunk in ids)
+        parts_of_all += [
+            part(n + 1, parts, chunk, snapshot_id=snapshot_id, item_count=total, building=building)
+            for n, chunk in enumerate(ids)
+        ]
+    return draw(st.permutations(parts_of_all))
+
+
+BUILDINGS = ["bat-1", "bat-2", "bat-3", "bat-4"]
+
+
+@given(_interleaved_snapshots())
+def test_every_building_completes_its_own_snapshot_whatever_ids_other_buildings_use(
+    parts: list[ManifestSnapshot],
+) -> None:
+    gatherer = assembler()
+    completed: dict[str, list[str]] = {}
+    returned: list[int] = []
+    for offset, snapshot_part in enumerate(parts):
+        result = gatherer.add(snapshot_part, offset=offset, now=NOW)
+        assert result.dropped == []
+        returned += result.released
+        if result.complete is not None:
+            assert result.complete.building_id not in completed
+            completed[result.complete.building_id] = ids_of(result.complete.items)
+            returned += result.complete.offsets
+    expected = {
+        p.building_id: sorted(
+            d.id for q in parts if q.building_id == p.building_id for d in q.items
+        )
+        for p in parts
+    }
+    assert {building: sorted(ids) for building, ids in completed.items()} == expected
+    assert sorted(returned) == list(range(len(parts)))
     assert gatherer.pending_snapshots == 0

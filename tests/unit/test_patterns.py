@@ -1,20 +1,26 @@
 """The models check strings with pydantic's Rust regex engine; the schemas with Python's ``re``.
 
 Both must accept exactly the same strings, including the corners where the engines differ: a
-trailing newline, and the separators U+001C..U+001F that Python counts as white space.
+trailing newline, and the separators U+001C..U+001F that Python counts as white space. Every URL
+the pattern accepts is one the HTTP stack parses and can resolve.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
+from yarl import URL
 
 from consumer.core import events
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 CORNERS = ["\n", "\x1c", "\x1f", "\x85", "\xa0", " ", "\t", "\u2028", "a", "0", "-", ":", "/"]
 PATTERNS = {
@@ -53,3 +59,51 @@ def test_model_and_schema_patterns_accept_the_same_strings(name: str, data: st.D
 @pytest.mark.parametrize("title", ["\x1c", "\x1f\x1e", " \n", "Titre", "\x85x"])
 def test_a_label_needs_a_character_python_does_not_call_white_space(title: str) -> None:
     assert _model_accepts(events.Label, title) == (re.search(r"\S", title) is not None)
+
+
+def test_the_schema_states_the_url_pattern_of_the_models() -> None:
+    schema = json.loads((SCHEMAS / "document.v1.schema.json").read_text(encoding="utf-8"))
+    assert schema["$defs"]["content"]["properties"]["url"]["pattern"] == events.URL_PATTERN
+
+
+_URL_CORNERS = [*CORNERS, "%", "2", "z", "@", "[", "]", ":", ".", "#", "\x7f", "é", "\\", "?", "_"]
+
+
+@given(data=st.data())
+def test_model_and_schema_agree_on_urls_broken_anywhere(data: st.DataObject) -> None:
+    seed = data.draw(
+        st.sampled_from(
+            [
+                "https://documents.lsc.example:8443/a/b.pdf?x=1#p",
+                "http://10.0.0.1:8082/documents/1.pdf",
+                "https://xn--bcher-kva.lsc.example/1.pdf",
+            ]
+        )
+    )
+    position = data.draw(st.integers(min_value=0, max_value=len(seed)))
+    insert = data.draw(st.text(alphabet=st.sampled_from(_URL_CORNERS), max_size=4))
+    value = seed[:position] + insert + seed[position:]
+    assert _model_accepts(events.Url, value) == (
+        re.search(events.URL_PATTERN, value) is not None and len(value) <= 2048
+    )
+
+
+# What hypothesis can generate from: the same pattern with Python's own end of text.
+_URL_GENERATOR = events.URL_PATTERN.replace(r"$(?![\s\S])", r"\Z")
+
+
+@settings(max_examples=300)
+@given(st.from_regex(_URL_GENERATOR, fullmatch=True).filter(lambda url: len(url) <= 2048))
+def test_every_url_the_contract_accepts_is_one_the_http_stack_can_fetch(url: str) -> None:
+    assert _model_accepts(events.Url, url)
+    parsed = URL(url)  # what the content fetcher builds; raises for what it cannot parse
+    assert parsed.scheme in ("http", "https")
+    assert parsed.host
+    assert parsed.port is not None
+    assert 1 <= parsed.port <= 65535
+    assert parsed.user is None
+    assert parsed.password is None
+    # The resolver encodes the host with IDNA (as asyncio's getaddrinfo does): no label is empty
+    # or too long, and nothing in it fails to decode.
+    parsed.host.encode("idna")
+    assert parsed.raw_host == parsed.host.lower() or parsed.raw_host == parsed.host

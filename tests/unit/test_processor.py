@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from typing import cast
@@ -95,3 +96,114 @@ async def test_work_that_fails_unexpectedly_keeps_its_offset_open_and_reports_th
 
     assert isinstance(error, ConnectionError)
     assert processor.committable() == {"docs": 7}  # the record is read again after the restart
+
+
+class RecordedDeadLetters:
+    """A dead-letter sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str]] = []
+
+    async def send(self, source: SourceRecord, *, reason: str, detail: str) -> None:
+        self.sent.append((source.offset, reason))
+
+
+CLOCK = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def processor_at(clock: list[dt.datetime], dead_letters: RecordedDeadLetters) -> PartitionProcessor:
+    routing = RoutingTable.from_mapping(
+        {"agencies": {AGENCY: {"modules": ["ag"], "first_publication": "history"}}}
+    )
+    return PartitionProcessor(
+        partition=0,
+        topics=TOPICS,
+        view=PublishedView(),
+        assembler=ManifestAssembler(expiry=dt.timedelta(hours=1), max_pending_items=1000),
+        routing=routing,
+        guard=DeletionGuard(max_share=0.5, min_count=3),
+        executor=cast(OperationExecutor, None),
+        writer=BrokenChangelog(),
+        dead_letters=cast(DeadLetterSink, dead_letters),
+        metrics=RelayMetrics.create(CollectorRegistry(), version="test"),
+        max_value_bytes=1 << 20,
+        clock=lambda: clock[0],
+        on_failure=lambda error: None,
+        max_clock_skew=dt.timedelta(minutes=5),
+    )
+
+
+def manifest_record(
+    offset: int, published: dt.datetime, *, taken_at: dt.datetime, building: str = BUILDING
+) -> SourceRecord:
+    body = {
+        "schema_version": 1,
+        "event_type": "manifest-snapshot",
+        "snapshot_id": str(uuid.uuid4()),
+        "taken_at": taken_at.isoformat(),
+        "agency_id": AGENCY,
+        "building_id": building,
+        "modules": ["ag"],
+        "part": 1,
+        "parts": 2,  # its sibling never comes
+        "item_count": 0,
+        "items": [],
+    }
+    return SourceRecord(
+        topic="manifests",
+        partition=0,
+        offset=offset,
+        timestamp_ms=int(published.timestamp() * 1000),
+        key=f"{AGENCY}:{building}".encode(),
+        value=orjson.dumps(body),
+        headers=(),
+    )
+
+
+async def test_an_orphan_part_expires_an_hour_after_it_was_published_not_after_it_was_read() -> (
+    None
+):
+    clock = [CLOCK]
+    processor = processor_at(clock, RecordedDeadLetters())
+    published = CLOCK - dt.timedelta(minutes=61)  # read again after a restart, say
+    await processor.handle(manifest_record(3, published, taken_at=published))
+    assert processor.committable() == {"manifests": 3}
+
+    processor.expire(caught_up=True)
+
+    assert processor.committable() == {"manifests": 4}
+
+
+async def test_while_records_remain_to_be_read_expiry_counts_in_record_time() -> None:
+    clock = [CLOCK]
+    processor = processor_at(clock, RecordedDeadLetters())
+    old = CLOCK - dt.timedelta(hours=5)  # a backlog: the relay was away for hours
+    await processor.handle(manifest_record(3, old, taken_at=old))
+    processor.expire(caught_up=False)
+    assert processor.committable() == {"manifests": 3}  # its sibling may be the next record
+
+    later = old + dt.timedelta(hours=1)
+    await processor.handle(manifest_record(4, later, taken_at=later, building="bat-2"))
+    processor.expire(caught_up=False)
+    assert processor.committable() == {"manifests": 4}  # an hour of records later, given up
+
+
+async def test_a_manifest_taken_beyond_the_clock_skew_is_a_dead_letter() -> None:
+    clock = [CLOCK]
+    dead_letters = RecordedDeadLetters()
+    processor = processor_at(clock, dead_letters)
+    future = CLOCK + dt.timedelta(minutes=5, seconds=1)
+    await processor.handle(manifest_record(8, CLOCK, taken_at=future))
+    assert dead_letters.sent == [(8, "taken_at_in_future")]
+    assert processor.committable() == {"manifests": 9}
+    await processor.handle(manifest_record(9, CLOCK, taken_at=CLOCK + dt.timedelta(minutes=5)))
+    assert dead_letters.sent == [(8, "taken_at_in_future")]  # within the skew: kept, pending
+
+
+async def test_a_record_timestamp_beyond_any_date_does_not_break_the_processor() -> None:
+    clock = [CLOCK]
+    processor = processor_at(clock, RecordedDeadLetters())
+    record = manifest_record(3, CLOCK, taken_at=CLOCK)
+    await processor.handle(dataclasses.replace(record, timestamp_ms=2**62))
+    processor.expire(caught_up=True)
+    assert processor.committable() == {"manifests": 3}  # counted from the clock, an hour to go
