@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from consumer.admin import Operator, parked_entry
 from consumer.breaker import BreakerPolicy
 from consumer.changelog import (
     ChangelogWriter,
@@ -28,7 +29,7 @@ from consumer.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.commands import HeldAction, OperatorCommand, send_command
+from consumer.commands import HeldAction
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -64,12 +65,14 @@ class Relay:
         self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
+            self.metrics.agency_paused.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
         self.failure: BaseException | None = None
         self._ingest: Ingest | None = None
         self._scheduler: Scheduler | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._operator: Operator | None = None
         self._restoring: dict[int, float] = {}
         self._guard = DeletionGuard(
             max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
@@ -93,6 +96,7 @@ class Relay:
                 "by_status": {s.value: n for s, n in proc.view.counts().items()},
                 "pending_operations": proc.pending_operations,
                 "committable": proc.committable(),
+                "paused": sorted(proc.view.paused_agencies()),
             }
             for p, proc in sorted(processors.items())
         }
@@ -104,6 +108,7 @@ class Relay:
             "partitions": partitions,
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),
+            "paused": sorted(self.paused_agencies()),
             "held": self.held(),
             "parked": self.parked(),
         }
@@ -115,15 +120,28 @@ class Relay:
             for record in processor.view.parked():
                 if len(found) >= limit:
                     return found
-                found.append(
-                    {
-                        "agency": record.key.agency_id,
-                        "building": record.key.building_id,
-                        "document": record.key.document_id,
-                        "reason": record.parked_reason,
-                    }
-                )
+                found.append(parked_entry(record))
         return found
+
+    def paused_agencies(self, *extra: PublishedView) -> set[str]:
+        """Agencies paused in the view of any partition this replica owns."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        return set().union(*(view.paused_agencies() for view in [*views, *extra]))
+
+    def sync_controls(self, *extra: PublishedView) -> None:
+        """Hand the agencies paused in the owned views to the scheduler and the gauge."""
+        paused = self.paused_agencies(*extra)
+        if self._scheduler is not None and self._scheduler.paused != paused:
+            self._scheduler.set_paused(frozenset(paused))
+            log.warning("paused agencies", extra={"agencies": sorted(paused)})
+        for agency_id in set(self.routing.agencies) | paused:
+            self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+
+    def operator(self) -> Operator:
+        """The operator's actions, on this relay's producer (the same ones the CLI runs)."""
+        if self._operator is None:
+            raise RuntimeError("the relay is not running")
+        return self._operator
 
     def held(self) -> list[dict[str, Any]]:
         found: dict[tuple[str, str], int] = {}
@@ -137,19 +155,12 @@ class Relay:
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
     ) -> dict[str, Any]:
         """Queue an operator command; the replica owning the building carries it out."""
-        if self._producer is None:
-            raise RuntimeError("the relay is not running")
-        command = OperatorCommand(
-            command=HeldAction.DISCARD if discard else HeldAction.RELEASE,
-            agency_id=agency_id,
-            building_id=building_id,
-            requested_at=dt.datetime.now(dt.UTC),
-            requested_by=requested_by,
+        action = HeldAction.DISCARD if discard else HeldAction.RELEASE
+        queued = await self.operator().queue(
+            action, agency_id, building_id, requested_by=requested_by
         )
-        partition, offset = await send_command(
-            self._producer, self.settings.kafka.commands_topic, command
-        )
-        return {"partition": partition, "offset": offset}
+        [written] = queued["partitions"]
+        return {"partition": written["partition"], "offset": written["offset"]}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -158,6 +169,7 @@ class Relay:
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer, consumer = _kafka_clients(s)
         self._producer = producer
+        self._operator = Operator(s, producer=producer)
         observer = MetricsObserver(self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             await producer.start()
@@ -302,7 +314,11 @@ class Relay:
             max_value_bytes=s.kafka.max_value_bytes,
             clock=lambda: dt.datetime.now(dt.UTC),
             on_failure=self._fail,
+            on_controls=self.sync_controls,
         )
+        # Paused agencies are known before any of this partition's work is submitted. (Upload
+        # intents above are only looked up, which sends nothing.)
+        self.sync_controls(view)
         retried = processor.retry_parked()
         if retried:
             log.info("parked documents sent again", extra={"documents": retried})
@@ -328,6 +344,7 @@ class Relay:
             await asyncio.sleep(2.0)
 
     def refresh_gauges(self) -> None:
+        self.sync_controls()  # also forgets the pauses of partitions this replica gave up
         m = self.metrics
         processors = list(self._ingest.processors.values()) if self._ingest else []
         by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)

@@ -1,9 +1,9 @@
-"""Command line: ``chouette-relay run | plan | held | release | discard``.
+"""Command line: ``chouette-relay run | plan`` and the operator's commands.
 
 ``run`` starts the service (on the embedded local default when no Kafka and partner settings are
-given); ``plan`` is the dry run of a first publication and sends nothing; ``held`` lists the
-withdrawals held by the mass-deletion guard, and ``release``/``discard`` queue an operator command
-that the replica owning the building carries out.
+given); ``plan`` is the dry run of a first publication and sends nothing. The operator's commands
+(held deletions, pause and resume, parked documents, dead letters) are in
+``consumer.cli_operator``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from consumer.cli_operator import add_operator_commands, run_operator_command
 from consumer.errors import ConfigError
 from consumer.logs import configure_logging
 from consumer.settings import Settings, load_settings
@@ -28,15 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, text in (
-        ("held", "list withdrawals held by the mass-deletion guard"),
-        ("release", "carry out the held withdrawals of a building"),
-        ("discard", "forget the held withdrawals of a building (documents stay published)"),
-    ):
-        command = commands.add_parser(name, help=text)
-        if name != "held":
-            command.add_argument("agency")
-            command.add_argument("building")
+    add_operator_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -52,17 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from consumer.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
             return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
-        from consumer.admin import run_admin  # noqa: PLC0415 - only these commands need it
-
-        return asyncio.run(
-            run_admin(
-                settings,
-                args.command,
-                agency=getattr(args, "agency", None),
-                building=getattr(args, "building", None),
-            )
-        )
-    except ConfigError as exc:
+        return asyncio.run(run_operator_command(settings, args))
+    except (ConfigError, ValueError) as exc:
         print(f"chouette-relay: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,10 +1,12 @@
-"""Operator commands on held deletions, carried by a Kafka topic to the replica that owns them.
+"""Operator commands, carried by a Kafka topic to the replicas that own what they act on.
 
-The mass-deletion guard holds withdrawals in the view of the partition that owns the building, and
-only the replica that owns that partition can act on them. So an operator command (release or
-discard the held withdrawals of one building) is a record on the commands topic, keyed like the
-input topics so it lands on the same partition number: whichever replica owns the building reads
-it in order with the building's events. Any replica, or the CLI, can send one.
+Held withdrawals and parked documents live in the view of the partition that owns the building,
+and only the replica that owns that partition can act on them. So an operator command is a record
+on the commands topic. A command on one building (release or discard its held withdrawals, retry
+its parked documents) is keyed like the input topics so it lands on the same partition number, in
+order with the building's events. A command on a whole agency (pause, resume, retry, approve) is
+keyed by the agency alone and written to every partition: an agency spans them all, and each
+owning replica learns it from its own partitions. Any replica, or the CLI, can send one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Annotated, Literal
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from consumer.decoding import Poison, PoisonReason
 from consumer.events import IDENTIFIER_PATTERN
@@ -26,18 +28,43 @@ class HeldAction(StrEnum):
     DISCARD = "discard"  # forget them: the documents stay published
 
 
+class AgencyAction(StrEnum):
+    PAUSE = "pause"  # send nothing of the agency; its work waits, offsets uncommitted
+    RESUME = "resume"  # send what waited
+    RETRY = "retry"  # send parked documents again (one building, or the whole agency)
+    APPROVE = "approve"  # start the first-publication backfill whose plan has this fingerprint
+
+
+_Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+
+
 class OperatorCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", regex_engine="python-re")
 
     schema_version: Literal[1] = 1
-    command: HeldAction
-    agency_id: Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
-    building_id: Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+    command: HeldAction | AgencyAction
+    agency_id: _Identifier
+    building_id: _Identifier | None = None  # None: the whole agency, on every partition
+    plan: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")] | None = None
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
 
+    @model_validator(mode="after")
+    def _scoped(self) -> OperatorCommand:
+        if isinstance(self.command, HeldAction) and self.building_id is None:
+            raise ValueError(f"{self.command} acts on one building: building_id is required")
+        if self.command in (AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE) and (
+            self.building_id is not None
+        ):
+            raise ValueError(f"{self.command} acts on a whole agency: no building_id")
+        if (self.command is AgencyAction.APPROVE) != (self.plan is not None):
+            raise ValueError("a plan fingerprint goes with approve, and only with it")
+        return self
+
     @property
     def key(self) -> bytes:
+        if self.building_id is None:
+            return self.agency_id.encode()
         return f"{self.agency_id}:{self.building_id}".encode()
 
 
@@ -58,9 +85,23 @@ def decode_command(key: bytes | None, value: bytes | None) -> OperatorCommand | 
 
 async def send_command(
     producer: AIOKafkaProducer, topic: str, command: OperatorCommand
-) -> tuple[int, int]:
-    """Send ``command``; returns the partition and offset it was written to."""
-    value = orjson.dumps(command.model_dump(mode="json"))
-    delivery = await producer.send(topic, value=value, key=command.key)
-    metadata = await delivery
-    return int(metadata.partition), int(metadata.offset)
+) -> list[tuple[int, int]]:
+    """Send ``command``; returns the partitions and offsets it was written to.
+
+    A building's command goes where its key leads (the building's partition number); an agency's
+    goes to every partition of the topic.
+    """
+    value = orjson.dumps(command.model_dump(mode="json", exclude_none=True))
+    if command.building_id is not None:
+        targets: list[int | None] = [None]
+    else:
+        targets = sorted(await producer.partitions_for(topic))
+    deliveries = [
+        await producer.send(topic, value=value, key=command.key, partition=partition)
+        for partition in targets
+    ]
+    written = []
+    for delivery in deliveries:
+        metadata = await delivery
+        written.append((int(metadata.partition), int(metadata.offset)))
+    return written

@@ -41,6 +41,7 @@ class RelayMetrics:
     first_publication_planned: Counter
     first_publication_done: Counter
     commits: Counter
+    agency_paused: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -164,6 +165,12 @@ class RelayMetrics:
             ),
             commits=Counter(
                 name("offset_commits"), "Input offset commits made.", registry=registry
+            ),
+            agency_paused=Gauge(
+                name("agency_paused"),
+                "1 while an operator has paused an agency: nothing of it is sent, its work waits.",
+                ["agency"],
+                registry=registry,
             ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})

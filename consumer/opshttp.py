@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
+from consumer.admin import Operator
+from consumer.commands import AgencyAction
 from consumer.webserver import AppServer
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,10 @@ class RelayControl(Protocol):
     async def settle_held(
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
     ) -> dict[str, Any]: ...
+    def operator(self) -> Operator: ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class OpsServer(AppServer):
@@ -55,6 +63,14 @@ class OpsServer(AppServer):
                 web.get("/status", self._status),
                 web.get("/admin/held", self._list_held),
                 web.post("/admin/held/{agency}/{building}/{action:release|discard}", self._settle),
+                web.post(
+                    "/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)
+                ),
+                web.get("/admin/parked", self._admin(self._list_parked)),
+                web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
+                web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
+                web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
+                web.post("/admin/dead-letters/replay", self._admin(self._replay)),
             ]
         )
         return app
@@ -108,6 +124,75 @@ class OpsServer(AppServer):
         return web.json_response(
             {"agency": agency, "building": building, "action": action, **queued}, status=202
         )
+
+    def _admin(self, handler: Handler) -> Handler:
+        """``handler`` behind the bearer token; a request it cannot take is a 400."""
+
+        async def guarded(request: web.Request) -> web.Response:
+            if not self._authorized(request):
+                return _forbidden(self._token is None)
+            try:
+                return await handler(request)
+            except ValueError as exc:  # pydantic's ValidationError included
+                return web.json_response({"error": str(exc)}, status=400)
+
+        return guarded
+
+    async def _agency(self, request: web.Request) -> web.Response:
+        action = AgencyAction(request.match_info["action"])
+        queued = await self._control.operator().queue(
+            action, request.match_info["agency"], requested_by=_requester(request)
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _list_parked(self, request: web.Request) -> web.Response:
+        parked = await self._control.operator().parked(request.query.get("agency"))
+        return web.json_response({"parked": parked})
+
+    async def _retry(self, request: web.Request) -> web.Response:
+        queued = await self._control.operator().queue(
+            AgencyAction.RETRY,
+            request.match_info["agency"],
+            request.match_info.get("building"),
+            requested_by=_requester(request),
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _list_dead_letters(self, request: web.Request) -> web.Response:
+        letters = await self._control.operator().dead_letters(
+            reason=request.query.get("reason"), source_topic=request.query.get("source_topic")
+        )
+        return web.json_response({"dead_letters": letters})
+
+    async def _replay(self, request: web.Request) -> web.Response:
+        """Body: ``{"ids": ["topic/partition/offset", ...], "reason": ..., "force": false}``."""
+        try:
+            body = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"the body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            body = {"ids": None}
+        ids, reason, force = body.get("ids", []), body.get("reason"), body.get("force", False)
+        valid = (
+            isinstance(ids, list)
+            and all(isinstance(i, str) for i in ids)
+            and isinstance(force, bool)
+            and isinstance(reason, str | None)
+        )
+        if not valid:
+            raise ValueError(
+                'the body is {"ids": ["topic/partition/offset", ...], "reason": "...", '
+                '"force": false}'
+            )
+        results = await self._control.operator().replay(ids, reason=reason, force=force)
+        log.warning("dead letters replayed", extra={"results": results, "by": _requester(request)})
+        return web.json_response({"replayed": results})
+
+
+def _requester(request: web.Request) -> str:
+    return f"http:{request.remote or 'unknown'}"
 
 
 def _forbidden(disabled: bool) -> web.Response:

@@ -9,11 +9,12 @@ is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from consumer.commands import HeldAction, decode_command
+from consumer.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
 from consumer.decoding import Poison, decode_record
 from consumer.events import DocumentCreated, ManifestSnapshot
 from consumer.executor import OperationExecutor, RecordWriter
@@ -23,6 +24,7 @@ from consumer.metrics import RelayMetrics
 from consumer.offsets import OffsetTracker
 from consumer.planner import (
     Lane,
+    Outcome,
     Plan,
     Upload,
     discard_held,
@@ -33,7 +35,7 @@ from consumer.planner import (
 )
 from consumer.routing import RoutingTable
 from consumer.sinks import DeadLetterSink, SourceRecord
-from consumer.state import BuildingRecord
+from consumer.state import AgencyRecord, BuildingRecord
 from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class PartitionProcessor:
         max_value_bytes: int,
         clock: Callable[[], dt.datetime],
         on_failure: Callable[[BaseException], None],
+        on_controls: Callable[[], None] = lambda: None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -77,6 +80,7 @@ class PartitionProcessor:
         self._max_value_bytes = max_value_bytes
         self._clock = clock
         self._on_failure = on_failure
+        self._on_controls = on_controls  # an agency's controls changed: the relay re-reads them
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
@@ -131,20 +135,58 @@ class PartitionProcessor:
             self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
             self._trackers[source.topic].done(source.offset)
             return
-        settle = discard_held if command.command is HeldAction.DISCARD else release_held
-        plan = settle(self.view, command.agency_id, command.building_id)
         self._metrics.events.labels(COMMANDS, command.command.value).inc()
+        offsets = [(source.topic, source.offset)]
+        if isinstance(command.command, AgencyAction) or command.building_id is None:
+            plan, work_source = self._agency_plan(command), self._admin_source(command.command)
+        else:
+            settle = discard_held if command.command is HeldAction.DISCARD else release_held
+            plan, work_source = settle(self.view, command.agency_id, command.building_id), source
         log.warning(
-            "operator command on held deletions",
+            "operator command",
             extra={
                 "command": command.command.value,
                 "agency": command.agency_id,
                 "building": command.building_id,
+                "partition": self.partition,
                 "requested_by": command.requested_by,
                 "documents": len(plan.operations) + len(plan.records),
             },
         )
-        self._execute(plan, source, [(source.topic, source.offset)])
+        # Work the relay starts itself (parked documents sent again) has no input record to
+        # dead-letter: a refusal keeps the document parked with the refusal.
+        self._execute(plan, work_source, offsets)
+        if command.command in (AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE):
+            self._on_controls()
+
+    def _agency_plan(self, command: OperatorCommand) -> Plan:
+        """Pause, resume or approve: a new agency record; retry: the parked documents."""
+        agency = command.agency_id
+        if command.command is AgencyAction.RETRY:
+            plan = retry_parked(self.view, self._routing)
+
+            def concerned(key: object) -> bool:
+                return getattr(key, "agency_id", None) == agency and command.building_id in (
+                    None,
+                    getattr(key, "building_id", None),
+                )
+
+            return Plan(
+                plan.outcome,
+                tuple(op for op in plan.operations if concerned(op.key)),
+                tuple(record for record in plan.records if concerned(record.key)),
+            )
+        current = self.view.agency(agency) or AgencyRecord(agency)
+        record = dataclasses.replace(
+            current, changed_by=command.requested_by, changed_at=command.requested_at
+        )
+        if command.command is AgencyAction.APPROVE:
+            record = dataclasses.replace(record, approved_plan=command.plan)
+        elif command.command in (AgencyAction.PAUSE, AgencyAction.RESUME):
+            record = dataclasses.replace(record, paused=command.command is AgencyAction.PAUSE)
+        else:
+            return Plan(Outcome.UNCHANGED)  # a held action always names its building
+        return Plan(Outcome.APPLIED, records=(record,))
 
     def _handle_part(self, part: ManifestSnapshot, source: SourceRecord) -> None:
         result = self._assembler.add(part, offset=source.offset, now=self._clock())

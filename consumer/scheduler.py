@@ -128,6 +128,7 @@ class SchedulerSnapshot:
     running: dict[str, int]  # attempts in flight by agency
     oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
     breakers: dict[str, BreakerState]  # every agency seen so far
+    paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
 
 
 @dataclass(eq=False, slots=True)
@@ -192,6 +193,7 @@ class Scheduler:
         self._idle.set()
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._paused: frozenset[str] = frozenset()
 
     async def __aenter__(self) -> Self:
         if self._runner is not None or self._closed:
@@ -249,6 +251,16 @@ class Scheduler:
                 return
             await asyncio.sleep(max(agency.bucket.available_at(now) - now, 0.001))
 
+    def set_paused(self, agencies: frozenset[str]) -> None:
+        """The agencies an operator paused: their jobs stay queued and none of them starts
+        (attempts already running finish) until the agency is no longer in the set."""
+        self._paused = frozenset(agencies)
+        self._wake()
+
+    @property
+    def paused(self) -> frozenset[str]:
+        return self._paused
+
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
         """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
         try:
@@ -286,6 +298,7 @@ class Scheduler:
             running={name: a.running for name, a in self._agencies.items() if a.running},
             oldest_pending_seconds=oldest,
             breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
+            paused=self._paused,
         )
 
     # -- workers -----------------------------------------------------------------------------
@@ -330,6 +343,8 @@ class Scheduler:
                 if not queue:
                     del rotation[name]
                     continue
+                if name in self._paused:
+                    continue  # resuming wakes the workers
                 if not agency.breaker.allows(now):
                     wake_at = _earliest(wake_at, agency.breaker.reopens_at(now))
                     continue

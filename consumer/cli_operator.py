@@ -1,0 +1,89 @@
+"""The operator's subcommands of ``chouette-relay``: list what waits for an operator, and act on it.
+
+``held``/``release``/``discard`` (withdrawals held by the mass-deletion guard), ``pause``/``resume``
+(stop and restart everything sent for one agency), ``parked``/``retry`` (documents waiting for a
+configuration fix) and ``dead-letters``/``replay``. Each runs ``consumer.admin.Operator``, the same
+implementation as the admin HTTP endpoints, and prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import socket
+import sys
+from typing import Any
+
+import orjson
+
+from consumer.admin import Operator
+from consumer.commands import AgencyAction, HeldAction
+from consumer.settings import Settings
+
+
+def add_operator_commands(commands: Any) -> None:
+    """Register the operator's subcommands on ``commands`` (argparse sub-parsers)."""
+    commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    for name, text in (
+        ("release", "carry out the held withdrawals of a building"),
+        ("discard", "forget the held withdrawals of a building (documents stay published)"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("agency")
+        command.add_argument("building")
+    for name, text in (
+        ("pause", "send nothing more for an agency (its work waits; survives restarts)"),
+        ("resume", "send what waited for a paused agency"),
+    ):
+        commands.add_parser(name, help=text).add_argument("agency")
+    parked = commands.add_parser("parked", help="list parked documents and why they wait")
+    parked.add_argument("--agency", help="only this agency")
+    retry = commands.add_parser("retry", help="send parked documents again after a fix")
+    retry.add_argument("agency")
+    retry.add_argument("building", nargs="?", help="only this building")
+    letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
+    letters.add_argument("--reason", help="only this reason")
+    letters.add_argument("--source-topic", help="only records from this topic")
+    replay = commands.add_parser(
+        "replay", help="re-publish dead letters to their source topic, once each"
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="topic/partition/offset, as listed")
+    replay.add_argument("--reason", help="every dead letter of this reason")
+    replay.add_argument("--force", action="store_true", help="replay even if replayed before")
+
+
+async def run_operator_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Run one operator subcommand and print its result as JSON; 1 if a replay was refused."""
+    who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    code = 0
+    async with Operator(settings) as operator:
+        command = args.command
+        result: Any
+        if command == "held":
+            result = {"held": await operator.held()}
+        elif command in ("release", "discard"):
+            result = await operator.queue(
+                HeldAction(command), args.agency, args.building, requested_by=who
+            )
+        elif command in ("pause", "resume"):
+            result = await operator.queue(AgencyAction(command), args.agency, requested_by=who)
+        elif command == "parked":
+            result = {"parked": await operator.parked(args.agency)}
+        elif command == "retry":
+            result = await operator.queue(
+                AgencyAction.RETRY, args.agency, args.building, requested_by=who
+            )
+        elif command == "dead-letters":
+            result = {
+                "dead_letters": await operator.dead_letters(
+                    reason=args.reason, source_topic=args.source_topic
+                )
+            }
+        elif command == "replay":
+            replayed = await operator.replay(args.ids, reason=args.reason, force=args.force)
+            result = {"replayed": replayed}
+            code = 1 if any(r["outcome"] != "replayed" for r in replayed) else 0
+        else:
+            raise ValueError(f"unknown command {command}")
+    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return code
