@@ -29,7 +29,8 @@ from consumer.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.commands import HeldAction
+from consumer.commands import AgencyAction, HeldAction
+from consumer.errors import ConfigError
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -136,6 +137,16 @@ class Relay:
             log.warning("paused agencies", extra={"agencies": sorted(paused)})
         for agency_id in set(self.routing.agencies) | paused:
             self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+
+    def _on_command(self, action: AgencyAction) -> None:
+        if action is not AgencyAction.RETRY:
+            self.sync_controls()
+            return
+        # Parked for credentials: the fix may be a rotated key in the mounted Secret's files.
+        try:
+            self.api_keys.reload()
+        except ConfigError as exc:
+            log.error("API keys not reloaded", extra={"error": str(exc)})  # noqa: TRY400 - no traceback needed
 
     def operator(self) -> Operator:
         """The operator's actions, on this relay's producer (the same ones the CLI runs)."""
@@ -314,7 +325,7 @@ class Relay:
             max_value_bytes=s.kafka.max_value_bytes,
             clock=lambda: dt.datetime.now(dt.UTC),
             on_failure=self._fail,
-            on_controls=self.sync_controls,
+            on_command=self._on_command,
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
         # intents above are only looked up, which sends nothing.)

@@ -64,7 +64,7 @@ class PartitionProcessor:
         max_value_bytes: int,
         clock: Callable[[], dt.datetime],
         on_failure: Callable[[BaseException], None],
-        on_controls: Callable[[], None] = lambda: None,
+        on_command: Callable[[AgencyAction], None] = lambda _: None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -80,7 +80,9 @@ class PartitionProcessor:
         self._max_value_bytes = max_value_bytes
         self._clock = clock
         self._on_failure = on_failure
-        self._on_controls = on_controls  # an agency's controls changed: the relay re-reads them
+        # An agency command was read: the relay re-reads the paused agencies (after it is
+        # applied) or reloads the API keys (before parked documents are sent again).
+        self._on_command = on_command
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
@@ -137,6 +139,8 @@ class PartitionProcessor:
             return
         self._metrics.events.labels(COMMANDS, command.command.value).inc()
         offsets = [(source.topic, source.offset)]
+        if command.command is AgencyAction.RETRY:
+            self._on_command(command.command)
         if isinstance(command.command, AgencyAction) or command.building_id is None:
             plan, work_source = self._agency_plan(command), self._admin_source(command.command)
         else:
@@ -156,8 +160,8 @@ class PartitionProcessor:
         # Work the relay starts itself (parked documents sent again) has no input record to
         # dead-letter: a refusal keeps the document parked with the refusal.
         self._execute(plan, work_source, offsets)
-        if command.command in (AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE):
-            self._on_controls()
+        if isinstance(command.command, AgencyAction) and command.command is not AgencyAction.RETRY:
+            self._on_command(command.command)
 
     def _agency_plan(self, command: OperatorCommand) -> Plan:
         """Pause, resume or approve: a new agency record; retry: the parked documents."""
