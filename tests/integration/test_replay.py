@@ -93,8 +93,10 @@ async def test_a_dead_letter_is_replayed_once_after_the_fix_and_processed_once(
     assert [r["outcome"] for r in forced["replayed"]] == ["replayed"]
 
     async def forced_copy_processed() -> bool:
-        committed = relay.status()["partitions"][str(source["partition"])]["committable"]
-        return committed.get(world.documents_topic, 0) > forced["replayed"][0]["offset"]
+        committed: dict[str, int] = relay.status()["partitions"][str(source["partition"])][
+            "committable"
+        ]
+        return committed.get(world.documents_topic, 0) > int(forced["replayed"][0]["offset"])
 
     await world.wait_until(forced_copy_processed, what="the forced copy processed")
     assert world.sandbox.create_count(document["id"]) == 1
