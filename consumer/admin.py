@@ -19,6 +19,7 @@ from consumer.changelog import restore_partition, topic_partitions
 from consumer.commands import AgencyAction, HeldAction, OperatorCommand, send_command
 from consumer.errors import ConfigError
 from consumer.replay import read_dead_letters, replay
+from consumer.routing import RoutingTable
 from consumer.settings import Settings
 from consumer.state import DocStatus, DocumentRecord
 from consumer.view import PublishedView
@@ -41,8 +42,15 @@ class Operator:
     Given the running relay's producer it uses it; otherwise it starts (and stops) its own.
     """
 
-    def __init__(self, settings: Settings, *, producer: AIOKafkaProducer | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer: AIOKafkaProducer | None = None,
+        routing: RoutingTable | None = None,
+    ) -> None:
         self.settings = settings
+        self.routing = routing
         self.bootstrap = require_kafka(settings)
         self._producer = producer
         self._owns_producer = producer is None
@@ -96,6 +104,37 @@ class Operator:
             queued["plan"] = plan
         queued["partitions"] = [{"partition": p, "offset": o} for p, o in written]
         return queued
+
+    async def plan(self, agency_id: str | None) -> tuple[Any, dict[str, str]]:
+        """The dry run of what first publications would send, and each agency's fingerprint."""
+        from consumer.dryrun import plan_with_fingerprints  # noqa: PLC0415 - heavy, rarely used
+
+        return await plan_with_fingerprints(self.settings, self._routing(), agency=agency_id)
+
+    async def approve(self, agency_id: str, plan: str, *, requested_by: str) -> dict[str, Any]:
+        """Start the agency's first publication, if its plan is still the one approved."""
+        routing = self._routing()
+        if routing.agency(agency_id) is None:
+            raise ValueError(f"agency {agency_id} is not in the routing file")
+        _, fingerprints = await self.plan(agency_id)
+        current = fingerprints[agency_id]
+        if current != plan:
+            raise PlanChangedError(
+                f"the plan of {agency_id} is now {current}, not {plan}: it changed since it was "
+                f"shown; look at it again with chouette-relay plan --agency {agency_id}"
+            )
+        return await self.queue(
+            AgencyAction.APPROVE, agency_id, requested_by=requested_by, plan=plan
+        )
+
+    def _routing(self) -> RoutingTable:
+        if self.routing is None:
+            if self.settings.routing_file is None:
+                raise ConfigError("set CHOUETTE_RELAY_ROUTING_FILE: the plan follows the routing")
+            from consumer.routing import load_routing  # noqa: PLC0415
+
+            self.routing = load_routing(self.settings.routing_file)
+        return self.routing
 
     # -- listings ----------------------------------------------------------------------------
     async def views(self) -> list[PublishedView]:
@@ -164,6 +203,10 @@ class Operator:
             if i not in found
         ]
         return results + missing
+
+
+class PlanChangedError(ValueError):
+    """The plan an operator approved is no longer the one the relay would carry out."""
 
 
 def parked_entry(record: DocumentRecord) -> dict[str, Any]:

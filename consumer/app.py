@@ -67,6 +67,7 @@ class Relay:
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
             self.metrics.agency_paused.labels(agency_id).set(0)
+            self.metrics.awaiting_approval.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
         self.failure: BaseException | None = None
@@ -110,6 +111,7 @@ class Relay:
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),
             "paused": sorted(self.paused_agencies()),
+            "awaiting_approval": self.awaiting_approval(),
             "held": self.held(),
             "parked": self.parked(),
         }
@@ -124,6 +126,14 @@ class Relay:
                 found.append(parked_entry(record))
         return found
 
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for processor in self._ingest.processors.values() if self._ingest else ():
+            for agency, buildings in processor.awaiting_approval().items():
+                found.setdefault(agency, []).extend(buildings)
+        return {agency: sorted(buildings) for agency, buildings in sorted(found.items())}
+
     def paused_agencies(self, *extra: PublishedView) -> set[str]:
         """Agencies paused in the view of any partition this replica owns."""
         views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
@@ -135,8 +145,11 @@ class Relay:
         if self._scheduler is not None and self._scheduler.paused != paused:
             self._scheduler.set_paused(frozenset(paused))
             log.warning("paused agencies", extra={"agencies": sorted(paused)})
+        awaiting = self.awaiting_approval()
         for agency_id in set(self.routing.agencies) | paused:
             self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+            waiting = len(awaiting.get(agency_id, ()))
+            self.metrics.awaiting_approval.labels(agency_id).set(waiting)
 
     def _on_command(self, action: AgencyAction) -> None:
         if action is not AgencyAction.RETRY:
@@ -180,7 +193,7 @@ class Relay:
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer, consumer = _kafka_clients(s)
         self._producer = producer
-        self._operator = Operator(s, producer=producer)
+        self._operator = Operator(s, producer=producer, routing=self.routing)
         observer = MetricsObserver(self.metrics)
         async with contextlib.AsyncExitStack() as stack:
             await producer.start()

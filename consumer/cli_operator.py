@@ -1,7 +1,8 @@
 """The operator's subcommands of ``chouette-relay``: list what waits for an operator, and act on it.
 
 ``held``/``release``/``discard`` (withdrawals held by the mass-deletion guard), ``pause``/``resume``
-(stop and restart everything sent for one agency), ``parked``/``retry`` (documents waiting for a
+(stop and restart everything sent for one agency), ``approve`` (start a first publication whose
+plan an operator has read), ``parked``/``retry`` (documents waiting for a
 configuration fix) and ``dead-letters``/``replay``. Each runs ``consumer.admin.Operator``, the same
 implementation as the admin HTTP endpoints, and prints JSON.
 """
@@ -36,6 +37,11 @@ def add_operator_commands(commands: Any) -> None:
         ("resume", "send what waited for a paused agency"),
     ):
         commands.add_parser(name, help=text).add_argument("agency")
+    approve = commands.add_parser(
+        "approve", help="start an agency's first publication, as the plan showed it"
+    )
+    approve.add_argument("agency")
+    approve.add_argument("--plan", required=True, help="the fingerprint the plan printed")
     parked = commands.add_parser("parked", help="list parked documents and why they wait")
     parked.add_argument("--agency", help="only this agency")
     retry = commands.add_parser("retry", help="send parked documents again after a fix")
@@ -67,6 +73,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             )
         elif command in ("pause", "resume"):
             result = await operator.queue(AgencyAction(command), args.agency, requested_by=who)
+        elif command == "approve":
+            result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":

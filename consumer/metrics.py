@@ -42,6 +42,7 @@ class RelayMetrics:
     first_publication_done: Counter
     commits: Counter
     agency_paused: Gauge
+    awaiting_approval: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -169,6 +170,12 @@ class RelayMetrics:
             agency_paused=Gauge(
                 name("agency_paused"),
                 "1 while an operator has paused an agency: nothing of it is sent, its work waits.",
+                ["agency"],
+                registry=registry,
+            ),
+            awaiting_approval=Gauge(
+                name("first_publication_awaiting_approval_buildings"),
+                "Buildings whose first publication (history or since) waits for an approval.",
                 ["agency"],
                 registry=registry,
             ),

@@ -16,8 +16,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
-from consumer.admin import Operator
+from consumer.admin import Operator, PlanChangedError
 from consumer.commands import AgencyAction
+from consumer.dryrun import plan_json
 from consumer.webserver import AppServer
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class OpsServer(AppServer):
                 web.post(
                     "/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)
                 ),
+                web.get("/admin/plan", self._admin(self._plan)),
+                web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
                 web.get("/admin/parked", self._admin(self._list_parked)),
                 web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
                 web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
@@ -133,6 +136,8 @@ class OpsServer(AppServer):
                 return _forbidden(self._token is None)
             try:
                 return await handler(request)
+            except PlanChangedError as exc:
+                return web.json_response({"error": str(exc)}, status=409)
             except ValueError as exc:  # pydantic's ValidationError included
                 return web.json_response({"error": str(exc)}, status=400)
 
@@ -142,6 +147,22 @@ class OpsServer(AppServer):
         action = AgencyAction(request.match_info["action"])
         queued = await self._control.operator().queue(
             action, request.match_info["agency"], requested_by=_requester(request)
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _plan(self, request: web.Request) -> web.Response:
+        plan, fingerprints = await self._control.operator().plan(request.query.get("agency"))
+        return web.json_response(plan_json(plan, fingerprints))
+
+    async def _approve(self, request: web.Request) -> web.Response:
+        """Body: ``{"plan": "<fingerprint shown by the plan>"}``; 409 if the plan changed."""
+        body = await _json_body(request)
+        plan = body.get("plan")
+        if not isinstance(plan, str):
+            raise ValueError('the body is {"plan": "<fingerprint>"}')  # noqa: TRY004 - a 400
+        queued = await self._control.operator().approve(
+            request.match_info["agency"], plan, requested_by=_requester(request)
         )
         log.warning("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
@@ -168,12 +189,7 @@ class OpsServer(AppServer):
 
     async def _replay(self, request: web.Request) -> web.Response:
         """Body: ``{"ids": ["topic/partition/offset", ...], "reason": ..., "force": false}``."""
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"the body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            body = {"ids": None}
+        body = await _json_body(request)
         ids, reason, force = body.get("ids", []), body.get("reason"), body.get("force", False)
         valid = (
             isinstance(ids, list)
@@ -189,6 +205,16 @@ class OpsServer(AppServer):
         results = await self._control.operator().replay(ids, reason=reason, force=force)
         log.warning("dead letters replayed", extra={"results": results, "by": _requester(request)})
         return web.json_response({"replayed": results})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ValueError("the body is not a JSON object")  # noqa: TRY004 - answered 400
+    return body
 
 
 def _requester(request: web.Request) -> str:

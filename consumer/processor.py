@@ -86,10 +86,20 @@ class PartitionProcessor:
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
+        # First publications that send history, waiting for an operator's approval; their
+        # offsets stay uncommitted, so a restart reads them again (and holds them again).
+        self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
 
     @property
     def pending_operations(self) -> int:
         return self._executor.in_flight
+
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for agency, building in sorted(self._awaiting):
+            found.setdefault(agency, []).append(building)
+        return found
 
     def committable(self) -> dict[str, int]:
         """Next offset to commit per topic: the lowest one whose work is not finished."""
@@ -162,6 +172,10 @@ class PartitionProcessor:
         self._execute(plan, work_source, offsets)
         if isinstance(command.command, AgencyAction) and command.command is not AgencyAction.RETRY:
             self._on_command(command.command)
+        if command.command is AgencyAction.APPROVE:
+            for place in [p for p in self._awaiting if p[0] == command.agency_id]:
+                manifest, held_source = self._awaiting.pop(place)
+                self.apply_manifest(manifest, held_source)
 
     def _agency_plan(self, command: OperatorCommand) -> Plan:
         """Pause, resume or approve: a new agency record; retry: the parked documents."""
@@ -185,7 +199,12 @@ class PartitionProcessor:
             current, changed_by=command.requested_by, changed_at=command.requested_at
         )
         if command.command is AgencyAction.APPROVE:
-            record = dataclasses.replace(record, approved_plan=command.plan)
+            routing = self._routing.agency(agency)
+            record = dataclasses.replace(
+                record,
+                approved_plan=command.plan,
+                approved_modules=frozenset(routing.modules) if routing else frozenset(),
+            )
         elif command.command in (AgencyAction.PAUSE, AgencyAction.RESUME):
             record = dataclasses.replace(record, paused=command.command is AgencyAction.PAUSE)
         else:
@@ -202,6 +221,10 @@ class PartitionProcessor:
 
     def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+        waiting = self._unapproved_modules(manifest, plan)
+        if waiting:
+            self._await_approval(manifest, source, waiting)
+            return
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
         backfill = sum(
@@ -221,6 +244,47 @@ class PartitionProcessor:
             },
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+
+    def _unapproved_modules(self, manifest: CompleteManifest, plan: Plan) -> set[str]:
+        """Modules whose first publication this plan would send without an approval."""
+        agency = self._routing.agency(manifest.agency_id)
+        if agency is None or not agency.needs_approval:
+            return set()
+        building = self.view.building(manifest.agency_id, manifest.building_id)
+        decided = building.manifest_taken_at if building is not None else {}
+        controls = self.view.agency(manifest.agency_id)
+        approved = controls.approved_modules if controls is not None else frozenset()
+        return {
+            operation.document.module.value
+            for operation in plan.operations
+            if isinstance(operation, Upload)
+            and operation.lane is Lane.BACKFILL
+            and operation.document.module not in decided
+            and operation.document.module not in approved
+        }
+
+    def _await_approval(
+        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
+    ) -> None:
+        """Keep the newest such manifest of the building; a superseded one is done."""
+        place = (manifest.agency_id, manifest.building_id)
+        kept = self._awaiting.get(place)
+        if kept is not None and kept[0].taken_at > manifest.taken_at:
+            manifest, source, kept = kept[0], kept[1], (manifest, source)
+        if kept is not None:
+            for offset in kept[0].offsets:
+                self._trackers[self._manifest_topic].done(offset)
+        self._awaiting[place] = (manifest, source)
+        self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
+        log.warning(
+            "first publication awaits an operator's approval",
+            extra={
+                "agency": manifest.agency_id,
+                "building": manifest.building_id,
+                "modules": sorted(modules),
+                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
+            },
+        )
 
     def expire(self) -> None:
         """Drop incomplete snapshots past their deadline; they never delete anything."""

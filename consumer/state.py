@@ -154,7 +154,8 @@ class AgencyRecord:
     """Operator controls of one agency, written to every partition that learns them.
 
     ``paused``: nothing of the agency is sent (its work waits, offsets stay uncommitted).
-    ``approved_plan``: the fingerprint of the first-publication plan an operator approved.
+    ``approved_plan``: the fingerprint of the first-publication plan an operator approved, for
+    ``approved_modules`` (a module enabled later is a new first publication, approved anew).
     """
 
     agency_id: str
@@ -162,6 +163,7 @@ class AgencyRecord:
     changed_by: str = ""
     changed_at: dt.datetime | None = None
     approved_plan: str | None = None
+    approved_modules: frozenset[Module] = frozenset()
 
     @property
     def key(self) -> AgencyKey:
@@ -194,6 +196,7 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
             "changed_by": record.changed_by,
             "changed_at": None if record.changed_at is None else _timestamp(record.changed_at),
             "approved_plan": record.approved_plan,
+            "approved_modules": sorted(str(module) for module in record.approved_modules),
         }
         return record.key.encode(), orjson.dumps(agency)
     if isinstance(record, BuildingRecord):
@@ -260,6 +263,7 @@ def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -
             changed_by=_string(data, "changed_by") or "",
             changed_at=None if changed_at is None else _parse_timestamp(changed_at),
             approved_plan=_string(data, "approved_plan"),
+            approved_modules=frozenset(Module(m) for m in data["approved_modules"]),
         )
     if kind == "building" and isinstance(key, BuildingKey):
         taken = data["manifest_taken_at"]

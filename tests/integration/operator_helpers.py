@@ -40,6 +40,12 @@ async def call(
 
 async def cli(world: RelayWorld, *args: str, expect: int = 0) -> Any:
     """Run ``chouette-relay ARGS`` as an operator would, with the relay's environment."""
+    out, _ = await cli_output(world, *args, expect=expect)
+    return orjson.loads(out)
+
+
+async def cli_output(world: RelayWorld, *args: str, expect: int = 0) -> tuple[str, str]:
+    """Standard output and error of ``chouette-relay ARGS``, which must exit with ``expect``."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -51,4 +57,4 @@ async def cli(world: RelayWorld, *args: str, expect: int = 0) -> Any:
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=120)
     assert process.returncode == expect, err.decode()
-    return orjson.loads(out)
+    return out.decode(), err.decode()

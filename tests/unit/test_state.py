@@ -205,6 +205,7 @@ def test_agency_controls_round_trip_match_the_schema_and_reach_the_view() -> Non
         changed_by="cli:ops@host",
         changed_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
         approved_plan="a1b2c3",
+        approved_modules=frozenset({Module.AG, Module.CONTRATS}),
     )
     key, _ = encode_state(paused)
 
