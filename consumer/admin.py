@@ -109,11 +109,11 @@ class Operator:
         """The dry run of what first publications would send, and each agency's fingerprint."""
         from consumer.dryrun import plan_with_fingerprints  # noqa: PLC0415 - heavy, rarely used
 
-        return await plan_with_fingerprints(self.settings, self._routing(), agency=agency_id)
+        return await plan_with_fingerprints(self.settings, self.routing_table(), agency=agency_id)
 
     async def approve(self, agency_id: str, plan: str, *, requested_by: str) -> dict[str, Any]:
         """Start the agency's first publication, if its plan is still the one approved."""
-        routing = self._routing()
+        routing = self.routing_table()
         if routing.agency(agency_id) is None:
             raise ValueError(f"agency {agency_id} is not in the routing file")
         _, fingerprints = await self.plan(agency_id)
@@ -127,7 +127,7 @@ class Operator:
             AgencyAction.APPROVE, agency_id, requested_by=requested_by, plan=plan
         )
 
-    def _routing(self) -> RoutingTable:
+    def routing_table(self) -> RoutingTable:
         if self.routing is None:
             if self.settings.routing_file is None:
                 raise ConfigError("set CHOUETTE_RELAY_ROUTING_FILE: the plan follows the routing")

@@ -10,15 +10,18 @@ implementation as the admin HTTP endpoints, and prints JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import socket
 import sys
 from typing import Any
 
+import aiohttp
 import orjson
 
 from consumer.admin import Operator
 from consumer.commands import AgencyAction, HeldAction
+from consumer.overview import add_replica_status, gather, render
 from consumer.settings import Settings
 
 
@@ -47,6 +50,19 @@ def add_operator_commands(commands: Any) -> None:
     retry = commands.add_parser("retry", help="send parked documents again after a fix")
     retry.add_argument("agency")
     retry.add_argument("building", nargs="?", help="only this building")
+    status = commands.add_parser("status", help="every agency across the cluster, readable")
+    status.add_argument("--agency", help="only this agency")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS (Ctrl-C stops)"
+    )
+    status.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also ask this replica's ops server (breakers, approvals awaited); repeatable",
+    )
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
@@ -65,6 +81,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
     async with Operator(settings) as operator:
         command = args.command
         result: Any
+        if command == "status":
+            return await _status(operator, args)
         if command == "held":
             result = {"held": await operator.held()}
         elif command in ("release", "discard"):
@@ -95,3 +113,36 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             raise ValueError(f"unknown command {command}")
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     return code
+
+
+async def _status(operator: Operator, args: argparse.Namespace) -> int:
+    """Print the cluster's view per agency, once or every ``--watch`` seconds."""
+    previous = None
+    while True:
+        found = await gather(operator, agency=args.agency)
+        for url in args.replica:
+            add_replica_status(found, await _replica_status(url))
+        if args.json:
+            payload = {name: entry.plain() for name, entry in found.items()}
+            text = orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode()
+        else:
+            text = render(found, previous, args.watch)
+        if args.watch:
+            sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        if not args.watch:
+            return 0
+        previous = found
+        await asyncio.sleep(args.watch)
+
+
+async def _replica_status(url: str) -> dict[str, Any]:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(url.rstrip("/") + "/status") as response,
+    ):
+        response.raise_for_status()
+        status: dict[str, Any] = await response.json()
+        return status

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from consumer.admin import Operator, PlanChangedError
 from consumer.commands import AgencyAction
 from consumer.dryrun import plan_json
+from consumer.overview import add_replica_status, gather
 from consumer.webserver import AppServer
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class OpsServer(AppServer):
                 ),
                 web.get("/admin/plan", self._admin(self._plan)),
                 web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
+                web.get("/admin/overview", self._admin(self._overview)),
                 web.get("/admin/parked", self._admin(self._list_parked)),
                 web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
                 web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
@@ -166,6 +168,12 @@ class OpsServer(AppServer):
         )
         log.warning("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
+
+    async def _overview(self, request: web.Request) -> web.Response:
+        """What ``chouette-relay status --json`` prints, with this replica's own status added."""
+        found = await gather(self._control.operator(), agency=request.query.get("agency"))
+        add_replica_status(found, self._control.status())
+        return web.json_response({name: entry.plain() for name, entry in found.items()})
 
     async def _list_parked(self, request: web.Request) -> web.Response:
         parked = await self._control.operator().parked(request.query.get("agency"))
