@@ -32,6 +32,7 @@ from consumer.planner import (
     plan_manifest,
     release_held,
     retry_parked,
+    unapproved_modules,
 )
 from consumer.routing import RoutingTable
 from consumer.sinks import DeadLetterSink, SourceRecord
@@ -221,7 +222,7 @@ class PartitionProcessor:
 
     def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
-        waiting = self._unapproved_modules(manifest, plan)
+        waiting = unapproved_modules(self.view, self._routing, manifest, plan)
         if waiting:
             self._await_approval(manifest, source, waiting)
             return
@@ -244,24 +245,6 @@ class PartitionProcessor:
             },
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
-
-    def _unapproved_modules(self, manifest: CompleteManifest, plan: Plan) -> set[str]:
-        """Modules whose first publication this plan would send without an approval."""
-        agency = self._routing.agency(manifest.agency_id)
-        if agency is None or not agency.needs_approval:
-            return set()
-        building = self.view.building(manifest.agency_id, manifest.building_id)
-        decided = building.manifest_taken_at if building is not None else {}
-        controls = self.view.agency(manifest.agency_id)
-        approved = controls.approved_modules if controls is not None else frozenset()
-        return {
-            operation.document.module.value
-            for operation in plan.operations
-            if isinstance(operation, Upload)
-            and operation.lane is Lane.BACKFILL
-            and operation.document.module not in decided
-            and operation.document.module not in approved
-        }
 
     def _await_approval(
         self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
