@@ -16,7 +16,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaProducer
 
 from consumer.changelog import restore_partition, topic_partitions
-from consumer.commands import AgencyAction, HeldAction, OperatorCommand, send_command
+from consumer.commands import AgencyAction, Finding, HeldAction, OperatorCommand, send_command
 from consumer.errors import ConfigError
 from consumer.replay import read_dead_letters, replay
 from consumer.routing import RoutingTable
@@ -83,6 +83,7 @@ class Operator:
         *,
         requested_by: str,
         plan: str | None = None,
+        findings: tuple[Finding, ...] = (),
     ) -> dict[str, Any]:
         """Write one command; the replicas owning the building (or every partition of the
         agency) carry it out in order with the input. Raises ``ValueError`` on a bad request."""
@@ -91,6 +92,7 @@ class Operator:
             agency_id=agency_id,
             building_id=building_id,
             plan=plan,
+            findings=findings,
             requested_at=dt.datetime.now(dt.UTC),
             requested_by=requested_by,
         )
@@ -102,6 +104,8 @@ class Operator:
             queued["building"] = building_id
         if plan is not None:
             queued["plan"] = plan
+        if findings:
+            queued["findings"] = len(findings)
         queued["partitions"] = [{"partition": p, "offset": o} for p, o in written]
         return queued
 

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumer.admin import Operator, parked_entry
+from consumer.audit import run_audit
 from consumer.breaker import BreakerPolicy
 from consumer.changelog import (
     ChangelogWriter,
@@ -160,6 +161,21 @@ class Relay:
             self.api_keys.reload()
         except ConfigError as exc:
             log.error("API keys not reloaded", extra={"error": str(exc)})  # noqa: TRY400 - no traceback needed
+
+    async def audit(
+        self, agency_id: str, *, building_id: str | None, repair: bool, requested_by: str
+    ) -> dict[str, Any]:
+        """The audit (the CLI's implementation), its findings kept in a gauge."""
+        report = await run_audit(
+            self.operator(),
+            agency_id,
+            building_id=building_id,
+            repair=repair,
+            requested_by=requested_by,
+        )
+        for kind, count in report["findings"].items():
+            self.metrics.audit_findings.labels(agency_id, kind).set(count)
+        return report
 
     def operator(self) -> Operator:
         """The operator's actions, on this relay's producer (the same ones the CLI runs)."""

@@ -38,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chouette-relay: {exc}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    if args.command != "run":
+        # An operator command's output is its result (JSON or a table); its logs go aside.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
     try:
         if args.command == "run":
             return asyncio.run(_run(settings))

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 
 from consumer.admin import Operator
+from consumer.audit import run_audit
 from consumer.commands import AgencyAction, HeldAction
 from consumer.overview import add_replica_status, gather, render
 from consumer.settings import Settings
@@ -63,6 +64,14 @@ def add_operator_commands(commands: Any) -> None:
         metavar="URL",
         help="also ask this replica's ops server (breakers, approvals awaited); repeatable",
     )
+    audit = commands.add_parser(
+        "audit", help="compare what ChouetteCopro holds with the relay's view; --repair fixes"
+    )
+    audit.add_argument("--agency", required=True)
+    audit.add_argument("--building", help="only this building")
+    audit.add_argument(
+        "--repair", action="store_true", help="queue the fixes for the owning replicas"
+    )
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
@@ -93,6 +102,14 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             result = await operator.queue(AgencyAction(command), args.agency, requested_by=who)
         elif command == "approve":
             result = await operator.approve(args.agency, args.plan, requested_by=who)
+        elif command == "audit":
+            result = await run_audit(
+                operator,
+                args.agency,
+                building_id=args.building,
+                repair=args.repair,
+                requested_by=who,
+            )
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":

@@ -33,6 +33,25 @@ class AgencyAction(StrEnum):
     RESUME = "resume"  # send what waited
     RETRY = "retry"  # send parked documents again (one building, or the whole agency)
     APPROVE = "approve"  # start the first-publication backfill whose plan has this fingerprint
+    REPAIR = "repair"  # settle what an audit found on the partner (one building)
+
+
+class FindingKind(StrEnum):
+    MISSING = "missing"  # the view says published; the partner does not hold it
+    UNEXPECTED = "unexpected"  # the partner holds it with our reference; the view does not know it
+    CHANGED = "changed"  # both know it, with different content (sha256)
+
+
+class Finding(BaseModel):
+    """One difference between the partner and the relay's view, found by an audit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: FindingKind
+    document_id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    remote_id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    view_sha256: str | None = None
+    partner_sha256: str | None = None
 
 
 _Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
@@ -46,12 +65,14 @@ class OperatorCommand(BaseModel):
     agency_id: _Identifier
     building_id: _Identifier | None = None  # None: the whole agency, on every partition
     plan: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")] | None = None
+    findings: tuple[Finding, ...] = ()  # repair only
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
 
     @model_validator(mode="after")
     def _scoped(self) -> OperatorCommand:
-        if isinstance(self.command, HeldAction) and self.building_id is None:
+        needs_building = isinstance(self.command, HeldAction) or self.command is AgencyAction.REPAIR
+        if needs_building and self.building_id is None:
             raise ValueError(f"{self.command} acts on one building: building_id is required")
         if self.command in (AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE) and (
             self.building_id is not None
@@ -59,6 +80,8 @@ class OperatorCommand(BaseModel):
             raise ValueError(f"{self.command} acts on a whole agency: no building_id")
         if (self.command is AgencyAction.APPROVE) != (self.plan is not None):
             raise ValueError("a plan fingerprint goes with approve, and only with it")
+        if self.findings and self.command is not AgencyAction.REPAIR:
+            raise ValueError("findings go with repair only")
         return self
 
     @property

@@ -43,6 +43,7 @@ class RelayMetrics:
     commits: Counter
     agency_paused: Gauge
     awaiting_approval: Gauge
+    audit_findings: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -177,6 +178,13 @@ class RelayMetrics:
                 name("first_publication_awaiting_approval_buildings"),
                 "Buildings whose first publication (history or since) waits for an approval.",
                 ["agency"],
+                registry=registry,
+            ),
+            audit_findings=Gauge(
+                name("audit_findings"),
+                "Differences the last audit run through this replica found, by agency and kind "
+                "(missing, unexpected, changed).",
+                ["agency", "kind"],
                 registry=registry,
             ),
         )

@@ -33,6 +33,9 @@ class RelayControl(Protocol):
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
     ) -> dict[str, Any]: ...
     def operator(self) -> Operator: ...
+    async def audit(
+        self, agency_id: str, *, building_id: str | None, repair: bool, requested_by: str
+    ) -> dict[str, Any]: ...
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -71,6 +74,8 @@ class OpsServer(AppServer):
                 web.get("/admin/plan", self._admin(self._plan)),
                 web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
                 web.get("/admin/overview", self._admin(self._overview)),
+                web.get("/admin/audit", self._admin(self._audit)),
+                web.post("/admin/audit/repair", self._admin(self._audit)),
                 web.get("/admin/parked", self._admin(self._list_parked)),
                 web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
                 web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
@@ -168,6 +173,19 @@ class OpsServer(AppServer):
         )
         log.warning("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        """``?agency=ID[&building=B]``; POST to ``/admin/audit/repair`` queues the repairs."""
+        agency = request.query.get("agency")
+        if not agency:
+            raise ValueError("name the agency: ?agency=ID")
+        report = await self._control.audit(
+            agency,
+            building_id=request.query.get("building"),
+            repair=request.method == "POST",
+            requested_by=_requester(request),
+        )
+        return web.json_response(report, status=202 if "repairs" in report else 200)
 
     async def _overview(self, request: web.Request) -> web.Response:
         """What ``chouette-relay status --json`` prints, with this replica's own status added."""

@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
+from consumer.audit import plan_repair
 from consumer.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
 from consumer.decoding import Poison, decode_record
 from consumer.events import DocumentCreated, ManifestSnapshot
@@ -181,6 +182,12 @@ class PartitionProcessor:
     def _agency_plan(self, command: OperatorCommand) -> Plan:
         """Pause, resume or approve: a new agency record; retry: the parked documents."""
         agency = command.agency_id
+        if command.command is AgencyAction.REPAIR and command.building_id is not None:
+            routing = self._routing.agency(agency)
+            condominium = routing.condominia.get(command.building_id) if routing else None
+            return plan_repair(
+                self.view, agency, command.building_id, condominium, command.findings
+            )
         if command.command is AgencyAction.RETRY:
             plan = retry_parked(self.view, self._routing)
 
