@@ -9,13 +9,12 @@ is acknowledged.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from consumer.audit import plan_repair
-from consumer.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
+from consumer.commands import AgencyAction, HeldAction, decode_command
+from consumer.controls import CONTROLS, plan_agency_command
 from consumer.decoding import Poison, decode_record
 from consumer.events import DocumentCreated, ManifestSnapshot
 from consumer.executor import OperationExecutor, RecordWriter
@@ -25,7 +24,6 @@ from consumer.metrics import RelayMetrics
 from consumer.offsets import OffsetTracker
 from consumer.planner import (
     Lane,
-    Outcome,
     Plan,
     Upload,
     discard_held,
@@ -37,7 +35,7 @@ from consumer.planner import (
 )
 from consumer.routing import RoutingTable
 from consumer.sinks import DeadLetterSink, SourceRecord
-from consumer.state import AgencyRecord, BuildingRecord
+from consumer.state import BuildingRecord
 from consumer.view import PublishedView
 
 log = logging.getLogger(__name__)
@@ -149,19 +147,22 @@ class PartitionProcessor:
             self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
             self._trackers[source.topic].done(source.offset)
             return
-        self._metrics.events.labels(COMMANDS, command.command.value).inc()
-        offsets = [(source.topic, source.offset)]
-        if command.command is AgencyAction.RETRY:
-            self._on_command(command.command)
-        if isinstance(command.command, AgencyAction) or command.building_id is None:
-            plan, work_source = self._agency_plan(command), self._admin_source(command.command)
-        else:
-            settle = discard_held if command.command is HeldAction.DISCARD else release_held
+        action = command.command
+        self._metrics.events.labels(COMMANDS, action.value).inc()
+        if action is AgencyAction.RETRY:
+            self._on_command(action)  # before anything is sent: the API keys are read again
+        if isinstance(action, HeldAction) and command.building_id is not None:
+            settle = discard_held if action is HeldAction.DISCARD else release_held
             plan, work_source = settle(self.view, command.agency_id, command.building_id), source
+        else:
+            # Work the relay starts itself (parked documents sent again) has no input record to
+            # dead-letter: a refusal keeps the document parked with the refusal.
+            plan = plan_agency_command(self.view, self._routing, command)
+            work_source = self._admin_source(action)
         log.warning(
             "operator command",
             extra={
-                "command": command.command.value,
+                "command": action.value,
                 "agency": command.agency_id,
                 "building": command.building_id,
                 "partition": self.partition,
@@ -169,55 +170,13 @@ class PartitionProcessor:
                 "documents": len(plan.operations) + len(plan.records),
             },
         )
-        # Work the relay starts itself (parked documents sent again) has no input record to
-        # dead-letter: a refusal keeps the document parked with the refusal.
-        self._execute(plan, work_source, offsets)
-        if isinstance(command.command, AgencyAction) and command.command is not AgencyAction.RETRY:
-            self._on_command(command.command)
-        if command.command is AgencyAction.APPROVE:
+        self._execute(plan, work_source, [(source.topic, source.offset)])
+        if isinstance(action, AgencyAction) and action in CONTROLS:
+            self._on_command(action)
+        if action is AgencyAction.APPROVE:
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
-
-    def _agency_plan(self, command: OperatorCommand) -> Plan:
-        """Pause, resume or approve: a new agency record; retry: the parked documents."""
-        agency = command.agency_id
-        if command.command is AgencyAction.REPAIR and command.building_id is not None:
-            routing = self._routing.agency(agency)
-            condominium = routing.condominia.get(command.building_id) if routing else None
-            return plan_repair(
-                self.view, agency, command.building_id, condominium, command.findings
-            )
-        if command.command is AgencyAction.RETRY:
-            plan = retry_parked(self.view, self._routing)
-
-            def concerned(key: object) -> bool:
-                return getattr(key, "agency_id", None) == agency and command.building_id in (
-                    None,
-                    getattr(key, "building_id", None),
-                )
-
-            return Plan(
-                plan.outcome,
-                tuple(op for op in plan.operations if concerned(op.key)),
-                tuple(record for record in plan.records if concerned(record.key)),
-            )
-        current = self.view.agency(agency) or AgencyRecord(agency)
-        record = dataclasses.replace(
-            current, changed_by=command.requested_by, changed_at=command.requested_at
-        )
-        if command.command is AgencyAction.APPROVE:
-            routing = self._routing.agency(agency)
-            record = dataclasses.replace(
-                record,
-                approved_plan=command.plan,
-                approved_modules=frozenset(routing.modules) if routing else frozenset(),
-            )
-        elif command.command in (AgencyAction.PAUSE, AgencyAction.RESUME):
-            record = dataclasses.replace(record, paused=command.command is AgencyAction.PAUSE)
-        else:
-            return Plan(Outcome.UNCHANGED)  # a held action always names its building
-        return Plan(Outcome.APPLIED, records=(record,))
 
     def _handle_part(self, part: ManifestSnapshot, source: SourceRecord) -> None:
         result = self._assembler.add(part, offset=source.offset, now=self._clock())
