@@ -549,3 +549,19 @@ async def test_a_paused_agency_sends_nothing_and_resumes_with_exactly_what_waite
 
         assert sorted(await all_done(waiting)) == sorted(job.name for job in paused_jobs)
     assert [len(job.attempts) for job in paused_jobs] == [1] * 6
+
+
+async def test_a_lookup_that_sends_nothing_goes_while_its_agency_is_paused(
+    make_scheduler: MakeScheduler,
+) -> None:
+    upload, lookup = Job("upload"), Job("lookup")
+    scheduler = make_scheduler(concurrency=1)
+    scheduler.set_paused(frozenset({"a"}))
+    async with scheduler:
+        waiting = scheduler.submit(upload, agency_id="a", lane=Lane.LIVE)
+        assert await all_done(
+            [scheduler.submit(lookup, agency_id="a", lane=Lane.LIVE, gated=False)]
+        ) == ["lookup"]
+        assert upload.attempts == []
+        scheduler.set_paused(frozenset())
+        assert await all_done([waiting]) == ["upload"]
