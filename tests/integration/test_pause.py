@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import orjson
 import pytest
 
 from consumer.app import Relay
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, metric
+from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, metric, ops_get
 from tests.integration.operator_helpers import call, cli, token_http
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,8 @@ async def test_a_paused_agency_waits_across_a_restart_and_resume_sends_what_wait
     assert world.partner_references("c-1") == {}
     assert world.partner_references("c-2") == {}
     assert relay.status()["paused"] == [PAUSED]
+    served = orjson.loads(await ops_get(relay, "/status"))  # what an operator's curl sees
+    assert (served["paused"], served["scheduler"]["paused"]) == ([PAUSED], [PAUSED])
 
     async def gauge_says_paused() -> bool:
         return await metric(relay, "chouette_relay_agency_paused", agency=PAUSED) == 1.0
