@@ -23,7 +23,12 @@ log = logging.getLogger("consumer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chouette-relay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="chouette-relay",
+        description="Forwards LSC's documents to ChouetteCopro. Run the relay, look at what a "
+        "first publication would send, or act on the relay as an operator; every operator "
+        "command reads and writes Kafka, so it works from any pod.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the relay (local default when nothing is configured)")
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
