@@ -41,6 +41,9 @@ class RelayMetrics:
     first_publication_planned: Counter
     first_publication_done: Counter
     commits: Counter
+    agency_paused: Gauge
+    awaiting_approval: Gauge
+    audit_findings: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -164,6 +167,25 @@ class RelayMetrics:
             ),
             commits=Counter(
                 name("offset_commits"), "Input offset commits made.", registry=registry
+            ),
+            agency_paused=Gauge(
+                name("agency_paused"),
+                "1 while an operator has paused an agency: nothing of it is sent, its work waits.",
+                ["agency"],
+                registry=registry,
+            ),
+            awaiting_approval=Gauge(
+                name("first_publication_awaiting_approval_buildings"),
+                "Buildings whose first publication (history or since) waits for an approval.",
+                ["agency"],
+                registry=registry,
+            ),
+            audit_findings=Gauge(
+                name("audit_findings"),
+                "Differences the last audit run through this replica found, by agency and kind "
+                "(missing, unexpected, changed).",
+                ["agency", "kind"],
+                registry=registry,
             ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})

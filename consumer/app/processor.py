@@ -14,7 +14,8 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from consumer.core.commands import HeldAction, decode_command
+from consumer.core.commands import AgencyAction, HeldAction, decode_command
+from consumer.core.controls import CONTROLS, plan_agency_command
 from consumer.core.deadletter import ProcessingReason
 from consumer.core.decoding import Poison, claimed_snapshot, decode_record
 from consumer.core.events import DocumentCreated, ManifestSnapshot
@@ -35,6 +36,7 @@ from consumer.core.planner import (
     plan_manifest,
     release_held,
     retry_parked,
+    unapproved_modules,
 )
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
@@ -71,6 +73,7 @@ class PartitionProcessor:
         clock: Callable[[], dt.datetime],
         on_failure: Callable[[BaseException], None],
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
+        on_command: Callable[[AgencyAction], None] = lambda _: None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -87,12 +90,18 @@ class PartitionProcessor:
         self._clock = clock
         self._max_clock_skew = max_clock_skew
         self._on_failure = on_failure
+        # An agency command was read: the relay re-reads the paused agencies (after it is
+        # applied) or reloads the API keys (before parked documents are sent again).
+        self._on_command = on_command
         self._completions: set[asyncio.Task[None]] = set()
         self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
         self._manifest_time: dt.datetime | None = None
+        # First publications that send history, waiting for an operator's approval; their
+        # offsets stay uncommitted, so a restart reads them again (and holds them again).
+        self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
 
     @property
     def pending_operations(self) -> int:
@@ -101,6 +110,13 @@ class PartitionProcessor:
     @property
     def manifests_topic(self) -> str:
         return self._manifest_topic
+
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for agency, building in sorted(self._awaiting):
+            found.setdefault(agency, []).append(building)
+        return found
 
     def committable(self) -> dict[str, int]:
         """Next offset to commit per topic: the lowest one whose work is not finished."""
@@ -156,20 +172,36 @@ class PartitionProcessor:
             self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
             self._trackers[source.topic].done(source.offset)
             return
-        settle = discard_held if command.command is HeldAction.DISCARD else release_held
-        plan = settle(self.view, command.agency_id, command.building_id)
-        self._metrics.events.labels(COMMANDS, command.command.value).inc()
+        action = command.command
+        self._metrics.events.labels(COMMANDS, action.value).inc()
+        if action is AgencyAction.RETRY:
+            self._on_command(action)  # before anything is sent: the API keys are read again
+        if isinstance(action, HeldAction) and command.building_id is not None:
+            settle = discard_held if action is HeldAction.DISCARD else release_held
+            plan, work_source = settle(self.view, command.agency_id, command.building_id), source
+        else:
+            # Work the relay starts itself (parked documents sent again) has no input record to
+            # dead-letter: a refusal keeps the document parked with the refusal.
+            plan = plan_agency_command(self.view, self._routing, command)
+            work_source = self._admin_source(action)
         log.warning(
-            "operator command on held deletions",
+            "operator command",
             extra={
-                "command": command.command.value,
+                "command": action.value,
                 "agency": command.agency_id,
                 "building": command.building_id,
+                "partition": self.partition,
                 "requested_by": command.requested_by,
                 "documents": len(plan.operations) + len(plan.records),
             },
         )
-        self._execute(plan, source, [(source.topic, source.offset)])
+        self._execute(plan, work_source, [(source.topic, source.offset)])
+        if isinstance(action, AgencyAction) and action in CONTROLS:
+            self._on_command(action)
+        if action is AgencyAction.APPROVE:
+            for place in [p for p in self._awaiting if p[0] == command.agency_id]:
+                manifest, held_source = self._awaiting.pop(place)
+                self.apply_manifest(manifest, held_source)
 
     async def _handle_part(
         self, part: ManifestSnapshot, source: SourceRecord, published_at: dt.datetime
@@ -222,6 +254,10 @@ class PartitionProcessor:
 
     def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+        waiting = unapproved_modules(self.view, self._routing, manifest, plan)
+        if waiting:
+            self._await_approval(manifest, source, waiting)
+            return
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
         backfill = sum(
@@ -241,6 +277,29 @@ class PartitionProcessor:
             },
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+
+    def _await_approval(
+        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
+    ) -> None:
+        """Keep the newest such manifest of the building; a superseded one is done."""
+        place = (manifest.agency_id, manifest.building_id)
+        kept = self._awaiting.get(place)
+        if kept is not None and kept[0].taken_at > manifest.taken_at:
+            manifest, source, kept = kept[0], kept[1], (manifest, source)
+        if kept is not None:
+            for offset in kept[0].offsets:
+                self._trackers[self._manifest_topic].done(offset)
+        self._awaiting[place] = (manifest, source)
+        self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
+        log.warning(
+            "first publication awaits an operator's approval",
+            extra={
+                "agency": manifest.agency_id,
+                "building": manifest.building_id,
+                "modules": sorted(modules),
+                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
+            },
+        )
 
     def expire(self, *, caught_up: bool) -> None:
         """Drop incomplete snapshots past their deadline; they never delete anything.

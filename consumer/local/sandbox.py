@@ -264,6 +264,20 @@ class SandboxServer(AppServer):
         self._documents[document.id] = document
         return document.id
 
+    def replace_file_by_hand(self, remote_id: str, sha256: str) -> None:
+        """Someone replaced a relay-made document's file in the app (its reference stays)."""
+        self._documents[remote_id] = dataclasses.replace(self._documents[remote_id], sha256=sha256)
+
+    def delete_by_hand(self, remote_id: str) -> None:
+        """Someone deleted a document in the app."""
+        self._documents.pop(remote_id)
+
+    def seed_copy(self, remote_id: str) -> str:
+        """A second document with the same reference (what an upload retried blindly leaves)."""
+        copy = dataclasses.replace(self._documents[remote_id], id=self._new_id())
+        self._documents[copy.id] = copy
+        return copy.id
+
     # -- inspection --------------------------------------------------------------------------
 
     def documents(self, condominium_id: str | None = None) -> list[SandboxDocument]:

@@ -326,3 +326,34 @@ def _retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+async def list_documents(
+    client: ChouetteCoproClient, *, agency_id: str, condominium_id: str, page_size: int = 100
+) -> list[RemoteDocument]:
+    """Every document of a condominium, hand-made ones included (reference None), page by page.
+
+    A function beside the class rather than a method, so that it stays one self-contained
+    addition to this module; it speaks the same ``listDocuments`` operation as
+    ``find_by_reference``.
+    """
+    found: list[RemoteDocument] = []
+    number = 1
+    while True:
+        url = (client._base / "documents").with_query(
+            {
+                "filter[condominium]": condominium_id,
+                "page[number]": str(number),
+                "page[size]": str(page_size),
+            }
+        )
+        status, body = await client._call("list", "GET", url, agency_id)
+        _expect(status, body, ok=(200,), operation="list", not_found=PartnerParkedError)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise PartnerRetriableError("list: the answer has no data list", status=200)
+        found += [_resource(item, operation="list") for item in data if isinstance(item, dict)]
+        links = body.get("links") if isinstance(body, dict) else None
+        if not data or not isinstance(links, dict) or not links.get("next"):
+            return found
+        number += 1

@@ -53,7 +53,10 @@ async def reconcile_partition(
             )
 
         try:
-            record = await scheduler.submit(look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE)
+            # A lookup sends nothing: it goes even while an operator pauses the agency.
+            record = await scheduler.submit(
+                look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE, gated=False
+            )
         except PartnerError as exc:
             # Credentials or rights are wrong: keep the intent; it is settled after the fix.
             log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing

@@ -128,6 +128,7 @@ class SchedulerSnapshot:
     running: dict[str, int]  # attempts in flight by agency
     oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
     breakers: dict[str, BreakerState]  # every agency seen so far
+    paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
 
 
 @dataclass(eq=False, slots=True)
@@ -140,6 +141,7 @@ class _Job:
     submitted_at: float
     failures: int = 0  # retriable failures in the current round
     queued: bool = True  # counted in its agency's queued count (waiting, not running)
+    gated: bool = True  # waits while its agency is paused (lookups that send nothing do not)
 
 
 @dataclass(eq=False, slots=True)
@@ -192,6 +194,7 @@ class Scheduler:
         self._idle.set()
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._paused: frozenset[str] = frozenset()
 
     async def __aenter__(self) -> Self:
         if self._runner is not None or self._closed:
@@ -219,13 +222,22 @@ class Scheduler:
                 workers.create_task(self._work(), name=f"scheduler-worker-{number}")
 
     def submit(
-        self, call: Callable[[], Awaitable[T]], *, agency_id: str, lane: Lane
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        agency_id: str,
+        lane: Lane,
+        gated: bool = True,
     ) -> asyncio.Future[T]:
-        """Queue a job; cancelling the returned future before the job starts withdraws it."""
+        """Queue a job; cancelling the returned future before the job starts withdraws it.
+
+        ``gated=False`` is for a job that sends nothing (a lookup): it goes even while its agency
+        is paused, still within the agency's rate and breaker.
+        """
         if self._closed:
             raise RuntimeError("the scheduler is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        job = _Job(next(self._seq), agency_id, lane, call, future, self._clock())
+        job = _Job(next(self._seq), agency_id, lane, call, future, self._clock(), gated=gated)
         agency = self._agency(agency_id)
         agency.queued[lane] += 1
         self._pending[lane][job.seq] = job
@@ -248,6 +260,16 @@ class Scheduler:
             if agency.bucket.try_take(now):
                 return
             await asyncio.sleep(max(agency.bucket.available_at(now) - now, 0.001))
+
+    def set_paused(self, agencies: frozenset[str]) -> None:
+        """The agencies an operator paused: their jobs stay queued and none of them starts
+        (attempts already running finish) until the agency is no longer in the set."""
+        self._paused = frozenset(agencies)
+        self._wake()
+
+    @property
+    def paused(self) -> frozenset[str]:
+        return self._paused
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
         """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
@@ -286,6 +308,7 @@ class Scheduler:
             running={name: a.running for name, a in self._agencies.items() if a.running},
             oldest_pending_seconds=oldest,
             breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
+            paused=self._paused,
         )
 
     # -- workers -----------------------------------------------------------------------------
@@ -330,13 +353,19 @@ class Scheduler:
                 if not queue:
                     del rotation[name]
                     continue
+                index: int | None = 0
+                if name in self._paused:
+                    index = _first_ungated(queue)
+                if index is None:
+                    continue  # only paused work: resuming wakes the workers
                 if not agency.breaker.allows(now):
                     wake_at = _earliest(wake_at, agency.breaker.reopens_at(now))
                     continue
                 if not agency.bucket.try_take(now):
                     wake_at = _earliest(wake_at, agency.bucket.available_at(now))
                     continue
-                job = queue.popleft()
+                job = queue[index]
+                del queue[index]
                 del rotation[name]
                 if queue:
                     rotation[name] = None  # to the back of the round
@@ -463,6 +492,11 @@ class Scheduler:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
+
+
+def _first_ungated(queue: deque[_Job]) -> int | None:
+    """Where the first job that may go while its agency is paused waits, if one does."""
+    return next((i for i, job in enumerate(queue) if not job.gated and not job.future.done()), None)
 
 
 def _earliest(current: float | None, candidate: float | None) -> float | None:

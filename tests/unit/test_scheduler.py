@@ -521,3 +521,47 @@ async def test_every_future_completes_exactly_once_with_its_result(
     assert results == [call.name for call in calls]
     assert completions == Counter(range(len(jobs)))
     assert [len(call.attempts) for call in calls] == [failures + 1 for _, _, failures in jobs]
+
+
+# -- operator pause ----------------------------------------------------------------------------
+
+
+async def test_a_paused_agency_sends_nothing_and_resumes_with_exactly_what_waited(
+    make_scheduler: MakeScheduler,
+) -> None:
+    paused_jobs = [Job(f"paused-{i}") for i in range(6)]
+    other = [Job(f"other-{i}") for i in range(6)]
+    scheduler = make_scheduler(concurrency=2)
+    scheduler.set_paused(frozenset({"a"}))
+    async with scheduler:
+        waiting = [
+            scheduler.submit(job, agency_id="a", lane=lane)
+            for job, lane in zip(paused_jobs, [Lane.LIVE, Lane.BACKFILL] * 3, strict=True)
+        ]
+        await all_done([scheduler.submit(j, agency_id="b", lane=Lane.LIVE) for j in other])
+        assert all(job.attempts == [] for job in paused_jobs)
+        assert not any(future.done() for future in waiting)
+        snapshot = scheduler.snapshot()
+        assert snapshot.paused == {"a"}
+        assert snapshot.queued[Lane.LIVE]["a"] + snapshot.queued[Lane.BACKFILL]["a"] == 6
+
+        scheduler.set_paused(frozenset())
+
+        assert sorted(await all_done(waiting)) == sorted(job.name for job in paused_jobs)
+    assert [len(job.attempts) for job in paused_jobs] == [1] * 6
+
+
+async def test_a_lookup_that_sends_nothing_goes_while_its_agency_is_paused(
+    make_scheduler: MakeScheduler,
+) -> None:
+    upload, lookup = Job("upload"), Job("lookup")
+    scheduler = make_scheduler(concurrency=1)
+    scheduler.set_paused(frozenset({"a"}))
+    async with scheduler:
+        waiting = scheduler.submit(upload, agency_id="a", lane=Lane.LIVE)
+        assert await all_done(
+            [scheduler.submit(lookup, agency_id="a", lane=Lane.LIVE, gated=False)]
+        ) == ["lookup"]
+        assert upload.attempts == []
+        scheduler.set_paused(frozenset())
+        assert await all_done([waiting]) == ["upload"]
