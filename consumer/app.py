@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -21,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumer.breaker import BreakerPolicy
+from consumer.brokerwatch import BrokerWatch
 from consumer.changelog import (
     ChangelogWriter,
     TopicLayout,
@@ -29,6 +31,7 @@ from consumer.changelog import (
     restore_partition,
 )
 from consumer.commands import HeldAction, OperatorCommand, send_command
+from consumer.errors import KafkaUnavailableError
 from consumer.executor import OperationExecutor
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
@@ -51,6 +54,8 @@ from consumer.view import PublishedView
 log = logging.getLogger(__name__)
 
 RELAY_VERSION = version("chouette-relay")
+# Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
+READINESS_WINDOW_S = 10.0
 
 
 class Relay:
@@ -159,9 +164,15 @@ class Relay:
         producer, consumer = _kafka_clients(s)
         self._producer = producer
         observer = MetricsObserver(self.metrics)
+        watch = BrokerWatch(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            unavailable_timeout_s=s.kafka.unavailable_timeout_s,
+            window_s=max(READINESS_WINDOW_S, 5 * s.kafka.commit_interval_s),
+            metrics=self.metrics,
+        )
         async with contextlib.AsyncExitStack() as stack:
             await producer.start()
-            stack.push_async_callback(producer.stop)
+            stack.push_async_callback(_stop_within, producer.stop, "producer", s.drain_timeout_s)
             partner = await stack.enter_async_context(
                 ChouetteCoproClient(
                     base_url=s.partner.base_url,
@@ -197,6 +208,7 @@ class Relay:
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
                 max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                watch=watch,
             )
             build_processor = functools.partial(
                 self._build_processor,
@@ -205,6 +217,7 @@ class Relay:
                 partner=partner,
                 fetcher=fetcher,
                 dead_letters=dead_letters,
+                watch=watch,
             )
             self._ingest = ingest = Ingest(
                 consumer=consumer,
@@ -213,10 +226,13 @@ class Relay:
                 metrics=self.metrics,
                 commit_interval_s=s.kafka.commit_interval_s,
                 max_records=s.kafka.max_poll_records,
+                watch=watch,
+                probe=consumer.topics,
+                on_unavailable=self._fail,
             )
             ingest.subscribe()
             await consumer.start()
-            stack.push_async_callback(consumer.stop)
+            stack.push_async_callback(_stop_within, consumer.stop, "consumer", s.drain_timeout_s)
             ops = await stack.enter_async_context(
                 OpsServer(
                     control=self,
@@ -249,12 +265,15 @@ class Relay:
         partner: ChouetteCoproClient,
         fetcher: ContentFetcher,
         dead_letters: DeadLetterSink,
+        watch: BrokerWatch,
     ) -> PartitionProcessor:
         """Restore one partition's view, settle its upload intents, and build its processor."""
         s = self.settings
         guard, topics = self._guard, self._topics
         view = PublishedView()
-        writer = ChangelogWriter(producer=producer, topic=s.kafka.state_topic, partition=partition)
+        writer = ChangelogWriter(
+            producer=producer, topic=s.kafka.state_topic, partition=partition, watch=watch
+        )
         self._restoring[partition] = 0.0
 
         def progress(done: int, total: int) -> None:
@@ -354,8 +373,14 @@ class Relay:
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def _fail(self, error: BaseException) -> None:
-        """Unexpected failure of partition work: stop (drain, commit what is done) and exit 1."""
-        log.error("partition work failed; stopping", exc_info=error)
+        """Unexpected failure of partition work, or Kafka away for longer than the bound: stop
+        (drain, commit what can be) and exit 1."""
+        if self.failure is not None:
+            return
+        if isinstance(error, KafkaUnavailableError):
+            log.critical("Kafka unreachable for too long; stopping", extra={"reason": str(error)})
+        else:
+            log.error("partition work failed; stopping", exc_info=error)
         self.failure = error
         self.stopping.set()
 
@@ -387,6 +412,17 @@ def _kafka_clients(s: Settings) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
         max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
     )
     return producer, consumer
+
+
+async def _stop_within(stop: Callable[[], Awaitable[None]], what: str, timeout_s: float) -> None:
+    """Stop an aiokafka client, giving up after ``timeout_s``: the producer flushes and the
+    consumer leaves its group, which wait forever for a broker that is gone."""
+    try:
+        await asyncio.wait_for(stop(), timeout=timeout_s)
+    except TimeoutError:
+        log.error(  # noqa: TRY400 - the timeout is the whole story; its traceback says nothing
+            "Kafka client did not stop in time; leaving it", extra={"client": what, "s": timeout_s}
+        )
 
 
 def _max_request_size(s: Settings) -> int:

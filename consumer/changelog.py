@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from consumer.brokerwatch import BrokerWatch
 from consumer.errors import ConfigError
 from consumer.state import StateRecord, encode_state
 from consumer.view import PublishedView
@@ -141,19 +142,34 @@ async def _create(
 
 
 class ChangelogWriter:
-    """Writes state records for one partition number and waits for the broker's acknowledgement."""
+    """Writes state records for one partition number and waits for the broker's acknowledgement.
 
-    def __init__(self, *, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+    A broker away for a while delays the write (sent again, bounded by ``watch``) rather than
+    failing the document; only an outage beyond the bound raises ``KafkaUnavailableError``.
+    """
+
+    def __init__(
+        self, *, producer: AIOKafkaProducer, topic: str, partition: int, watch: BrokerWatch
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._partition = partition
+        self._watch = watch
 
     async def write(self, record: StateRecord) -> None:
         key, value = encode_state(record)
-        delivery = await self._producer.send(
-            self._topic, value=value, key=key, partition=self._partition
+
+        async def send() -> Awaitable[object]:
+            delivery: Awaitable[object] = await self._producer.send(
+                self._topic, value=value, key=key, partition=self._partition
+            )
+            return delivery
+
+        await self._watch.deliver(
+            send,
+            what=f"a state record for state topic {self._topic!r} partition {self._partition}",
+            operation="changelog",
         )
-        await delivery
 
 
 async def restore_partition(

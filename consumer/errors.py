@@ -62,3 +62,11 @@ class ContentUnavailableError(ContentError):
     """The document store did not answer or answered 5xx: retry later."""
 
     retriable = True
+
+
+class KafkaUnavailableError(RelayError):
+    """The broker (or the state topic) stayed unreachable beyond the configured bound: stop.
+
+    An outage shorter than the bound is ridden out inside the process; this one is for the
+    orchestrator, and the message names what could not be reached and for how long.
+    """
