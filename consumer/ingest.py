@@ -142,7 +142,7 @@ class Ingest:
                 processor.expire()
             await self.commit()
             self._update_lag()
-            if self._watch.silence_s() > self._commit_interval_s:
+            if self._watch.silence_s() > self._watch.window_s / 2:
                 # Nothing else showed the broker answers (an idle relay commits nothing): ask it.
                 await self._watch.probe(self._probe, timeout_s=self._commit_timeout_s)
             try:
