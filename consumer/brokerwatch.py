@@ -114,38 +114,32 @@ class BrokerWatch:
         while True:
             attempt += 1
             try:
-                delivery = await asyncio.wait_for(send(), timeout=_left(deadline, loop))
-                # Shielded: a timeout must not cancel a record aiokafka may still deliver.
-                result = await asyncio.wait_for(
-                    asyncio.shield(_as_future(delivery)), timeout=_left(deadline, loop)
-                )
+                async with asyncio.timeout_at(deadline):
+                    delivery = await send()
+                    # Shielded: a timeout must not cancel a record aiokafka may still deliver.
+                    result = await asyncio.shield(delivery)
             except TimeoutError:
-                raise KafkaUnavailableError(
-                    f"{what} was not acknowledged by the Kafka broker(s) at "
-                    f"{self.bootstrap_servers} within {loop.time() - started:.0f} s "
-                    f"(CHOUETTE_RELAY_KAFKA__UNAVAILABLE_TIMEOUT_S="
-                    f"{self.unavailable_timeout_s:g})"
-                ) from None
+                raise self._gave_up(what, loop.time() - started) from None
             except KafkaError as exc:
                 if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
                     raise
                 self._metrics.kafka_retries.labels(operation).inc()
                 pause = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempt - 1))
                 pause *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
+                if loop.time() + pause >= deadline:
+                    raise self._gave_up(what, loop.time() - started) from exc
                 log.warning(
                     "Kafka write failed; sending again",
                     extra={"what": what, "attempt": attempt, "error": repr(exc), "pause_s": pause},
                 )
-                await asyncio.sleep(min(pause, _left(deadline, loop)))
+                await asyncio.sleep(pause)
                 continue
             self.touch()
             return result
 
-
-def _left(deadline: float, loop: asyncio.AbstractEventLoop) -> float:
-    return max(deadline - loop.time(), 0.0)
-
-
-def _as_future(delivery: Awaitable[_T]) -> asyncio.Future[_T]:
-    future: asyncio.Future[_T] = asyncio.ensure_future(delivery)
-    return future
+    def _gave_up(self, what: str, waited_s: float) -> KafkaUnavailableError:
+        return KafkaUnavailableError(
+            f"{what} was not acknowledged by the Kafka broker(s) at {self.bootstrap_servers} "
+            f"within {waited_s:.0f} s (CHOUETTE_RELAY_KAFKA__UNAVAILABLE_TIMEOUT_S="
+            f"{self.unavailable_timeout_s:g})"
+        )
