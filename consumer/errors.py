@@ -66,3 +66,11 @@ class ContentUnavailableError(ContentError):
 
 class KafkaConnectError(ConfigError):
     """Kafka refused or did not answer at start-up; the message names the settings to check."""
+
+
+class KafkaUnavailableError(RelayError):
+    """The broker (or the state topic) stayed unreachable beyond the configured bound: stop.
+
+    An outage shorter than the bound is ridden out inside the process; this one is for the
+    orchestrator, and the message names what could not be reached and for how long.
+    """

@@ -44,6 +44,8 @@ class RelayMetrics:
     agency_paused: Gauge
     awaiting_approval: Gauge
     audit_findings: Gauge
+    kafka_retries: Counter
+    kafka_reachable: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -187,10 +189,24 @@ class RelayMetrics:
                 ["agency", "kind"],
                 registry=registry,
             ),
+            kafka_retries=Counter(
+                name("kafka_retries"),
+                "Kafka writes sent again and commits that failed, by operation.",
+                ["operation"],
+                registry=registry,
+            ),
+            kafka_reachable=Gauge(
+                name("kafka_reachable"),
+                "1 while the broker answered recently, 0 during an outage (the relay waits).",
+                registry=registry,
+            ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
         # Known label values start at 0 so that increase() sees the first event after a restart.
         for reason in DEAD_LETTER_REASONS:
             metrics.dead_letters.labels(reason)
         metrics.manifests.labels("expired")
+        for operation in ("changelog", "dead_letter", "commit"):
+            metrics.kafka_retries.labels(operation)
+        metrics.kafka_reachable.set(1)
         return metrics

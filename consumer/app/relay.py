@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -29,7 +30,8 @@ from consumer.core.manifest import ManifestAssembler
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, KafkaUnavailableError
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import (
     ChangelogWriter,
     TopicLayout,
@@ -56,6 +58,8 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 
 RELAY_VERSION = version("chouette-relay")
+# Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
+READINESS_WINDOW_S = 10.0
 
 
 class Relay:
@@ -217,9 +221,15 @@ class Relay:
         self._producer = producer
         self._operator = Operator(s, producer=producer, routing=self.routing)
         observer = MetricsObserver(self.metrics)
+        watch = BrokerWatch(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            unavailable_timeout_s=s.kafka.unavailable_timeout_s,
+            window_s=max(READINESS_WINDOW_S, 5 * s.kafka.commit_interval_s),
+            metrics=self.metrics,
+        )
         async with contextlib.AsyncExitStack() as stack:
             await start_client(producer, self.connection)
-            stack.push_async_callback(producer.stop)
+            stack.push_async_callback(_stop_within, producer.stop, "producer", s.drain_timeout_s)
             partner = await stack.enter_async_context(
                 ChouetteCoproClient(
                     base_url=s.partner.base_url,
@@ -257,6 +267,7 @@ class Relay:
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
                 max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                watch=watch,
             )
             build_processor = functools.partial(
                 self._build_processor,
@@ -265,6 +276,7 @@ class Relay:
                 partner=partner,
                 fetcher=fetcher,
                 dead_letters=dead_letters,
+                watch=watch,
             )
             self._ingest = ingest = Ingest(
                 consumer=consumer,
@@ -273,10 +285,13 @@ class Relay:
                 metrics=self.metrics,
                 commit_interval_s=s.kafka.commit_interval_s,
                 max_records=s.kafka.max_poll_records,
+                watch=watch,
+                probe=consumer.topics,
+                on_unavailable=self._fail,
             )
             ingest.subscribe()
             await start_client(consumer, self.connection)
-            stack.push_async_callback(consumer.stop)
+            stack.push_async_callback(_stop_within, consumer.stop, "consumer", s.drain_timeout_s)
             ops = await stack.enter_async_context(
                 OpsServer(
                     control=self,
@@ -309,12 +324,15 @@ class Relay:
         partner: ChouetteCoproClient,
         fetcher: ContentFetcher,
         dead_letters: DeadLetterSink,
+        watch: BrokerWatch,
     ) -> PartitionProcessor:
         """Restore one partition's view, settle its upload intents, and build its processor."""
         s = self.settings
         guard, topics = self._guard, self._topics
         view = PublishedView()
-        writer = ChangelogWriter(producer=producer, topic=s.kafka.state_topic, partition=partition)
+        writer = ChangelogWriter(
+            producer=producer, topic=s.kafka.state_topic, partition=partition, watch=watch
+        )
         self._restoring[partition] = 0.0
 
         def progress(done: int, total: int) -> None:
@@ -420,8 +438,14 @@ class Relay:
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def _fail(self, error: BaseException) -> None:
-        """Unexpected failure of partition work: stop (drain, commit what is done) and exit 1."""
-        log.error("partition work failed; stopping", exc_info=error)
+        """Unexpected failure of partition work, or Kafka away for longer than the bound: stop
+        (drain, commit what can be) and exit 1."""
+        if self.failure is not None:
+            return
+        if isinstance(error, KafkaUnavailableError):
+            log.critical("Kafka unreachable for too long; stopping", extra={"reason": str(error)})
+        else:
+            log.error("partition work failed; stopping", exc_info=error)
         self.failure = error
         self.stopping.set()
 
@@ -462,6 +486,17 @@ def _kafka_clients(
         max_partition_fetch_bytes=max(s.kafka.max_value_bytes * 2, 1_048_576),
     )
     return producer, consumer
+
+
+async def _stop_within(stop: Callable[[], Awaitable[None]], what: str, timeout_s: float) -> None:
+    """Stop an aiokafka client, giving up after ``timeout_s``: the producer flushes and the
+    consumer leaves its group, which wait forever for a broker that is gone."""
+    try:
+        await asyncio.wait_for(stop(), timeout=timeout_s)
+    except TimeoutError:
+        log.error(  # noqa: TRY400 - the timeout is the whole story; its traceback says nothing
+            "Kafka client did not stop in time; leaving it", extra={"client": what, "s": timeout_s}
+        )
 
 
 def _max_request_size(s: Settings) -> int:

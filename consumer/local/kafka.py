@@ -344,6 +344,18 @@ class LocalKafka:
             self._data_dir = None
             self._bootstrap = None
 
+    def kill(self) -> None:
+        """SIGKILL the broker's process group, as a crash would; its data directory stays.
+
+        With a given ``data_dir`` and fixed ports, ``start()`` then brings the same broker back.
+        """
+        with self._lock:
+            process = self._process
+            if process is not None and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            self._terminate()
+
     def __enter__(self) -> Self:
         self.start()
         return self

@@ -1,7 +1,8 @@
 """The operations HTTP surface: probes, metrics, a status view and token-protected admin actions.
 
 ``/livez`` answers while the event loop runs and never depends on Kafka or the partner;
-``/readyz`` is true once every assigned partition is restored and the relay is consuming.
+``/readyz`` is true once every assigned partition is restored and the relay is consuming, and
+false again while the consumer group rebalances or the Kafka broker does not answer.
 """
 
 from __future__ import annotations
