@@ -30,6 +30,7 @@ from consumer.changelog import (
 )
 from consumer.commands import HeldAction, OperatorCommand, send_command
 from consumer.executor import OperationExecutor
+from consumer.failures import classify
 from consumer.guard import DeletionGuard
 from consumer.ingest import Ingest
 from consumer.manifest import ManifestAssembler
@@ -42,7 +43,7 @@ from consumer.partner.keys import ApiKeyStore
 from consumer.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.reconcile import reconcile_partition
 from consumer.routing import RoutingTable
-from consumer.scheduler import Scheduler
+from consumer.scheduler import RetryPolicy, Scheduler
 from consumer.settings import Settings
 from consumer.sinks import DeadLetterSink
 from consumer.state import DocStatus
@@ -120,6 +121,8 @@ class Relay:
                         "agency": record.key.agency_id,
                         "building": record.key.building_id,
                         "document": record.key.document_id,
+                        # A parked record without its document is a withdrawal refused.
+                        "operation": "upload" if record.document is not None else "withdraw",
                         "reason": record.parked_reason,
                     }
                 )
@@ -278,6 +281,11 @@ class Relay:
             content=fetcher,
             dead_letters=dead_letters,
             metrics=self.metrics,
+            document_retry=RetryPolicy(
+                max_attempts=s.content.unavailable_attempts,
+                base_seconds=s.content.unavailable_backoff_s,
+                cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
+            ),
         )
         await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
         self._restoring.pop(partition, None)
@@ -354,8 +362,14 @@ class Relay:
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def _fail(self, error: BaseException) -> None:
-        """Unexpected failure of partition work: stop (drain, commit what is done) and exit 1."""
-        log.error("partition work failed; stopping", exc_info=error)
+        """Infrastructure failed under partition work (the state topic unreachable once the
+        producer's retries are spent): stop (drain, commit what is done) and exit 1.
+
+        Everything that belongs to one record or one document is parked or dead-lettered where
+        it happens (``consumer.failures``); only what no record can be blamed for gets here.
+        """
+        reason = classify(error).reason if isinstance(error, Exception) else "cancelled"
+        log.critical("infrastructure failure; stopping", exc_info=error, extra={"reason": reason})
         self.failure = error
         self.stopping.set()
 

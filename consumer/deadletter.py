@@ -29,6 +29,10 @@ class ProcessingReason(StrEnum):
     """ChouetteCopro refused the document for good (422)."""
     CONTENT_REJECTED = "content_rejected"
     """The content cannot be used: checksum or size differ, host not allowed, too large."""
+    BAD_URL = "bad_url"
+    """The content URL is one the HTTP stack cannot parse (a port above 65535, a bad IPv6)."""
+    UNEXPECTED_ERROR = "unexpected_error"
+    """Handling the record failed in a way no edge foresaw (a bug): set aside, traceback logged."""
 
 
 DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *ProcessingReason})

@@ -31,6 +31,8 @@ class RelayMetrics:
     partner_requests: Counter
     partner_latency: Histogram
     partner_retries: Counter
+    document_retries: Counter
+    unexpected_errors: Counter
     circuit_open: Gauge
     held_deletions: Gauge
     parked_documents: Gauge
@@ -110,6 +112,19 @@ class RelayMetrics:
                 ["reason"],
                 registry=registry,
             ),
+            document_retries=Counter(
+                name("document_retries"),
+                "Documents waiting on their own after a failure that is not the partner's "
+                "(the document store unavailable), by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            unexpected_errors=Counter(
+                name("unexpected_errors"),
+                "Exceptions no edge foresaw, by scope: a document parked, a record dead-lettered.",
+                ["scope"],
+                registry=registry,
+            ),
             circuit_open=Gauge(
                 name("circuit_open"),
                 "1 while the circuit breaker of an agency is open (its calls are paused).",
@@ -171,4 +186,6 @@ class RelayMetrics:
         for reason in DEAD_LETTER_REASONS:
             metrics.dead_letters.labels(reason)
         metrics.manifests.labels("expired")
+        for scope in ("document", "record"):
+            metrics.unexpected_errors.labels(scope)
         return metrics

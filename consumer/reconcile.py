@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import logging
 
-from consumer.errors import PartnerError
 from consumer.executor import RecordWriter
+from consumer.failures import Disposition, Scope, classify
 from consumer.partner.client import ChouetteCoproClient
 from consumer.scheduler import Lane, Scheduler
 from consumer.state import DocStatus, DocumentRecord, StateRecord, Tombstone
@@ -54,11 +54,20 @@ async def reconcile_partition(
 
         try:
             record = await scheduler.submit(look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE)
-        except PartnerError as exc:
-            # Credentials or rights are wrong: keep the intent; it is settled after the fix.
-            log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing
+        except Exception as exc:  # classify() decides; only infrastructure is raised again
+            verdict = classify(exc, Scope.RELAY)
+            if verdict.disposition is Disposition.FATAL:
+                raise
+            # Credentials or rights are wrong, or a surprise: keep the intent, which is settled
+            # after the fix (the next restart); the partition goes on meanwhile.
+            log.error(  # noqa: TRY400 - a traceback for surprises only, not for refusals
                 "cannot reconcile upload intent",
-                extra={"key": intent.key.encode().decode(), "error": str(exc)},
+                exc_info=exc if not verdict.expected else None,
+                extra={
+                    "key": intent.key.encode().decode(),
+                    "reason": verdict.reason,
+                    "error": partner.redact(str(exc)),
+                },
             )
             return
         await writer.write(record)

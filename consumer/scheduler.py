@@ -1,12 +1,13 @@
 """Runs partner operations: two lanes, per-agency rate limits and breakers, bounded retries.
 
 A job is an async callable submitted for an agency in a lane; ``submit`` returns a future that
-completes with the job's result, or with its error once the error is final (not retriable, or
-needs an operator). Retriable failures are retried with jittered backoff or after the partner's
-Retry-After; a job that runs out of attempts goes back to the queue behind the agency's breaker,
-so work is never dropped. Workers take live work before backfill and rotate between agencies, so
-one agency's backfill never holds back another agency. Jobs of one agency may run concurrently
-and in any order: the caller orders operations that depend on each other.
+completes with the job's result, or with its error once the error is final (not retriable, needs
+an operator, or not the partner's doing: ``consumer.failures`` decides). Retriable partner
+failures are retried with jittered backoff or after the partner's Retry-After; a job that runs
+out of attempts goes back to the queue behind the agency's breaker, so work is never dropped.
+Workers take live work before backfill and rotate between agencies, so one agency's backfill
+never holds back another agency. Jobs of one agency may run concurrently and in any order: the
+caller orders operations that depend on each other.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from consumer.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from consumer.errors import ConfigError
+from consumer.failures import Disposition, classify
 from consumer.planner import Lane  # the lanes are the planner's: live before backfill
 from consumer.ratelimit import RateLimit, TokenBucket
 
@@ -380,12 +382,21 @@ class Scheduler:
     def _failed(self, job: _Job, agency: _Agency, error: Exception, *, probe: bool) -> Outcome:
         """Settle or reschedule a job whose attempt raised ``error``."""
         now = self._clock()
-        if getattr(error, "needs_operator", False) or not getattr(error, "retriable", False):
-            # The partner answered (or the job is broken): the account itself is reachable.
+        verdict = classify(error)
+        if not verdict.from_partner:
+            # Not the partner's doing (the document store, a bug in the job): the breaker learns
+            # nothing, a probe lets another job go, and the caller decides what comes next, so a
+            # document whose content cannot be had never holds its agency back.
+            agency.breaker.release_probe(probe=probe)
+            if not job.future.done():
+                job.future.set_exception(error)
+            return Outcome.FAILED
+        if verdict.disposition is not Disposition.RETRY:
+            # The partner answered: the account itself is reachable.
             agency.breaker.record_success(probe=probe)
             if not job.future.done():
                 job.future.set_exception(error)
-            return Outcome.PARKED if getattr(error, "needs_operator", False) else Outcome.FAILED
+            return Outcome.PARKED if verdict.disposition is Disposition.PARK else Outcome.FAILED
         retry_after: float | None = getattr(error, "retry_after", None)
         # "Too many requests, come back then" is a rate signal, not a health one: it pauses the
         # agency but neither counts for its breaker nor uses up the job's round of attempts. A
