@@ -218,7 +218,7 @@ def _parse_url(text: str) -> URL:
     """The URL, or ``ContentError("bad_url")`` for one yarl cannot parse (a port above 65535)."""
     try:
         url = URL(text)
-        url.port  # noqa: B018 - raises for a port out of range on some yarl versions
+        _ = url.host, url.port  # decoded lazily: a bad IDNA host or port raises only here
     except (ValueError, TypeError) as exc:  # UnicodeError (IDNA) is a ValueError
         raise ContentError(f"the document URL cannot be parsed: {exc}", reason="bad_url") from None
     return url
