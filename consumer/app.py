@@ -230,17 +230,23 @@ class Relay:
                 )
             )
             self.ops_port = ops.port
-            async with asyncio.TaskGroup() as tasks:
-                consuming = tasks.create_task(ingest.run(), name="ingest")
-                housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
-                gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
-                await self.stopping.wait()
-                log.info("stopping: draining in-flight work")
-                ingest.stop()
-                await consuming
-                await ingest.shutdown(s.drain_timeout_s)
-                await housekeeping
-                gauges.cancel()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    consuming = tasks.create_task(ingest.run(), name="ingest")
+                    housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
+                    gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    await self.stopping.wait()
+                    log.info("stopping: draining in-flight work")
+                    ingest.stop()
+                    await consuming
+                    await ingest.shutdown(s.drain_timeout_s)
+                    await housekeeping
+                    gauges.cancel()
+            except* Exception as failed:
+                # What a record's boundary raised again is infrastructure: say so in one line.
+                for error in failed.exceptions:
+                    self._fail(error)
+                raise
             log.info("stopped cleanly")
 
     async def _build_processor(
