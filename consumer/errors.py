@@ -1,7 +1,9 @@
 """The relay's exception tree.
 
 Every failure says what the caller should do with it: retry later (``retriable``), park the work
-until an operator fixes something (``needs_operator``), or dead-letter the input that caused it.
+until an operator fixes something (``needs_operator``), stop the relay (``fatal``: infrastructure
+or configuration), or dead-letter the input that caused it. ``consumer.failures`` reads these
+into one verdict for every exception, foreseen or not.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ class RelayError(Exception):
 
     retriable: ClassVar[bool] = False
     needs_operator: ClassVar[bool] = False
+    fatal: ClassVar[bool] = False
 
 
 class ConfigError(RelayError):
     """Configuration that cannot work; start-up stops with this message."""
+
+    fatal = True
 
 
 class PartnerError(RelayError):
@@ -51,7 +56,8 @@ class PartnerRejectedError(PartnerError):
 
 
 class ContentError(RelayError):
-    """The document content cannot be used: wrong sha256 or size, host not allowed, too large."""
+    """The document content cannot be used: wrong sha256 or size, host not allowed, too large,
+    a URL the HTTP stack cannot parse (``reason="bad_url"``), an encoding not asked for."""
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)

@@ -31,6 +31,8 @@ class RelayMetrics:
     partner_requests: Counter
     partner_latency: Histogram
     partner_retries: Counter
+    document_retries: Counter
+    unexpected_errors: Counter
     circuit_open: Gauge
     held_deletions: Gauge
     parked_documents: Gauge
@@ -113,6 +115,19 @@ class RelayMetrics:
                 name("partner_retries"),
                 "Partner operations retried, by reason.",
                 ["reason"],
+                registry=registry,
+            ),
+            document_retries=Counter(
+                name("document_retries"),
+                "Documents waiting on their own after a failure that is not the partner's "
+                "(the document store unavailable), by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            unexpected_errors=Counter(
+                name("unexpected_errors"),
+                "Exceptions no edge foresaw, by scope: a document parked, a record dead-lettered.",
+                ["scope"],
                 registry=registry,
             ),
             circuit_open=Gauge(
@@ -209,4 +224,6 @@ class RelayMetrics:
         for operation in ("changelog", "dead_letter", "commit"):
             metrics.kafka_retries.labels(operation)
         metrics.kafka_reachable.set(1)
+        for scope in ("document", "record"):
+            metrics.unexpected_errors.labels(scope)
         return metrics

@@ -138,6 +138,12 @@ class ContentSettings(_Group):
     )
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     fetch_timeout_s: float = Field(default=60.0, gt=0)
+    unavailable_attempts: int = Field(
+        default=8, ge=1, le=100, description="Fetches of unavailable content before parking."
+    )
+    unavailable_backoff_s: float = Field(
+        default=5.0, gt=0, le=300, description="First pause between them; doubled, capped at 300."
+    )
 
 
 class ManifestSettings(_Group):

@@ -42,6 +42,7 @@ from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import BuildingRecord
 from consumer.core.view import PublishedView
+from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor, RecordWriter
@@ -131,6 +132,42 @@ class PartitionProcessor:
         kind = self._kinds[source.topic]
         tracker = self._trackers[source.topic]
         tracker.begin(source.offset)
+        try:
+            await self._handle(kind, tracker, source)
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
+            if tracker.is_open(source.offset):
+                tracker.done(source.offset)
+
+    async def _set_aside(self, source: SourceRecord, error: Exception) -> None:
+        """One record's work failed in a way no edge foresaw: dead-letter it and go on.
+
+        Only infrastructure (the dead-letter or state topic unreachable) is raised, to stop the
+        relay; a restart reads the record again.
+        """
+        verdict = classify(error, Scope.RECORD)
+        if verdict.disposition is Disposition.FATAL:
+            raise error
+        if not verdict.expected:
+            self._metrics.unexpected_errors.labels("record").inc()
+        log.error(
+            "input record set aside",
+            exc_info=error,
+            extra={
+                "reason": verdict.reason,
+                "topic": source.topic,
+                "partition": source.partition,
+                "offset": source.offset,
+            },
+        )
+        if source.offset >= 0:  # work the relay started itself has no record to set aside
+            detail = f"{type(error).__name__}: {error}"
+            await self._dead_letters.send(source, reason=verdict.reason, detail=detail)
+            self._metrics.events.labels(
+                self._kinds.get(source.topic, "relay"), "dead_lettered"
+            ).inc()
+
+    async def _handle(self, kind: str, tracker: OffsetTracker, source: SourceRecord) -> None:
         if kind == COMMANDS:
             await self._handle_command(source)
             return
@@ -375,7 +412,7 @@ class PartitionProcessor:
         places = {(r.agency_id, r.building_id) for r in deferred}
         for place in places:
             earlier = self._building_tails.get(place)
-        task = asyncio.create_task(self._complete(work, deferred, held, earlier))
+        task = asyncio.create_task(self._complete(work, deferred, held, earlier, source))
         for place in places:
             self._building_tails[place] = task
         self._completions.add(task)
@@ -387,8 +424,12 @@ class PartitionProcessor:
         deferred: list[BuildingRecord],
         offsets: list[tuple[str, int]],
         earlier: asyncio.Task[None] | None,
+        source: SourceRecord,
     ) -> None:
-        await asyncio.gather(*work)
+        try:
+            await asyncio.gather(*work)
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
         if deferred and earlier is not None:
             # An earlier manifest of the building may still have uploads this one counted on.
             await asyncio.gather(earlier, return_exceptions=True)
@@ -400,8 +441,8 @@ class PartitionProcessor:
     def _forget_completion(self, task: asyncio.Task[None]) -> None:
         self._completions.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
-            # Work that failed in an unexpected way (the changelog unreachable, a bug) would hold
-            # its offsets forever: stop instead, and let the restart redo it from the commit.
+            # Only infrastructure gets here (the changelog unreachable): the work would hold its
+            # offsets forever, so stop instead and let the restart redo it from the commit.
             self._on_failure(error)
         for place, tail in list(self._building_tails.items()):
             if tail is task:

@@ -31,6 +31,7 @@ from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError, KafkaUnavailableError
+from consumer.failures import classify
 from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import (
     ChangelogWriter,
@@ -52,7 +53,7 @@ from consumer.partner.content import ContentFetcher
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
-from consumer.partner.scheduler import Scheduler
+from consumer.partner.scheduler import RetryPolicy, Scheduler
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -302,17 +303,23 @@ class Relay:
                 )
             )
             self.ops_port = ops.port
-            async with asyncio.TaskGroup() as tasks:
-                consuming = tasks.create_task(ingest.run(), name="ingest")
-                housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
-                gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
-                await self.stopping.wait()
-                log.info("stopping: draining in-flight work")
-                ingest.stop()
-                await consuming
-                await ingest.shutdown(s.drain_timeout_s)
-                await housekeeping
-                gauges.cancel()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    consuming = tasks.create_task(ingest.run(), name="ingest")
+                    housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
+                    gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    await self.stopping.wait()
+                    log.info("stopping: draining in-flight work")
+                    ingest.stop()
+                    await consuming
+                    await ingest.shutdown(s.drain_timeout_s)
+                    await housekeeping
+                    gauges.cancel()
+            except* Exception as failed:
+                # What a record's boundary raised again is infrastructure: say so in one line.
+                for error in failed.exceptions:
+                    self._fail(error)
+                raise
             log.info("stopped cleanly")
 
     async def _build_processor(
@@ -356,6 +363,11 @@ class Relay:
             content=fetcher,
             dead_letters=dead_letters,
             metrics=self.metrics,
+            document_retry=RetryPolicy(
+                max_attempts=s.content.unavailable_attempts,
+                base_seconds=s.content.unavailable_backoff_s,
+                cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
+            ),
         )
         await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
         self._restoring.pop(partition, None)
@@ -438,14 +450,21 @@ class Relay:
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def _fail(self, error: BaseException) -> None:
-        """Unexpected failure of partition work, or Kafka away for longer than the bound: stop
-        (drain, commit what can be) and exit 1."""
+        """Infrastructure failed under partition work, or Kafka stayed away longer than the
+        bound: stop (drain, commit what can be) and exit 1.
+
+        Everything that belongs to one record or one document is parked or dead-lettered where
+        it happens (``consumer.failures``); only what no record can be blamed for gets here.
+        """
         if self.failure is not None:
             return
         if isinstance(error, KafkaUnavailableError):
             log.critical("Kafka unreachable for too long; stopping", extra={"reason": str(error)})
         else:
-            log.error("partition work failed; stopping", exc_info=error)
+            reason = classify(error).reason if isinstance(error, Exception) else "cancelled"
+            log.critical(
+                "infrastructure failure; stopping", exc_info=error, extra={"reason": reason}
+            )
         self.failure = error
         self.stopping.set()
 

@@ -420,12 +420,15 @@ def discard_held(view: PublishedView, agency_id: str, building_id: str) -> Plan:
 
 
 def retry_parked(view: PublishedView, routing: RoutingTable) -> Plan:
-    """After a configuration fix: upload parked documents that routing now forwards."""
+    """After a configuration fix: upload parked documents that routing now forwards, and carry
+    out parked withdrawals (a parked record without a document, naming the partner's one)."""
     operations: list[Operation] = []
     records: list[StateRecord] = []
     for record in view.parked():
         document = record.document
         if document is None:
+            if record.remote_id is not None:
+                operations.append(_delete(record))
             continue
         key = record.key
         verdict = routing.decide(key.agency_id, key.building_id, document)

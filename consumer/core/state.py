@@ -27,6 +27,8 @@ _MICROSECOND = dt.timedelta(microseconds=1)
 class StateDecodeError(RelayError):
     """A changelog record this relay cannot read: corrupt, or written by a newer schema."""
 
+    fatal = True
+
 
 def to_epoch_us(value: dt.datetime) -> int:
     """Microseconds since the epoch; a naive datetime is taken as UTC."""

@@ -99,6 +99,8 @@ logger.statechange.level = WARN
 class LocalKafkaError(RelayError):
     """The local broker could not be fetched, started or stopped; the message says why."""
 
+    fatal = True
+
 
 def fetch_kafka(cache_dir: Path | None = None, *, version: str = KAFKA_VERSION) -> Path:
     """Download the Kafka ``version`` jars once and return the directory that holds them.

@@ -225,6 +225,8 @@ def parked_entry(record: DocumentRecord) -> dict[str, Any]:
         "document": record.key.document_id,
         "title": document.title if document is not None else None,
         "module": record.module.value,
+        # A parked record without its document is a withdrawal the partner refused.
+        "operation": "upload" if document is not None else "withdraw",
         "reason": record.parked_reason,
     }
 

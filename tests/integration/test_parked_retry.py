@@ -47,7 +47,7 @@ async def test_parked_documents_are_listed_and_retried_per_building_then_per_age
     assert {(p["building"], p["document"]) for p in listed} == {
         (b, d["id"]) for b in ("bat-2", "bat-3") for d in documents[b]
     }
-    assert all(p["reason"].startswith("partner: ") for p in listed), listed
+    assert all(p["reason"].startswith("partner_refused: ") for p in listed), listed
     assert all(p["title"].startswith("Document") for p in listed)
     assert (await cli(world, "parked", "--agency", "agence-z")) == {"parked": []}
     status, body = await call(relay, "GET", f"/admin/parked?agency={AGENCY}", token=True)

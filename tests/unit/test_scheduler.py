@@ -412,6 +412,22 @@ async def test_half_open_sends_one_probe_and_a_failed_probe_waits_longer(
     ]
 
 
+async def test_one_job_the_partner_always_fails_is_not_every_probe_of_its_agency(
+    make_scheduler: MakeScheduler, observer: RecordingObserver
+) -> None:
+    poison = Job("poison", forever())  # say, a PDF the partner chokes on
+    healthy = [Job(f"healthy-{i}") for i in range(3)]
+    breaker = BreakerPolicy(failure_threshold=100, cooldown_seconds=0.02, max_cooldown_seconds=0.1)
+    async with make_scheduler(concurrency=1, breaker=breaker) as scheduler:
+        stuck = scheduler.submit(poison, agency_id="a", lane=Lane.LIVE)
+        await eventually(lambda: ("a", BreakerState.OPEN) in observer.breakers)
+        done = await all_done([scheduler.submit(j, agency_id="a", lane=Lane.LIVE) for j in healthy])
+
+        assert done == [f"healthy-{i}" for i in range(3)]
+        assert not stuck.done()  # still tried, never dropped
+    assert len(poison.attempts) >= FAST_RETRY.max_attempts + 1
+
+
 # -- lifecycle and status --------------------------------------------------------------------
 
 
