@@ -6,19 +6,34 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+UV := $(BIN)/uv
+# uv resolves and installs; it never downloads a Python of its own (only package registries are
+# reachable from CI and developer machines).
+export UV_PYTHON_DOWNLOADS := never
+LOCKS := requirements/runtime.txt requirements/dev.txt requirements/build.txt requirements/uv.txt
+# `make lock UPGRADE=1` moves every pin to the newest version pyproject.toml allows.
+COMPILE = $(UV) pip compile --quiet --universal --generate-hashes --python-version 3.11 \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
 
-.PHONY: help install run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check clean
+.PHONY: help install lock sbom image-venv run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+# uv itself comes from the registry, pinned by hash like everything else.
+$(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	@touch $(UV)
+
+# The locked runtime, dev and local dependencies and build tools, exactly (what the locks dropped is
+# removed), then the relay itself, editable. Runs again only when a lock or pyproject.toml changes.
+$(STAMP): $(UV) pyproject.toml requirements/dev.txt requirements/build.txt
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/dev.txt requirements/build.txt requirements/uv.txt
+	$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create the virtualenv, install the relay, its dev tools, Kafka jars and promtool
+install: $(STAMP) ## Create the virtualenv from the locks, install the relay, Kafka jars and promtool
 	$(BIN)/python -m consumer.local.kafka fetch
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -27,6 +42,21 @@ install: $(STAMP) ## Create the virtualenv, install the relay, its dev tools, Ka
 	  else \
 	    echo "promtool not found: the alert rule tests will be skipped (install the prometheus package)"; \
 	  fi; }
+
+lock: $(UV) ## Re-resolve requirements/*.txt (with hashes) from pyproject.toml; UPGRADE=1 for newest
+	$(COMPILE) pyproject.toml -o requirements/runtime.txt
+	$(COMPILE) pyproject.toml --extra dev --extra local -c requirements/runtime.txt -o requirements/dev.txt
+	$(COMPILE) requirements/build.in -o requirements/build.txt
+	$(COMPILE) requirements/uv.in -o requirements/uv.txt
+
+sbom: install ## CycloneDX SBOM of the image's dependencies (the runtime lock) into dist/
+	@mkdir -p dist
+	$(BIN)/cyclonedx-py requirements --pyproject pyproject.toml --output-reproducible \
+	  --output-format JSON --output-file dist/chouette-relay.cdx.json requirements/runtime.txt
+	@echo "dist/chouette-relay.cdx.json"
+
+image-venv: ## Build the image's virtualenv as the Dockerfile does, into IMAGE_VENV (default: a temp dir)
+	sh docker/build-venv.sh . $(or $(IMAGE_VENV),$$(mktemp -d)/venv)
 
 run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo
 	$(BIN)/chouette-relay run
@@ -63,4 +93,4 @@ k8s-check: install ## Validate Kubernetes manifests, alert rules and the dashboa
 	$(BIN)/pytest -q tests/integration/test_deploy.py
 
 clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis var
+	rm -rf $(VENV) dist .mypy_cache .ruff_cache .pytest_cache .hypothesis var
