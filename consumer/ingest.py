@@ -59,6 +59,7 @@ class Ingest:
         self._max_pending = max_pending_per_partition
         self.processors: dict[int, PartitionProcessor] = {}
         self._assigned: set[int] = set()
+        self._committed: dict[TopicPartition, int] = {}
         self._consuming = False
         self._stopping = asyncio.Event()
 
@@ -86,6 +87,7 @@ class Ingest:
         for partition in leaving:
             del self.processors[partition]
         self._assigned -= partitions
+        self._forget_lag(partitions)
         self._metrics.partitions_ready.set(len(self.processors))
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})
 
@@ -134,6 +136,10 @@ class Ingest:
         try:
             await self._consumer.commit(offsets)
             self._metrics.commits.inc()
+            # Commits repeat while work is stuck: only an offset moving forward is progress.
+            if any(self._committed.get(tp) != offset for tp, offset in offsets.items()):
+                self._metrics.last_commit.set_to_current_time()
+            self._committed.update(offsets)
         except (CommitFailedError, KafkaError) as exc:
             # A rebalance is under way; the next owner reads from the last committed offset.
             log.warning("offset commit failed", extra={"error": repr(exc)})
@@ -166,6 +172,14 @@ class Ingest:
                 paused = self._consumer.paused()
                 if any(tp in paused for tp in tps):
                     self._consumer.resume(*tps)
+
+    def _forget_lag(self, partitions: set[int]) -> None:
+        """Revoked partitions are another replica's to report: a frozen lag would sum twice."""
+        for topic in self._topics:
+            for partition in partitions:
+                self._committed.pop(TopicPartition(topic, partition), None)
+                with contextlib.suppress(KeyError):
+                    self._metrics.consumer_lag.remove(topic, str(partition))
 
     def _update_lag(self) -> None:
         for tp in self._consumer.assignment():

@@ -41,6 +41,7 @@ class RelayMetrics:
     first_publication_planned: Counter
     first_publication_done: Counter
     commits: Counter
+    last_commit: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -165,10 +166,18 @@ class RelayMetrics:
             commits=Counter(
                 name("offset_commits"), "Input offset commits made.", registry=registry
             ),
+            last_commit=Gauge(
+                name("last_offset_commit_timestamp_seconds"),
+                "Unix time of the last commit that moved an input offset forward "
+                "(the start of the process until then).",
+                registry=registry,
+            ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
         # Known label values start at 0 so that increase() sees the first event after a restart.
         for reason in DEAD_LETTER_REASONS:
             metrics.dead_letters.labels(reason)
         metrics.manifests.labels("expired")
+        # A relay that never commits is stalled from its start, not since 1970.
+        metrics.last_commit.set_to_current_time()
         return metrics

@@ -1,0 +1,138 @@
+"""What Prometheus scrapes from a running relay: well-formed, and enough for every alert.
+
+A relay runs against the broker, the sandbox and the document store, forwards a document, parks
+one and dead-letters a poison record, then ``/metrics`` is scraped as Prometheus would: the text
+must pass ``promtool check metrics``, and every metric an alert rule names must be in it (an alert
+on a name the relay does not export never fires). The relay only counts an offset commit as
+progress when an offset moves, which is what the stalled-consumer alert relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.app import Relay
+from tests.fixtures.relay import (
+    AgencySpec,
+    RelayWorld,
+    WorldFactory,
+    metric,
+    ops_get,
+    uncommitted_records,
+)
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+AGENCY = "agence-a"
+RELAY_METRIC = re.compile(r"\bchouette_relay_[a-z0-9_]+")
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool is not installed: install the Debian package 'prometheus'"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def alert_metric_names() -> set[str]:
+    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    return {name for rule in rules for name in RELAY_METRIC.findall(rule["expr"])}
+
+
+def sample_names(exposition: str) -> set[str]:
+    return {
+        sample.name
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+async def busy_relay(world: RelayWorld) -> Relay:
+    """A relay that has uploaded a document, parked one and dead-lettered a poison record."""
+    relay = await world.start_relay()
+    sent, parked = world.document(title="Procès-verbal d'AG"), world.document(title="Contrat")
+    await world.publish(
+        world.document_created(AGENCY, "bat-1", sent),
+        world.document_created(AGENCY, "bat-unmapped", parked),
+    )
+    await world.publish_raw(world.documents_topic, key=b"agence-a:bat-1", value=b"{not json")
+    await world.wait_until(
+        lambda: sent["id"] in world.partner_references("c-1"), what="the document uploaded"
+    )
+
+    async def counted() -> bool:
+        dead = await metric(relay, "chouette_relay_dead_letters_total", reason="not_json")
+        held = await metric(relay, "chouette_relay_parked_documents", reason="unmapped_building")
+        return dead == held == 1
+
+    await world.wait_until(counted, what="the dead letter and the parked document counted")
+    return relay
+
+
+async def test_a_real_scrape_passes_promtool_and_feeds_every_alert(
+    relay_world: WorldFactory, promtool: str
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await busy_relay(world)
+    exposition = await ops_get(relay, "/metrics")
+
+    lint = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    report, _ = await asyncio.wait_for(lint.communicate(exposition.encode()), timeout=60)
+    assert lint.returncode == 0, f"promtool check metrics:\n{report.decode()}"
+    assert report == b"", report.decode()
+    missing = alert_metric_names() - sample_names(exposition)
+    assert not missing, f"alerts name metrics the relay does not export: {sorted(missing)}"
+
+
+async def test_only_a_commit_that_moves_an_offset_counts_as_progress(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(
+        agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})}, partitions=1
+    )
+    relay = await world.start_relay()
+    name = "chouette_relay_last_offset_commit_timestamp_seconds"
+    started = await metric(relay, name)
+    assert started is not None
+
+    await world.publish(world.document_created(AGENCY, "bat-1", world.document()))
+
+    async def all_committed() -> bool:
+        return await uncommitted_records(world) == 0
+
+    await world.wait_until(all_committed, what="the document's offset committed")
+    progressed = await metric(relay, name)
+    assert progressed is not None
+    assert progressed > started
+    commits = await metric(relay, "chouette_relay_offset_commits_total")
+    assert commits is not None
+
+    async def committed_again() -> bool:
+        value = await metric(relay, "chouette_relay_offset_commits_total")
+        return value is not None and value >= commits + 3
+
+    # Nothing new to read: the relay commits the same offsets again, which is not progress.
+    await world.wait_until(committed_again, what="three more commits")
+    assert await metric(relay, name) == progressed
