@@ -118,3 +118,32 @@ def test_the_image_installs_the_runtime_lock_on_a_pinned_base() -> None:
     entrypoint = re.search(r"^ENTRYPOINT (.+)$", dockerfile, flags=re.MULTILINE)
     assert entrypoint
     assert json.loads(entrypoint[1]) == ["chouette-relay"]
+
+
+def test_the_sbom_lists_every_runtime_pin_with_its_hashes(tmp_path: Path) -> None:
+    """``make sbom``: CycloneDX from the runtime lock, the image's contents and nothing more."""
+    output = tmp_path / "sbom.json"
+    subprocess.run(  # noqa: S603 - the virtualenv's own cyclonedx-py, fixed arguments
+        [
+            str(Path(sys.executable).with_name("cyclonedx-py")),
+            "requirements",
+            "--pyproject",
+            str(ROOT / "pyproject.toml"),
+            "--output-format",
+            "JSON",
+            "--output-file",
+            str(output),
+            str(REQUIREMENTS / "runtime.txt"),
+        ],
+        capture_output=True,
+        check=True,
+        env={"PYTHONWARNINGS": "ignore::UserWarning"},
+    )
+    bom = json.loads(output.read_text(encoding="utf-8"))
+    assert bom["bomFormat"] == "CycloneDX"
+    assert bom["metadata"]["component"]["name"] == "chouette-relay"
+    listed = {canonicalize_name(c["name"]): c["version"] for c in bom["components"]}
+    assert listed == pins("runtime.txt")
+    for component in bom["components"]:
+        hashes = [h for ref in component["externalReferences"] for h in ref.get("hashes", [])]
+        assert hashes, f"{component['name']} has no hash in the SBOM"
