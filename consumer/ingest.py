@@ -118,7 +118,7 @@ class Ingest:
             for processor in list(self.processors.values()):
                 processor.expire()
             await self.commit()
-            self._update_lag()
+            await self._update_lag()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -181,17 +181,23 @@ class Ingest:
                 with contextlib.suppress(KeyError):
                     self._metrics.consumer_lag.remove(topic, str(partition))
 
-    def _update_lag(self) -> None:
+    async def _update_lag(self) -> None:
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp)
             processor = self.processors.get(tp.partition)
             if highwater is None or processor is None:
                 continue
             committed = processor.committable().get(tp.topic)
-            if committed is not None:
-                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(highwater - committed, 0)
-                )
+            if committed is None:
+                # Nothing read since the assignment: work resumes at the consumer's position, and
+                # a replica stuck before its first record must still show what waits.
+                try:
+                    committed = await self._consumer.position(tp)
+                except KafkaError:
+                    continue  # revoked meanwhile; the next round sees the new assignment
+            self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                max(highwater - committed, 0)
+            )
 
 
 def _source(record: Any) -> SourceRecord:

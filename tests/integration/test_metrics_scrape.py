@@ -136,3 +136,57 @@ async def test_only_a_commit_that_moves_an_offset_counts_as_progress(
     # Nothing new to read: the relay commits the same offsets again, which is not progress.
     await world.wait_until(committed_again, what="three more commits")
     assert await metric(relay, name) == progressed
+
+
+async def lag_partitions(relay: Relay, topic: str) -> set[str]:
+    """Partitions of ``topic`` for which ``relay`` reports a consumer lag."""
+    exposition = await ops_get(relay, "/metrics")
+    return {
+        sample.labels["partition"]
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "chouette_relay_consumer_lag_records" and sample.labels["topic"] == topic
+    }
+
+
+async def test_a_replica_stops_reporting_the_lag_of_partitions_it_gave_up(
+    relay_world: WorldFactory,
+) -> None:
+    partitions = 4
+    world = await relay_world(
+        agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})}, partitions=partitions
+    )
+    first = await world.start_relay()
+    topic = world.documents_topic
+    # A partition has a lag once the relay has read from it: one (poison) record in each.
+    producer = await world.producer()
+    for partition in range(partitions):
+        await producer.send_and_wait(topic, value=b"{not json", key=b"x:y", partition=partition)
+
+    async def reports_all() -> bool:
+        return await lag_partitions(first, topic) == {str(p) for p in range(partitions)}
+
+    await world.wait_until(reports_all, what="the lag of all three partitions")
+
+    second = await world.start_relay()
+
+    def owned(relay: Relay) -> set[str]:
+        return set(relay.status()["partitions"])
+
+    await world.wait_until(
+        lambda: (
+            first.is_ready()
+            and second.is_ready()
+            and bool(owned(first))
+            and bool(owned(second))
+            and owned(first).isdisjoint(owned(second))
+        ),
+        timeout=60,
+        what="the partitions shared between the two replicas",
+    )
+
+    async def only_its_own() -> bool:
+        return await lag_partitions(first, topic) == owned(first)
+
+    # A frozen lag of a partition now read by the other replica would be summed twice.
+    await world.wait_until(only_its_own, what="the first replica to report only its partitions")
