@@ -10,7 +10,6 @@ UV := $(BIN)/uv
 # uv resolves and installs; it never downloads a Python of its own (only package registries are
 # reachable from CI and developer machines).
 export UV_PYTHON_DOWNLOADS := never
-LOCKS := requirements/runtime.txt requirements/dev.txt requirements/build.txt requirements/uv.txt
 # `make lock UPGRADE=1` moves every pin to the newest version pyproject.toml allows.
 COMPILE = $(UV) pip compile --quiet --universal --generate-hashes --python-version 3.11 \
 	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
@@ -29,7 +28,8 @@ $(UV): requirements/uv.txt
 # The locked runtime, dev and local dependencies and build tools, exactly (what the locks dropped is
 # removed), then the relay itself, editable. Runs again only when a lock or pyproject.toml changes.
 $(STAMP): $(UV) pyproject.toml requirements/dev.txt requirements/build.txt
-	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/dev.txt requirements/build.txt requirements/uv.txt
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes \
+	  requirements/dev.txt requirements/build.txt requirements/uv.txt
 	$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
@@ -45,7 +45,8 @@ install: $(STAMP) ## Create the virtualenv from the locks, install the relay, Ka
 
 lock: $(UV) ## Re-resolve requirements/*.txt (with hashes) from pyproject.toml; UPGRADE=1 for newest
 	$(COMPILE) pyproject.toml -o requirements/runtime.txt
-	$(COMPILE) pyproject.toml --extra dev --extra local -c requirements/runtime.txt -o requirements/dev.txt
+	$(COMPILE) pyproject.toml --extra dev --extra local -c requirements/runtime.txt \
+	  -o requirements/dev.txt
 	$(COMPILE) requirements/build.in -o requirements/build.txt
 	$(COMPILE) requirements/uv.in -o requirements/uv.txt
 

@@ -177,7 +177,6 @@ class Ingest:
         """Revoked partitions are another replica's to report: a frozen lag would sum twice."""
         for topic in self._topics:
             for partition in partitions:
-                self._committed.pop(TopicPartition(topic, partition), None)
                 with contextlib.suppress(KeyError):
                     self._metrics.consumer_lag.remove(topic, str(partition))
 
