@@ -12,15 +12,32 @@ KUSTOMIZE_VERSION := v5.8.2
 TOOLS := $(CURDIR)/.cache/bin
 KUSTOMIZE_STAMP := $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION)
 
-.PHONY: help install run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check prometheusrule clean
+
+UV := $(BIN)/uv
+# uv resolves and installs; it never downloads a Python of its own (only package registries are
+# reachable from CI and developer machines).
+export UV_PYTHON_DOWNLOADS := never
+# `make lock UPGRADE=1` moves every pin to the newest version pyproject.toml allows.
+COMPILE = $(UV) pip compile --quiet --universal --generate-hashes --python-version 3.11 \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade,)
+
+.PHONY: help install lock sbom image-venv run kafka sandbox test test-unit test-integration lint typecheck bench plan k8s-check prometheusrule clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-17s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+# uv itself comes from the registry, pinned by hash like everything else.
+$(UV): requirements/uv.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	@touch $(UV)
+
+# The locked runtime, dev and local dependencies and build tools, exactly (what the locks dropped is
+# removed), then the relay itself, editable. Runs again only when a lock or pyproject.toml changes.
+$(STAMP): $(UV) pyproject.toml requirements/dev.txt requirements/build.txt
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes \
+	  requirements/dev.txt requirements/build.txt requirements/uv.txt
+	$(BIN)/pip install -qq --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 $(KUSTOMIZE_STAMP):
@@ -32,7 +49,7 @@ $(KUSTOMIZE_STAMP):
 	  echo "go not found: the Kubernetes manifest tests will be skipped (install Go to build kustomize)"; \
 	fi
 
-install: $(STAMP) $(KUSTOMIZE_STAMP) ## Create the virtualenv, install the relay, its dev tools, Kafka jars, promtool, kustomize
+install: $(STAMP) $(KUSTOMIZE_STAMP) ## Create the virtualenv from the locks, install the relay, Kafka jars, promtool, kustomize
 	$(BIN)/python -m consumer.local.kafka fetch
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -41,6 +58,24 @@ install: $(STAMP) $(KUSTOMIZE_STAMP) ## Create the virtualenv, install the relay
 	  else \
 	    echo "promtool not found: the alert rule tests will be skipped (install the prometheus package)"; \
 	  fi; }
+
+lock: $(UV) ## Re-resolve requirements/*.txt (with hashes) from pyproject.toml; UPGRADE=1 for newest
+	$(COMPILE) pyproject.toml -o requirements/runtime.txt
+	$(COMPILE) pyproject.toml --extra dev --extra local -c requirements/runtime.txt \
+	  -o requirements/dev.txt
+	$(COMPILE) requirements/build.in -o requirements/build.txt
+	$(COMPILE) requirements/uv.in -o requirements/uv.txt
+
+sbom: install ## CycloneDX SBOM of the image's dependencies (the runtime lock) into dist/
+	@mkdir -p dist
+	@# Requirements carry no dependency graph; cyclonedx-py warns about it, which says nothing new.
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/cyclonedx-py requirements --pyproject pyproject.toml \
+	  --output-reproducible --output-format JSON --output-file dist/chouette-relay.cdx.json \
+	  requirements/runtime.txt
+	@echo "dist/chouette-relay.cdx.json"
+
+image-venv: ## Build the image's virtualenv as the Dockerfile does, into IMAGE_VENV (default: a temp dir)
+	sh docker/build-venv.sh . $(or $(IMAGE_VENV),$$(mktemp -d)/venv)
 
 run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo
 	$(BIN)/chouette-relay run
@@ -82,4 +117,4 @@ prometheusrule: install ## Regenerate deploy/k8s/base/prometheusrule.yaml from d
 	$(BIN)/python deploy/k8s/prometheusrule.py
 
 clean: ## Remove the virtualenv, caches and local data (keeps downloaded Kafka jars)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .hypothesis var
+	rm -rf $(VENV) dist .mypy_cache .ruff_cache .pytest_cache .import_linter_cache .hypothesis var

@@ -48,6 +48,7 @@ class RelayMetrics:
     audit_findings: Gauge
     kafka_retries: Counter
     kafka_reachable: Gauge
+    last_commit: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -215,6 +216,12 @@ class RelayMetrics:
                 "1 while the broker answered recently, 0 during an outage (the relay waits).",
                 registry=registry,
             ),
+            last_commit=Gauge(
+                name("last_offset_commit_timestamp_seconds"),
+                "Unix time of the last commit that moved an input offset forward "
+                "(the start of the process until then).",
+                registry=registry,
+            ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
         # Known label values start at 0 so that increase() sees the first event after a restart.
@@ -226,4 +233,6 @@ class RelayMetrics:
         metrics.kafka_reachable.set(1)
         for scope in ("document", "record"):
             metrics.unexpected_errors.labels(scope)
+        # A relay that never commits is stalled from its start, not since 1970.
+        metrics.last_commit.set_to_current_time()
         return metrics

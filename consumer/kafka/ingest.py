@@ -89,6 +89,7 @@ class Ingest(Generic[P]):
         self._commit_timeout_s = max(commit_interval_s, 5.0)
         self.processors: dict[int, P] = {}
         self._assigned: set[int] = set()
+        self._committed: dict[TopicPartition, int] = {}
         self._consuming = False
         # True until the group assigned partitions (possibly none), and again while it rebalances.
         self._rebalancing = True
@@ -125,6 +126,7 @@ class Ingest(Generic[P]):
         for partition in leaving:
             del self.processors[partition]
         self._assigned -= partitions
+        self._forget_lag(partitions)
         self._metrics.partitions_ready.set(len(self.processors))
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})
 
@@ -160,7 +162,7 @@ class Ingest(Generic[P]):
                 tp = TopicPartition(processor.manifests_topic, partition)
                 processor.expire(caught_up=await self._caught_up(tp))
             await self.commit()
-            self._update_lag()
+            await self._update_lag()
             if self._watch.silence_s() > self._watch.window_s / 2:
                 # Nothing else showed the broker answers (an idle relay commits nothing): ask it.
                 await self._watch.probe(self._probe, timeout_s=self._commit_timeout_s)
@@ -198,6 +200,10 @@ class Ingest(Generic[P]):
             return
         try:
             await asyncio.wait_for(self._consumer.commit(offsets), timeout=self._commit_timeout_s)
+            # Commits repeat while work is stuck: only an offset moving forward is progress.
+            if any(self._committed.get(tp) != offset for tp, offset in offsets.items()):
+                self._metrics.last_commit.set_to_current_time()
+            self._committed.update(offsets)
         except (CommitFailedError, KafkaError, TimeoutError) as exc:
             # A rebalance is under way (the next owner reads from the last committed offset), or
             # the broker is away: the next interval commits again, from the offsets of then.
@@ -236,17 +242,30 @@ class Ingest(Generic[P]):
                 if any(tp in paused for tp in tps):
                     self._consumer.resume(*tps)
 
-    def _update_lag(self) -> None:
+    def _forget_lag(self, partitions: set[int]) -> None:
+        """Revoked partitions are another replica's to report: a frozen lag would sum twice."""
+        for topic in self._topics:
+            for partition in partitions:
+                with contextlib.suppress(KeyError):
+                    self._metrics.consumer_lag.remove(topic, str(partition))
+
+    async def _update_lag(self) -> None:
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp)
             processor = self.processors.get(tp.partition)
             if highwater is None or processor is None:
                 continue
             committed = processor.committable().get(tp.topic)
-            if committed is not None:
-                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(highwater - committed, 0)
-                )
+            if committed is None:
+                # Nothing read since the assignment: work resumes at the consumer's position, and
+                # a replica stuck before its first record must still show what waits.
+                try:
+                    committed = await self._consumer.position(tp)
+                except KafkaError:
+                    continue  # revoked meanwhile; the next round sees the new assignment
+            self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                max(highwater - committed, 0)
+            )
 
 
 def _source(record: Any) -> SourceRecord:

@@ -36,14 +36,26 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from openapi_core import Config, OpenAPI
-from openapi_core.datatypes import RequestParameters
-from openapi_core.templating.paths.exceptions import OperationNotFound, PathNotFound
-from openapi_core.validation.request.exceptions import ParameterValidationError
-from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from consumer.errors import ConfigError
 from consumer.ops.webserver import AppServer
+
+try:
+    from openapi_core import Config, OpenAPI
+    from openapi_core.datatypes import RequestParameters
+    from openapi_core.templating.paths.exceptions import OperationNotFound, PathNotFound
+    from openapi_core.validation.request.exceptions import ParameterValidationError
+    from openapi_core.validation.schemas.exceptions import InvalidSchemaValue
+except ModuleNotFoundError as missing:
+    # The production image leaves the `local` extra out; say so instead of a bare import error.
+    raise ConfigError(
+        f"the embedded local default (used when neither CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS "
+        f"nor CHOUETTE_RELAY_PARTNER__BASE_URL is set) needs the 'local' extra, and "
+        f"{missing.name} is not installed: set the Kafka and partner settings to run against a "
+        f"real cluster, or install the extra (`make install` in a checkout, or "
+        f"pip install 'chouette-relay[local]')"
+    ) from missing
 
 logger = logging.getLogger(__name__)
 

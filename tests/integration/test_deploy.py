@@ -28,6 +28,8 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "chouette-relay.json"
 
+# What every runbook section says, in this order of need.
+RUNBOOK_PARTS = ("**What it means**", "**How to look**", "**What to do**")
 METRIC_NAME = re.compile(r"\bchouette_relay_[a-z0-9_]+")
 # Labels that Prometheus adds to every scraped series, not the relay.
 TARGET_LABELS = frozenset({"job", "instance", "__name__"})
@@ -72,6 +74,17 @@ def alert_rules() -> list[Document]:
 def alert_test_cases() -> list[Document]:
     tests: list[Document] = yaml.safe_load(ALERT_TESTS.read_text(encoding="utf-8"))["tests"]
     return tests
+
+
+def runbook_sections() -> dict[str, str]:
+    """Anchor -> body of each ``### Heading`` of deploy/README.md, anchored as Markdown does."""
+    text = (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+    sections: dict[str, str] = {}
+    for block in re.split(r"^### ", text, flags=re.MULTILINE)[1:]:
+        heading, _, body = block.partition("\n")
+        anchor = re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+        sections[anchor] = body.split("\n## ", 1)[0]
+    return sections
 
 
 def dashboard() -> Document:
@@ -174,10 +187,17 @@ def test_dashboard_charts_every_metric() -> None:
 
 
 def test_alerts_are_actionable() -> None:
+    runbooks = runbook_sections()
     for rule in alert_rules():
         assert rule.get("for"), f"{rule['alert']} has no `for`"
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
-        assert {"summary", "description", "runbook"} <= rule["annotations"].keys(), rule["alert"]
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= annotations.keys(), rule["alert"]
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page == "deploy/README.md", rule["alert"]
+        assert anchor in runbooks, f"{rule['alert']}: no section #{anchor} in deploy/README.md"
+        for part in RUNBOOK_PARTS:
+            assert part in runbooks[anchor], f"{rule['alert']}'s runbook lacks {part!r}"
 
 
 def test_every_alert_is_tested_firing_and_silent() -> None:
