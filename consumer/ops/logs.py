@@ -2,7 +2,8 @@
 
 Messages are constant strings; what varies goes in ``extra`` so that log queries can filter on it.
 ``LOG_FORMAT=auto`` picks the console format when stdout is a terminal and JSON otherwise; the
-retriable coordinator lookups aiokafka logs as errors while a group forms are lowered to debug.
+retriable coordinator lookups and moves aiokafka logs as errors and warnings while a group
+forms are lowered to debug.
 """
 
 from __future__ import annotations
@@ -101,9 +102,14 @@ class CoordinatorLookupFilter(logging.Filter):
     meanwhile; a coordinator that moves answers "load in progress" or "not coordinator" for a
     moment. The Java client logs these at debug. A streak of them longer than ``grace_s`` is a
     real outage and keeps its level, as does any other lookup error.
+
+    "Marking the coordinator dead" (a warning) follows every such move; its cause is logged on
+    its own line at the level aiokafka judges right (an expired session or a failed request at
+    error, a commit or a join answered "not coordinator" at info or debug), so it is lowered too.
     """
 
     MESSAGE = "Group Coordinator Request failed: %s"
+    MOVED = "Marking the coordinator dead (node %s)for group %s."
     TRANSIENT = (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
 
     def __init__(self, *, grace_s: float = 30.0, streak_gap_s: float = 5.0) -> None:
@@ -114,6 +120,8 @@ class CoordinatorLookupFilter(logging.Filter):
         self._last: float | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.MOVED:
+            return self._lower(record)
         if record.msg != self.MESSAGE or not isinstance(record.args, tuple) or not record.args:
             return True
         if not isinstance(record.args[0], self.TRANSIENT):
@@ -124,6 +132,10 @@ class CoordinatorLookupFilter(logging.Filter):
         start = self._streak_start if self._streak_start is not None else record.created
         if record.created - start > self._grace_s:
             return True
+        return self._lower(record)
+
+    @staticmethod
+    def _lower(record: logging.LogRecord) -> bool:
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

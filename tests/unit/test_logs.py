@@ -166,3 +166,21 @@ def test_other_lookup_errors_and_other_messages_stay_visible() -> None:
         "Heartbeat failed: %s", level=logging.ERROR, args=(GroupCoordinatorNotAvailableError(),)
     )
     assert lookups.filter(other)
+
+
+def test_a_coordinator_marked_dead_is_lowered_its_cause_keeps_its_level() -> None:
+    lookups = CoordinatorLookupFilter()
+    moved = _record(
+        CoordinatorLookupFilter.MOVED,
+        level=logging.WARNING,
+        name="aiokafka.consumer.group_coordinator",
+        args=(1, "chouette-relay"),
+    )
+    assert not lookups.filter(moved)
+    expired = _record(
+        "Heartbeat session expired - marking coordinator dead",
+        level=logging.ERROR,
+        name="aiokafka.consumer.group_coordinator",
+    )
+    assert lookups.filter(expired)
+    assert expired.levelno == logging.ERROR
