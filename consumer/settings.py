@@ -195,7 +195,8 @@ class Settings(BaseSettings):
         default=None, description="TOML file with per-agency routing."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    # auto: JSON when stdout is not a terminal (a container), the console format when it is.
+    log_format: Literal["auto", "json", "text"] = "auto"
     drain_timeout_s: Annotated[float, Field(gt=0)] = 20.0
 
     @property

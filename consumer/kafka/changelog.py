@@ -7,6 +7,7 @@ checks the topic layout at start-up: the relay refuses to run when partition cou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -79,11 +80,13 @@ async def check_topics(
                 f"{manifests_topic!r} has {manifests}; one building must map to one partition "
                 "number in both"
             )
+        created: list[str] = []
         state = counts.get(state_topic)
         if state is None:
             if not create_missing_state:
                 raise ConfigError(f"state topic {state_topic!r} does not exist")
             await _create(admin, state_topic, docs, replication_factor, COMPACTED_TOPIC_CONFIG)
+            created.append(state_topic)
             log.info("created state topic", extra={"topic": state_topic, "partitions": docs})
             state = docs
         if state != docs:
@@ -94,6 +97,7 @@ async def check_topics(
         commands = counts.get(commands_topic)
         if commands is None:
             await _create(admin, commands_topic, docs, replication_factor, {})
+            created.append(commands_topic)
         elif commands != docs:
             raise ConfigError(
                 f"commands topic {commands_topic!r} has {commands} partitions but the input "
@@ -103,6 +107,9 @@ async def check_topics(
             # A dead letter carries the original value in base64: about 4/3 of its size.
             room = {"max.message.bytes": str(dead_letter_room(max_value_bytes))}
             await _create(admin, dead_letter_topic, 1, replication_factor, room)
+            created.append(dead_letter_topic)
+        if created:
+            await _until_visible(admin, created)
         return TopicLayout(input_partitions=docs, state_partitions=state)
     finally:
         await admin.close()
@@ -126,6 +133,29 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
         ok = entry.get("error_code", 0) == 0
         counts[name] = len(entry["partitions"]) if ok else None
     return counts
+
+
+async def _until_visible(
+    admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float = 30.0
+) -> None:
+    """Wait until the broker's metadata lists ``topics`` with a leader for every partition.
+
+    A topic just created is known to the controller before the brokers' metadata caches: a
+    consumer subscribing at once would log "not found in cluster metadata" and rebalance again.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        described = await admin.describe_topics(topics)
+        if all(
+            entry.get("error_code", 0) == 0
+            and entry["partitions"]
+            and all(p["leader"] >= 0 for p in entry["partitions"])
+            for entry in described
+        ):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("created topics not yet visible; continuing", extra={"topics": topics})
 
 
 async def _create(

@@ -1,18 +1,42 @@
-"""Structured logging: one JSON object per line on stdout, extra fields kept as keys.
+"""Log lines on stdout: JSON for a container's collector, a readable console format for a person.
 
 Messages are constant strings; what varies goes in ``extra`` so that log queries can filter on it.
+``LOG_FORMAT=auto`` picks the console format when stdout is a terminal and JSON otherwise; the
+retriable coordinator lookups and moves aiokafka logs as errors and warnings while a group
+forms are lowered to debug.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    NotCoordinatorError,
+)
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+# ANSI colours by level; the console format uses them only on a terminal without NO_COLOR.
+_COLOURS = {
+    logging.DEBUG: "\x1b[2m",
+    logging.INFO: "\x1b[32m",
+    logging.WARNING: "\x1b[33m",
+    logging.ERROR: "\x1b[31m",
+    logging.CRITICAL: "\x1b[1;31m",
+}
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+_LEVEL_NAMES = {"WARNING": "WARN", "CRITICAL": "CRIT"}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,29 +49,116 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for name, value in vars(record).items():
-            if name not in _STANDARD and not name.startswith("_"):
-                entry[name] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class ConsoleFormatter(logging.Formatter):
+    """``12:04:31.250 INFO  relay        partition restored partition=0 records=12``.
+
+    Local time to the millisecond, the level (coloured when ``colour``), the last part of the
+    logger's name, the message, then the extras as ``key=value``; a traceback is indented below.
+    """
+
+    def __init__(self, *, colour: bool) -> None:
+        super().__init__()
+        self._colour = colour
+
     def format(self, record: logging.LogRecord) -> str:
-        extras = " ".join(
-            f"{name}={value}"
-            for name, value in vars(record).items()
-            if name not in _STANDARD and not name.startswith("_")
-        )
-        line = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
-        return f"{line} {extras}" if extras else line
+        moment = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        level = f"{_LEVEL_NAMES.get(record.levelname, record.levelname):<5}"
+        name = f"{record.name.rsplit('.', 1)[-1]:<12}"
+        extras = " ".join(f"{k}={_plain(v)}" for k, v in _extras(record).items())
+        if self._colour:
+            level = f"{_COLOURS.get(record.levelno, '')}{level}{_RESET}"
+            extras = f"{_DIM}{extras}{_RESET}" if extras else ""
+        line = f"{moment} {level} {name} {record.getMessage()}"
+        line = f"{line} {extras}" if extras else line
+        details = []
+        if record.exc_info:
+            details.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            details.append(self.formatStack(record.stack_info))
+        for text in details:
+            line += "\n" + "\n".join("    " + part for part in text.splitlines())
+        return line
 
 
-def configure_logging(*, level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+def _plain(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value and "=" not in value else repr(value)
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, default=str).decode()
+    return str(value)
+
+
+class CoordinatorLookupFilter(logging.Filter):
+    """Lowers aiokafka's "Group Coordinator Request failed" to debug while a group forms.
+
+    aiokafka logs every failed coordinator lookup at ERROR and retries it 100 ms later. On a new
+    cluster the broker creates its offsets topic on the first lookup and answers "not available"
+    meanwhile; a coordinator that moves answers "load in progress" or "not coordinator" for a
+    moment. The Java client logs these at debug. A streak of them longer than ``grace_s`` is a
+    real outage and keeps its level, as does any other lookup error.
+
+    "Marking the coordinator dead" (a warning) follows every such move; its cause is logged on
+    its own line at the level aiokafka judges right (an expired session or a failed request at
+    error, a commit or a join answered "not coordinator" at info or debug), so it is lowered too.
+    """
+
+    MESSAGE = "Group Coordinator Request failed: %s"
+    MOVED = "Marking the coordinator dead (node %s)for group %s."
+    TRANSIENT = (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
+
+    def __init__(self, *, grace_s: float = 30.0, streak_gap_s: float = 5.0) -> None:
+        super().__init__()
+        self._grace_s = grace_s
+        self._gap_s = streak_gap_s
+        self._streak_start: float | None = None
+        self._last: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.MOVED:
+            return self._lower(record)
+        if record.msg != self.MESSAGE or not isinstance(record.args, tuple) or not record.args:
+            return True
+        if not isinstance(record.args[0], self.TRANSIENT):
+            return True
+        if self._last is None or record.created - self._last > self._gap_s:
+            self._streak_start = record.created  # lookups a while apart start a new streak
+        self._last = record.created
+        start = self._streak_start if self._streak_start is not None else record.created
+        if record.created - start > self._grace_s:
+            return True
+        return self._lower(record)
+
+    @staticmethod
+    def _lower(record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def pick_format(fmt: str, stream: TextIO) -> logging.Formatter:
+    """``json``, ``text`` (the console format) or ``auto``: console on a terminal, else JSON."""
+    is_tty = stream.isatty()
+    if fmt == "json" or (fmt == "auto" and not is_tty):
+        return JsonFormatter()
+    return ConsoleFormatter(colour=is_tty and not os.environ.get("NO_COLOR"))
+
+
+def configure_logging(*, level: str, fmt: str, stream: TextIO | None = None) -> None:
+    out = stream if stream is not None else sys.stdout
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(pick_format(fmt, out))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    aiokafka = logging.getLogger("aiokafka")
+    aiokafka.setLevel(max(logging.getLevelName(level), logging.WARNING))
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.filters[:] = [
+        f for f in coordinator.filters if not isinstance(f, CoordinatorLookupFilter)
+    ]
+    coordinator.addFilter(CoordinatorLookupFilter())
