@@ -11,6 +11,10 @@ then read with the fetch settings the relay's restore uses (4 MiB per partition 
 (c) ``PublishedView.restore`` of the same records from memory, no Kafka: the most (b) could reach.
 Target: (b) restores at least 0.7 times as many records per second as (a) reads.
 
+Each round also prints the ratio of the two in that round, by wall time and by the CPU time of
+this process (the broker's is the same for both): on a machine shared with other work, wall times
+swing with the load while CPU times stay put, and the ratio within a round is what compares.
+
 Run with ``python -m bench.bench_restore [--records N]``. The broker is the one named by
 ``CHOUETTE_RELAY_TEST_KAFKA``, or a local one started for the run.
 """
@@ -163,6 +167,7 @@ async def bench(bootstrap: str, *, records: int, rounds: int) -> None:
     bare: list[Measure] = []
     restore: list[Measure] = []
     floor: list[Measure] = []
+    cpu_ratios: list[float] = []
     try:
         filling = time.perf_counter()
         encoded = _records(records)
@@ -174,15 +179,26 @@ async def bench(bootstrap: str, *, records: int, rounds: int) -> None:
             f"{size / 1_048_576:.0f} MiB) in {time.perf_counter() - filling:.1f} s"
         )
         for _ in range(rounds):
+            cpu = time.process_time()
             bare.append(await read_bare(bootstrap, topic))
+            bare_cpu = time.process_time() - cpu
             show("(a) bare aiokafka getmany", bare[-1])
+            cpu = time.process_time()
             restore.append(await read_restore(bootstrap, topic, documents))
+            restore_cpu = time.process_time() - cpu
             show("(b) restore_partition", restore[-1])
             floor.append(decode_and_apply(encoded))
             show("(c) decode + apply, no Kafka", floor[-1])
+            wall_ratio = bare[-1].seconds / restore[-1].seconds
+            cpu_ratios.append(bare_cpu / restore_cpu)
+            print(
+                f"    this round (b)/(a): {wall_ratio:.2f} by wall time, "
+                f"{cpu_ratios[-1]:.2f} by CPU time ({bare_cpu:.2f} s against {restore_cpu:.2f} s)"
+            )
     finally:
         await delete_topics(bootstrap, [topic])
     report(rounds=rounds, bare=bare, relay=restore, floor=floor, target=TARGET_RATIO)
+    print(f"ratio (b)/(a) by CPU time, each round: {', '.join(f'{r:.2f}' for r in cpu_ratios)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

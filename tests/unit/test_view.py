@@ -252,9 +252,13 @@ class Read(NamedTuple):
 @st.composite
 def changelogs(draw: st.DrawFn) -> list[StateRecord]:
     """Records of a few documents in a few buildings: replacements, tombstones, every status."""
-    places = [("agence-a", "bat-1"), ("agence-a", "bat-2"), ("agence-b", "bat-1")]
+    places = [
+        BuildingKey("agence-a", "bat-1"),
+        BuildingKey("agence-a", "bat-2"),
+        BuildingKey("agence-b", "bat-1"),
+    ]
     keys = st.builds(
-        lambda place, document_id: DocKey(*place, document_id),
+        lambda place, document_id: DocKey(place.agency_id, place.building_id, document_id),
         st.sampled_from(places),
         st.sampled_from(["d1", "d2:att-1", "d3"]),
     )
@@ -270,11 +274,13 @@ def changelogs(draw: st.DrawFn) -> list[StateRecord]:
         st.sampled_from(list(DocStatus)),
     )
     buildings = st.builds(
-        lambda place, modules: BuildingRecord(*place, dict.fromkeys(modules, T0), True),
+        lambda place, modules: BuildingRecord(
+            place.agency_id, place.building_id, dict.fromkeys(modules, T0), True
+        ),
         st.sampled_from(places),
         st.sets(st.sampled_from(list(Module)), max_size=2),
     )
-    tombstones = st.builds(Tombstone, keys | st.sampled_from(places).map(lambda p: BuildingKey(*p)))
+    tombstones = st.builds(Tombstone, keys | st.sampled_from(places))
     entries: list[StateRecord] = draw(
         st.lists(st.one_of(documents, documents, buildings, tombstones), min_size=1, max_size=12)
     )
