@@ -131,8 +131,9 @@ class PublishedView:
         """
         applied = 0
         added = [0] * len(COMPACT_STATUSES)  # counted at the end: this loop runs for every record
-        last_agency = last_building = ""
-        building = _Building("", "")
+        # Records of one building mostly come in a row: while keys start with the building's
+        # b"agency:building:", only the document id is read.
+        prefix, building = b"", _Building("", "")
         # compact_is_valid's checks, inlined on locals for the same reason; a property test holds
         # the two equal on damaged records.
         fields, tail_at, stored_as_read, modules = (
@@ -145,10 +146,9 @@ class PublishedView:
         try:
             for record in records:
                 key, value = record.key, record.value
-                data = value or b""
+                raw, data = key or b"", value or b""
                 applied += 1
                 try:
-                    agency_id, building_id, document_id = (key or b"").decode().split(":", 2)
                     form, seen_at, _, ordinal, status, module = fields.unpack_from(data)
                     tail = data[tail_at:]
                     fast = (
@@ -160,24 +160,28 @@ class PublishedView:
                         and tail.count(0) == 3
                         and tail[-1] == 0
                         and (tail.isascii() or is_utf8(tail))
-                        and agency_id != ""
-                        and building_id != ""
-                        and document_id != ""
                     )
-                except (ValueError, struct.error):  # not a document key, or not a compact value
+                    if fast and prefix and raw.startswith(prefix):
+                        document_id = raw[len(prefix) :].decode()
+                        fast = document_id != ""
+                    elif fast:
+                        agency_id, building_id, document_id = raw.decode().split(":", 2)
+                        fast = agency_id != "" and building_id != "" and document_id != ""
+                        if fast:
+                            building = self._building_for(agency_id, building_id)
+                            prefix = f"{agency_id}:{building_id}:".encode()
+                except (ValueError, struct.error):  # not a compact value, or not a document key
                     fast = False
                 if not fast:
                     self._restore_other(key, value)
-                    last_agency = last_building = ""  # it may have dropped a building
+                    prefix = b""  # it may have dropped a building
                     continue
-                if building_id != last_building or agency_id != last_agency:
-                    building = self._building_for(agency_id, building_id)
-                    last_agency, last_building = agency_id, building_id
                 docs = building.docs
-                old = docs.get(document_id)
-                if old is not None:
-                    self._uncount(building, DocKey(agency_id, building_id, document_id), old)
-                docs[document_id] = data
+                old = docs.setdefault(document_id, data)
+                if old is not data:
+                    place = building.agency_id, building.building_id
+                    self._uncount(building, DocKey(*place, document_id), old)
+                    docs[document_id] = data
                 added[status] += 1
                 if status == _PUBLISHED:
                     building.on_partner[module] += 1
