@@ -155,8 +155,8 @@ COMPACT_SHA_AT = 1
 COMPACT_SEEN_AT_AT = 33
 COMPACT_STATUS_AT = 53
 COMPACT_MODULE_AT = 54
-COMPACT_FIELDS = struct.Struct("<B32xqQIBB")
-"""Every fixed field but the sha256: what checking a compact record reads."""
+COMPACT_FIELDS = struct.Struct("<B32xq8xIBB")
+"""The fixed fields that can be out of range: what checking a compact record reads."""
 # The codes are part of the format: a new status or module is appended, never inserted. Parked
 # records carry their full document and keep the JSON form.
 COMPACT_STATUSES = (
@@ -237,7 +237,7 @@ def compact_is_valid(value: bytes) -> bool:
     """Whether ``value`` is a well-formed compact document record (the key aside)."""
     if len(value) < COMPACT_HEAD.size + 3:
         return False
-    form, seen_at, _, ordinal, status, module = COMPACT_FIELDS.unpack_from(value)
+    form, seen_at, ordinal, status, module = COMPACT_FIELDS.unpack_from(value)
     tail = value[COMPACT_HEAD.size :]
     return (
         form == COMPACT_FORM

@@ -149,7 +149,7 @@ class PublishedView:
                 raw, data = key or b"", value or b""
                 applied += 1
                 try:
-                    form, seen_at, _, ordinal, status, module = fields.unpack_from(data)
+                    form, seen_at, ordinal, status, module = fields.unpack_from(data)
                     tail = data[tail_at:]
                     fast = (
                         form == COMPACT_FORM
