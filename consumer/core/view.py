@@ -56,7 +56,7 @@ _TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD)
 ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
 """Statuses of documents the relay published and the partner holds."""
 _PUBLISHED = COMPACT_STATUS_CODES[DocStatus.PUBLISHED]
-# Compact records restored by a plain store: neither tracked nor held (ON_PARTNER, by module).
+# Statuses whose compact records restore stores directly; tracked ones take the general path.
 _STORED_AS_READ = frozenset(
     code for status, code in COMPACT_STATUS_CODES.items() if status not in _TRACKED
 )
