@@ -1,9 +1,9 @@
 """The published view of one partition: what the relay has published, held, parked or baselined.
 
-The view changes only through ``apply(record)``, on restore and in live processing alike. It is
+The view changes only through state records, on restore and in live processing alike. It is
 kept compact because one partition may hold a million documents: per building, a dict from
-document id to 60-odd packed bytes (raw sha256, times as integers, module and status as codes,
-condominium and snapshot ids as indexes into a shared string table, remote id as the tail).
+document id to the record's compact form (about 70 bytes: raw sha256, times as integers, codes,
+then the ids), which is also how the changelog carries it, so that restoring stores the bytes read.
 Records that carry a full document (parked) are kept as they are. Lookups rebuild the record.
 """
 
@@ -12,12 +12,27 @@ from __future__ import annotations
 import datetime as dt
 import struct
 from collections.abc import Container, Iterable, Iterator, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 
 from consumer.core.events import Module
 from consumer.core.state import (
+    COMPACT_FIELDS,
+    COMPACT_FORM,
+    COMPACT_HEAD,
+    COMPACT_MAX_ORDINAL,
+    COMPACT_MAX_US,
+    COMPACT_MIN_US,
+    COMPACT_MODULE_AT,
+    COMPACT_MODULE_CODES,
+    COMPACT_MODULES,
+    COMPACT_SEEN_AT,
+    COMPACT_SEEN_AT_AT,
+    COMPACT_SHA_AT,
+    COMPACT_STATUS_AT,
+    COMPACT_STATUS_CODES,
+    COMPACT_STATUSES,
     SCHEMA_VERSION,
     AgencyKey,
     AgencyRecord,
@@ -26,32 +41,39 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    StateDecodeError,
     StateRecord,
+    compact_document,
+    decode_key,
     decode_state,
-    from_epoch_us,
+    is_utf8,
+    pack_compact,
     to_epoch_us,
+    unpack_compact,
 )
 
-# sha256, seen_at (µs), size, document date (ordinal), status, module, condominium, held_by;
-# the remote id follows as UTF-8. An absent string index is _NONE.
-_PACK = struct.Struct("<32sqqIBBII")
-_SEEN_AT = struct.Struct("<q")
-_SEEN_AT_AT = 32
-_STATUS_AT = 52
-_MODULE_AT = 53
-_NONE = 0xFFFFFFFF
-_EPOCH = from_epoch_us(0)
-_STATUSES = tuple(DocStatus)
-_STATUS_CODES = {status: code for code, status in enumerate(_STATUSES)}
-_STATUS_BY_VALUE = {status.value: status for status in _STATUSES}
-_MODULES = tuple(Module)
-_MODULE_BY_VALUE = {module.value: module for module in _MODULES}
-_MODULE_CODES = {module: code for code, module in enumerate(_MODULES)}
+_STATUS_BY_VALUE = {status.value: status for status in DocStatus}
+_MODULE_BY_VALUE = {module.value: module for module in Module}
 _TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD)
 ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
 """Statuses of documents the relay published and the partner holds."""
+_PUBLISHED = COMPACT_STATUS_CODES[DocStatus.PUBLISHED]
+# Statuses whose compact records restore stores directly; tracked ones take the general path.
+_STORED_AS_READ = frozenset(
+    code for status, code in COMPACT_STATUS_CODES.items() if status not in _TRACKED
+)
 
 _Stored = bytes | DocumentRecord
+
+
+class EncodedRecord(Protocol):
+    """A changelog record as read: what ``PublishedView.restore`` needs of a consumer record."""
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
 
 
 class DocumentBrief(NamedTuple):
@@ -70,7 +92,7 @@ class _Building:
         self.building_id = building_id
         self.docs: dict[str, _Stored] = {}
         self.record: BuildingRecord | None = None
-        self.on_partner: dict[Module, int] = {}
+        self.on_partner = [0] * len(COMPACT_MODULES)  # by module code
 
 
 class PublishedView:
@@ -78,8 +100,6 @@ class PublishedView:
 
     def __init__(self) -> None:
         self._buildings: dict[tuple[str, str], _Building] = {}
-        self._strings: list[str] = []
-        self._string_ids: dict[str, int] = {}
         self._counts = dict.fromkeys(DocStatus, 0)
         self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
         self._agencies: dict[str, AgencyRecord] = {}
@@ -88,7 +108,7 @@ class PublishedView:
     def apply(self, record: StateRecord) -> None:
         """Apply one state record; the only way the view changes."""
         if isinstance(record, DocumentRecord):
-            self._put(record)
+            self._store(record.key, compact_document(record) or record)
         elif isinstance(record, BuildingRecord):
             self._building_for(record.agency_id, record.building_id).record = record
         elif isinstance(record, AgencyRecord):
@@ -105,16 +125,91 @@ class PublishedView:
                 self._drop_if_empty(place, building)
 
     def apply_encoded(self, key: bytes, value: bytes | None) -> None:
-        """Apply a changelog record from its bytes: ``apply(decode_state(key, value))``, faster.
+        """Apply a changelog record from its bytes: ``apply(decode_state(key, value))``, faster."""
+        self.restore((_Encoded(key, value),))
 
-        The restore path. Plain document records (the vast majority) are packed straight from
-        the JSON; anything else, or anything unexpected, goes through ``decode_state``, which
-        raises the precise error.
+    def restore(self, records: Iterable[EncodedRecord]) -> int:
+        """Apply changelog records in order, as ``apply_encoded`` one by one; returns how many.
+
+        The restore path. A compact document record (nearly every record of a changelog) is
+        checked and its bytes are stored as they are; a JSON document record is packed straight
+        from the JSON; anything else, or anything unexpected, goes through ``decode_state``,
+        which raises the precise error.
         """
-        if value is None or not self._restore_document(key, value):
-            self.apply(decode_state(key, value))
+        applied = 0
+        added = [0] * len(COMPACT_STATUSES)  # counted at the end: this loop runs for every record
+        # Records of one building mostly come in a row: while keys start with the building's
+        # b"agency:building:", only the document id is read.
+        prefix, building = b"", _Building("", "")
+        # compact_is_valid's checks, inlined on locals for the same reason; a property test holds
+        # the two equal on damaged records.
+        fields, tail_at, stored_as_read, modules = (
+            COMPACT_FIELDS,
+            COMPACT_HEAD.size,
+            _STORED_AS_READ,
+            len(COMPACT_MODULES),
+        )
+        min_us, max_us, max_ordinal = COMPACT_MIN_US, COMPACT_MAX_US, COMPACT_MAX_ORDINAL
+        try:
+            for record in records:
+                key, value = record.key, record.value
+                raw, data = key or b"", value or b""
+                applied += 1
+                try:
+                    form, seen_at, ordinal, status, module = fields.unpack_from(data)
+                    tail = data[tail_at:]
+                    fast = (
+                        form == COMPACT_FORM
+                        and status in stored_as_read
+                        and module < modules
+                        and min_us <= seen_at <= max_us
+                        and 0 < ordinal <= max_ordinal
+                        and tail.count(0) == 3
+                        and tail[-1] == 0
+                        and (tail.isascii() or is_utf8(tail))
+                    )
+                    if fast and prefix and raw.startswith(prefix):
+                        document_id = raw[len(prefix) :].decode()
+                        fast = document_id != ""
+                    elif fast:
+                        agency_id, building_id, document_id = raw.decode().split(":", 2)
+                        fast = agency_id != "" and building_id != "" and document_id != ""
+                        if fast:
+                            building = self._building_for(agency_id, building_id)
+                            prefix = f"{agency_id}:{building_id}:".encode()
+                except (ValueError, struct.error):  # not a compact value, or not a document key
+                    fast = False
+                if not fast:
+                    self._restore_other(key, value)
+                    prefix = b""  # it may have dropped a building
+                    continue
+                docs = building.docs
+                old = docs.setdefault(document_id, data)
+                if old is not data:
+                    place = building.agency_id, building.building_id
+                    self._uncount(building, DocKey(*place, document_id), old)
+                    docs[document_id] = data
+                added[status] += 1
+                if status == _PUBLISHED:
+                    building.on_partner[module] += 1
+        finally:
+            for code, count in enumerate(added):
+                self._counts[COMPACT_STATUSES[code]] += count
+        return applied
 
-    def _restore_document(self, key: bytes, value: bytes) -> bool:
+    def _restore_other(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            raise StateDecodeError("a changelog record has no key")
+        doc_key = decode_key(key)
+        packed = None if value is None else self._pack_json(value)
+        if packed is None or not isinstance(doc_key, DocKey):
+            self.apply(decode_state(key, value))
+        else:
+            self._store(doc_key, packed)
+
+    @staticmethod
+    def _pack_json(value: bytes) -> bytes | None:
+        """The compact form of a plain JSON document record, or None to take the slow path."""
         try:
             data = orjson.loads(value)
             if (
@@ -123,61 +218,39 @@ class PublishedView:
                 or data["document"] is not None
                 or data["parked_reason"] is not None
             ):
-                return False
-            agency_id, building_id, document_id = key.decode().split(":", 2)
-            status = _STATUS_BY_VALUE[data["status"]]
-            module = _MODULE_BY_VALUE[data["module"]]
-            sha = data["sha256"]
+                return None
+            status = COMPACT_STATUS_CODES[_STATUS_BY_VALUE[data["status"]]]
             size = data["size_bytes"]
-            remote_id = data["remote_id"]
             seen_at = dt.datetime.fromisoformat(data["seen_at"])
-            if (
-                not (agency_id and building_id and document_id)
-                or status in self._tracked
-                or type(size) is not int
-                or not 0 <= size < 2**63
-                or len(sha) != 64
-                or seen_at.tzinfo is None
-                or (remote_id is not None and (type(remote_id) is not str or not remote_id))
-            ):
-                return False
-            raw_sha = bytes.fromhex(sha)
-            if raw_sha.hex() != sha:
-                return False
-            packed = _PACK.pack(
-                raw_sha,
-                to_epoch_us(seen_at),
-                size,
-                dt.date.fromisoformat(data["document_date"]).toordinal(),
-                _STATUS_CODES[status],
-                _MODULE_CODES[module],
-                self._intern(_optional_text(data["condominium_id"])),
-                self._intern(_optional_text(data["held_by"])),
+            if status not in _STORED_AS_READ or type(size) is not int or seen_at.tzinfo is None:
+                return None
+            return pack_compact(
+                data["sha256"],
+                seen_at_us=to_epoch_us(seen_at),
+                size_bytes=size,
+                document_date=dt.date.fromisoformat(data["document_date"]).toordinal(),
+                status=status,
+                module=COMPACT_MODULE_CODES[_MODULE_BY_VALUE[data["module"]]],
+                strings=(
+                    _optional_text(data["remote_id"]),
+                    _optional_text(data["condominium_id"]),
+                    _optional_text(data["held_by"]),
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError, orjson.JSONDecodeError):
-            return False
-        building = self._building_for(agency_id, building_id)
-        old = building.docs.get(document_id)
-        if old is not None:
-            self._uncount(building, DocKey(agency_id, building_id, document_id), old)
-        building.docs[document_id] = packed if remote_id is None else packed + remote_id.encode()
-        self._counts[status] += 1
-        if status in ON_PARTNER:
-            building.on_partner[module] = building.on_partner.get(module, 0) + 1
-        return True
+            return None
 
-    def _put(self, record: DocumentRecord) -> None:
-        key = record.key
+    def _store(self, key: DocKey, stored: _Stored) -> None:
         building = self._building_for(key.agency_id, key.building_id)
         old = building.docs.get(key.document_id)
         if old is not None:
             self._uncount(building, key, old)
-        building.docs[key.document_id] = self._pack(record) or record
-        self._counts[record.status] += 1
-        if record.status in ON_PARTNER:
-            counts = building.on_partner
-            counts[record.module] = counts.get(record.module, 0) + 1
-        tracked = self._tracked.get(record.status)
+        building.docs[key.document_id] = stored
+        status, module = _status_module(stored)
+        self._counts[status] += 1
+        if status in ON_PARTNER:
+            building.on_partner[module] += 1
+        tracked = self._tracked.get(status)
         if tracked is not None:
             tracked[key] = None
 
@@ -219,7 +292,7 @@ class PublishedView:
         stored = building.docs.get(key.document_id)
         if stored is None:
             return None
-        return self._unpack(key, stored)
+        return _unpack(key, stored)
 
     def brief(self, key: DocKey) -> DocumentBrief | None:
         """Status, sha256 and seen_at of one document: cheaper than ``document``."""
@@ -229,8 +302,9 @@ class PublishedView:
             return None
         if isinstance(stored, DocumentRecord):
             return DocumentBrief(stored.status, stored.sha256, to_epoch_us(stored.seen_at))
-        sha, seen_at_us = stored[:32].hex(), _SEEN_AT.unpack_from(stored, _SEEN_AT_AT)[0]
-        return DocumentBrief(_STATUSES[stored[_STATUS_AT]], sha, seen_at_us)
+        seen_at_us = COMPACT_SEEN_AT.unpack_from(stored, COMPACT_SEEN_AT_AT)[0]
+        sha = stored[COMPACT_SHA_AT : COMPACT_SHA_AT + 32].hex()
+        return DocumentBrief(COMPACT_STATUSES[stored[COMPACT_STATUS_AT]], sha, seen_at_us)
 
     def agency(self, agency_id: str) -> AgencyRecord | None:
         """The operator's controls of one agency, as this partition knows them."""
@@ -255,7 +329,7 @@ class PublishedView:
             return
         agency_id, building_id = building.agency_id, building.building_id
         for document_id, stored in list(building.docs.items()):
-            yield self._unpack(DocKey(agency_id, building_id, document_id), stored)
+            yield _unpack(DocKey(agency_id, building_id, document_id), stored)
 
     def seen_before(
         self,
@@ -281,11 +355,11 @@ class PublishedView:
             if isinstance(stored, DocumentRecord):
                 seen_at_us, module = to_epoch_us(stored.seen_at), stored.module
             else:
-                seen_at_us = _SEEN_AT.unpack_from(stored, _SEEN_AT_AT)[0]
-                module = _MODULES[stored[_MODULE_AT]]
+                seen_at_us = COMPACT_SEEN_AT.unpack_from(stored, COMPACT_SEEN_AT_AT)[0]
+                module = COMPACT_MODULES[stored[COMPACT_MODULE_AT]]
             if seen_at_us < before_us and module in modules:
                 key = DocKey(building.agency_id, building.building_id, document_id)
-                yield self._unpack(key, stored)
+                yield _unpack(key, stored)
 
     def with_status(self, status: DocStatus) -> Iterator[DocumentRecord]:
         """Every document with ``status``; parked, uploading and held ones without a scan."""
@@ -338,55 +412,17 @@ class PublishedView:
         building = self._buildings.get((agency_id, building_id))
         if building is None:
             return 0
-        return sum(building.on_partner.get(module, 0) for module in set(modules))
+        on_partner = building.on_partner
+        return sum(on_partner[COMPACT_MODULE_CODES[module]] for module in set(modules))
 
-    # -- packing ---------------------------------------------------------------------------------
-    def _intern(self, value: str | None) -> int:
-        if value is None:
-            return _NONE
-        index = self._string_ids.get(value)
-        if index is None:
-            index = self._string_ids[value] = len(self._strings)
-            self._strings.append(value)
-        return index
 
-    def _pack(self, record: DocumentRecord) -> bytes | None:
-        if record.document is not None or record.parked_reason is not None:
-            return None
-        if not 0 <= record.size_bytes < 2**63 or record.remote_id == "":
-            return None  # rare shapes are kept as they are rather than packed ambiguously
-        packed = _PACK.pack(
-            bytes.fromhex(record.sha256),
-            to_epoch_us(record.seen_at),
-            record.size_bytes,
-            record.document_date.toordinal(),
-            _STATUS_CODES[record.status],
-            _MODULE_CODES[record.module],
-            self._intern(record.condominium_id),
-            self._intern(record.held_by),
-        )
-        return packed if record.remote_id is None else packed + record.remote_id.encode()
+class _Encoded(NamedTuple):
+    key: bytes
+    value: bytes | None
 
-    def _unpack(self, key: DocKey, stored: _Stored) -> DocumentRecord:
-        if isinstance(stored, DocumentRecord):
-            return stored
-        sha, seen_at, size, ordinal, status, module, condominium, held_by = _PACK.unpack_from(
-            stored
-        )
-        strings = self._strings
-        # positional arguments, in DocumentRecord's field order: this runs for every lookup
-        return DocumentRecord(
-            key,
-            _STATUSES[status],
-            sha.hex(),
-            _MODULES[module],
-            _EPOCH + dt.timedelta(microseconds=seen_at),
-            dt.date.fromordinal(ordinal),
-            size,
-            stored[_PACK.size :].decode() if len(stored) > _PACK.size else None,
-            None if condominium == _NONE else strings[condominium],
-            None if held_by == _NONE else strings[held_by],
-        )
+
+def _unpack(key: DocKey, stored: _Stored) -> DocumentRecord:
+    return stored if isinstance(stored, DocumentRecord) else unpack_compact(key, stored)
 
 
 def _optional_text(value: object) -> str | None:
@@ -395,7 +431,8 @@ def _optional_text(value: object) -> str | None:
     raise TypeError("expected a string or null")
 
 
-def _status_module(stored: _Stored) -> tuple[DocStatus, Module]:
+def _status_module(stored: _Stored) -> tuple[DocStatus, int]:
+    """Status and module code of a stored document."""
     if isinstance(stored, DocumentRecord):
-        return stored.status, stored.module
-    return _STATUSES[stored[_STATUS_AT]], _MODULES[stored[_MODULE_AT]]
+        return stored.status, COMPACT_MODULE_CODES[stored.module]
+    return COMPACT_STATUSES[stored[COMPACT_STATUS_AT]], stored[COMPACT_MODULE_AT]

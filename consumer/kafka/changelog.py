@@ -237,11 +237,10 @@ async def restore_partition(
         await reader.seek_to_beginning(tp)
         while True:
             batches = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
-            for message in batches.get(tp, []):
-                if message.offset >= end:
-                    break
-                view.apply_encoded(message.key, message.value)
-                applied += 1
+            batch = batches.get(tp, [])
+            if batch and batch[-1].offset >= end:
+                batch = [message for message in batch if message.offset < end]
+            applied += view.restore(batch)
             on_progress(applied, total)
             # The position moves past compacted gaps and past what was just returned.
             if await reader.position(tp) >= end:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from consumer.core.events import Document, Module
 from consumer.core.state import (
     AgencyKey,
     AgencyRecord,
+    COMPACT_FORM,
     BuildingKey,
     BuildingRecord,
     DocKey,
@@ -32,6 +34,7 @@ from consumer.core.state import (
     encode_state,
 )
 from consumer.core.view import PublishedView
+from tests.changelog_forms import first_form
 from tests.strategies import document_dicts, document_ids, identifiers
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -39,16 +42,18 @@ PARIS = dt.timezone(dt.timedelta(hours=2))
 KEY = DocKey("agence-lyon", "bat-12", "evt-1:att-1")
 
 
-def _validator() -> Draft202012Validator:
+def _validator(name: str) -> Draft202012Validator:
     schemas = [json.loads(p.read_text(encoding="utf-8")) for p in SCHEMAS.glob("*.schema.json")]
     registry: Registry[Any] = Registry().with_resources(
         (schema["$id"], Resource.from_contents(schema)) for schema in schemas
     )
-    schema = json.loads((SCHEMAS / "state-record.v1.schema.json").read_text(encoding="utf-8"))
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
     return Draft202012Validator(schema, registry=registry, format_checker=FormatChecker())
 
 
-VALIDATOR = _validator()
+VALIDATOR = _validator("state-record.v1")
+COMPACT_VALIDATOR = _validator("state-record.v2")
+COMPACT_EXAMPLES = SCHEMAS / "examples" / "state-record.v2"
 
 
 def published(**changes: Any) -> DocumentRecord:
@@ -86,10 +91,18 @@ def a_document(data: dict[str, Any] | None = None) -> Document:
     )
 
 
+def validate(value: bytes) -> None:
+    """Check a changelog value against the schema of its form."""
+    if value[0] == COMPACT_FORM:
+        COMPACT_VALIDATOR.validate(value.hex())
+    else:
+        VALIDATOR.validate(orjson.loads(value))
+
+
 def round_trip(record: StateRecord) -> StateRecord:
     key, value = encode_state(record)
     if value is not None:
-        VALIDATOR.validate(orjson.loads(value))
+        validate(value)
     return decode_state(key, value)
 
 
@@ -129,8 +142,13 @@ def test_keys_are_agency_building_document_and_document_ids_may_hold_colons() ->
     assert decode_key(b"agence-lyon:bat-12") == BuildingKey("agence-lyon", "bat-12")
 
 
-def test_values_carry_version_and_kind_and_times_in_utc() -> None:
-    record = published(seen_at=dt.datetime(2024, 5, 6, 9, 8, 9, tzinfo=PARIS))
+def test_json_values_carry_version_and_kind_and_times_in_utc() -> None:
+    record = published(
+        seen_at=dt.datetime(2024, 5, 6, 9, 8, 9, tzinfo=PARIS),
+        status=DocStatus.PARKED,
+        parked_reason="unmapped_building",
+        document=a_document(),
+    )
     value = orjson.loads(encode_state(record)[1] or b"")
     assert (value["schema_version"], value["kind"]) == (1, "document")
     assert value["seen_at"] == "2024-05-06T07:08:09Z"
@@ -138,6 +156,76 @@ def test_values_carry_version_and_kind_and_times_in_utc() -> None:
     assert isinstance(restored, DocumentRecord)
     assert restored.seen_at == record.seen_at  # the same instant
     assert restored.seen_at.tzinfo == dt.UTC
+
+
+def test_document_records_without_a_full_document_are_written_compact() -> None:
+    record = published(seen_at=dt.datetime(2024, 5, 6, 9, 8, 9, tzinfo=PARIS))
+    value = encode_state(record)[1] or b""
+    assert value[0] == COMPACT_FORM
+    assert len(value) < len(first_form(record)) / 4
+    restored = round_trip(record)
+    assert isinstance(restored, DocumentRecord)
+    assert restored.seen_at == record.seen_at
+    assert restored.seen_at.tzinfo == dt.UTC
+
+
+@pytest.mark.parametrize(
+    "record",
+    [r for r in RECORDS if isinstance(r, DocumentRecord)],
+    ids=lambda r: str(r.status),
+)
+def test_document_records_of_the_first_form_are_still_read(record: DocumentRecord) -> None:
+    # A compacted topic is never rewritten: records written before the compact form stay.
+    VALIDATOR.validate(orjson.loads(first_form(record)))
+    assert decode_state(record.key.encode(), first_form(record)) == record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        published(remote_id=""),
+        published(condominium_id="a\0b"),
+        published(held_by=""),
+        published(sha256="AB" * 32),
+    ],
+    ids=["empty remote id", "NUL in an id", "empty held_by", "upper-case sha256"],
+)
+def test_records_the_compact_form_cannot_carry_keep_the_json_form(record: DocumentRecord) -> None:
+    value = encode_state(record)[1] or b""
+    assert value.startswith(b"{")
+
+
+def _example(path: Path) -> str:
+    text = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(text, str)
+    return text
+
+
+@pytest.mark.parametrize(
+    "path", sorted((COMPACT_EXAMPLES / "valid").glob("*.json")), ids=lambda p: p.stem
+)
+def test_valid_compact_examples_are_read_and_written_back_byte_for_byte(path: Path) -> None:
+    value = bytes.fromhex(_example(path))
+    record = decode_state(KEY.encode(), value)
+    assert isinstance(record, DocumentRecord)
+    assert encode_state(record) == (KEY.encode(), value)
+
+
+def _invalid_compact_values() -> list[Any]:
+    """Invalid examples that are the hex of some bytes (the others only the schema can judge)."""
+    paths = sorted((COMPACT_EXAMPLES / "invalid").glob("*.json"))
+    texts = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in paths}
+    return [
+        pytest.param(bytes.fromhex(text), id=name)
+        for name, text in texts.items()
+        if isinstance(text, str) and re.fullmatch("(?:[0-9a-f]{2})+", text)
+    ]
+
+
+@pytest.mark.parametrize("value", _invalid_compact_values())
+def test_invalid_compact_examples_are_refused(value: bytes) -> None:
+    with pytest.raises(StateDecodeError):
+        decode_state(KEY.encode(), value)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import tracemalloc
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,11 +20,15 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    StateDecodeError,
     StateRecord,
     Tombstone,
+    compact_document,
+    decode_state,
     encode_state,
 )
 from consumer.core.view import PublishedView
+from tests.changelog_forms import encode_first_form
 from tests.strategies import document_ids, identifiers
 
 T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
@@ -234,3 +240,163 @@ def test_restoring_from_bytes_gives_the_same_view_as_applying_records(
         assert sorted(r.key.encode() for r in restored.with_status(status)) == sorted(
             r.key.encode() for r in applied.with_status(status)
         )
+
+
+class Read(NamedTuple):
+    """A changelog record as a consumer hands it out."""
+
+    key: bytes
+    value: bytes | None
+
+
+@st.composite
+def changelogs(draw: st.DrawFn) -> list[StateRecord]:
+    """Records of a few documents in a few buildings: replacements, tombstones, every status."""
+    places = [
+        BuildingKey("agence-a", "bat-1"),
+        BuildingKey("agence-a", "bat-2"),
+        BuildingKey("agence-b", "bat-1"),
+    ]
+    keys = st.builds(
+        lambda place, document_id: DocKey(place.agency_id, place.building_id, document_id),
+        st.sampled_from(places),
+        st.sampled_from(["d1", "d2:att-1", "d3"]),
+    )
+    documents = st.builds(
+        lambda stored, key, status: dataclasses.replace(
+            stored,
+            key=key,
+            status=status,
+            parked_reason="unmapped_building" if status is DocStatus.PARKED else None,
+        ),
+        document_records.filter(lambda r: r.size_bytes < 2**64),  # what JSON can carry
+        keys,
+        st.sampled_from(list(DocStatus)),
+    )
+    buildings = st.builds(
+        lambda place, modules: BuildingRecord(
+            place.agency_id, place.building_id, dict.fromkeys(modules, T0), True
+        ),
+        st.sampled_from(places),
+        st.sets(st.sampled_from(list(Module)), max_size=2),
+    )
+    tombstones = st.builds(Tombstone, keys | st.sampled_from(places))
+    entries: list[StateRecord] = draw(
+        st.lists(st.one_of(documents, documents, buildings, tombstones), min_size=1, max_size=12)
+    )
+    return entries
+
+
+def _by_key(records: Iterable[DocumentRecord]) -> list[DocumentRecord]:
+    return sorted(records, key=lambda r: r.key.encode())
+
+
+def assert_same_view(found: PublishedView, expected: PublishedView) -> None:
+    assert found.counts() == expected.counts()
+    places = sorted(expected.buildings(), key=lambda b: b.encode())
+    assert sorted(found.buildings(), key=lambda b: b.encode()) == places
+    for place in places:
+        agency_id, building_id = place.agency_id, place.building_id
+        assert found.building(agency_id, building_id) == expected.building(agency_id, building_id)
+        documents = _by_key(expected.documents(agency_id, building_id))
+        assert _by_key(found.documents(agency_id, building_id)) == documents
+        for document in documents:
+            assert found.brief(document.key) == expected.brief(document.key)
+        for module in Module:
+            assert found.published_count(agency_id, building_id, [module]) == (
+                expected.published_count(agency_id, building_id, [module])
+            )
+    for status in DocStatus:
+        assert _by_key(found.with_status(status)) == _by_key(expected.with_status(status))
+
+
+@settings(max_examples=300)
+@given(changelog=changelogs(), batch=st.integers(min_value=1, max_value=5))
+def test_restoring_either_form_gives_the_view_of_decoding_and_applying(
+    changelog: list[StateRecord], batch: int
+) -> None:
+    applied = view_of(*changelog)
+    for encode in (encode_state, encode_first_form):  # the compact form, and the JSON it replaced
+        encoded = [Read(*encode(entry)) for entry in changelog]
+        slow, one_by_one, in_batches = PublishedView(), PublishedView(), PublishedView()
+        for key, value in encoded:
+            slow.apply(decode_state(key, value))
+            one_by_one.apply_encoded(key, value)
+        for start in range(0, len(encoded), batch):
+            assert in_batches.restore(encoded[start : start + batch]) == len(
+                encoded[start : start + batch]
+            )
+        assert_same_view(slow, applied)
+        assert_same_view(one_by_one, slow)
+        assert_same_view(in_batches, slow)
+
+
+@settings(max_examples=300)
+@given(
+    stored=document_records.filter(lambda r: compact_document(r) is not None),
+    damage=st.one_of(
+        st.tuples(st.just("set"), st.integers(min_value=0), st.integers(0, 255), st.integers(1, 8)),
+        st.tuples(st.just("cut"), st.integers(min_value=0), st.just(0), st.just(0)),
+        st.tuples(st.just("add"), st.integers(min_value=0), st.integers(0, 255), st.just(1)),
+    ),
+)
+def test_a_damaged_compact_record_is_refused_exactly_when_decoding_refuses_it(
+    stored: DocumentRecord, damage: tuple[str, int, int, int]
+) -> None:
+    key, value = encode_state(stored)
+    assert value is not None
+    action, at, byte, length = damage
+    at %= len(value)
+    if action == "set":
+        value = value[:at] + bytes([byte]) * length + value[at + length :]
+    elif action == "cut":
+        value = value[:at]
+    else:
+        value = value + bytes([byte])
+    assert_restored_as_decoded(key, value)
+
+
+def assert_restored_as_decoded(key: bytes, value: bytes) -> None:
+    restored = PublishedView()
+    try:
+        decoded = decode_state(key, value)
+    except StateDecodeError:
+        with pytest.raises(StateDecodeError):
+            restored.restore([Read(key, value)])
+        return
+    restored.restore([Read(key, value)])
+    assert_same_view(restored, view_of(decoded))
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        record(),
+        record(status=DocStatus.BASELINE, remote_id=None, condominium_id=None, size_bytes=0),
+        record(status=DocStatus.FILTERED, condominium_id="résidence", module=Module.GED),
+    ],
+    ids=["published", "baseline", "filtered"],
+)
+def test_every_run_of_edge_bytes_in_a_compact_record_is_judged_as_decoding_judges_it(
+    stored: DocumentRecord,
+) -> None:
+    key, value = encode_state(stored)
+    assert value is not None
+    edges = (0x00, 0x01, 0x02, 0x04, 0x05, 0x07, 0x08, 0x41, 0x7F, 0x80, 0xC3, 0xFF)
+    for byte in edges:
+        assert_restored_as_decoded(key, value + bytes([byte]))
+    for at in range(len(value)):
+        assert_restored_as_decoded(key, value[:at])
+        for byte in edges:
+            for length in (1, 2, 3, 4, 8):
+                damaged = value[:at] + bytes([byte]) * length + value[at + length :]
+                assert_restored_as_decoded(key, damaged)
+
+
+def test_restore_counts_what_it_applied_before_a_record_it_refuses() -> None:
+    good = [Read(*encode_state(record(f"d{n}"))) for n in range(3)]
+    view = PublishedView()
+    with pytest.raises(StateDecodeError):
+        view.restore([*good, Read(b"agence-lyon:bat-12:bad", b"\x02 too short")])
+    assert view.count(DocStatus.PUBLISHED) == 3
+    assert view.published_count("agence-lyon", "bat-12", [Module.AG]) == 3
