@@ -18,9 +18,9 @@ from referencing import Registry, Resource
 
 from consumer.core.events import Document, Module
 from consumer.core.state import (
+    COMPACT_FORM,
     AgencyKey,
     AgencyRecord,
-    COMPACT_FORM,
     BuildingKey,
     BuildingRecord,
     DocKey,
