@@ -180,6 +180,8 @@ class _Frozen(BaseModel):
         extra="forbid",
         frozen=True,
         strict=True,
+        # Field names repeat in every event, values hardly ever: caching those costs more.
+        cache_strings="keys",
     )
 
 
