@@ -52,7 +52,13 @@ def _example_paths() -> list[Any]:
 def test_both_paths_agree_on_every_example(path: Path) -> None:
     kind = KINDS[path.parent.parent.name]
     value = path.read_bytes()
-    for headers in ([], _headers(kind), [("event-type", b"other")], [("schema-version", None)]):
+    variants: list[Headers] = [
+        [],
+        _headers(kind),
+        [("event-type", b"other")],
+        [("schema-version", None)],
+    ]
+    for headers in variants:
         for other_kind in KINDS.values():
             _assert_paths_agree(other_kind, value, headers)
     if path.parent.name == "valid":
