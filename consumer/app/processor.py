@@ -103,6 +103,9 @@ class PartitionProcessor:
         # First publications that send history, waiting for an operator's approval; their
         # offsets stay uncommitted, so a restart reads them again (and holds them again).
         self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
+        # The event counter's child per (kind, outcome): looking a child up by its label values
+        # costs more than counting, and the hot path counts every record.
+        self._event_counts: dict[tuple[str, str], Callable[[], None]] = {}
 
     @property
     def pending_operations(self) -> int:
@@ -194,11 +197,22 @@ class PartitionProcessor:
             return
         if isinstance(decoded, DocumentCreated):
             plan = plan_document(self.view, self._routing, decoded)
-            self._metrics.events.labels(kind, plan.outcome).inc()
+            self._count_event(kind, plan.outcome)
+            if not plan.records and not plan.operations:
+                tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
+                return
             self._execute(plan, source, [(source.topic, source.offset)])
             return
         # A record without a timestamp counts from its taken_at, which also survives a restart.
         await self._handle_part(decoded, source, published_at or min(decoded.taken_at, now))
+
+    def _count_event(self, kind: str, outcome: str) -> None:
+        count = self._event_counts.get((kind, outcome))
+        if count is None:
+            count = self._event_counts[kind, outcome] = self._metrics.events.labels(
+                kind, outcome
+            ).inc
+        count()
 
     async def _handle_command(self, source: SourceRecord) -> None:
         command = decode_command(source.key, source.value)

@@ -1,8 +1,9 @@
 """Turning a raw Kafka record into an event, or into poison with a machine-readable reason.
 
-``decode_record`` parses the value once (orjson) and validates it once (pydantic), then checks what
-the schema cannot say: the Kafka key and headers against the body, the topic against the event
-type, and the numbering and counts of a manifest part. Checks run from the outside in, so the
+``decode_record`` parses and validates a valid value in one pass (pydantic, from the bytes), then
+checks what the schema cannot say: the Kafka key and headers against the body, the topic against
+the event type, and the numbering and counts of a manifest part. A value that fails goes the long
+way (orjson, then pydantic), where checks run from the outside in, so the
 reason is the most specific one: null and size, UTF-8, JSON, an object; then the schema version
 (a newer version may differ in anything else), the event type and its topic, the headers; then
 the schema (a URL the relay could never fetch is named apart); then the key; then the rules across
@@ -34,6 +35,11 @@ _MODELS: Final[dict[str, type[DocumentCreated] | type[ManifestSnapshot]]] = {
 _SCHEMA_VERSION: Final = 1
 _EVENT_TYPE_HEADER: Final = "event-type"
 _SCHEMA_VERSION_HEADER: Final = "schema-version"
+# The header values of a valid event of each topic (headers may also be absent).
+_HEADERS: Final[dict[str, dict[str, bytes | None]]] = {
+    kind: {_EVENT_TYPE_HEADER: kind.encode(), _SCHEMA_VERSION_HEADER: str(_SCHEMA_VERSION).encode()}
+    for kind in _MODELS
+}
 
 
 class PoisonReason(StrEnum):
@@ -87,6 +93,53 @@ def decode_record(
     """
     if topic_kind not in _MODELS:
         raise ValueError(f"not an event topic kind: {topic_kind!r}")
+    event = _valid_event(topic_kind, value, headers, max_value_bytes)
+    if event is None:
+        checked = _checked_event(topic_kind, value, headers, max_value_bytes)
+        if isinstance(checked, Poison):
+            return checked
+        event = checked
+    poison = _check_key(event, key)
+    if poison is None and isinstance(event, ManifestSnapshot):
+        poison = _check_manifest_part(event)
+    if poison is None and not_after is not None:
+        poison = _check_time(event, not_after)
+    return event if poison is None else poison
+
+
+def _valid_event(
+    topic_kind: str,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    max_value_bytes: int,
+) -> Event | None:
+    """The event, when the value is one the checks below would all pass; None otherwise.
+
+    The common case: pydantic parses and validates the bytes in one pass in its Rust core. A value
+    it accepts has the topic's event type and schema version 1, so it passes the outside-in checks
+    of ``_checked_event`` with the same result (its parser accepts no JSON that orjson refuses, and
+    keeps the last of repeated keys as orjson does; a test holds the two paths equal). Anything
+    else goes the long way, which names the reason.
+    """
+    if value is None or len(value) > max_value_bytes:
+        return None
+    expected = _HEADERS[topic_kind]
+    for name, raw in headers:
+        if raw != expected.get(name, raw):
+            return None
+    try:
+        return _MODELS[topic_kind].model_validate_json(value)
+    except ValidationError:
+        return None
+
+
+def _checked_event(
+    topic_kind: str,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes | None]],
+    max_value_bytes: int,
+) -> Event | Poison:
+    """Parse (orjson) and validate (pydantic, python mode), checking from the outside in."""
     body = _parse_object(value, max_value_bytes)
     if isinstance(body, Poison):
         return body
@@ -95,15 +148,9 @@ def decode_record(
         return poison
     # The event type is known and matches the topic by now, or is left for the schema to reject.
     try:
-        event: Event = _MODELS[topic_kind].model_validate(body)
+        return _MODELS[topic_kind].model_validate(body)
     except ValidationError as error:
         return _schema_poison(error)
-    poison = _check_key(event, key)
-    if poison is None and isinstance(event, ManifestSnapshot):
-        poison = _check_manifest_part(event)
-    if poison is None and not_after is not None:
-        poison = _check_time(event, not_after)
-    return event if poison is None else poison
 
 
 def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:

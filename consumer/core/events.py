@@ -2,6 +2,8 @@
 
 These models accept exactly what the JSON Schemas in ``schemas/`` accept when given the output of a
 JSON parser (``orjson.loads``) in strict python mode; a test runs every example through both.
+Given the bytes themselves (JSON mode, which decoding tries first) dates and date-times are checked
+in pydantic's Rust core and may be refused where python mode accepts, never the other way round.
 Decoding raw Kafka records, and naming why a record is poison, lives in ``decoding``.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Final, Literal
 
@@ -18,14 +21,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     SerializerFunctionWrapHandler,
     Strict,
     StringConstraints,
-    field_validator,
     model_serializer,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, core_schema
 
 # The patterns are those of the schemas, character for character. They end with `$(?![\s\S])`
 # ("nothing follows") because a bare `$` also matches before a final newline in Python's `re`,
@@ -134,10 +137,58 @@ def _unique_modules(modules: tuple[Module, ...]) -> tuple[Module, ...]:
     return modules
 
 
+@dataclass(frozen=True, slots=True)
+class _FromJson:
+    """Validate JSON input (decoding's one pass over a record's bytes) with ``schema``, all in
+    pydantic's Rust core; python input keeps the validators annotated before this marker.
+
+    ``schema`` may refuse more than they do (decoding then takes its checked path), never less.
+    """
+
+    schema: core_schema.CoreSchema
+
+    def __get_pydantic_core_schema__(
+        self, source: object, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.json_or_python_schema(
+            json_schema=self.schema, python_schema=handler(source)
+        )
+
+
+class _NotNull:
+    """An optional field that may be absent but not null: the schemas say "string" only."""
+
+    def __get_pydantic_core_schema__(
+        self, source: object, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        schema = handler(source)
+        return schema["schema"] if schema["type"] == "nullable" else schema
+
+
+def _text_as(pattern: str, schema: core_schema.CoreSchema) -> core_schema.CoreSchema:
+    """A string matching ``pattern``, then read as ``schema`` (a date or a date-time)."""
+    return core_schema.chain_schema(
+        [core_schema.str_schema(pattern=_rust(pattern), strict=True), schema]
+    )
+
+
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
-SchemaVersion = Annotated[Literal[1], BeforeValidator(_json_integer)]
-CalendarDate = Annotated[dt.date, BeforeValidator(_calendar_date)]
-Timestamp = Annotated[dt.datetime, BeforeValidator(_rfc3339_timestamp)]
+# JSON true is no integer; pydantic's literal check would take it for 1.
+SchemaVersion = Annotated[
+    Literal[1],
+    BeforeValidator(_json_integer),
+    _FromJson(core_schema.int_schema(strict=True, ge=1, le=1)),
+]
+CalendarDate = Annotated[
+    dt.date,
+    BeforeValidator(_calendar_date),
+    _FromJson(_text_as(DATE_PATTERN, core_schema.date_schema(strict=False))),
+]
+Timestamp = Annotated[
+    dt.datetime,
+    BeforeValidator(_rfc3339_timestamp),
+    _FromJson(_text_as(TIMESTAMP_PATTERN, core_schema.datetime_schema(strict=False))),
+]
 Identifier = Annotated[str, StringConstraints(pattern=_rust(IDENTIFIER_PATTERN))]
 Uuid = Annotated[str, StringConstraints(pattern=_rust(UUID_PATTERN))]
 DocumentId = Annotated[str, StringConstraints(pattern=_rust(DOCUMENT_ID_PATTERN))]
@@ -180,6 +231,8 @@ class _Frozen(BaseModel):
         extra="forbid",
         frozen=True,
         strict=True,
+        # Field names repeat in every event, values hardly ever: caching those costs more.
+        cache_strings="keys",
     )
 
 
@@ -189,16 +242,8 @@ class Content(_Frozen):
     media_type: Literal["application/pdf"]
     size_bytes: JsonInt = Field(ge=1, le=MAX_SAFE_INTEGER)
     sha256: Sha256Hex
-    url: Url | None = None
-    inline_base64: Base64 | None = None
-
-    @field_validator("url", "inline_base64", mode="before")
-    @classmethod
-    def _absent_rather_than_null(cls, value: object) -> object:
-        # The schema says "string" for both: an explicit null is a violation, absence is not.
-        if value is None:
-            raise PydanticCustomError("string_type", "Input should be a valid string")
-        return value
+    url: Annotated[Url | None, _NotNull()] = None
+    inline_base64: Annotated[Base64 | None, _NotNull()] = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Content:

@@ -269,12 +269,15 @@ class Ingest(Generic[P]):
 
 
 def _source(record: Any) -> SourceRecord:
+    headers = record.headers
+    if type(headers) is not tuple:  # aiokafka hands out a tuple already
+        headers = tuple(headers or ())
     return SourceRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp,
-        key=record.key,
-        value=record.value,
-        headers=tuple(record.headers or ()),
+        record.topic,
+        record.partition,
+        record.offset,
+        record.timestamp,
+        record.key,
+        record.value,
+        headers,
     )
