@@ -1,0 +1,310 @@
+"""Chaos: a seeded mix of good and bad records, partner faults and relay restarts ends exactly.
+
+A relay in a child process reads, on the real broker, a few hundred records of several agencies
+and buildings (``tests.chaos.stream``): documents created and changed, manifests in parts, some
+late, some twice, events published twice, a snapshot id shared by two buildings, and between them
+the records LSC gets wrong. Meanwhile the sandbox fails, slows down, goes away and rate-limits,
+the document store slows down, and the relay is stopped (SIGTERM) or killed (SIGKILL) at random
+moments and started again. In the end the sandbox must hold exactly LSC's truth as routing
+forwards it, each document created once; what routing parks must be parked with its reason (the
+view and ``/status``); every bad record must be a dead letter with its reason, and nothing else;
+the committed offsets must reach the end; no API key may appear in a log line, a dead letter,
+a state record or ``/status``.
+
+Every run prints its seed; ``CHOUETTE_RELAY_CHAOS_SEED=<seed>`` runs the same stream again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiokafka.partitioner import murmur2
+
+from consumer.core.routing import load_routing
+from consumer.core.state import DocStatus
+from tests.chaos.lsc import DOCUMENTS, Place, Publish
+from tests.chaos.stream import ChaosStream, PartnerFaults, Restart, SlowContent, chaos_stream
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, uncommitted_records
+
+pytestmark = pytest.mark.integration
+
+SEED_VARIABLE = "CHOUETTE_RELAY_CHAOS_SEED"
+PARTITIONS = 3
+DRAIN_TIMEOUT_S = 5.0  # the harness's drain timeout
+EXIT_MARGIN_S = 15.0  # leaving the group and closing the clients after the drain
+QUIET: Place = ("agence-est", "est-9")  # mapped, but LSC sends it nothing valid: orphans only
+UNMAPPED: Place = ("agence-nord", "nord-9")  # not in the routing file: its documents are parked
+
+
+def agencies() -> dict[str, AgencySpec]:
+    return {
+        "agence-nord": AgencySpec(
+            buildings={"nord-1": "c-n1", "nord-2": "c-n2", "nord-3": "c-n3"},
+            audiences=("building", "council"),
+        ),
+        "agence-sud": AgencySpec(
+            buildings={"sud-1": "c-s1", "sud-2": "c-s2"}, modules=("ag", "contrats")
+        ),
+        "agence-est": AgencySpec(buildings={"est-1": "c-e1", "est-2": "c-e2", "est-9": "c-e9"}),
+    }
+
+
+def places(specs: dict[str, AgencySpec]) -> list[Place]:
+    mapped = [(a, b) for a, spec in specs.items() for b in spec.buildings if (a, b) != QUIET]
+    return [*mapped, UNMAPPED]
+
+
+def partition_of(key: bytes) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client)."""
+    return (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+
+
+def chaos_seed() -> int:
+    given = os.environ.get(SEED_VARIABLE, "").strip()
+    return int(given) if given else random.SystemRandom().randrange(2**32)
+
+
+class ChaosRun:
+    """The relay under test, as a child process started again after every restart."""
+
+    def __init__(self, world: RelayWorld, log_path: Path, overrides: dict[str, Any]) -> None:
+        self.world = world
+        self.log_path = log_path
+        self.overrides = overrides
+        self.sent: dict[tuple[str, int, int], Publish] = {}
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self._runs_before = len(self._ops_ports())
+        return self.world.spawn_relay(self.log_path, **self.overrides)
+
+    def _ops_ports(self) -> list[int]:
+        """The ops port of every relay started so far, in order (each logs it once up)."""
+        return [e["port"] for e in self.log_entries() if e.get("msg") == "ops server listening"]
+
+    async def publish(self, record: Publish) -> None:
+        world = self.world
+        topic = world.documents_topic if record.topic == DOCUMENTS else world.manifests_topic
+        producer = await world.producer()
+        sent = await producer.send_and_wait(
+            topic,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers),
+            timestamp_ms=record.timestamp_ms,
+        )
+        self.sent[(topic, sent.partition, sent.offset)] = record
+
+    async def restart(self, signum: signal.Signals, pause: float) -> None:
+        if signum is signal.SIGTERM:
+            # A SIGTERM before the relay handles signals is the default death, a SIGKILL in all
+            # but name: wait until it serves, so that this restart goes through the drain.
+            await self.world.wait_until(
+                lambda: len(self._ops_ports()) > self._runs_before,
+                timeout=60,
+                what="the relay up before its SIGTERM",
+            )
+        await asyncio.sleep(pause)  # a random moment of the relay's work, not a wait for it
+        if signum is signal.SIGKILL:
+            self.world.kill(self.process)
+        else:
+            await self.stop()
+        self.process = self._spawn()
+
+    async def stop(self) -> None:
+        """SIGTERM, then the exit, polled: the sandbox the drain talks to runs on this loop."""
+        process = self.process
+        process.send_signal(signal.SIGTERM)
+        await self.world.wait_until(
+            lambda: process.poll() is not None,
+            timeout=DRAIN_TIMEOUT_S + EXIT_MARGIN_S,
+            what="the relay's exit after SIGTERM",
+        )
+        assert process.returncode == 0, f"SIGTERM: exit code {process.returncode}"
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        if not self.log_path.exists():
+            return entries
+        for line in self.log_path.read_bytes().splitlines():
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line cut short by SIGKILL, or the JVM-free child's stray output
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    async def status(self) -> tuple[str, dict[str, Any]]:
+        """``/status`` of the running relay: its text and its JSON."""
+        ports = self._ops_ports()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{ports[-1]}/status") as response,
+        ):
+            response.raise_for_status()
+            text = await response.text()
+        return text, orjson.loads(text)
+
+
+async def carry_out(run: ChaosRun, stream: ChaosStream, rng: random.Random) -> None:
+    for step in stream.steps:
+        if isinstance(step, Publish):
+            await run.publish(step)
+        elif isinstance(step, PartnerFaults):
+            if step.change:
+                run.world.sandbox.set_faults(**step.change)
+            else:
+                run.world.sandbox.clear_faults()
+        elif isinstance(step, SlowContent):
+            run.world.store.set_slow(step.name, step.delay_s)
+        elif isinstance(step, Restart):
+            await run.restart(step.signal, rng.uniform(0.2, 2.5))
+
+
+def on_partner(world: RelayWorld) -> dict[tuple[str, str], str | None]:
+    return {
+        (d.condominium_id, d.reference): d.sha256
+        for d in world.sandbox.documents()
+        if d.reference is not None
+    }
+
+
+async def final_view(world: RelayWorld) -> dict[str, dict[str, Any]]:
+    """The relay's compacted view as the state topic holds it: the last value of every key."""
+    view: dict[str, dict[str, Any]] = {}
+    for record in await world.read_topic(world.state_topic):
+        key = record.key.decode()
+        if record.value is None:
+            view.pop(key, None)
+        else:
+            view[key] = orjson.loads(record.value)
+    return view
+
+
+def secrets_of(specs: dict[str, AgencySpec]) -> list[bytes]:
+    """Every form an API key travels in: itself and its Basic authorization."""
+    found = []
+    for spec in specs.values():
+        found.append(spec.api_key.encode())
+        found.append(base64.b64encode(f"{spec.api_key}:".encode()))
+    return found
+
+
+async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
+    relay_world: WorldFactory, tmp_path: Path
+) -> None:
+    seed = chaos_seed()
+    print(f"chaos seed {seed}; run it again with {SEED_VARIABLE}={seed}")
+    began = time.monotonic()
+    specs = agencies()
+    world = await relay_world(agencies=specs, partitions=PARTITIONS)
+    stream = chaos_stream(
+        seed,
+        places=places(specs),
+        quiet=QUIET,
+        routing=load_routing(world.routing_file),
+        serve=lambda name, data: world.store.add_bytes(name, data).url,
+        partition_of=partition_of,
+        start=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+    )
+    print(f"chaos stream: {stream.summary()}")
+    # A breaker that opens under the injected errors pauses its agency for a second, not thirty.
+    partner = world.settings().partner.model_copy(update={"breaker_cooldown_s": 1.0})
+    run = ChaosRun(world, tmp_path / "relay.log", {"partner": partner})
+
+    await carry_out(run, stream, random.Random(seed))  # noqa: S311 - reproducible moments
+    published = time.monotonic()
+    await world.wait_until(
+        lambda: on_partner(world) == stream.expected,
+        timeout=120,
+        what=f"the partner holding LSC's truth (seed {seed})",
+    )
+    await world.wait_until(
+        lambda: _at_end(world), timeout=60, what=f"offsets committed to the end (seed {seed})"
+    )
+    converged = time.monotonic()
+    status_text, status = await run.status()
+    await run.stop()
+    print(
+        f"chaos: published in {published - began:.1f} s, converged {converged - published:.1f} s "
+        f"later, {time.monotonic() - began:.1f} s in all"
+    )
+
+    # The partner: exactly the truth, every document created once.
+    assert on_partner(world) == stream.expected
+    assert len(world.sandbox.documents()) == len(stream.expected)
+    creates = world.sandbox.state()["create_counts"]
+    assert {ref: n for ref, n in creates.items() if n != 1} == {}, "duplicates on the partner"
+
+    # The view: published what the partner holds, parked what routing parks (with its reason).
+    view = await final_view(world)
+    documents = {k: v for k, v in view.items() if v.get("kind") == "document"}
+    statuses = {v["status"] for v in documents.values()}
+    assert statuses <= {DocStatus.PUBLISHED, DocStatus.PARKED, DocStatus.FILTERED}, statuses
+    assert {
+        (v["condominium_id"], k.split(":", 2)[2]): v["sha256"]
+        for k, v in documents.items()
+        if v["status"] == DocStatus.PUBLISHED
+    } == stream.expected
+    parked = {
+        tuple(k.split(":", 2)): v["parked_reason"]
+        for k, v in documents.items()
+        if v["status"] == DocStatus.PARKED
+    }
+    assert parked == stream.parked
+    assert {
+        (p["agency"], p["building"], p["document"]): p["reason"] for p in status["parked"]
+    } == stream.parked
+    assert status["held"] == []
+
+    # Dead letters: every bad record with its reason (at least once), no good record.
+    letters: dict[tuple[str, int, int], set[str]] = {}
+    for letter in await world.dead_letters():
+        source = letter["source"]
+        letters.setdefault((source["topic"], source["partition"], source["offset"]), set()).add(
+            letter["reason"]
+        )
+    expected_letters = {
+        where: {record.reason} for where, record in run.sent.items() if record.reason is not None
+    }
+    assert letters == expected_letters, {
+        run.sent[where].what: (letters.get(where), expected_letters.get(where))
+        for where in letters.keys() ^ expected_letters.keys()
+        | {w for w in letters.keys() & expected_letters.keys() if letters[w] != expected_letters[w]}
+    }
+
+    # No API key anywhere the relay writes.
+    written = {
+        "log": run.log_path.read_bytes(),
+        "/status": status_text.encode(),
+        "dead letters": b"\n".join(
+            r.value or b"" for r in await world.read_topic(world.dead_letter_topic)
+        ),
+        "state records": b"\n".join(
+            (r.key or b"") + (r.value or b"") for r in await world.read_topic(world.state_topic)
+        ),
+    }
+    for secret in secrets_of(specs):
+        leaked = [where for where, data in written.items() if secret in data]
+        assert leaked == [], f"an API key appears in {leaked}"
+
+    entries = run.log_entries()
+    assert entries[-1]["msg"] == "stopped cleanly"
+    assert not [e for e in entries if "Traceback" in str(e.get("exc", ""))], "a traceback logged"
+
+
+async def _at_end(world: RelayWorld) -> bool:
+    return await uncommitted_records(world) == 0
