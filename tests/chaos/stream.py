@@ -11,7 +11,9 @@ routing (the core's own ``RoutingTable.decide``) forwards it, and park what rout
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import random
 import signal
 from collections import Counter, defaultdict
@@ -120,7 +122,7 @@ class _Builder:
     def duplicate(self) -> None:
         if self.events:
             again = self.rng.choice(self.events)
-            self.groups.append([Publish(**{**_fields(again), "what": f"again: {again.what}"})])
+            self.groups.append([dataclasses.replace(again, what=f"again: {again.what}")])
 
     def manifest(self, place: Place | None = None, *, modules: Sequence[str] = ()) -> None:
         place = place or self.rng.choice(self.places)
@@ -189,16 +191,13 @@ class _Builder:
         if len(records) > 1 and self.rng.random() < 0.3:
             twice = self.rng.randrange(len(records))
             records.insert(twice, records[twice])  # delivered twice, one after the other
-        now, later = records[:1], records[1:]
+        now: list[Step] = [*records[:1]]
+        later = records[1:]
         self.groups.append(now)
         if later:
             due = self.round + self.rng.randint(0, 3)
             self.delayed[due].extend(later)
             self.busy_until[place] = due
-
-
-def _fields(record: Publish) -> dict[str, object]:
-    return {name: getattr(record, name) for name in Publish.__slots__}
 
 
 def chaos_stream(
@@ -229,7 +228,7 @@ def chaos_stream(
     poison = [*MAKERS, *rng.choices(MAKERS, k=10)]
     scheduled: dict[int, Callable[[], None]] = {}
     for round_, maker in zip(rng.sample(range(rounds), len(poison)), poison, strict=True):
-        scheduled[round_] = lambda maker=maker: builder.poison(maker)
+        scheduled[round_] = functools.partial(builder.poison, maker)
     for round_ in rng.sample(sorted(set(range(rounds)) - set(scheduled)), 2):
         scheduled[round_] = builder.shared_snapshot_id
     signals = [signal.SIGTERM, signal.SIGKILL]

@@ -34,6 +34,7 @@ from aiokafka.partitioner import murmur2
 
 from consumer.core.routing import load_routing
 from consumer.core.state import DocStatus
+from consumer.local.sandbox import Faults
 from tests.chaos.lsc import DOCUMENTS, Place, Publish
 from tests.chaos.stream import ChaosStream, PartnerFaults, Restart, SlowContent, chaos_stream
 from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, uncommitted_records
@@ -68,12 +69,13 @@ def places(specs: dict[str, AgencySpec]) -> list[Place]:
 
 def partition_of(key: bytes) -> int:
     """The partition Kafka's default partitioner gives ``key`` (murmur2, as the Java client)."""
-    return (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+    hashed: int = murmur2(key)  # aiokafka is untyped
+    return (hashed & 0x7FFFFFFF) % PARTITIONS
 
 
 def chaos_seed() -> int:
     given = os.environ.get(SEED_VARIABLE, "").strip()
-    return int(given) if given else random.SystemRandom().randrange(2**32)
+    return int(given) if given else random.SystemRandom().randrange(1 << 32)
 
 
 class ChaosRun:
@@ -165,7 +167,7 @@ async def carry_out(run: ChaosRun, stream: ChaosStream, rng: random.Random) -> N
             await run.publish(step)
         elif isinstance(step, PartnerFaults):
             if step.change:
-                run.world.sandbox.set_faults(**step.change)
+                run.world.sandbox.set_faults(Faults.model_validate(step.change))
             else:
                 run.world.sandbox.clear_faults()
         elif isinstance(step, SlowContent):
