@@ -24,6 +24,7 @@ import random
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ PARTITIONS = 3
 DRAIN_TIMEOUT_S = 5.0  # the harness's drain timeout
 EXIT_MARGIN_S = 15.0  # leaving the group and closing the clients after the drain
 QUIET: Place = ("agence-est", "est-9")  # mapped, but LSC sends it nothing valid: orphans only
+NOTABLE = (
+    "effective settings",
+    "upload intents reconciled",
+    "incomplete manifest expired",
+    "manifest snapshot dropped",
+    "stopped cleanly",
+)
 UNMAPPED: Place = ("agence-nord", "nord-9")  # not in the routing file: its documents are parked
 
 
@@ -109,14 +117,15 @@ class ChaosRun:
         )
         self.sent[(topic, sent.partition, sent.offset)] = record
 
-    async def restart(self, signum: signal.Signals, pause: float) -> None:
-        if signum is signal.SIGTERM:
+    async def restart(self, signum: signal.Signals, *, pause: float, while_starting: bool) -> None:
+        """Stop the relay ``pause`` seconds after it serves (SIGKILL: maybe while it starts)."""
+        if signum is signal.SIGTERM or not while_starting:
             # A SIGTERM before the relay handles signals is the default death, a SIGKILL in all
             # but name: wait until it serves, so that this restart goes through the drain.
             await self.world.wait_until(
                 lambda: len(self._ops_ports()) > self._runs_before,
                 timeout=60,
-                what="the relay up before its SIGTERM",
+                what="the relay up before its restart",
             )
         await asyncio.sleep(pause)  # a random moment of the relay's work, not a wait for it
         if signum is signal.SIGKILL:
@@ -149,6 +158,14 @@ class ChaosRun:
                 entries.append(entry)
         return entries
 
+    def notable(self) -> dict[str, int]:
+        """How often the relay logged what shows the chaos reached it (for the run's summary)."""
+        counted = Counter(
+            str(e.get("msg")) + (f" ({e['reason']})" if "reason" in e else "")
+            for e in self.log_entries()
+        )
+        return {msg: n for msg, n in counted.items() if msg.startswith(NOTABLE)}
+
     async def status(self) -> tuple[str, dict[str, Any]]:
         """``/status`` of the running relay: its text and its JSON."""
         ports = self._ops_ports()
@@ -162,6 +179,8 @@ class ChaosRun:
 
 
 async def carry_out(run: ChaosRun, stream: ChaosStream, rng: random.Random) -> None:
+    """Publish the stream, switching faults as it says; restarts go on while it is published."""
+    restarting: asyncio.Task[None] | None = None
     for step in stream.steps:
         if isinstance(step, Publish):
             await run.publish(step)
@@ -173,7 +192,14 @@ async def carry_out(run: ChaosRun, stream: ChaosStream, rng: random.Random) -> N
         elif isinstance(step, SlowContent):
             run.world.store.set_slow(step.name, step.delay_s)
         elif isinstance(step, Restart):
-            await run.restart(step.signal, rng.uniform(0.2, 2.5))
+            if restarting is not None:
+                await restarting
+            pause, while_starting = rng.uniform(0.2, 2.5), rng.random() < 0.25
+            restarting = asyncio.create_task(
+                run.restart(step.signal, pause=pause, while_starting=while_starting)
+            )
+    if restarting is not None:
+        await restarting
 
 
 def on_partner(world: RelayWorld) -> dict[tuple[str, str], str | None]:
@@ -229,11 +255,17 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
 
     await carry_out(run, stream, random.Random(seed))  # noqa: S311 - reproducible moments
     published = time.monotonic()
-    await world.wait_until(
-        lambda: on_partner(world) == stream.expected,
-        timeout=120,
-        what=f"the partner holding LSC's truth (seed {seed})",
-    )
+    try:
+        await world.wait_until(lambda: on_partner(world) == stream.expected, timeout=120)
+    except AssertionError as timeout:
+        held = on_partner(world)
+        differences = {
+            place: (held.get(place), stream.expected.get(place))
+            for place in held.keys() | stream.expected.keys()
+            if held.get(place) != stream.expected.get(place)
+        }
+        message = f"seed {seed}: partner (held, expected) differ: {differences}"
+        raise AssertionError(message) from timeout
     await world.wait_until(
         lambda: _at_end(world), timeout=60, what=f"offsets committed to the end (seed {seed})"
     )
@@ -242,7 +274,7 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     await run.stop()
     print(
         f"chaos: published in {published - began:.1f} s, converged {converged - published:.1f} s "
-        f"later, {time.monotonic() - began:.1f} s in all"
+        f"later, {time.monotonic() - began:.1f} s in all; the relay logged {run.notable()}"
     )
 
     # The partner: exactly the truth, every document created once.
