@@ -168,6 +168,9 @@ class ChaosRun:
 
     async def status(self) -> tuple[str, dict[str, Any]]:
         """``/status`` of the running relay: its text and its JSON."""
+        await self.world.wait_until(
+            lambda: len(self._ops_ports()) > self._runs_before, timeout=60, what="the ops server"
+        )
         ports = self._ops_ports()
         async with (
             aiohttp.ClientSession() as session,
