@@ -45,6 +45,7 @@ from consumer.core.manifest import ManifestAssembler
 from consumer.core.planner import plan_document
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, ChangelogWriter
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
@@ -195,6 +196,9 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
         max_request_size=max(settings.max_value_bytes * 2, 1_048_576),
     )
     consumer = _consumer(bootstrap, settings)
+    watch = BrokerWatch(
+        bootstrap_servers=bootstrap, unavailable_timeout_s=300.0, window_s=10.0, metrics=metrics
+    )
     async with contextlib.AsyncExitStack() as stack:
         await producer.start()
         stack.push_async_callback(producer.stop)
@@ -211,12 +215,15 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
             metrics=metrics,
             relay_version="bench",
             max_bytes=1_000_000,
+            watch=watch,
         )
         kinds = {DOCUMENTS: topics.documents, MANIFESTS: topics.manifests}
 
         async def build_processor(partition: int) -> PartitionProcessor:
             view = PublishedView()
-            writer = ChangelogWriter(producer=producer, topic=topics.state, partition=partition)
+            writer = ChangelogWriter(
+                producer=producer, topic=topics.state, partition=partition, watch=watch
+            )
             executor = OperationExecutor(
                 view=view,
                 writer=writer,
@@ -249,6 +256,9 @@ async def read_relay(bootstrap: str, topics: Topics, records: int) -> tuple[Meas
             metrics=metrics,
             commit_interval_s=settings.commit_interval_s,
             max_records=settings.max_poll_records,
+            watch=watch,
+            probe=consumer.topics,
+            on_unavailable=_raise,
         )
         await consumer.start()
         stack.push_async_callback(consumer.stop)

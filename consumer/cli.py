@@ -1,9 +1,9 @@
-"""Command line: ``chouette-relay run | plan | held | release | discard``.
+"""Command line: ``chouette-relay run | plan`` and the operator's commands.
 
 ``run`` starts the service (on the embedded local default when no Kafka and partner settings are
-given); ``plan`` is the dry run of a first publication and sends nothing; ``held`` lists the
-withdrawals held by the mass-deletion guard, and ``release``/``discard`` queue an operator command
-that the replica owning the building carries out.
+given); ``plan`` is the dry run of a first publication and sends nothing. The operator's commands
+(held deletions, pause and resume, parked documents, dead letters) are in
+``consumer.ops.cli_operator``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from consumer.errors import ConfigError
+from consumer.ops.cli_operator import add_operator_commands, run_operator_command
 from consumer.ops.logs import configure_logging
 from consumer.settings import Settings, load_settings
 
@@ -22,21 +23,18 @@ log = logging.getLogger("consumer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chouette-relay", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="chouette-relay",
+        description="Forwards LSC's documents to ChouetteCopro. Run the relay, look at what a "
+        "first publication would send, or act on the relay as an operator; every operator "
+        "command reads and writes Kafka, so it works from any pod.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the relay (local default when nothing is configured)")
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, text in (
-        ("held", "list withdrawals held by the mass-deletion guard"),
-        ("release", "carry out the held withdrawals of a building"),
-        ("discard", "forget the held withdrawals of a building (documents stay published)"),
-    ):
-        command = commands.add_parser(name, help=text)
-        if name != "held":
-            command.add_argument("agency")
-            command.add_argument("building")
+    add_operator_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -45,6 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chouette-relay: {exc}", file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    if args.command != "run":
+        # An operator command's output is its result (JSON or a table); its logs go aside.
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
     try:
         if args.command == "run":
             return asyncio.run(_run(settings))
@@ -52,17 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from consumer.ops.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
             return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
-        from consumer.ops.admin import run_admin  # noqa: PLC0415 - only these commands need it
-
-        return asyncio.run(
-            run_admin(
-                settings,
-                args.command,
-                agency=getattr(args, "agency", None),
-                building=getattr(args, "building", None),
-            )
-        )
-    except ConfigError as exc:
+        return asyncio.run(run_operator_command(settings, args))
+    except (ConfigError, ValueError) as exc:
         print(f"chouette-relay: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

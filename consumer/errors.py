@@ -1,7 +1,9 @@
 """The relay's exception tree.
 
 Every failure says what the caller should do with it: retry later (``retriable``), park the work
-until an operator fixes something (``needs_operator``), or dead-letter the input that caused it.
+until an operator fixes something (``needs_operator``), stop the relay (``fatal``: infrastructure
+or configuration), or dead-letter the input that caused it. ``consumer.failures`` reads these
+into one verdict for every exception, foreseen or not.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ class RelayError(Exception):
 
     retriable: ClassVar[bool] = False
     needs_operator: ClassVar[bool] = False
+    fatal: ClassVar[bool] = False
 
 
 class ConfigError(RelayError):
     """Configuration that cannot work; start-up stops with this message."""
+
+    fatal = True
 
 
 class PartnerError(RelayError):
@@ -51,7 +56,8 @@ class PartnerRejectedError(PartnerError):
 
 
 class ContentError(RelayError):
-    """The document content cannot be used: wrong sha256 or size, host not allowed, too large."""
+    """The document content cannot be used: wrong sha256 or size, host not allowed, too large,
+    a URL the HTTP stack cannot parse (``reason="bad_url"``), an encoding not asked for."""
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
@@ -66,3 +72,11 @@ class ContentUnavailableError(ContentError):
 
 class KafkaConnectError(ConfigError):
     """Kafka refused or did not answer at start-up; the message names the settings to check."""
+
+
+class KafkaUnavailableError(RelayError):
+    """The broker (or the state topic) stayed unreachable beyond the configured bound: stop.
+
+    An outage shorter than the bound is ridden out inside the process; this one is for the
+    orchestrator, and the message names what could not be reached and for how long.
+    """

@@ -31,6 +31,8 @@ class RelayMetrics:
     partner_requests: Counter
     partner_latency: Histogram
     partner_retries: Counter
+    document_retries: Counter
+    unexpected_errors: Counter
     circuit_open: Gauge
     held_deletions: Gauge
     parked_documents: Gauge
@@ -41,6 +43,11 @@ class RelayMetrics:
     first_publication_planned: Counter
     first_publication_done: Counter
     commits: Counter
+    agency_paused: Gauge
+    awaiting_approval: Gauge
+    audit_findings: Gauge
+    kafka_retries: Counter
+    kafka_reachable: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -110,6 +117,19 @@ class RelayMetrics:
                 ["reason"],
                 registry=registry,
             ),
+            document_retries=Counter(
+                name("document_retries"),
+                "Documents waiting on their own after a failure that is not the partner's "
+                "(the document store unavailable), by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            unexpected_errors=Counter(
+                name("unexpected_errors"),
+                "Exceptions no edge foresaw, by scope: a document parked, a record dead-lettered.",
+                ["scope"],
+                registry=registry,
+            ),
             circuit_open=Gauge(
                 name("circuit_open"),
                 "1 while the circuit breaker of an agency is open (its calls are paused).",
@@ -165,10 +185,45 @@ class RelayMetrics:
             commits=Counter(
                 name("offset_commits"), "Input offset commits made.", registry=registry
             ),
+            agency_paused=Gauge(
+                name("agency_paused"),
+                "1 while an operator has paused an agency: nothing of it is sent, its work waits.",
+                ["agency"],
+                registry=registry,
+            ),
+            awaiting_approval=Gauge(
+                name("first_publication_awaiting_approval_buildings"),
+                "Buildings whose first publication (history or since) waits for an approval.",
+                ["agency"],
+                registry=registry,
+            ),
+            audit_findings=Gauge(
+                name("audit_findings"),
+                "Differences the last audit run through this replica found, by agency and kind "
+                "(missing, unexpected, changed).",
+                ["agency", "kind"],
+                registry=registry,
+            ),
+            kafka_retries=Counter(
+                name("kafka_retries"),
+                "Kafka writes sent again and commits that failed, by operation.",
+                ["operation"],
+                registry=registry,
+            ),
+            kafka_reachable=Gauge(
+                name("kafka_reachable"),
+                "1 while the broker answered recently, 0 during an outage (the relay waits).",
+                registry=registry,
+            ),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
         # Known label values start at 0 so that increase() sees the first event after a restart.
         for reason in DEAD_LETTER_REASONS:
             metrics.dead_letters.labels(reason)
         metrics.manifests.labels("expired")
+        for operation in ("changelog", "dead_letter", "commit"):
+            metrics.kafka_retries.labels(operation)
+        metrics.kafka_reachable.set(1)
+        for scope in ("document", "record"):
+            metrics.unexpected_errors.labels(scope)
         return metrics

@@ -51,6 +51,11 @@ class KafkaSettings(_Group):
     commit_interval_s: float = Field(default=1.0, gt=0)
     max_poll_records: int = Field(default=500, ge=1)
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
+    unavailable_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long the relay waits for an unreachable broker before it stops (exit 1).",
+    )
     create_state_topic: bool = Field(
         default=True, description="Create the compacted state topic when it is missing."
     )
@@ -133,6 +138,12 @@ class ContentSettings(_Group):
     )
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     fetch_timeout_s: float = Field(default=60.0, gt=0)
+    unavailable_attempts: int = Field(
+        default=8, ge=1, le=100, description="Fetches of unavailable content before parking."
+    )
+    unavailable_backoff_s: float = Field(
+        default=5.0, gt=0, le=300, description="First pause between them; doubled, capped at 300."
+    )
 
 
 class ManifestSettings(_Group):

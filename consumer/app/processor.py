@@ -14,7 +14,8 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from consumer.core.commands import HeldAction, decode_command
+from consumer.core.commands import AgencyAction, HeldAction, decode_command
+from consumer.core.controls import CONTROLS, plan_agency_command
 from consumer.core.deadletter import ProcessingReason
 from consumer.core.decoding import Poison, claimed_snapshot, decode_record
 from consumer.core.events import DocumentCreated, ManifestSnapshot
@@ -35,11 +36,13 @@ from consumer.core.planner import (
     plan_manifest,
     release_held,
     retry_parked,
+    unapproved_modules,
 )
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import BuildingRecord
 from consumer.core.view import PublishedView
+from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor, RecordWriter
@@ -71,6 +74,7 @@ class PartitionProcessor:
         clock: Callable[[], dt.datetime],
         on_failure: Callable[[BaseException], None],
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
+        on_command: Callable[[AgencyAction], None] = lambda _: None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -87,6 +91,9 @@ class PartitionProcessor:
         self._clock = clock
         self._max_clock_skew = max_clock_skew
         self._on_failure = on_failure
+        # An agency command was read: the relay re-reads the paused agencies (after it is
+        # applied) or reloads the API keys (before parked documents are sent again).
+        self._on_command = on_command
         self._completions: set[asyncio.Task[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
@@ -94,6 +101,9 @@ class PartitionProcessor:
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
         self._manifest_time: dt.datetime | None = None
+        # First publications that send history, waiting for an operator's approval; their
+        # offsets stay uncommitted, so a restart reads them again (and holds them again).
+        self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
 
     @property
     def pending_operations(self) -> int:
@@ -102,6 +112,13 @@ class PartitionProcessor:
     @property
     def manifests_topic(self) -> str:
         return self._manifest_topic
+
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for agency, building in sorted(self._awaiting):
+            found.setdefault(agency, []).append(building)
+        return found
 
     def committable(self) -> dict[str, int]:
         """Next offset to commit per topic: the lowest one whose work is not finished."""
@@ -116,6 +133,42 @@ class PartitionProcessor:
         kind = self._kinds[source.topic]
         tracker = self._trackers[source.topic]
         tracker.begin(source.offset)
+        try:
+            await self._handle(kind, tracker, source)
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
+            if tracker.is_open(source.offset):
+                tracker.done(source.offset)
+
+    async def _set_aside(self, source: SourceRecord, error: Exception) -> None:
+        """One record's work failed in a way no edge foresaw: dead-letter it and go on.
+
+        Only infrastructure (the dead-letter or state topic unreachable) is raised, to stop the
+        relay; a restart reads the record again.
+        """
+        verdict = classify(error, Scope.RECORD)
+        if verdict.disposition is Disposition.FATAL:
+            raise error
+        if not verdict.expected:
+            self._metrics.unexpected_errors.labels("record").inc()
+        log.error(
+            "input record set aside",
+            exc_info=error,
+            extra={
+                "reason": verdict.reason,
+                "topic": source.topic,
+                "partition": source.partition,
+                "offset": source.offset,
+            },
+        )
+        if source.offset >= 0:  # work the relay started itself has no record to set aside
+            detail = f"{type(error).__name__}: {error}"
+            await self._dead_letters.send(source, reason=verdict.reason, detail=detail)
+            self._metrics.events.labels(
+                self._kinds.get(source.topic, "relay"), "dead_lettered"
+            ).inc()
+
+    async def _handle(self, kind: str, tracker: OffsetTracker, source: SourceRecord) -> None:
         if kind == COMMANDS:
             await self._handle_command(source)
             return
@@ -157,20 +210,36 @@ class PartitionProcessor:
             self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
             self._trackers[source.topic].done(source.offset)
             return
-        settle = discard_held if command.command is HeldAction.DISCARD else release_held
-        plan = settle(self.view, command.agency_id, command.building_id)
-        self._metrics.events.labels(COMMANDS, command.command.value).inc()
+        action = command.command
+        self._metrics.events.labels(COMMANDS, action.value).inc()
+        if action is AgencyAction.RETRY:
+            self._on_command(action)  # before anything is sent: the API keys are read again
+        if isinstance(action, HeldAction) and command.building_id is not None:
+            settle = discard_held if action is HeldAction.DISCARD else release_held
+            plan, work_source = settle(self.view, command.agency_id, command.building_id), source
+        else:
+            # Work the relay starts itself (parked documents sent again) has no input record to
+            # dead-letter: a refusal keeps the document parked with the refusal.
+            plan = plan_agency_command(self.view, self._routing, command)
+            work_source = self._admin_source(action)
         log.warning(
-            "operator command on held deletions",
+            "operator command",
             extra={
-                "command": command.command.value,
+                "command": action.value,
                 "agency": command.agency_id,
                 "building": command.building_id,
+                "partition": self.partition,
                 "requested_by": command.requested_by,
                 "documents": len(plan.operations) + len(plan.records),
             },
         )
-        self._execute(plan, source, [(source.topic, source.offset)])
+        self._execute(plan, work_source, [(source.topic, source.offset)])
+        if isinstance(action, AgencyAction) and action in CONTROLS:
+            self._on_command(action)
+        if action is AgencyAction.APPROVE:
+            for place in [p for p in self._awaiting if p[0] == command.agency_id]:
+                manifest, held_source = self._awaiting.pop(place)
+                self.apply_manifest(manifest, held_source)
 
     async def _handle_part(
         self, part: ManifestSnapshot, source: SourceRecord, published_at: dt.datetime
@@ -223,6 +292,10 @@ class PartitionProcessor:
 
     def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
         plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+        waiting = unapproved_modules(self.view, self._routing, manifest, plan)
+        if waiting:
+            self._await_approval(manifest, source, waiting)
+            return
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
         backfill = sum(
@@ -242,6 +315,29 @@ class PartitionProcessor:
             },
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+
+    def _await_approval(
+        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
+    ) -> None:
+        """Keep the newest such manifest of the building; a superseded one is done."""
+        place = (manifest.agency_id, manifest.building_id)
+        kept = self._awaiting.get(place)
+        if kept is not None and kept[0].taken_at > manifest.taken_at:
+            manifest, source, kept = kept[0], kept[1], (manifest, source)
+        if kept is not None:
+            for offset in kept[0].offsets:
+                self._trackers[self._manifest_topic].done(offset)
+        self._awaiting[place] = (manifest, source)
+        self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
+        log.warning(
+            "first publication awaits an operator's approval",
+            extra={
+                "agency": manifest.agency_id,
+                "building": manifest.building_id,
+                "modules": sorted(modules),
+                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
+            },
+        )
 
     def expire(self, *, caught_up: bool) -> None:
         """Drop incomplete snapshots past their deadline; they never delete anything.
@@ -317,7 +413,7 @@ class PartitionProcessor:
             return
         places = {(r.agency_id, r.building_id) for r in deferred}
         earlier = [task for place in places for task in self._building_work.get(place, ())]
-        task = asyncio.create_task(self._complete(work, deferred, held, earlier))
+        task = asyncio.create_task(self._complete(work, deferred, held, earlier, source))
         places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
         for place in places:
             self._building_work.setdefault(place, set()).add(task)
@@ -330,8 +426,12 @@ class PartitionProcessor:
         deferred: list[BuildingRecord],
         offsets: list[tuple[str, int]],
         earlier: list[asyncio.Task[None]],
+        source: SourceRecord,
     ) -> None:
-        await asyncio.gather(*work)
+        try:
+            await asyncio.gather(*work)
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
         if deferred and earlier:
             # Earlier work of the building (a manifest's uploads, a document's) it counted on.
             await asyncio.gather(*earlier, return_exceptions=True)
@@ -343,8 +443,8 @@ class PartitionProcessor:
     def _forget_completion(self, task: asyncio.Task[None]) -> None:
         self._completions.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
-            # Work that failed in an unexpected way (the changelog unreachable, a bug) would hold
-            # its offsets forever: stop instead, and let the restart redo it from the commit.
+            # Only infrastructure gets here (the changelog unreachable): the work would hold its
+            # offsets forever, so stop instead and let the restart redo it from the commit.
             self._on_failure(error)
         for place, pending in list(self._building_work.items()):
             pending.discard(task)

@@ -14,6 +14,7 @@ import datetime as dt
 import functools
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any
 
@@ -23,12 +24,15 @@ from prometheus_client import CollectorRegistry
 
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
-from consumer.core.commands import HeldAction, OperatorCommand
+from consumer.core.commands import AgencyAction, HeldAction
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
+from consumer.errors import ConfigError, KafkaUnavailableError
+from consumer.failures import classify
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import (
     ChangelogWriter,
     TopicLayout,
@@ -36,11 +40,12 @@ from consumer.kafka.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.kafka.commands import send_command
 from consumer.kafka.connection import KafkaConnection, https_context, kafka_connection, start_client
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.metrics import RelayMetrics
+from consumer.ops.admin import Operator, parked_entry
+from consumer.ops.audit import run_audit
 from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
@@ -48,12 +53,14 @@ from consumer.partner.content import ContentFetcher
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
-from consumer.partner.scheduler import Scheduler
+from consumer.partner.scheduler import RetryPolicy, Scheduler
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RELAY_VERSION = version("chouette-relay")
+# Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
+READINESS_WINDOW_S = 10.0
 
 
 class Relay:
@@ -71,12 +78,15 @@ class Relay:
         self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
+            self.metrics.agency_paused.labels(agency_id).set(0)
+            self.metrics.awaiting_approval.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
         self.failure: BaseException | None = None
         self._ingest: Ingest[PartitionProcessor] | None = None
         self._scheduler: Scheduler | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._operator: Operator | None = None
         self._restoring: dict[int, float] = {}
         self._guard = DeletionGuard(
             max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
@@ -100,6 +110,7 @@ class Relay:
                 "by_status": {s.value: n for s, n in proc.view.counts().items()},
                 "pending_operations": proc.pending_operations,
                 "committable": proc.committable(),
+                "paused": sorted(proc.view.paused_agencies()),
             }
             for p, proc in sorted(processors.items())
         }
@@ -111,6 +122,8 @@ class Relay:
             "partitions": partitions,
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),
+            "paused": sorted(self.paused_agencies()),
+            "awaiting_approval": self.awaiting_approval(),
             "held": self.held(),
             "parked": self.parked(),
         }
@@ -122,15 +135,64 @@ class Relay:
             for record in processor.view.parked():
                 if len(found) >= limit:
                     return found
-                found.append(
-                    {
-                        "agency": record.key.agency_id,
-                        "building": record.key.building_id,
-                        "document": record.key.document_id,
-                        "reason": record.parked_reason,
-                    }
-                )
+                found.append(parked_entry(record))
         return found
+
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for processor in self._ingest.processors.values() if self._ingest else ():
+            for agency, buildings in processor.awaiting_approval().items():
+                found.setdefault(agency, []).extend(buildings)
+        return {agency: sorted(buildings) for agency, buildings in sorted(found.items())}
+
+    def paused_agencies(self, *extra: PublishedView) -> set[str]:
+        """Agencies paused in the view of any partition this replica owns."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        return set().union(*(view.paused_agencies() for view in [*views, *extra]))
+
+    def sync_controls(self, *extra: PublishedView) -> None:
+        """Hand the agencies paused in the owned views to the scheduler and the gauge."""
+        paused = self.paused_agencies(*extra)
+        if self._scheduler is not None and self._scheduler.paused != paused:
+            self._scheduler.set_paused(frozenset(paused))
+            log.warning("paused agencies", extra={"agencies": sorted(paused)})
+        awaiting = self.awaiting_approval()
+        for agency_id in set(self.routing.agencies) | paused:
+            self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+            waiting = len(awaiting.get(agency_id, ()))
+            self.metrics.awaiting_approval.labels(agency_id).set(waiting)
+
+    def _on_command(self, action: AgencyAction) -> None:
+        if action is not AgencyAction.RETRY:
+            self.sync_controls()
+            return
+        # Parked for credentials: the fix may be a rotated key in the mounted Secret's files.
+        try:
+            self.api_keys.reload()
+        except ConfigError as exc:
+            log.error("API keys not reloaded", extra={"error": str(exc)})  # noqa: TRY400 - no traceback needed
+
+    async def audit(
+        self, agency_id: str, *, building_id: str | None, repair: bool, requested_by: str
+    ) -> dict[str, Any]:
+        """The audit (the CLI's implementation), its findings kept in a gauge."""
+        report = await run_audit(
+            self.operator(),
+            agency_id,
+            building_id=building_id,
+            repair=repair,
+            requested_by=requested_by,
+        )
+        for kind, count in report["findings"].items():
+            self.metrics.audit_findings.labels(agency_id, kind).set(count)
+        return report
+
+    def operator(self) -> Operator:
+        """The operator's actions, on this relay's producer (the same ones the CLI runs)."""
+        if self._operator is None:
+            raise RuntimeError("the relay is not running")
+        return self._operator
 
     def held(self) -> list[dict[str, Any]]:
         found: dict[tuple[str, str], int] = {}
@@ -144,19 +206,12 @@ class Relay:
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
     ) -> dict[str, Any]:
         """Queue an operator command; the replica owning the building carries it out."""
-        if self._producer is None:
-            raise RuntimeError("the relay is not running")
-        command = OperatorCommand(
-            command=HeldAction.DISCARD if discard else HeldAction.RELEASE,
-            agency_id=agency_id,
-            building_id=building_id,
-            requested_at=dt.datetime.now(dt.UTC),
-            requested_by=requested_by,
+        action = HeldAction.DISCARD if discard else HeldAction.RELEASE
+        queued = await self.operator().queue(
+            action, agency_id, building_id, requested_by=requested_by
         )
-        partition, offset = await send_command(
-            self._producer, self.settings.kafka.commands_topic, command
-        )
-        return {"partition": partition, "offset": offset}
+        [written] = queued["partitions"]
+        return {"partition": written["partition"], "offset": written["offset"]}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -165,10 +220,17 @@ class Relay:
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer, consumer = _kafka_clients(s, self.connection)
         self._producer = producer
+        self._operator = Operator(s, producer=producer, routing=self.routing)
         observer = MetricsObserver(self.metrics)
+        watch = BrokerWatch(
+            bootstrap_servers=s.kafka.bootstrap_servers,
+            unavailable_timeout_s=s.kafka.unavailable_timeout_s,
+            window_s=max(READINESS_WINDOW_S, 5 * s.kafka.commit_interval_s),
+            metrics=self.metrics,
+        )
         async with contextlib.AsyncExitStack() as stack:
             await start_client(producer, self.connection)
-            stack.push_async_callback(producer.stop)
+            stack.push_async_callback(_stop_within, producer.stop, "producer", s.drain_timeout_s)
             partner = await stack.enter_async_context(
                 ChouetteCoproClient(
                     base_url=s.partner.base_url,
@@ -206,6 +268,7 @@ class Relay:
                 metrics=self.metrics,
                 relay_version=RELAY_VERSION,
                 max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                watch=watch,
             )
             build_processor = functools.partial(
                 self._build_processor,
@@ -214,6 +277,7 @@ class Relay:
                 partner=partner,
                 fetcher=fetcher,
                 dead_letters=dead_letters,
+                watch=watch,
             )
             self._ingest = ingest = Ingest(
                 consumer=consumer,
@@ -222,10 +286,13 @@ class Relay:
                 metrics=self.metrics,
                 commit_interval_s=s.kafka.commit_interval_s,
                 max_records=s.kafka.max_poll_records,
+                watch=watch,
+                probe=consumer.topics,
+                on_unavailable=self._fail,
             )
             ingest.subscribe()
             await start_client(consumer, self.connection)
-            stack.push_async_callback(consumer.stop)
+            stack.push_async_callback(_stop_within, consumer.stop, "consumer", s.drain_timeout_s)
             ops = await stack.enter_async_context(
                 OpsServer(
                     control=self,
@@ -236,17 +303,23 @@ class Relay:
                 )
             )
             self.ops_port = ops.port
-            async with asyncio.TaskGroup() as tasks:
-                consuming = tasks.create_task(ingest.run(), name="ingest")
-                housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
-                gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
-                await self.stopping.wait()
-                log.info("stopping: draining in-flight work")
-                ingest.stop()
-                await consuming
-                await ingest.shutdown(s.drain_timeout_s)
-                await housekeeping
-                gauges.cancel()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    consuming = tasks.create_task(ingest.run(), name="ingest")
+                    housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
+                    gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    await self.stopping.wait()
+                    log.info("stopping: draining in-flight work")
+                    ingest.stop()
+                    await consuming
+                    await ingest.shutdown(s.drain_timeout_s)
+                    await housekeeping
+                    gauges.cancel()
+            except* Exception as failed:
+                # What a record's boundary raised again is infrastructure: say so in one line.
+                for error in failed.exceptions:
+                    self._fail(error)
+                raise
             log.info("stopped cleanly")
 
     async def _build_processor(
@@ -258,12 +331,15 @@ class Relay:
         partner: ChouetteCoproClient,
         fetcher: ContentFetcher,
         dead_letters: DeadLetterSink,
+        watch: BrokerWatch,
     ) -> PartitionProcessor:
         """Restore one partition's view, settle its upload intents, and build its processor."""
         s = self.settings
         guard, topics = self._guard, self._topics
         view = PublishedView()
-        writer = ChangelogWriter(producer=producer, topic=s.kafka.state_topic, partition=partition)
+        writer = ChangelogWriter(
+            producer=producer, topic=s.kafka.state_topic, partition=partition, watch=watch
+        )
         self._restoring[partition] = 0.0
 
         def progress(done: int, total: int) -> None:
@@ -287,6 +363,11 @@ class Relay:
             content=fetcher,
             dead_letters=dead_letters,
             metrics=self.metrics,
+            document_retry=RetryPolicy(
+                max_attempts=s.content.unavailable_attempts,
+                base_seconds=s.content.unavailable_backoff_s,
+                cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
+            ),
         )
         await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
         self._restoring.pop(partition, None)
@@ -312,7 +393,11 @@ class Relay:
             clock=lambda: dt.datetime.now(dt.UTC),
             on_failure=self._fail,
             max_clock_skew=dt.timedelta(seconds=s.manifest.max_clock_skew_s),
+            on_command=self._on_command,
         )
+        # Paused agencies are known before any of this partition's work is submitted. (Upload
+        # intents above are only looked up, which sends nothing.)
+        self.sync_controls(view)
         retried = processor.retry_parked()
         if retried:
             log.info("parked documents sent again", extra={"documents": retried})
@@ -338,6 +423,7 @@ class Relay:
             await asyncio.sleep(2.0)
 
     def refresh_gauges(self) -> None:
+        self.sync_controls()  # also forgets the pauses of partitions this replica gave up
         m = self.metrics
         processors = list(self._ingest.processors.values()) if self._ingest else []
         by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)
@@ -364,8 +450,21 @@ class Relay:
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
 
     def _fail(self, error: BaseException) -> None:
-        """Unexpected failure of partition work: stop (drain, commit what is done) and exit 1."""
-        log.error("partition work failed; stopping", exc_info=error)
+        """Infrastructure failed under partition work, or Kafka stayed away longer than the
+        bound: stop (drain, commit what can be) and exit 1.
+
+        Everything that belongs to one record or one document is parked or dead-lettered where
+        it happens (``consumer.failures``); only what no record can be blamed for gets here.
+        """
+        if self.failure is not None:
+            return
+        if isinstance(error, KafkaUnavailableError):
+            log.critical("Kafka unreachable for too long; stopping", extra={"reason": str(error)})
+        else:
+            reason = classify(error).reason if isinstance(error, Exception) else "cancelled"
+            log.critical(
+                "infrastructure failure; stopping", exc_info=error, extra={"reason": reason}
+            )
         self.failure = error
         self.stopping.set()
 
@@ -408,6 +507,17 @@ def _kafka_clients(
     return producer, consumer
 
 
+async def _stop_within(stop: Callable[[], Awaitable[None]], what: str, timeout_s: float) -> None:
+    """Stop an aiokafka client, giving up after ``timeout_s``: the producer flushes and the
+    consumer leaves its group, which wait forever for a broker that is gone."""
+    try:
+        await asyncio.wait_for(stop(), timeout=timeout_s)
+    except TimeoutError:
+        log.error(  # noqa: TRY400 - the timeout is the whole story; its traceback says nothing
+            "Kafka client did not stop in time; leaving it", extra={"client": what, "s": timeout_s}
+        )
+
+
 def _max_request_size(s: Settings) -> int:
     return max(dead_letter_room(s.kafka.max_value_bytes), 1_048_576)
 
@@ -421,4 +531,6 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(v) for v in value)
     return value

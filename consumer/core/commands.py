@@ -1,11 +1,14 @@
-"""Operator commands on held deletions, carried by a Kafka topic to the replica that owns them.
+"""Operator commands, carried by a Kafka topic to the replicas that own what they act on.
 
-The mass-deletion guard holds withdrawals in the view of the partition that owns the building, and
-only the replica that owns that partition can act on them. So an operator command (release or
-discard the held withdrawals of one building) is a record on the commands topic, keyed like the
-input topics so it lands on the same partition number: whichever replica owns the building reads
-it in order with the building's events. Any replica, or the CLI, can send one. This module is the
-command itself and its decoding; sending it is the Kafka edge's part (``send_command``).
+Held withdrawals and parked documents live in the view of the partition that owns the building,
+and only the replica that owns that partition can act on them. So an operator command is a record
+on the commands topic. A command on one building (release or discard its held withdrawals, retry
+its parked documents) is keyed like the input topics so it lands on the same partition number, in
+order with the building's events. A command on a whole agency (pause, resume, retry, approve) is
+keyed by the agency alone and written to every partition: an agency spans them all, and each
+owning replica learns it from its own partitions. Any replica, or the CLI, can send one. This
+module is the command itself and its decoding; sending it is the Kafka edge's part
+(``consumer/kafka/commands.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import datetime as dt
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from consumer.core.decoding import Poison, PoisonReason
 from consumer.core.events import IDENTIFIER_PATTERN
@@ -25,18 +28,66 @@ class HeldAction(StrEnum):
     DISCARD = "discard"  # forget them: the documents stay published
 
 
+class AgencyAction(StrEnum):
+    PAUSE = "pause"  # send nothing of the agency; its work waits, offsets uncommitted
+    RESUME = "resume"  # send what waited
+    RETRY = "retry"  # send parked documents again (one building, or the whole agency)
+    APPROVE = "approve"  # start the first-publication backfill whose plan has this fingerprint
+    REPAIR = "repair"  # settle what an audit found on the partner (one building)
+
+
+class FindingKind(StrEnum):
+    MISSING = "missing"  # the view says published; the partner does not hold it
+    UNEXPECTED = "unexpected"  # the partner holds it with our reference; the view does not know it
+    CHANGED = "changed"  # both know it, with different content (sha256)
+
+
+class Finding(BaseModel):
+    """One difference between the partner and the relay's view, found by an audit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: FindingKind
+    document_id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    remote_id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    view_sha256: str | None = None
+    partner_sha256: str | None = None
+
+
+_Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+
+
 class OperatorCommand(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", regex_engine="python-re")
 
     schema_version: Literal[1] = 1
-    command: HeldAction
-    agency_id: Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
-    building_id: Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+    command: HeldAction | AgencyAction
+    agency_id: _Identifier
+    building_id: _Identifier | None = None  # None: the whole agency, on every partition
+    plan: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")] | None = None
+    findings: tuple[Finding, ...] = ()  # repair only
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
 
+    @model_validator(mode="after")
+    def _scoped(self) -> OperatorCommand:
+        needs_building = isinstance(self.command, HeldAction) or self.command is AgencyAction.REPAIR
+        if needs_building and self.building_id is None:
+            raise ValueError(f"{self.command} acts on one building: building_id is required")
+        if self.command in (AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE) and (
+            self.building_id is not None
+        ):
+            raise ValueError(f"{self.command} acts on a whole agency: no building_id")
+        if (self.command is AgencyAction.APPROVE) != (self.plan is not None):
+            raise ValueError("a plan fingerprint goes with approve, and only with it")
+        if self.findings and self.command is not AgencyAction.REPAIR:
+            raise ValueError("findings go with repair only")
+        return self
+
     @property
     def key(self) -> bytes:
+        if self.building_id is None:
+            return self.agency_id.encode()
         return f"{self.agency_id}:{self.building_id}".encode()
 
 

@@ -34,6 +34,10 @@ class ProcessingReason(StrEnum):
     INCONSISTENT_PARTS = "inconsistent_parts"
     """A part contradicts parts of its snapshot already read (header, or same number with other
     items): which one LSC meant is unknown, so the snapshot is dropped."""
+    BAD_URL = "bad_url"
+    """The content URL is one the HTTP stack cannot parse (a port above 65535, a bad IPv6)."""
+    UNEXPECTED_ERROR = "unexpected_error"
+    """Handling the record failed in a way no edge foresaw (a bug): set aside, traceback logged."""
 
 
 DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *ProcessingReason})

@@ -420,12 +420,15 @@ def discard_held(view: PublishedView, agency_id: str, building_id: str) -> Plan:
 
 
 def retry_parked(view: PublishedView, routing: RoutingTable) -> Plan:
-    """After a configuration fix: upload parked documents that routing now forwards."""
+    """After a configuration fix: upload parked documents that routing now forwards, and carry
+    out parked withdrawals (a parked record without a document, naming the partner's one)."""
     operations: list[Operation] = []
     records: list[StateRecord] = []
     for record in view.parked():
         document = record.document
         if document is None:
+            if record.remote_id is not None:
+                operations.append(_delete(record))
             continue
         key = record.key
         verdict = routing.decide(key.agency_id, key.building_id, document)
@@ -444,6 +447,31 @@ def retry_parked(view: PublishedView, routing: RoutingTable) -> Plan:
             operations += ops
             records += recs
     return Plan(Outcome.RETRIED, tuple(operations), tuple(records))
+
+
+def unapproved_modules(
+    view: PublishedView, routing: RoutingTable, manifest: CompleteManifest, plan: Plan
+) -> set[str]:
+    """Modules whose first publication ``plan`` would send without an operator's approval.
+
+    Only agencies whose mode sends history and whose routing asks for approval wait; an approval
+    covers the modules enabled when it was given, so a module enabled later waits again.
+    """
+    agency = routing.agency(manifest.agency_id)
+    if agency is None or not agency.needs_approval:
+        return set()
+    building = view.building(manifest.agency_id, manifest.building_id)
+    decided = building.manifest_taken_at if building is not None else {}
+    controls = view.agency(manifest.agency_id)
+    approved = controls.approved_modules if controls is not None else frozenset()
+    return {
+        operation.document.module.value
+        for operation in plan.operations
+        if isinstance(operation, Upload)
+        and operation.lane is Lane.BACKFILL
+        and operation.document.module not in decided
+        and operation.document.module not in approved
+    }
 
 
 # -- the dry run of a first publication ------------------------------------------------------------

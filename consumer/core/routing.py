@@ -32,13 +32,23 @@ _HINTS = {
     "first_publication": f"choose how the first publication goes; {_FIRST_PUBLICATION_FIX}",
     "rate_per_second": "use a number of partner calls per second greater than 0, e.g. 2.0",
     "burst": "use a whole number of calls of at least 1, e.g. 10",
+    "approval": 'use "operator" (a first publication that sends history waits for approval) or '
+    '"auto"',
 }
+_DEFAULTABLE = ("rate_per_second", "burst", "approval")
 
 
 class FirstPublicationMode(StrEnum):
     HISTORY = "history"  # backfill everything listed
     SINCE = "since"  # backfill documents dated on or after the date
     FRESH = "fresh"  # record what is listed at cut-over as baseline; only later documents flow
+
+
+class Approval(StrEnum):
+    """Who starts a first publication that sends history (``history``, ``since:``)."""
+
+    OPERATOR = "operator"  # it waits for ``chouette-relay approve AGENCY --plan FINGERPRINT``
+    AUTO = "auto"  # it starts as soon as its manifest is read
 
 
 class _Frozen(BaseModel):
@@ -91,6 +101,15 @@ class AgencyRouting(_Frozen):
     rate_per_second: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     burst: int | None = Field(default=None, ge=1)
     condominia: Mapping[str, str] = Field(default_factory=dict)
+    approval: Approval = Approval.OPERATOR
+
+    @property
+    def needs_approval(self) -> bool:
+        """Whether a first publication of this agency waits for an operator's approval."""
+        return (
+            self.approval is Approval.OPERATOR
+            and self.first_publication.mode is not FirstPublicationMode.FRESH
+        )
 
     @field_validator("modules", mode="before")
     @classmethod
@@ -184,11 +203,11 @@ class RoutingTable(_Frozen):
         defaults = data.get("defaults", {})
         agencies = data.get("agencies", {})
         if not isinstance(defaults, Mapping):
-            problems.append("defaults: must be a table with rate_per_second and burst")
+            problems.append("defaults: must be a table with rate_per_second, burst and approval")
             defaults = {}
         problems += [
-            f"defaults.{name}: unknown setting; [defaults] takes rate_per_second and burst"
-            for name in sorted(set(defaults) - {"rate_per_second", "burst"})
+            f"defaults.{name}: unknown setting; [defaults] takes rate_per_second, burst, approval"
+            for name in sorted(set(defaults) - set(_DEFAULTABLE))
         ]
         if not isinstance(agencies, Mapping) or not agencies:
             problems.append("agencies: no agency configured; add an [agencies.<agency-id>] table")
@@ -201,7 +220,7 @@ class RoutingTable(_Frozen):
             elif not isinstance(raw, Mapping):
                 problems.append(f"{where}: must be a table")
             else:
-                merged = {k: v for k, v in defaults.items() if k in ("rate_per_second", "burst")}
+                merged = {k: v for k, v in defaults.items() if k in _DEFAULTABLE}
                 try:
                     built[agency_id] = AgencyRouting.model_validate({**merged, **raw})
                 except ValidationError as exc:
@@ -256,7 +275,7 @@ def _explain(where: str, exc: ValidationError) -> list[str]:
         elif kind == "extra_forbidden":
             message = (
                 "unknown setting; an agency takes modules, audiences, first_publication, "
-                "rate_per_second, burst and condominia"
+                "rate_per_second, burst, approval and condominia"
             )
         else:
             hint = _HINTS.get(field_name, error["msg"])

@@ -27,6 +27,8 @@ _MICROSECOND = dt.timedelta(microseconds=1)
 class StateDecodeError(RelayError):
     """A changelog record this relay cannot read: corrupt, or written by a newer schema."""
 
+    fatal = True
+
 
 def to_epoch_us(value: dt.datetime) -> int:
     """Microseconds since the epoch; a naive datetime is taken as UTC."""
@@ -67,8 +69,24 @@ class DocKey:
         return BuildingKey(self.agency_id, self.building_id)
 
 
-def decode_key(raw: bytes) -> DocKey | BuildingKey:
-    """Read a changelog key: three parts name a document, two a building."""
+@dataclass(frozen=True, slots=True)
+class AgencyKey:
+    """The operator's controls of one agency (paused, approved plan), one record per partition.
+
+    Encoded ``"{agency}:~agency"``: a building id never starts with ``~``, so it cannot collide.
+    """
+
+    agency_id: str
+
+    def encode(self) -> bytes:
+        return f"{self.agency_id}:{AGENCY_MARKER}".encode()
+
+
+AGENCY_MARKER = "~agency"
+
+
+def decode_key(raw: bytes) -> DocKey | BuildingKey | AgencyKey:
+    """Read a changelog key: three parts name a document, two a building (or agency controls)."""
     try:
         text = raw.decode()
     except UnicodeDecodeError as exc:
@@ -77,6 +95,8 @@ def decode_key(raw: bytes) -> DocKey | BuildingKey:
     if any(not part for part in parts) or len(parts) == 1:
         raise StateDecodeError(f"state key {text!r} is not agency:building[:document]")
     if len(parts) == 2:
+        if parts[1] == AGENCY_MARKER:
+            return AgencyKey(parts[0])
         return BuildingKey(parts[0], parts[1])
     return DocKey(parts[0], parts[1], parts[2])
 
@@ -132,13 +152,34 @@ class BuildingRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AgencyRecord:
+    """Operator controls of one agency, written to every partition that learns them.
+
+    ``paused``: nothing of the agency is sent (its work waits, offsets stay uncommitted).
+    ``approved_plan``: the fingerprint of the first-publication plan an operator approved, for
+    ``approved_modules`` (a module enabled later is a new first publication, approved anew).
+    """
+
+    agency_id: str
+    paused: bool = False
+    changed_by: str = ""
+    changed_at: dt.datetime | None = None
+    approved_plan: str | None = None
+    approved_modules: frozenset[Module] = frozenset()
+
+    @property
+    def key(self) -> AgencyKey:
+        return AgencyKey(self.agency_id)
+
+
+@dataclass(frozen=True, slots=True)
 class Tombstone:
     """Withdraws a document (or a building record) from the view; compaction then forgets it."""
 
-    key: DocKey | BuildingKey
+    key: DocKey | BuildingKey | AgencyKey
 
 
-StateRecord = DocumentRecord | BuildingRecord | Tombstone
+StateRecord = DocumentRecord | BuildingRecord | AgencyRecord | Tombstone
 
 
 def _timestamp(value: dt.datetime) -> str:
@@ -149,6 +190,17 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
     """The changelog key and value of ``record`` (``None`` value for a tombstone)."""
     if isinstance(record, Tombstone):
         return record.key.encode(), None
+    if isinstance(record, AgencyRecord):
+        agency: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "agency",
+            "paused": record.paused,
+            "changed_by": record.changed_by,
+            "changed_at": None if record.changed_at is None else _timestamp(record.changed_at),
+            "approved_plan": record.approved_plan,
+            "approved_modules": sorted(str(module) for module in record.approved_modules),
+        }
+        return record.key.encode(), orjson.dumps(agency)
     if isinstance(record, BuildingRecord):
         value: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -200,8 +252,21 @@ def decode_state(key: bytes, value: bytes | None) -> StateRecord:
         raise StateDecodeError(f"state record {key!r} is malformed: {exc!r}") from exc
 
 
-def _decode_value(key: DocKey | BuildingKey, data: dict[str, Any]) -> StateRecord:
+def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -> StateRecord:
     kind = data["kind"]
+    if kind == "agency" and isinstance(key, AgencyKey):
+        paused = data["paused"]
+        if not isinstance(paused, bool):
+            raise TypeError("paused is not a boolean")
+        changed_at = data["changed_at"]
+        return AgencyRecord(
+            agency_id=key.agency_id,
+            paused=paused,
+            changed_by=_string(data, "changed_by") or "",
+            changed_at=None if changed_at is None else _parse_timestamp(changed_at),
+            approved_plan=_string(data, "approved_plan"),
+            approved_modules=frozenset(Module(m) for m in data["approved_modules"]),
+        )
     if kind == "building" and isinstance(key, BuildingKey):
         taken = data["manifest_taken_at"]
         if not isinstance(taken, dict):

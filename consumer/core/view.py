@@ -19,6 +19,8 @@ import orjson
 from consumer.core.events import Module
 from consumer.core.state import (
     SCHEMA_VERSION,
+    AgencyKey,
+    AgencyRecord,
     BuildingKey,
     BuildingRecord,
     DocKey,
@@ -80,6 +82,7 @@ class PublishedView:
         self._string_ids: dict[str, int] = {}
         self._counts = dict.fromkeys(DocStatus, 0)
         self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
+        self._agencies: dict[str, AgencyRecord] = {}
 
     # -- changes ---------------------------------------------------------------------------------
     def apply(self, record: StateRecord) -> None:
@@ -88,6 +91,10 @@ class PublishedView:
             self._put(record)
         elif isinstance(record, BuildingRecord):
             self._building_for(record.agency_id, record.building_id).record = record
+        elif isinstance(record, AgencyRecord):
+            self._agencies[record.agency_id] = record
+        elif isinstance(record.key, AgencyKey):
+            self._agencies.pop(record.key.agency_id, None)
         elif isinstance(record.key, DocKey):
             self._remove(record.key)
         else:
@@ -224,6 +231,13 @@ class PublishedView:
             return DocumentBrief(stored.status, stored.sha256, to_epoch_us(stored.seen_at))
         sha, seen_at_us = stored[:32].hex(), _SEEN_AT.unpack_from(stored, _SEEN_AT_AT)[0]
         return DocumentBrief(_STATUSES[stored[_STATUS_AT]], sha, seen_at_us)
+
+    def agency(self, agency_id: str) -> AgencyRecord | None:
+        """The operator's controls of one agency, as this partition knows them."""
+        return self._agencies.get(agency_id)
+
+    def paused_agencies(self) -> set[str]:
+        return {agency for agency, record in self._agencies.items() if record.paused}
 
     def building(self, agency_id: str, building_id: str) -> BuildingRecord | None:
         building = self._buildings.get((agency_id, building_id))

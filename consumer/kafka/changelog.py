@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -19,6 +19,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from consumer.core.state import StateRecord, encode_state
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.connection import KafkaConnection, start_client
 
 log = logging.getLogger(__name__)
@@ -144,19 +145,34 @@ async def _create(
 
 
 class ChangelogWriter:
-    """Writes state records for one partition number and waits for the broker's acknowledgement."""
+    """Writes state records for one partition number and waits for the broker's acknowledgement.
 
-    def __init__(self, *, producer: AIOKafkaProducer, topic: str, partition: int) -> None:
+    A broker away for a while delays the write (sent again, bounded by ``watch``) rather than
+    failing the document; only an outage beyond the bound raises ``KafkaUnavailableError``.
+    """
+
+    def __init__(
+        self, *, producer: AIOKafkaProducer, topic: str, partition: int, watch: BrokerWatch
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._partition = partition
+        self._watch = watch
 
     async def write(self, record: StateRecord) -> None:
         key, value = encode_state(record)
-        delivery = await self._producer.send(
-            self._topic, value=value, key=key, partition=self._partition
+
+        async def send() -> Awaitable[object]:
+            delivery: Awaitable[object] = await self._producer.send(
+                self._topic, value=value, key=key, partition=self._partition
+            )
+            return delivery
+
+        await self._watch.deliver(
+            send,
+            what=f"a state record for state topic {self._topic!r} partition {self._partition}",
+            operation="changelog",
         )
-        await delivery
 
 
 async def restore_partition(

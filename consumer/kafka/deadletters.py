@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from collections.abc import Awaitable
 
 from aiokafka import AIOKafkaProducer
 
 from consumer.core.deadletter import build_dead_letter
 from consumer.core.records import SourceRecord
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.metrics import RelayMetrics
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ class DeadLetterSink:
         metrics: RelayMetrics,
         relay_version: str,
         max_bytes: int,
+        watch: BrokerWatch,
     ) -> None:
+        self._watch = watch
         self._producer = producer
         self._topic = topic
         self._metrics = metrics
@@ -48,8 +52,20 @@ class DeadLetterSink:
                 f"{source.partition} at offset {source.offset}]"
             )
             key, value, headers = self._envelope(source, None, reason, detail)
-        delivery = await self._producer.send(self._topic, value=value, key=key, headers=headers)
-        await delivery
+
+        async def send() -> Awaitable[object]:
+            delivery: Awaitable[object] = await self._producer.send(
+                self._topic, value=value, key=key, headers=headers
+            )
+            return delivery
+
+        # A broker away for a while delays the dead letter (sent again, bounded) instead of
+        # failing the record; the input offset stays open until it is acknowledged.
+        await self._watch.deliver(
+            send,
+            what=f"a dead letter for dead-letter topic {self._topic!r}",
+            operation="dead_letter",
+        )
         self._metrics.dead_letters.labels(reason).inc()
         log.warning(
             "dead-lettered input record",

@@ -2,7 +2,8 @@
 
 On assignment the view of every newly assigned partition number is restored from the changelog
 before its input is processed; on revocation in-flight work is stopped and what is finished is
-committed. Offsets are committed periodically, each up to the lowest unfinished record.
+committed. Offsets are committed periodically, each up to the lowest unfinished record; a commit
+that fails (the broker away) is simply made again, with newer offsets, on the next interval.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from consumer.core.records import SourceRecord
+from consumer.errors import KafkaUnavailableError
+from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.metrics import RelayMetrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,9 @@ class Ingest(Generic[P]):
         metrics: RelayMetrics,
         commit_interval_s: float,
         max_records: int,
+        watch: BrokerWatch,
+        probe: Callable[[], Awaitable[object]],
+        on_unavailable: Callable[[BaseException], None],
         max_pending_per_partition: int = 20_000,
     ) -> None:
         self._consumer = consumer
@@ -75,15 +81,28 @@ class Ingest(Generic[P]):
         self._commit_interval_s = commit_interval_s
         self._max_records = max_records
         self._max_pending = max_pending_per_partition
+        self._watch = watch
+        self._probe = probe
+        self._on_unavailable = on_unavailable
+        # A commit waits this long at most: aiokafka retries it for as long as the group
+        # coordinator is unknown, which during an outage is forever.
+        self._commit_timeout_s = max(commit_interval_s, 5.0)
         self.processors: dict[int, P] = {}
         self._assigned: set[int] = set()
         self._consuming = False
+        # True until the group assigned partitions (possibly none), and again while it rebalances.
+        self._rebalancing = True
         self._stopping = asyncio.Event()
 
     @property
     def ready(self) -> bool:
-        """Every assigned partition is restored and the loop is consuming."""
-        return self._consuming and self._assigned == set(self.processors)
+        """Every assigned partition is restored, the loop is consuming and Kafka answers."""
+        return (
+            self._consuming
+            and not self._rebalancing
+            and self._assigned == set(self.processors)
+            and self._watch.reachable
+        )
 
     def subscribe(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
@@ -93,9 +112,11 @@ class Ingest(Generic[P]):
         for partition in sorted(partitions - set(self.processors)):
             self.processors[partition] = await self._factory(partition)
         self._metrics.partitions_ready.set(len(self.processors))
+        self._rebalancing = False
         log.info("partitions assigned", extra={"partitions": sorted(partitions)})
 
     async def revoke(self, partitions: set[int]) -> None:
+        self._rebalancing = True
         leaving = sorted(partitions & set(self.processors))
         for partition in leaving:
             await self.processors[partition].close()
@@ -127,7 +148,11 @@ class Ingest(Generic[P]):
             self._consuming = False
 
     async def run_housekeeping(self) -> None:
-        """Commit, expire incomplete manifests and refresh lag on a fixed interval."""
+        """Commit, expire incomplete manifests, refresh lag and watch the broker, on an interval.
+
+        A broker silent for longer than the bound is reported to ``on_unavailable`` (once), which
+        stops the relay; a shorter silence only makes the relay unready.
+        """
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self._commit_interval_s)
@@ -136,6 +161,14 @@ class Ingest(Generic[P]):
                 processor.expire(caught_up=await self._caught_up(tp))
             await self.commit()
             self._update_lag()
+            if self._watch.silence_s() > self._watch.window_s / 2:
+                # Nothing else showed the broker answers (an idle relay commits nothing): ask it.
+                await self._watch.probe(self._probe, timeout_s=self._commit_timeout_s)
+            try:
+                self._watch.check()
+            except KafkaUnavailableError as exc:
+                self._on_unavailable(exc)
+                return
 
     def stop(self) -> None:
         self._stopping.set()
@@ -164,11 +197,15 @@ class Ingest(Generic[P]):
         if not offsets:
             return
         try:
-            await self._consumer.commit(offsets)
-            self._metrics.commits.inc()
-        except (CommitFailedError, KafkaError) as exc:
-            # A rebalance is under way; the next owner reads from the last committed offset.
+            await asyncio.wait_for(self._consumer.commit(offsets), timeout=self._commit_timeout_s)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
+            # A rebalance is under way (the next owner reads from the last committed offset), or
+            # the broker is away: the next interval commits again, from the offsets of then.
+            self._metrics.kafka_retries.labels("commit").inc()
             log.warning("offset commit failed", extra={"error": repr(exc)})
+        else:
+            self._metrics.commits.inc()
+            self._watch.touch()
 
     async def shutdown(self, drain_timeout_s: float) -> None:
         """Let in-flight work finish within the deadline, then commit and stop processors."""

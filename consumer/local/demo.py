@@ -47,7 +47,8 @@ class DemoRecord:
 
 
 def routing_toml() -> str:
-    lines = ["[defaults]", "rate_per_second = 20.0", "burst = 20", ""]
+    # The demo shows forwarding at once; production agencies wait for an operator's approval.
+    lines = ["[defaults]", "rate_per_second = 20.0", "burst = 20", 'approval = "auto"', ""]
     for agency, spec in AGENCIES.items():
         modules = ", ".join(f'"{m}"' for m in MODULES)
         audiences = ", ".join(f'"{a}"' for a in spec["audiences"])

@@ -2,15 +2,18 @@
 
 Events point at it with content URLs, so the content fetcher can be exercised against a real HTTP
 server. Faults are set per document (an error status, a slow body, no Content-Length, a body that
-never ends) and requests are counted per document.
+never ends, a Content-Encoding nobody asked for, more bytes than the event declares) and requests
+are counted per document.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,6 +40,8 @@ class _Fault:
     status: int | None = None
     chunk_delay_s: float = 0.0
     hide_length: bool = False
+    encoding: str | None = None
+    extra_bytes: int = 0
 
 
 class DocumentStore(AppServer):
@@ -96,6 +101,17 @@ class DocumentStore(AppServer):
         """Send the body chunked, without Content-Length."""
         self._faults.setdefault(name, _Fault()).hide_length = hidden
 
+    def set_encoding(self, name: str, encoding: str | None) -> None:
+        """Serve ``name`` compressed (``gzip`` or ``deflate``) with that Content-Encoding,
+        whatever the client asked for; None serves it as identity again."""
+        if encoding not in (None, "gzip", "deflate"):
+            raise ValueError(f"encoding {encoding!r}: use gzip, deflate or None")
+        self._faults.setdefault(name, _Fault()).encoding = encoding
+
+    def set_extra_bytes(self, name: str, extra: int) -> None:
+        """Serve ``extra`` bytes more than the stored document (Content-Length included)."""
+        self._faults.setdefault(name, _Fault()).extra_bytes = extra
+
     def clear_faults(self) -> None:
         self._faults.clear()
 
@@ -116,7 +132,11 @@ class DocumentStore(AppServer):
         data = self._files.get(name)
         if data is None:
             raise web.HTTPNotFound(text=f"no document {name}\n")
+        data += b"0" * fault.extra_bytes
         response = web.StreamResponse(headers={"Content-Type": "application/pdf"})
+        if fault.encoding is not None:
+            data = gzip.compress(data) if fault.encoding == "gzip" else zlib.compress(data)
+            response.headers["Content-Encoding"] = fault.encoding
         if fault.hide_length:
             response.enable_chunked_encoding()
         else:

@@ -99,6 +99,8 @@ logger.statechange.level = WARN
 class LocalKafkaError(RelayError):
     """The local broker could not be fetched, started or stopped; the message says why."""
 
+    fatal = True
+
 
 def fetch_kafka(cache_dir: Path | None = None, *, version: str = KAFKA_VERSION) -> Path:
     """Download the Kafka ``version`` jars once and return the directory that holds them.
@@ -343,6 +345,18 @@ class LocalKafka:
                 shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
             self._bootstrap = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker's process group, as a crash would; its data directory stays.
+
+        With a given ``data_dir`` and fixed ports, ``start()`` then brings the same broker back.
+        """
+        with self._lock:
+            process = self._process
+            if process is not None and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            self._terminate()
 
     def __enter__(self) -> Self:
         self.start()

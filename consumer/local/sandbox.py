@@ -3,8 +3,10 @@
 Every request under ``/api/v1`` goes through the same steps: injected faults, Basic auth, the
 key's rate limit (and a record of any request sent before the Retry-After it was given), then
 validation against ``schemas/chouettecopro.openapi.yaml`` with openapi-core (multipart bodies
-included), and only then the handler. ``/_sandbox/*`` controls faults and shows the state; the
-same is available from Python for tests. Run it alone with
+included), and only then the handler. Scripted answers (``script``) replace the answer to the next
+requests of a method: a refusal, a malformed answer after the work was done, a connection that
+hangs, an error that echoes the credentials. ``/_sandbox/*`` controls faults and shows the state;
+the same is available from Python for tests. Run it alone with
 ``python -m consumer.local.sandbox --port 8081 --accounts-file accounts.json``.
 """
 
@@ -16,14 +18,17 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import random
 import signal
 import time
-from collections import Counter, deque
+import urllib.parse
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from hashlib import sha256
 from http import HTTPStatus
 from pathlib import Path
@@ -79,6 +84,29 @@ class SandboxDocument:
     sha256: str | None = None
     size_bytes: int | None = None
     created_by_hand: bool = False
+
+
+class Answer(StrEnum):
+    """A scripted answer to one API request; see ``SandboxServer.script``."""
+
+    REFUSE = "refuse"  # not carried out: ``status`` with a JSON:API error
+    BAD_JSON = "bad_json"  # carried out: its status, and a body that is not JSON
+    HTML_502 = "html_502"  # carried out: a proxy's HTML 502 page instead of the answer
+    ERROR_200 = "error_200"  # not carried out: 200 with a JSON:API error body
+    HANG = "hang"  # carried out: no answer comes until the sandbox closes
+    ECHO_CREDENTIALS = "echo_credentials"  # not carried out: ``status``, echoing the key
+
+
+@dataclass(frozen=True, slots=True)
+class Scripted:
+    """One scripted answer and, for refusals, its status."""
+
+    answer: Answer
+    status: int = 422
+
+    @property
+    def carried_out(self) -> bool:
+        return self.answer in (Answer.BAD_JSON, Answer.HTML_502, Answer.HANG)
 
 
 class Faults(BaseModel):
@@ -195,6 +223,7 @@ class SandboxServer(AppServer):
         self._documents: dict[str, SandboxDocument] = {}
         self._bytes: dict[str, bytes] = {}
         self._creates: Counter[str] = Counter()
+        self._scripted: defaultdict[str, deque[Scripted]] = defaultdict(deque)
         self._next_id = 1
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -240,6 +269,18 @@ class SandboxServer(AppServer):
 
     def clear_faults(self) -> None:
         self._faults = _FaultState()
+        self._scripted.clear()
+
+    def script(self, method: str, *answers: Scripted) -> None:
+        """The next API requests with ``method`` (``POST`` creates, ``DELETE`` withdraws...)
+        get these answers, one each, in order; later ones are answered normally again."""
+        self._scripted[method.upper()].extend(answers)
+
+    def scripted_left(self, method: str | None = None) -> int:
+        """Scripted answers not given yet."""
+        if method is not None:
+            return len(self._scripted[method.upper()])
+        return sum(len(queue) for queue in self._scripted.values())
 
     def set_rate_limit(self, limit: RateLimit | None, *, api_key: str | None = None) -> None:
         """Set one key's limit, or the default of keys without their own (``api_key=None``)."""
@@ -263,6 +304,20 @@ class SandboxServer(AppServer):
         )
         self._documents[document.id] = document
         return document.id
+
+    def replace_file_by_hand(self, remote_id: str, sha256: str) -> None:
+        """Someone replaced a relay-made document's file in the app (its reference stays)."""
+        self._documents[remote_id] = dataclasses.replace(self._documents[remote_id], sha256=sha256)
+
+    def delete_by_hand(self, remote_id: str) -> None:
+        """Someone deleted a document in the app."""
+        self._documents.pop(remote_id)
+
+    def seed_copy(self, remote_id: str) -> str:
+        """A second document with the same reference (what an upload retried blindly leaves)."""
+        copy = dataclasses.replace(self._documents[remote_id], id=self._new_id())
+        self._documents[copy.id] = copy
+        return copy.id
 
     # -- inspection --------------------------------------------------------------------------
 
@@ -328,12 +383,29 @@ class SandboxServer(AppServer):
 
     def _api(self, handler: _Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def run(request: web.Request) -> web.Response:
-            response = await self._pipeline(request, handler)
+            queue = self._scripted.get(request.method)
+            scripted = queue.popleft() if queue else None
+            if scripted is not None and not scripted.carried_out:
+                response = _scripted_refusal(scripted, request)
+            else:
+                response = await self._pipeline(request, handler)
+                if scripted is not None:
+                    response = await self._after(scripted, response)
             self._requests[(request.method, response.status)] += 1
             self._recent.append((request.method, request.path_qs, response.status))
             return response
 
         return run
+
+    async def _after(self, scripted: Scripted, done: web.Response) -> web.Response:
+        """The answer to a request that was carried out, spoilt as scripted."""
+        if scripted.answer is Answer.HANG:
+            await self.closing.wait()  # the client gives up first; closing ends the wait
+            return done
+        if scripted.answer is Answer.HTML_502:
+            page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+            return web.Response(status=502, text=page, content_type="text/html")
+        return web.Response(status=done.status, body=b'{"data": {"type": "documents", "id": ')
 
     async def _pipeline(self, request: web.Request, handler: _Handler) -> web.Response:
         if self._faults.latency_ms:
@@ -591,6 +663,42 @@ def _resource(document: SandboxDocument, base_url: str) -> dict[str, Any]:
         },
         "links": {"self": f"{base_url}/documents/{document.id}"},
     }
+
+
+def _scripted_refusal(scripted: Scripted, request: web.Request) -> web.Response:
+    if scripted.answer is Answer.ERROR_200:
+        return _error(200, "unprocessable", "the document could not be stored")
+    if scripted.answer is Answer.ECHO_CREDENTIALS:
+        return _echo_credentials(scripted.status, request.headers.get("Authorization", ""))
+    return _error(scripted.status, "refused", "scripted refusal")
+
+
+def _echo_credentials(status: int, authorization: str) -> web.Response:
+    """A careless partner's error: the credentials it got, in every form it might echo them."""
+    _, _, encoded = authorization.partition(" ")
+    try:
+        key = base64.b64decode(encoded).decode().removesuffix(":")
+    except ValueError:
+        key = ""
+    as_json = orjson.dumps(key).decode()  # then quoted again, so its escapes stay in the text
+    errors = [
+        {
+            "status": str(status),
+            "code": "invalid_credentials",
+            "title": f"Authorization: {authorization}",
+            "detail": f"the key {key} (as JSON {as_json}) was refused",
+            "source": {"header": authorization},
+        },
+        {
+            "status": str(status),
+            "code": "echo",
+            "title": urllib.parse.quote(key, safe=""),
+            "detail": f"query api_key={urllib.parse.quote_plus(key)}",
+        },
+    ]
+    # ASCII-only JSON with escaped slashes: the key's bytes appear nowhere raw in the body.
+    body = json.dumps({"errors": errors}, ensure_ascii=True).replace("/", "\\/")
+    return web.Response(status=status, body=body.encode(), content_type=JSON_API)
 
 
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -1,32 +1,35 @@
-"""Operator commands from the command line: list, release or discard held deletions.
+"""The operator's actions, one implementation for the command line and the admin HTTP endpoints.
 
-They talk to Kafka directly, not to one replica: ``held`` reads every partition of the relay's
-state topic, and ``release``/``discard`` write a command that the replica owning the building
-carries out (see ``consumer.core.commands``). Nothing here needs to know which pod owns what.
+They talk to Kafka directly, not to one replica: listings read every partition of the relay's
+state topic (or the dead-letter topic), and actions write a command that the replicas owning the
+building or the agency carry out (see ``consumer.core.commands``). Nothing here needs to know
+which pod owns what, so the CLI and any replica's admin endpoint give the same answers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import getpass
-import socket
-import sys
 from collections import Counter
+from types import TracebackType
+from typing import Any, Self
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
-from consumer.core.commands import HeldAction, OperatorCommand
-from consumer.core.state import DocStatus
+from consumer.core.commands import AgencyAction, Finding, HeldAction, OperatorCommand
+from consumer.core.routing import RoutingTable
+from consumer.core.state import DocStatus, DocumentRecord
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.kafka.commands import send_command
 from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
+from consumer.ops.replay import read_dead_letters, replay
 from consumer.settings import Settings
 
+Action = HeldAction | AgencyAction
 
-def _require_kafka(settings: Settings) -> KafkaConnection:
+
+def require_kafka(settings: Settings) -> KafkaConnection:
     if not settings.kafka.bootstrap_servers:
         raise ConfigError(
             "set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS (and the topic names, if not the "
@@ -35,61 +38,198 @@ def _require_kafka(settings: Settings) -> KafkaConnection:
     return kafka_connection(settings.kafka)
 
 
-async def held_deletions(settings: Settings) -> list[dict[str, object]]:
-    """Every building with withdrawals held by the mass-deletion guard, across all partitions."""
-    connection = _require_kafka(settings)
-    partitions = await topic_partitions(connection, settings.kafka.state_topic) or 0
-    found: Counter[tuple[str, str, str]] = Counter()
-    for partition in range(partitions):
-        view = PublishedView()
-        await restore_partition(
-            connection=connection,
-            topic=settings.kafka.state_topic,
-            partition=partition,
-            view=view,
+class Operator:
+    """Lists and commands across the whole cluster; an async context manager.
+
+    Given the running relay's producer it uses it; otherwise it starts (and stops) its own.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer: AIOKafkaProducer | None = None,
+        routing: RoutingTable | None = None,
+    ) -> None:
+        self.settings = settings
+        self.routing = routing
+        self.connection = require_kafka(settings)
+        self._producer = producer
+        self._owns_producer = producer is None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owns_producer and self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    async def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(**self.connection.options(), acks="all")
+            await start_client(producer, self.connection)
+            self._producer = producer
+        return self._producer
+
+    # -- commands ----------------------------------------------------------------------------
+    async def queue(
+        self,
+        action: Action,
+        agency_id: str,
+        building_id: str | None = None,
+        *,
+        requested_by: str,
+        plan: str | None = None,
+        findings: tuple[Finding, ...] = (),
+    ) -> dict[str, Any]:
+        """Write one command; the replicas owning the building (or every partition of the
+        agency) carry it out in order with the input. Raises ``ValueError`` on a bad request."""
+        command = OperatorCommand(
+            command=action,
+            agency_id=agency_id,
+            building_id=building_id,
+            plan=plan,
+            findings=findings,
+            requested_at=dt.datetime.now(dt.UTC),
+            requested_by=requested_by,
         )
-        for record in view.with_status(DocStatus.DELETE_HELD):
-            found[(record.key.agency_id, record.key.building_id, record.held_by or "")] += 1
-    return [
-        {"agency": agency, "building": building, "snapshot_id": snapshot, "documents": count}
-        for (agency, building, snapshot), count in sorted(found.items())
-    ]
+        written = await send_command(
+            await self.producer(), self.settings.kafka.commands_topic, command
+        )
+        queued: dict[str, Any] = {"queued": action.value, "agency": agency_id}
+        if building_id is not None:
+            queued["building"] = building_id
+        if plan is not None:
+            queued["plan"] = plan
+        if findings:
+            queued["findings"] = len(findings)
+        queued["partitions"] = [{"partition": p, "offset": o} for p, o in written]
+        return queued
+
+    async def plan(self, agency_id: str | None) -> tuple[Any, dict[str, str]]:
+        """The dry run of what first publications would send, and each agency's fingerprint."""
+        from consumer.ops.dryrun import plan_with_fingerprints  # noqa: PLC0415 - heavy, rarely used
+
+        return await plan_with_fingerprints(self.settings, self.routing_table(), agency=agency_id)
+
+    async def approve(self, agency_id: str, plan: str, *, requested_by: str) -> dict[str, Any]:
+        """Start the agency's first publication, if its plan is still the one approved."""
+        routing = self.routing_table()
+        if routing.agency(agency_id) is None:
+            raise ValueError(f"agency {agency_id} is not in the routing file")
+        _, fingerprints = await self.plan(agency_id)
+        current = fingerprints[agency_id]
+        if current != plan:
+            raise PlanChangedError(
+                f"the plan of {agency_id} is now {current}, not {plan}: it changed since it was "
+                f"shown; look at it again with chouette-relay plan --agency {agency_id}"
+            )
+        return await self.queue(
+            AgencyAction.APPROVE, agency_id, requested_by=requested_by, plan=plan
+        )
+
+    def routing_table(self) -> RoutingTable:
+        if self.routing is None:
+            if self.settings.routing_file is None:
+                raise ConfigError("set CHOUETTE_RELAY_ROUTING_FILE: the plan follows the routing")
+            from consumer.core.routing import load_routing  # noqa: PLC0415
+
+            self.routing = load_routing(self.settings.routing_file)
+        return self.routing
+
+    # -- listings ----------------------------------------------------------------------------
+    async def views(self) -> list[PublishedView]:
+        """The published view of every partition, read from the state topic."""
+        topic = self.settings.kafka.state_topic
+        partitions = await topic_partitions(self.connection, topic) or 0
+        views = []
+        for partition in range(partitions):
+            view = PublishedView()
+            await restore_partition(
+                connection=self.connection, topic=topic, partition=partition, view=view
+            )
+            views.append(view)
+        return views
+
+    async def held(self) -> list[dict[str, Any]]:
+        """Every building with withdrawals held by the mass-deletion guard."""
+        found: Counter[tuple[str, str, str]] = Counter()
+        for view in await self.views():
+            for record in view.with_status(DocStatus.DELETE_HELD):
+                found[(record.key.agency_id, record.key.building_id, record.held_by or "")] += 1
+        return [
+            {"agency": agency, "building": building, "snapshot_id": snapshot, "documents": count}
+            for (agency, building, snapshot), count in sorted(found.items())
+        ]
+
+    async def parked(self, agency_id: str | None = None) -> list[dict[str, Any]]:
+        """Every parked document (of one agency, if given) with the reason it waits."""
+        found = [
+            parked_entry(record)
+            for view in await self.views()
+            for record in view.parked()
+            if agency_id is None or record.key.agency_id == agency_id
+        ]
+        return sorted(found, key=lambda e: (e["agency"], e["building"], e["document"]))
+
+    async def dead_letters(
+        self, *, reason: str | None = None, source_topic: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every dead letter (of one reason, or one source topic, if given), oldest first."""
+        letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
+        return [
+            letter.listing()
+            for letter in letters
+            if reason in (None, letter.reason) and source_topic in (None, letter.source_topic)
+        ]
+
+    async def replay(
+        self, ids: list[str], *, reason: str | None = None, force: bool = False
+    ) -> list[dict[str, Any]]:
+        """Re-publish the dead letters named by ``ids`` (or all of one ``reason``) to their
+        source partition, each once unless ``force``; what happened to each."""
+        if not ids and reason is None:
+            raise ValueError("name the dead letters to replay (ids) or a reason")
+        letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
+        chosen = [
+            letter
+            for letter in letters
+            if letter.id in ids or (reason is not None and letter.reason == reason)
+        ]
+        results = await replay(self.connection, await self.producer(), chosen, force=force)
+        found = {letter.id for letter in chosen}
+        missing = [
+            {"id": i, "outcome": "refused", "why": "no such dead letter"}
+            for i in ids
+            if i not in found
+        ]
+        return results + missing
 
 
-async def queue_command(
-    settings: Settings, action: HeldAction, agency_id: str, building_id: str
-) -> dict[str, object]:
-    connection = _require_kafka(settings)
-    command = OperatorCommand(
-        command=action,
-        agency_id=agency_id,
-        building_id=building_id,
-        requested_at=dt.datetime.now(dt.UTC),
-        requested_by=f"cli:{getpass.getuser()}@{socket.gethostname()}",
-    )
-    producer = AIOKafkaProducer(**connection.options(), acks="all")
-    await start_client(producer, connection)
-    try:
-        partition, offset = await send_command(producer, settings.kafka.commands_topic, command)
-    finally:
-        await producer.stop()
+class PlanChangedError(ValueError):
+    """The plan an operator approved is no longer the one the relay would carry out."""
+
+
+def parked_entry(record: DocumentRecord) -> dict[str, Any]:
+    """How a parked document is shown to an operator."""
+    document = record.document
     return {
-        "queued": action.value,
-        "agency": agency_id,
-        "building": building_id,
-        "partition": partition,
-        "offset": offset,
+        "agency": record.key.agency_id,
+        "building": record.key.building_id,
+        "document": record.key.document_id,
+        "title": document.title if document is not None else None,
+        "module": record.module.value,
+        # A parked record without its document is a withdrawal the partner refused.
+        "operation": "upload" if document is not None else "withdraw",
+        "reason": record.parked_reason,
     }
 
 
-async def run_admin(
-    settings: Settings, command: str, *, agency: str | None, building: str | None
-) -> int:
-    if command == "held":
-        result: object = {"held": await held_deletions(settings)}
-    else:
-        if agency is None or building is None:
-            raise ConfigError(f"{command} needs AGENCY and BUILDING")
-        result = await queue_command(settings, HeldAction(command), agency, building)
-    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
-    return 0
+def requester(kind: str, who: str) -> str:
+    return f"{kind}:{who}"[:200]

@@ -2,12 +2,16 @@
 
 Reads the manifest topic from the beginning and the relay's state topic (no consumer group, no
 commit, nothing produced), keeps the newest complete manifest of every building, and plans it
-against the current view without applying anything. Nothing is sent to the partner.
+against the current view without applying anything. Nothing is sent to the partner. Each agency's
+plan has a fingerprint (a digest of every document it would send, record or withdraw, and of the
+agency's mode): an operator approves that fingerprint, and an approval is refused once the plan
+it was given for has changed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import sys
 from collections import defaultdict
 from typing import Any
@@ -19,8 +23,9 @@ from consumer.core.decoding import decode_record
 from consumer.core.events import ManifestSnapshot
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest, ManifestAssembler
-from consumer.core.planner import DryRun, plan_first_publication
+from consumer.core.planner import DryRun, Plan, Upload, plan_first_publication, plan_manifest
 from consumer.core.routing import RoutingTable, load_routing
+from consumer.core.state import DocumentRecord
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
@@ -113,10 +118,19 @@ def _take(
 
 
 async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str | None) -> DryRun:
+    plan, _ = await plan_with_fingerprints(settings, routing, agency=agency)
+    return plan
+
+
+async def plan_with_fingerprints(
+    settings: Settings, routing: RoutingTable, *, agency: str | None
+) -> tuple[DryRun, dict[str, str]]:
+    """The dry run, and the fingerprint of each agency's part of it."""
     connection = kafka_connection(settings.kafka)
     manifests = await latest_manifests(settings, connection, agency=agency)
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
+    items: dict[str, list[str]] = defaultdict(list)
     state_exists = await topic_partitions(connection, settings.kafka.state_topic)
     for partition, by_building in sorted(manifests.items()):
         view = PublishedView()  # no state topic yet: nothing was ever published
@@ -129,10 +143,41 @@ async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str |
             )
         for _, manifest in sorted(by_building.items()):
             total = total + plan_first_publication(view, routing, manifest, guard)
-    return total
+            items[manifest.agency_id] += _plan_items(plan_manifest(view, routing, manifest, guard))
+    agencies = {agency} if agency is not None else set(items) | set(routing.agencies)
+    return total, {a: fingerprint(routing, a, items.get(a, [])) for a in sorted(agencies)}
 
 
-def render(plan: DryRun, routing: RoutingTable, default_rate: float) -> str:
+def _plan_items(plan: Plan) -> list[str]:
+    """One line per document the plan sends, withdraws or records (baseline, held, parked)."""
+    lines = []
+    for operation in plan.operations:
+        key = operation.key.encode().decode()
+        if isinstance(operation, Upload):
+            lines.append(f"upload {key} {operation.document.content.sha256}")
+        else:
+            lines.append(f"delete {key}")
+    for record in plan.records:
+        if isinstance(record, DocumentRecord):
+            lines.append(f"{record.status} {record.key.encode().decode()} {record.sha256}")
+    return lines
+
+
+def fingerprint(routing: RoutingTable, agency_id: str, items: list[str]) -> str:
+    """A short digest of an agency's plan: it changes when anything the plan would do does."""
+    config = routing.agency(agency_id)
+    digest = hashlib.sha256(f"{agency_id}\n".encode())
+    if config is not None:
+        modules = " ".join(sorted(m.value for m in config.modules))
+        digest.update(f"{config.first_publication} {modules}\n".encode())
+    for line in sorted(items):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def render(
+    plan: DryRun, routing: RoutingTable, default_rate: float, fingerprints: dict[str, str]
+) -> str:
     lines = [
         f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
         f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"
@@ -157,6 +202,15 @@ def render(plan: DryRun, routing: RoutingTable, default_rate: float) -> str:
             f"{agency_id}: {uploads} uploads ({size / 1048576:.1f} MiB), {deletes} withdrawals, "
             f"about {_duration(seconds)} at {rate:g} requests/s"
         )
+    lines.append("")
+    for agency_id, print_ in sorted(fingerprints.items()):
+        config = routing.agency(agency_id)
+        step = (
+            f"; start it with: chouette-relay approve {agency_id} --plan {print_}"
+            if config is not None and config.needs_approval
+            else ""
+        )
+        lines.append(f"{agency_id}: plan {print_}{step}")
     return "\n".join(lines)
 
 
@@ -173,29 +227,36 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
             "CHOUETTE_RELAY_ROUTING_FILE"
         )
     routing = load_routing(settings.routing_file)
-    plan = await build_plan(settings, routing, agency=agency)
+    plan, fingerprints = await plan_with_fingerprints(settings, routing, agency=agency)
     if as_json:
-        payload = {
-            "lines": [
-                {
-                    "agency": line.agency_id,
-                    "building": line.building_id,
-                    "module": line.module.value,
-                    "uploads": line.uploads,
-                    "upload_bytes": line.upload_bytes,
-                    "baseline": line.baseline,
-                    "deletes": line.deletes,
-                    "held": line.held,
-                    "parked": line.parked,
-                }
-                for line in plan.lines
-            ],
-            "uploads": plan.uploads,
-            "upload_bytes": plan.upload_bytes,
-            "baseline": plan.baseline,
-            "deletes": plan.deletes,
-        }
+        payload = plan_json(plan, fingerprints)
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        sys.stdout.write(render(plan, routing, settings.partner.default_rate_per_second) + "\n")
+        default_rate = settings.partner.default_rate_per_second
+        sys.stdout.write(render(plan, routing, default_rate, fingerprints) + "\n")
     return 0
+
+
+def plan_json(plan: DryRun, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """The dry run as JSON, for scripts and the admin endpoint."""
+    return {
+        "lines": [
+            {
+                "agency": line.agency_id,
+                "building": line.building_id,
+                "module": line.module.value,
+                "uploads": line.uploads,
+                "upload_bytes": line.upload_bytes,
+                "baseline": line.baseline,
+                "deletes": line.deletes,
+                "held": line.held,
+                "parked": line.parked,
+            }
+            for line in plan.lines
+        ],
+        "uploads": plan.uploads,
+        "upload_bytes": plan.upload_bytes,
+        "baseline": plan.baseline,
+        "deletes": plan.deletes,
+        "fingerprints": fingerprints,
+    }

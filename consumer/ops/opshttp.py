@@ -1,19 +1,26 @@
 """The operations HTTP surface: probes, metrics, a status view and token-protected admin actions.
 
 ``/livez`` answers while the event loop runs and never depends on Kafka or the partner;
-``/readyz`` is true once every assigned partition is restored and the relay is consuming.
+``/readyz`` is true once every assigned partition is restored and the relay is consuming, and
+false again while the consumer group rebalances or the Kafka broker does not answer.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr
 
+from consumer.core.commands import AgencyAction
+from consumer.ops.admin import Operator, PlanChangedError
+from consumer.ops.dryrun import plan_json
+from consumer.ops.overview import add_replica_status, gather
 from consumer.ops.webserver import AppServer
 
 log = logging.getLogger(__name__)
@@ -26,6 +33,13 @@ class RelayControl(Protocol):
     async def settle_held(
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
     ) -> dict[str, Any]: ...
+    def operator(self) -> Operator: ...
+    async def audit(
+        self, agency_id: str, *, building_id: str | None, repair: bool, requested_by: str
+    ) -> dict[str, Any]: ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class OpsServer(AppServer):
@@ -55,6 +69,19 @@ class OpsServer(AppServer):
                 web.get("/status", self._status),
                 web.get("/admin/held", self._list_held),
                 web.post("/admin/held/{agency}/{building}/{action:release|discard}", self._settle),
+                web.post(
+                    "/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)
+                ),
+                web.get("/admin/plan", self._admin(self._plan)),
+                web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
+                web.get("/admin/overview", self._admin(self._overview)),
+                web.get("/admin/audit", self._admin(self._audit)),
+                web.post("/admin/audit/repair", self._admin(self._audit)),
+                web.get("/admin/parked", self._admin(self._list_parked)),
+                web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
+                web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
+                web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
+                web.post("/admin/dead-letters/replay", self._admin(self._replay)),
             ]
         )
         return app
@@ -108,6 +135,117 @@ class OpsServer(AppServer):
         return web.json_response(
             {"agency": agency, "building": building, "action": action, **queued}, status=202
         )
+
+    def _admin(self, handler: Handler) -> Handler:
+        """``handler`` behind the bearer token; a request it cannot take is a 400."""
+
+        async def guarded(request: web.Request) -> web.Response:
+            if not self._authorized(request):
+                return _forbidden(self._token is None)
+            try:
+                return await handler(request)
+            except PlanChangedError as exc:
+                return web.json_response({"error": str(exc)}, status=409)
+            except ValueError as exc:  # pydantic's ValidationError included
+                return web.json_response({"error": str(exc)}, status=400)
+
+        return guarded
+
+    async def _agency(self, request: web.Request) -> web.Response:
+        action = AgencyAction(request.match_info["action"])
+        queued = await self._control.operator().queue(
+            action, request.match_info["agency"], requested_by=_requester(request)
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _plan(self, request: web.Request) -> web.Response:
+        plan, fingerprints = await self._control.operator().plan(request.query.get("agency"))
+        return web.json_response(plan_json(plan, fingerprints))
+
+    async def _approve(self, request: web.Request) -> web.Response:
+        """Body: ``{"plan": "<fingerprint shown by the plan>"}``; 409 if the plan changed."""
+        body = await _json_body(request)
+        plan = body.get("plan")
+        if not isinstance(plan, str):
+            raise ValueError('the body is {"plan": "<fingerprint>"}')  # noqa: TRY004 - a 400
+        queued = await self._control.operator().approve(
+            request.match_info["agency"], plan, requested_by=_requester(request)
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        """``?agency=ID[&building=B]``; POST to ``/admin/audit/repair`` queues the repairs."""
+        agency = request.query.get("agency")
+        if not agency:
+            raise ValueError("name the agency: ?agency=ID")
+        report = await self._control.audit(
+            agency,
+            building_id=request.query.get("building"),
+            repair=request.method == "POST",
+            requested_by=_requester(request),
+        )
+        return web.json_response(report, status=202 if "repairs" in report else 200)
+
+    async def _overview(self, request: web.Request) -> web.Response:
+        """What ``chouette-relay status --json`` prints, with this replica's own status added."""
+        found = await gather(self._control.operator(), agency=request.query.get("agency"))
+        add_replica_status(found, self._control.status())
+        return web.json_response({name: entry.plain() for name, entry in found.items()})
+
+    async def _list_parked(self, request: web.Request) -> web.Response:
+        parked = await self._control.operator().parked(request.query.get("agency"))
+        return web.json_response({"parked": parked})
+
+    async def _retry(self, request: web.Request) -> web.Response:
+        queued = await self._control.operator().queue(
+            AgencyAction.RETRY,
+            request.match_info["agency"],
+            request.match_info.get("building"),
+            requested_by=_requester(request),
+        )
+        log.warning("operator command queued", extra=queued)
+        return web.json_response(queued, status=202)
+
+    async def _list_dead_letters(self, request: web.Request) -> web.Response:
+        letters = await self._control.operator().dead_letters(
+            reason=request.query.get("reason"), source_topic=request.query.get("source_topic")
+        )
+        return web.json_response({"dead_letters": letters})
+
+    async def _replay(self, request: web.Request) -> web.Response:
+        """Body: ``{"ids": ["topic/partition/offset", ...], "reason": ..., "force": false}``."""
+        body = await _json_body(request)
+        ids, reason, force = body.get("ids", []), body.get("reason"), body.get("force", False)
+        valid = (
+            isinstance(ids, list)
+            and all(isinstance(i, str) for i in ids)
+            and isinstance(force, bool)
+            and isinstance(reason, str | None)
+        )
+        if not valid:
+            raise ValueError(
+                'the body is {"ids": ["topic/partition/offset", ...], "reason": "...", '
+                '"force": false}'
+            )
+        results = await self._control.operator().replay(ids, reason=reason, force=force)
+        log.warning("dead letters replayed", extra={"results": results, "by": _requester(request)})
+        return web.json_response({"replayed": results})
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ValueError("the body is not a JSON object")  # noqa: TRY004 - answered 400
+    return body
+
+
+def _requester(request: web.Request) -> str:
+    return f"http:{request.remote or 'unknown'}"
 
 
 def _forbidden(disabled: bool) -> web.Response:

@@ -99,6 +99,10 @@ class ChouetteCoproClient:
     def __repr__(self) -> str:
         return f"ChouetteCoproClient(base_url={str(self._base)!r})"
 
+    def redact(self, text: str) -> str:
+        """``text`` without any form of any agency's API key (see ``ApiKeyStore.redact``)."""
+        return self._keys.redact(text)
+
     async def upload(
         self, *, agency_id: str, condominium_id: str, document: Document, content: bytes
     ) -> RemoteDocument:
@@ -106,7 +110,7 @@ class ChouetteCoproClient:
         url = self._base / "condominia" / condominium_id / "documents"
         form = _document_form({"type": "documents", "attributes": _attributes(document)}, content)
         status, body = await self._call("upload", "POST", url, agency_id, data=form)
-        _expect(status, body, ok=(201,), operation="upload", not_found=PartnerParkedError)
+        self._expect(status, body, ok=(201,), operation="upload", not_found=PartnerParkedError)
         return _remote_document(body, operation="upload")
 
     async def update(
@@ -121,14 +125,16 @@ class ChouetteCoproClient:
         status, body = await self._call(
             "update", "PATCH", url, agency_id, data=_document_form(resource, content)
         )
-        _expect(status, body, ok=(200,), operation="update", not_found=PartnerRejectedError)
+        self._expect(status, body, ok=(200,), operation="update", not_found=PartnerRejectedError)
         return _remote_document(body, operation="update")
 
     async def delete(self, *, agency_id: str, remote_id: str) -> None:
         """Withdraw a document; one that is already gone (404) counts as withdrawn."""
         url = self._base / "documents" / remote_id
         status, body = await self._call("delete", "DELETE", url, agency_id)
-        _expect(status, body, ok=(204, 404), operation="delete", not_found=PartnerRejectedError)
+        self._expect(
+            status, body, ok=(204, 404), operation="delete", not_found=PartnerRejectedError
+        )
 
     async def find_by_reference(
         self, *, agency_id: str, condominium_id: str, reference: str
@@ -138,7 +144,7 @@ class ChouetteCoproClient:
             {"filter[condominium]": condominium_id, "filter[reference]": reference}
         )
         status, body = await self._call("find_by_reference", "GET", url, agency_id)
-        _expect(
+        self._expect(
             status, body, ok=(200,), operation="find_by_reference", not_found=PartnerParkedError
         )
         data = body.get("data") if isinstance(body, dict) else None
@@ -194,31 +200,42 @@ class ChouetteCoproClient:
         finally:
             if self._observe is not None:
                 self._observe(operation, outcome, time.monotonic() - started)
-        # A partner that echoes the key in an error detail must not leak it into our messages.
-        body = _parse_json(raw.replace(key.get_secret_value().encode(), b"***"))
+        body = _parse_json(raw)
         if response.status == 429 or response.status >= 500 or response.status == 408:
             if retry_after is not None:
                 until = time.monotonic() + retry_after
                 self._not_before[agency_id] = max(self._not_before.get(agency_id, 0.0), until)
             raise PartnerRetriableError(
-                _message(operation, response.status, body),
+                self._message(operation, response.status, body),
                 status=response.status,
                 retry_after=retry_after,
             )
         return response.status, body
 
+    def _message(self, operation: str, status: int, body: Any) -> str:
+        # A partner may echo the credentials in an error (raw, Basic, JSON- or URL-encoded):
+        # redacted before anything is cut, so that no fragment of a key survives the cut.
+        return self._keys.redact(_message(operation, status, body))[:_MAX_DETAIL]
 
-def _expect(
-    status: int,
-    body: Any,
-    *,
-    ok: tuple[int, ...],
-    operation: str,
-    not_found: type[PartnerError],
-) -> None:
-    if status in ok:
-        return
-    message = _message(operation, status, body)
+    def _expect(
+        self,
+        status: int,
+        body: Any,
+        *,
+        ok: tuple[int, ...],
+        operation: str,
+        not_found: type[PartnerError],
+    ) -> None:
+        if status in ok:
+            return
+        _refuse(self._message(operation, status, body), status, operation, not_found)
+
+
+def _refuse(message: str, status: int, operation: str, not_found: type[PartnerError]) -> None:
+    if 200 <= status < 300 and operation != "find_by_reference":
+        # A write answered with another success than the contract's (say, 200 and an error
+        # body): whether it happened is unknown, and the retry looks it up by reference.
+        raise PartnerRetriableError(f"{message} (outcome unknown)", status=status)
     if status in (401, 403):
         raise PartnerParkedError(message, status=status)
     if status == 404:
@@ -295,7 +312,7 @@ def _parse_json(raw: bytes) -> Any:
 
 
 def _message(operation: str, status: int, body: Any) -> str:
-    """``upload: ChouetteCopro answered 422: sha256_mismatch: ... (source)``."""
+    """``upload: ChouetteCopro answered 422: sha256_mismatch: ... (source)``, not yet redacted."""
     parts = [f"{operation}: ChouetteCopro answered {status}"]
     errors = body.get("errors") if isinstance(body, dict) else None
     if isinstance(errors, list):
@@ -308,8 +325,8 @@ def _message(operation: str, status: int, body: Any) -> str:
             source = error.get("source")
             if isinstance(source, dict) and source:
                 text += " (" + ", ".join(f"{k}={v}" for k, v in source.items()) + ")"
-            parts.append(text)
-    return ": ".join(parts)[:_MAX_DETAIL]
+            parts.append(text[: _MAX_DETAIL * 4])
+    return ": ".join(parts)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -326,3 +343,34 @@ def _retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+async def list_documents(
+    client: ChouetteCoproClient, *, agency_id: str, condominium_id: str, page_size: int = 100
+) -> list[RemoteDocument]:
+    """Every document of a condominium, hand-made ones included (reference None), page by page.
+
+    A function beside the class rather than a method, so that it stays one self-contained
+    addition to this module; it speaks the same ``listDocuments`` operation as
+    ``find_by_reference``.
+    """
+    found: list[RemoteDocument] = []
+    number = 1
+    while True:
+        url = (client._base / "documents").with_query(
+            {
+                "filter[condominium]": condominium_id,
+                "page[number]": str(number),
+                "page[size]": str(page_size),
+            }
+        )
+        status, body = await client._call("list", "GET", url, agency_id)
+        client._expect(status, body, ok=(200,), operation="list", not_found=PartnerParkedError)
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise PartnerRetriableError("list: the answer has no data list", status=200)
+        found += [_resource(item, operation="list") for item in data if isinstance(item, dict)]
+        links = body.get("links") if isinstance(body, dict) else None
+        if not data or not isinstance(links, dict) or not links.get("next"):
+            return found
+        number += 1

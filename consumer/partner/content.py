@@ -1,9 +1,11 @@
 """Fetches the bytes of an LSC document and proves they are the ones the event declared.
 
-Inline content is strict base64; URL content is fetched only from allowlisted hosts, streamed with
-a hard size limit, and never followed off the allowlist by a redirect. The sha256 and size must
-match the event. A wrong document is a ``ContentError`` (dead-letter), an unreachable store a
-``ContentUnavailableError`` (retry later).
+Inline content is strict base64; URL content is fetched only from allowlisted hosts, as identity
+(a Content-Encoding the relay did not ask for is refused: no decompression bombs), streamed no
+further than the declared size, within the fetch timeout, and never followed off the allowlist by
+a redirect. The sha256 and size must match the event. A wrong document or a URL the HTTP stack
+cannot parse is a ``ContentError`` (dead-letter), an unreachable store a
+``ContentUnavailableError`` (the document retries on its own, then is parked).
 """
 
 from __future__ import annotations
@@ -80,7 +82,10 @@ class ContentFetcher:
 
     async def __aenter__(self) -> Self:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+            # Asked for identity; whatever else comes is refused, never inflated.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl), auto_decompress=False
+            )
         return self
 
     async def __aexit__(
@@ -106,7 +111,7 @@ class ContentFetcher:
         if content.inline_base64 is not None:
             data = self._decode_inline(content.inline_base64)
         elif content.url is not None:
-            data = await self._download(URL(content.url), content.size_bytes)
+            data = await self._download(_parse_url(content.url), content.size_bytes)
         else:  # the model guarantees one source; keep mypy and future models honest
             raise ContentError("content has neither url nor inline_base64", reason="not_found")
         if len(data) != content.size_bytes:
@@ -148,10 +153,15 @@ class ContentFetcher:
                 ) as response:
                     location = response.headers.get("Location")
                     if response.status in _REDIRECTS and location:
-                        url = url.join(URL(location))
+                        url = url.join(_parse_url(location))
                         continue
                     self._check_status(url, response.status)
+                    _check_encoding(url, response.headers.get("Content-Encoding"))
                     return await self._read_limited(url, response, declared_size)
+            except aiohttp.InvalidURL as exc:
+                raise ContentError(
+                    f"cannot fetch a URL the HTTP stack refuses: {exc}", reason="bad_url"
+                ) from None
             except TimeoutError:
                 raise ContentUnavailableError(
                     f"timed out fetching {url.with_query(None)}", reason="timeout"
@@ -189,17 +199,40 @@ class ContentFetcher:
                 f"{url.with_query(None)} is {length} bytes, the event declared {declared_size}",
                 reason="size_mismatch",
             )
+        # Never more than the declared size plus one byte: one more is enough to refuse it.
+        limit = min(declared_size, self._max_bytes) + 1
         body = bytearray()
-        async for chunk in response.content.iter_chunked(self._chunk_size):
+        while len(body) < limit:
+            chunk = await response.content.read(min(self._chunk_size, limit - len(body)))
+            if not chunk:
+                break
             body += chunk
-            if len(body) > self._max_bytes:
-                raise ContentError(
-                    f"{url.with_query(None)} exceeds the limit of {self._max_bytes} bytes",
-                    reason="too_large",
-                )
-            if len(body) > declared_size:
-                raise ContentError(
-                    f"{url.with_query(None)} is longer than the declared {declared_size} bytes",
-                    reason="size_mismatch",
-                )
+        if len(body) > self._max_bytes:
+            raise ContentError(
+                f"{url.with_query(None)} exceeds the limit of {self._max_bytes} bytes",
+                reason="too_large",
+            )
+        if len(body) > declared_size:
+            raise ContentError(
+                f"{url.with_query(None)} is longer than the declared {declared_size} bytes",
+                reason="size_mismatch",
+            )
         return bytes(body)
+
+
+def _parse_url(text: str) -> URL:
+    """The URL, or ``ContentError("bad_url")`` for one yarl cannot parse (a port above 65535)."""
+    try:
+        url = URL(text)
+        _ = url.host, url.port  # decoded lazily: a bad IDNA host or port raises only here
+    except (ValueError, TypeError) as exc:  # UnicodeError (IDNA) is a ValueError
+        raise ContentError(f"the document URL cannot be parsed: {exc}", reason="bad_url") from None
+    return url
+
+
+def _check_encoding(url: URL, encoding: str | None) -> None:
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise ContentError(
+            f"{url.with_query(None)} came with Content-Encoding {encoding[:40]!r}, not identity",
+            reason="content_encoding",
+        )

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from consumer.core.events import Content
 from consumer.core.planner import (
@@ -25,16 +27,22 @@ from consumer.core.planner import (
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocStatus, StateRecord, Tombstone
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
-from consumer.errors import ContentError, PartnerParkedError, PartnerRejectedError
+from consumer.errors import ContentError, PartnerRejectedError
+from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient, RemoteDocument
-from consumer.partner.scheduler import Scheduler
+from consumer.partner.scheduler import RetryPolicy, Scheduler
 
 log = logging.getLogger(__name__)
 
 Operation = Upload | Delete
+T = TypeVar("T")
+
+DOCUMENT_RETRY = RetryPolicy(max_attempts=8, base_seconds=5.0, cap_seconds=300.0)
+"""A document whose content cannot be had waits on its own (about 5 to 10 minutes in all),
+then is parked; the agency's other documents flow meanwhile."""
 
 
 class RecordWriter(Protocol):
@@ -54,6 +62,14 @@ class DeadLetters(Protocol):
 @dataclass(slots=True)
 class _Tried:
     reached_partner: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """Work that ended without success, and what ``classify`` says about it."""
+
+    verdict: Verdict
+    error: Exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,8 @@ class OperationExecutor:
         content: ContentSource,
         dead_letters: DeadLetters,
         metrics: RelayMetrics,
+        document_retry: RetryPolicy = DOCUMENT_RETRY,
+        rng: random.Random | None = None,
     ) -> None:
         self._view = view
         self._writer = writer
@@ -85,6 +103,8 @@ class OperationExecutor:
         self._content = content
         self._dead_letters = dead_letters
         self._metrics = metrics
+        self._retry = document_retry
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._chains: dict[DocKey, asyncio.Task[RemoteState | None]] = {}
         # Every unfinished operation, not only chain heads: closing must stop them all.
         self._running: set[asyncio.Task[RemoteState | None]] = set()
@@ -99,8 +119,10 @@ class OperationExecutor:
         """Queue ``operation`` behind any earlier one on the same document; return its task."""
         key = operation.key
         previous = self._chains.get(key)
+        # What a withdrawal removes, kept to park it whole should the partner refuse it.
+        withdrawn = self._view.document(key) if isinstance(operation, Delete) else None
         task = asyncio.create_task(
-            self._run(operation, previous, source), name=f"op:{key.encode()!r}"
+            self._run(operation, previous, source, withdrawn), name=f"op:{key.encode()!r}"
         )
         self._chains[key] = task
         self._running.add(task)
@@ -134,6 +156,7 @@ class OperationExecutor:
         operation: Operation,
         previous: asyncio.Task[RemoteState | None] | None,
         source: SourceRecord,
+        withdrawn: DocumentRecord | None,
     ) -> RemoteState | None:
         if previous is not None:
             base = await previous
@@ -148,7 +171,7 @@ class OperationExecutor:
             base = None
         if isinstance(operation, Upload):
             return await self._run_upload(operation, base, source)
-        await self._run_delete(operation, base)
+        await self._run_delete(operation, base, withdrawn)
         return None
 
     async def _run_upload(
@@ -164,34 +187,91 @@ class OperationExecutor:
         async def call() -> RemoteState:
             return await self._attempt_upload(upload, base, tried)
 
-        try:
-            result: RemoteState | None = await self._scheduler.submit(
-                call, agency_id=upload.key.agency_id, lane=upload.lane
-            )
-        except (PartnerRejectedError, ContentError) as exc:
-            if isinstance(exc, ContentError):
-                reason, detail = "content_rejected", f"{exc.reason}: {exc}"
-            else:
-                reason, detail = "partner_rejected", str(exc)
-            if source.offset < 0:
-                # Work the relay started itself (a parked document sent again): there is no input
-                # record to dead-letter, so the document stays parked with the refusal.
-                return await self._park(upload, base, f"{reason}: {detail}")
-            await self._dead_letters.send(
-                source, reason=reason, detail=f"document {upload.key.document_id}: {detail}"
-            )
-            await self._writer.write(self._revert(upload, base))
-            self._settle(upload.key, self._revert(upload, base))
-            self._metrics.operations.labels(lane, "upload", "dead_lettered").inc()
-            return base
-        except PartnerParkedError as exc:
-            return await self._park(upload, base, f"partner: {exc}")
-        if result is not None:
-            self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
+        scope = Scope.DOCUMENT if source.offset >= 0 else Scope.RELAY
+        result = await self._submit(
+            call, agency_id=upload.key.agency_id, lane=upload.lane, scope=scope, key=upload.key
+        )
+        if isinstance(result, _Failed):
+            return await self._upload_failed(upload, base, source, result)
+        self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
+
+    async def _submit(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        agency_id: str,
+        lane: Lane,
+        scope: Scope,
+        key: DocKey,
+    ) -> T | _Failed:
+        """Run ``call`` through the scheduler; a failure comes back with its verdict.
+
+        The scheduler retries what the partner may answer better later. A failure that is not
+        the partner's (the document store unavailable) comes back at once and this document
+        waits on its own, bounded, jittered and counted, outside the scheduler's workers, so the
+        agency's other documents flow meanwhile. Infrastructure failures are raised: they stop
+        the relay.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._scheduler.submit(call, agency_id=agency_id, lane=lane)
+            except Exception as error:  # classify() decides; this only routes
+                verdict = classify(error, scope)
+                if verdict.disposition is Disposition.FATAL:
+                    raise
+                attempt += 1
+                if (
+                    verdict.disposition is not Disposition.RETRY
+                    or attempt >= self._retry.max_attempts
+                ):
+                    return _Failed(verdict, error)
+                delay = self._retry.delay(attempt, self._rng)
+                self._metrics.document_retries.labels(verdict.reason).inc()
+                log.warning(
+                    "document waits before trying again",
+                    extra={
+                        "key": key.encode().decode(),
+                        "reason": verdict.reason,
+                        "attempt": attempt,
+                        "delay_s": round(delay, 3),
+                        "error": self._partner.redact(_describe(error)),
+                    },
+                )
+                await asyncio.sleep(delay)
+
+    async def _upload_failed(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord, failed: _Failed
+    ) -> RemoteState | None:
+        """Dead-letter the input that can never work, or park the document for an operator."""
+        verdict = failed.verdict
+        detail = self._explain(failed, upload.key)
+        if verdict.disposition is not Disposition.DEAD_LETTER:
+            # Parked, or still unavailable once its own retries are spent.
+            return await self._park(upload, base, f"{verdict.reason}: {detail}")
+        await self._dead_letters.send(
+            source, reason=verdict.reason, detail=f"document {upload.key.document_id}: {detail}"
+        )
+        await self._writer.write(self._revert(upload, base))
+        self._settle(upload.key, self._revert(upload, base))
+        self._metrics.operations.labels(upload.lane.value, "upload", "dead_lettered").inc()
+        return base
+
+    def _explain(self, failed: _Failed, key: DocKey) -> str:
+        """The failure's redacted detail; an unforeseen one is logged with its traceback."""
+        detail = self._partner.redact(_describe(failed.error))
+        if not failed.verdict.expected:
+            self._metrics.unexpected_errors.labels("document").inc()
+            log.error(
+                "unexpected error in a document's work; the document is parked",
+                exc_info=failed.error,
+                extra={"key": key.encode().decode(), "reason": failed.verdict.reason},
+            )
+        return detail
 
     async def _park(self, upload: Upload, base: RemoteState | None, why: str) -> RemoteState | None:
         """Keep the document (whole) until an operator fixes what stops it; counted and logged."""
@@ -260,16 +340,60 @@ class OperationExecutor:
             content=body,
         )
 
-    async def _run_delete(self, delete: Delete, base: RemoteState | None) -> None:
+    async def _run_delete(
+        self, delete: Delete, base: RemoteState | None, withdrawn: DocumentRecord | None
+    ) -> None:
         if base is not None:
+            remote_id = base.remote_id
 
             async def call() -> None:
-                await self._partner.delete(agency_id=delete.key.agency_id, remote_id=base.remote_id)
+                await self._partner.delete(agency_id=delete.key.agency_id, remote_id=remote_id)
 
-            await self._scheduler.submit(call, agency_id=delete.key.agency_id, lane=Lane.LIVE)
+            result = await self._submit(
+                call,
+                agency_id=delete.key.agency_id,
+                lane=Lane.LIVE,
+                scope=Scope.RELAY,
+                key=delete.key,
+            )
+            if isinstance(result, _Failed):
+                await self._park_withdrawal(delete, base, withdrawn, result)
+                return
         await self._writer.write(deleted_record(delete))
         self._settle(delete.key, deleted_record(delete))
         self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
+
+    async def _park_withdrawal(
+        self,
+        delete: Delete,
+        base: RemoteState,
+        withdrawn: DocumentRecord | None,
+        failed: _Failed,
+    ) -> None:
+        """A withdrawal the partner refuses waits for an operator; the manifest goes on.
+
+        The parked record names the partner's document (``remote_id``) and carries no document:
+        retrying parked work withdraws it (``planner.retry_parked``).
+        """
+        why = f"{failed.verdict.reason}: {self._explain(failed, delete.key)}"
+        key = delete.key.encode().decode()
+        if withdrawn is None:  # never planned so; kept loud rather than guessed
+            log.error("withdrawal refused and nothing to park", extra={"key": key, "why": why})
+            return
+        parked = dataclasses.replace(
+            withdrawn,
+            status=DocStatus.PARKED,
+            sha256=base.sha256 or withdrawn.sha256,
+            remote_id=base.remote_id,
+            condominium_id=delete.condominium_id or withdrawn.condominium_id,
+            held_by=None,
+            parked_reason=why,
+            document=None,
+        )
+        await self._writer.write(parked)
+        self._settle(delete.key, parked)
+        self._metrics.operations.labels(Lane.LIVE.value, "delete", "parked").inc()
+        log.error("withdrawal parked", extra={"key": key, "why": why})
 
     async def _lookup(self, upload: Upload) -> RemoteDocument | None:
         return await self._partner.find_by_reference(
@@ -294,3 +418,9 @@ class OperationExecutor:
         current = asyncio.current_task()
         if self._chains.get(key) is current:
             self._view.apply(record)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ContentError):
+        return f"{error.reason}: {error}"
+    return str(error) or type(error).__name__

@@ -14,7 +14,7 @@ import logging
 
 from consumer.core.state import DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
-from consumer.errors import PartnerError
+from consumer.failures import Disposition, Scope, classify
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.executor import RecordWriter
 from consumer.partner.scheduler import Lane, Scheduler
@@ -53,12 +53,24 @@ async def reconcile_partition(
             )
 
         try:
-            record = await scheduler.submit(look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE)
-        except PartnerError as exc:
-            # Credentials or rights are wrong: keep the intent; it is settled after the fix.
-            log.error(  # noqa: TRY400 - an expected refusal; a traceback would add nothing
+            # A lookup sends nothing: it goes even while an operator pauses the agency.
+            record = await scheduler.submit(
+                look_up, agency_id=intent.key.agency_id, lane=Lane.LIVE, gated=False
+            )
+        except Exception as exc:  # classify() decides; only infrastructure is raised again
+            verdict = classify(exc, Scope.RELAY)
+            if verdict.disposition is Disposition.FATAL:
+                raise
+            # Credentials or rights are wrong, or a surprise: keep the intent, which is settled
+            # after the fix (the next restart); the partition goes on meanwhile.
+            log.error(  # noqa: TRY400 - a traceback for surprises only, not for refusals
                 "cannot reconcile upload intent",
-                extra={"key": intent.key.encode().decode(), "error": str(exc)},
+                exc_info=exc if not verdict.expected else None,
+                extra={
+                    "key": intent.key.encode().decode(),
+                    "reason": verdict.reason,
+                    "error": partner.redact(str(exc)),
+                },
             )
             return
         await writer.write(record)

@@ -1,12 +1,14 @@
 """Runs partner operations: two lanes, per-agency rate limits and breakers, bounded retries.
 
 A job is an async callable submitted for an agency in a lane; ``submit`` returns a future that
-completes with the job's result, or with its error once the error is final (not retriable, or
-needs an operator). Retriable failures are retried with jittered backoff or after the partner's
-Retry-After; a job that runs out of attempts goes back to the queue behind the agency's breaker,
-so work is never dropped. Workers take live work before backfill and rotate between agencies, so
-one agency's backfill never holds back another agency. Jobs of one agency may run concurrently
-and in any order: the caller orders operations that depend on each other.
+completes with the job's result, or with its error once the error is final (not retriable, needs
+an operator, or not the partner's doing: ``consumer.failures`` decides). Retriable partner
+failures are retried with jittered backoff or after the partner's Retry-After; a job that runs
+out of attempts, or fails as a half-open breaker's probe, goes to the back of its agency's queue
+behind the breaker: work is never dropped, and one job the partner always fails is not every probe.
+Workers take live work before backfill and rotate between agencies, so one agency's backfill
+never holds back another agency. Jobs of one agency may run concurrently and in any order: the
+caller orders operations that depend on each other.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 from consumer.core.planner import Lane  # the lanes are the planner's: live before backfill
 from consumer.errors import ConfigError
+from consumer.failures import Disposition, Verdict, classify
 from consumer.partner.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from consumer.partner.ratelimit import RateLimit, TokenBucket
 
@@ -128,6 +131,7 @@ class SchedulerSnapshot:
     running: dict[str, int]  # attempts in flight by agency
     oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
     breakers: dict[str, BreakerState]  # every agency seen so far
+    paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
 
 
 @dataclass(eq=False, slots=True)
@@ -140,6 +144,7 @@ class _Job:
     submitted_at: float
     failures: int = 0  # retriable failures in the current round
     queued: bool = True  # counted in its agency's queued count (waiting, not running)
+    gated: bool = True  # waits while its agency is paused (lookups that send nothing do not)
 
 
 @dataclass(eq=False, slots=True)
@@ -192,6 +197,7 @@ class Scheduler:
         self._idle.set()
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._paused: frozenset[str] = frozenset()
 
     async def __aenter__(self) -> Self:
         if self._runner is not None or self._closed:
@@ -219,13 +225,22 @@ class Scheduler:
                 workers.create_task(self._work(), name=f"scheduler-worker-{number}")
 
     def submit(
-        self, call: Callable[[], Awaitable[T]], *, agency_id: str, lane: Lane
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        agency_id: str,
+        lane: Lane,
+        gated: bool = True,
     ) -> asyncio.Future[T]:
-        """Queue a job; cancelling the returned future before the job starts withdraws it."""
+        """Queue a job; cancelling the returned future before the job starts withdraws it.
+
+        ``gated=False`` is for a job that sends nothing (a lookup): it goes even while its agency
+        is paused, still within the agency's rate and breaker.
+        """
         if self._closed:
             raise RuntimeError("the scheduler is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        job = _Job(next(self._seq), agency_id, lane, call, future, self._clock())
+        job = _Job(next(self._seq), agency_id, lane, call, future, self._clock(), gated=gated)
         agency = self._agency(agency_id)
         agency.queued[lane] += 1
         self._pending[lane][job.seq] = job
@@ -248,6 +263,16 @@ class Scheduler:
             if agency.bucket.try_take(now):
                 return
             await asyncio.sleep(max(agency.bucket.available_at(now) - now, 0.001))
+
+    def set_paused(self, agencies: frozenset[str]) -> None:
+        """The agencies an operator paused: their jobs stay queued and none of them starts
+        (attempts already running finish) until the agency is no longer in the set."""
+        self._paused = frozenset(agencies)
+        self._wake()
+
+    @property
+    def paused(self) -> frozenset[str]:
+        return self._paused
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
         """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
@@ -286,6 +311,7 @@ class Scheduler:
             running={name: a.running for name, a in self._agencies.items() if a.running},
             oldest_pending_seconds=oldest,
             breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
+            paused=self._paused,
         )
 
     # -- workers -----------------------------------------------------------------------------
@@ -330,13 +356,19 @@ class Scheduler:
                 if not queue:
                     del rotation[name]
                     continue
+                index: int | None = 0
+                if name in self._paused:
+                    index = _first_ungated(queue)
+                if index is None:
+                    continue  # only paused work: resuming wakes the workers
                 if not agency.breaker.allows(now):
                     wake_at = _earliest(wake_at, agency.breaker.reopens_at(now))
                     continue
                 if not agency.bucket.try_take(now):
                     wake_at = _earliest(wake_at, agency.bucket.available_at(now))
                     continue
-                job = queue.popleft()
+                job = queue[index]
+                del queue[index]
                 del rotation[name]
                 if queue:
                     rotation[name] = None  # to the back of the round
@@ -380,12 +412,9 @@ class Scheduler:
     def _failed(self, job: _Job, agency: _Agency, error: Exception, *, probe: bool) -> Outcome:
         """Settle or reschedule a job whose attempt raised ``error``."""
         now = self._clock()
-        if getattr(error, "needs_operator", False) or not getattr(error, "retriable", False):
-            # The partner answered (or the job is broken): the account itself is reachable.
-            agency.breaker.record_success(probe=probe)
-            if not job.future.done():
-                job.future.set_exception(error)
-            return Outcome.PARKED if getattr(error, "needs_operator", False) else Outcome.FAILED
+        verdict = classify(error)
+        if not verdict.from_partner or verdict.disposition is not Disposition.RETRY:
+            return self._final(job, agency, error, verdict, probe=probe)
         retry_after: float | None = getattr(error, "retry_after", None)
         # "Too many requests, come back then" is a rate signal, not a health one: it pauses the
         # agency but neither counts for its breaker nor uses up the job's round of attempts. A
@@ -405,8 +434,11 @@ class Scheduler:
         if job.failures >= self._retry.max_attempts:
             job.failures = 0
             agency.breaker.trip(now)
-            self._make_ready(job, agency, first=True)
-            self._observer.retry(job.agency, RetryReason.ROUND_EXHAUSTED)
+            self._behind(job, agency, RetryReason.ROUND_EXHAUSTED)
+            return Outcome.REQUEUED
+        if probe and not rate_limited:
+            # The breaker's longer cool-down is this job's backoff.
+            self._behind(job, agency, RetryReason.BACKOFF)
             return Outcome.REQUEUED
         if retry_after is not None:
             not_before, reason = now + max(0.0, retry_after), RetryReason.RETRY_AFTER
@@ -416,6 +448,28 @@ class Scheduler:
         heapq.heappush(self._delayed, (not_before, job.seq, job))
         self._observer.retry(job.agency, reason)
         return Outcome.RETRYING
+
+    def _final(
+        self, job: _Job, agency: _Agency, error: Exception, verdict: Verdict, *, probe: bool
+    ) -> Outcome:
+        """Complete the job's future with ``error``, which no retry here can mend."""
+        if not job.future.done():
+            job.future.set_exception(error)
+        if not verdict.from_partner:
+            # Not the partner's doing (the document store, a bug in the job): the breaker learns
+            # nothing, a probe lets another job go, and the caller decides what comes next, so a
+            # document whose content cannot be had never holds its agency back.
+            agency.breaker.release_probe(probe=probe)
+            return Outcome.FAILED
+        # The partner answered: the account itself is reachable.
+        agency.breaker.record_success(probe=probe)
+        return Outcome.PARKED if verdict.disposition is Disposition.PARK else Outcome.FAILED
+
+    def _behind(self, job: _Job, agency: _Agency, reason: RetryReason) -> None:
+        """Back in the queue behind the agency's other work: the next probe is another job, so
+        one document the partner always fails on is never all its agency ever asks again."""
+        self._make_ready(job, agency, first=False)
+        self._observer.retry(job.agency, reason)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -463,6 +517,11 @@ class Scheduler:
             if not waiter.done():
                 waiter.set_result(None)
         self._waiters.clear()
+
+
+def _first_ungated(queue: deque[_Job]) -> int | None:
+    """Where the first job that may go while its agency is paused waits, if one does."""
+    return next((i for i, job in enumerate(queue) if not job.gated and not job.future.done()), None)
 
 
 def _earliest(current: float | None, candidate: float | None) -> float | None:

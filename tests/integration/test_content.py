@@ -234,3 +234,59 @@ def test_allowlist_matches_exact_hosts_and_optional_ports(
     entries: list[str], url: str, allowed: bool
 ) -> None:
     assert HostAllowlist(entries).allows(URL(url)) is allowed
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_content_encoding_not_asked_for_is_refused_not_inflated(
+    fetcher: ContentFetcher, docstore: DocumentStore, encoding: str
+) -> None:
+    # Inflated, the bytes would match the event: a store could send a decompression bomb.
+    stored = docstore.add_pdf("ag-2024", "PV AG 2024")
+    docstore.set_encoding("ag-2024", encoding)
+
+    assert await reason_of(fetcher, url_content(stored)) == "content_encoding"
+
+
+@pytest.mark.parametrize("hide_length", [False, True], ids=["content-length", "chunked"])
+async def test_more_bytes_than_declared_are_refused(
+    fetcher: ContentFetcher, docstore: DocumentStore, hide_length: bool
+) -> None:
+    stored = docstore.add_pdf("ag-2024", "PV AG 2024")
+    docstore.set_extra_bytes("ag-2024", 100_000)
+    docstore.hide_length("ag-2024", hide_length)
+
+    assert await reason_of(fetcher, url_content(stored)) == "size_mismatch"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:70000/documents/a.pdf",
+        "http://[::1/documents/a.pdf",
+        "https://xn--/documents/a.pdf",
+    ],
+    ids=["port-above-65535", "broken-ipv6", "bad-idna"],
+)
+async def test_a_url_the_http_stack_cannot_parse_is_a_bad_url(
+    fetcher: ContentFetcher, url: str
+) -> None:
+    content = Content.model_construct(
+        media_type="application/pdf", size_bytes=10, sha256="0" * 64, url=url, inline_base64=None
+    )
+
+    assert await reason_of(fetcher, content) == "bad_url"
+
+
+async def test_a_body_that_trickles_is_bounded_by_the_fetch_timeout(
+    docstore: DocumentStore,
+) -> None:
+    # Every chunk comes in time for a read timeout; only the bound on the whole download ends it.
+    stored = docstore.add_bytes("trickle", b"%PDF-1.4\n" + b"0" * 200_000)
+    docstore.set_slow("trickle", chunk_delay_s=0.05)
+    async with ContentFetcher(
+        allowed_hosts=["127.0.0.1"], max_bytes=MAX_BYTES, timeout_s=0.3
+    ) as fetcher:
+        with pytest.raises(ContentUnavailableError) as caught:
+            await fetcher.fetch(url_content(stored))
+
+    assert caught.value.reason == "timeout"

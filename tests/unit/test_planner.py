@@ -29,9 +29,17 @@ from consumer.core.planner import (
     published_record,
     release_held,
     retry_parked,
+    unapproved_modules,
 )
 from consumer.core.routing import RoutingTable
-from consumer.core.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, Tombstone
+from consumer.core.state import (
+    AgencyRecord,
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    Tombstone,
+)
 from consumer.core.view import PublishedView
 
 AGENCY, BUILDING, UNMAPPED = "agence-lyon", "bat-12", "bat-13"
@@ -548,3 +556,58 @@ def test_the_dry_run_counts_documents_bytes_and_time_before_anything_is_sent() -
     assert (dry.uploads, dry.upload_bytes, dry.baseline, dry.deletes) == (2, 2000, 1, 1)
     assert dry.estimated_seconds(rate_per_second=2.0) == 1.5
     assert view.size == 1  # nothing applied
+
+
+# -- approval of a first publication -------------------------------------------------------------
+
+
+def _approval_routing(first_publication: str, approval: str) -> RoutingTable:
+    return RoutingTable.from_mapping(
+        {
+            "agencies": {
+                AGENCY: {
+                    "modules": ["ag", "contrats"],
+                    "first_publication": first_publication,
+                    "approval": approval,
+                    "condominia": {BUILDING: "8841"},
+                }
+            }
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("first_publication", "approval", "waits"),
+    [
+        ("history", "operator", {"ag", "contrats"}),
+        ("since:2024-01-01", "operator", {"ag", "contrats"}),
+        ("fresh", "operator", set()),
+        ("history", "auto", set()),
+    ],
+)
+def test_a_first_publication_that_sends_history_waits_for_approval_unless_told_otherwise(
+    first_publication: str, approval: str, waits: set[str]
+) -> None:
+    table = _approval_routing(first_publication, approval)
+    view = PublishedView()
+    snapshot = manifest(at(0), doc("a"), doc("b", module="contrats"))
+
+    plan = plan_manifest(view, table, snapshot, GUARD)
+
+    assert unapproved_modules(view, table, snapshot, plan) == waits
+
+
+def test_an_approval_covers_its_modules_and_a_module_enabled_later_waits_again() -> None:
+    table = _approval_routing("history", "operator")
+    view = PublishedView()
+    view.apply(
+        AgencyRecord(AGENCY, approved_plan="ab" * 8, approved_modules=frozenset({Module.AG}))
+    )
+    snapshot = manifest(at(0), doc("a"), doc("b", module="contrats"))
+
+    plan = plan_manifest(view, table, snapshot, GUARD)
+
+    assert unapproved_modules(view, table, snapshot, plan) == {"contrats"}
+    view.apply(BuildingRecord(AGENCY, BUILDING, {Module.AG: at(-5), Module.CONTRATS: at(-5)}, True))
+    later = manifest(at(10), doc("a"), doc("c", module="contrats"))
+    assert unapproved_modules(view, table, later, plan_manifest(view, table, later, GUARD)) == set()

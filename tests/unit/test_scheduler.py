@@ -412,6 +412,22 @@ async def test_half_open_sends_one_probe_and_a_failed_probe_waits_longer(
     ]
 
 
+async def test_one_job_the_partner_always_fails_is_not_every_probe_of_its_agency(
+    make_scheduler: MakeScheduler, observer: RecordingObserver
+) -> None:
+    poison = Job("poison", forever())  # say, a PDF the partner chokes on
+    healthy = [Job(f"healthy-{i}") for i in range(3)]
+    breaker = BreakerPolicy(failure_threshold=100, cooldown_seconds=0.02, max_cooldown_seconds=0.1)
+    async with make_scheduler(concurrency=1, breaker=breaker) as scheduler:
+        stuck = scheduler.submit(poison, agency_id="a", lane=Lane.LIVE)
+        await eventually(lambda: ("a", BreakerState.OPEN) in observer.breakers)
+        done = await all_done([scheduler.submit(j, agency_id="a", lane=Lane.LIVE) for j in healthy])
+
+        assert done == [f"healthy-{i}" for i in range(3)]
+        assert not stuck.done()  # still tried, never dropped
+    assert len(poison.attempts) >= FAST_RETRY.max_attempts + 1
+
+
 # -- lifecycle and status --------------------------------------------------------------------
 
 
@@ -521,3 +537,47 @@ async def test_every_future_completes_exactly_once_with_its_result(
     assert results == [call.name for call in calls]
     assert completions == Counter(range(len(jobs)))
     assert [len(call.attempts) for call in calls] == [failures + 1 for _, _, failures in jobs]
+
+
+# -- operator pause ----------------------------------------------------------------------------
+
+
+async def test_a_paused_agency_sends_nothing_and_resumes_with_exactly_what_waited(
+    make_scheduler: MakeScheduler,
+) -> None:
+    paused_jobs = [Job(f"paused-{i}") for i in range(6)]
+    other = [Job(f"other-{i}") for i in range(6)]
+    scheduler = make_scheduler(concurrency=2)
+    scheduler.set_paused(frozenset({"a"}))
+    async with scheduler:
+        waiting = [
+            scheduler.submit(job, agency_id="a", lane=lane)
+            for job, lane in zip(paused_jobs, [Lane.LIVE, Lane.BACKFILL] * 3, strict=True)
+        ]
+        await all_done([scheduler.submit(j, agency_id="b", lane=Lane.LIVE) for j in other])
+        assert all(job.attempts == [] for job in paused_jobs)
+        assert not any(future.done() for future in waiting)
+        snapshot = scheduler.snapshot()
+        assert snapshot.paused == {"a"}
+        assert snapshot.queued[Lane.LIVE]["a"] + snapshot.queued[Lane.BACKFILL]["a"] == 6
+
+        scheduler.set_paused(frozenset())
+
+        assert sorted(await all_done(waiting)) == sorted(job.name for job in paused_jobs)
+    assert [len(job.attempts) for job in paused_jobs] == [1] * 6
+
+
+async def test_a_lookup_that_sends_nothing_goes_while_its_agency_is_paused(
+    make_scheduler: MakeScheduler,
+) -> None:
+    upload, lookup = Job("upload"), Job("lookup")
+    scheduler = make_scheduler(concurrency=1)
+    scheduler.set_paused(frozenset({"a"}))
+    async with scheduler:
+        waiting = scheduler.submit(upload, agency_id="a", lane=Lane.LIVE)
+        assert await all_done(
+            [scheduler.submit(lookup, agency_id="a", lane=Lane.LIVE, gated=False)]
+        ) == ["lookup"]
+        assert upload.attempts == []
+        scheduler.set_paused(frozenset())
+        assert await all_done([waiting]) == ["upload"]

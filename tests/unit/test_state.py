@@ -17,6 +17,8 @@ from referencing import Registry, Resource
 
 from consumer.core.events import Document, Module
 from consumer.core.state import (
+    AgencyKey,
+    AgencyRecord,
     BuildingKey,
     BuildingRecord,
     DocKey,
@@ -29,6 +31,7 @@ from consumer.core.state import (
     decode_state,
     encode_state,
 )
+from consumer.core.view import PublishedView
 from tests.strategies import document_dicts, document_ids, identifiers
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -193,3 +196,27 @@ def document_records(draw: st.DrawFn) -> DocumentRecord:
 @given(record=document_records())
 def test_any_document_record_round_trips_and_matches_the_schema(record: DocumentRecord) -> None:
     assert round_trip(record) == record
+
+
+def test_agency_controls_round_trip_match_the_schema_and_reach_the_view() -> None:
+    paused = AgencyRecord(
+        "agence-lyon",
+        paused=True,
+        changed_by="cli:ops@host",
+        changed_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        approved_plan="a1b2c3",
+        approved_modules=frozenset({Module.AG, Module.CONTRATS}),
+    )
+    key, _ = encode_state(paused)
+
+    assert key == b"agence-lyon:~agency"  # no building id starts with "~"
+    assert decode_key(key) == AgencyKey("agence-lyon")
+    assert round_trip(paused) == paused
+    assert round_trip(AgencyRecord("agence-lyon")) == AgencyRecord("agence-lyon")
+    view = PublishedView()
+    view.apply_encoded(*encode_state(paused))
+    assert view.paused_agencies() == {"agence-lyon"}
+    view.apply(AgencyRecord("agence-lyon", paused=False))
+    assert view.paused_agencies() == set()
+    view.apply(Tombstone(AgencyKey("agence-lyon")))
+    assert view.agency("agence-lyon") is None

@@ -1,0 +1,122 @@
+"""The audit's rules: the differences between the view and what the partner holds, and the repair.
+
+Pure: the partner's documents come in as values (anything with ``remote_id``, ``reference`` and
+``sha256``), so the comparison and the repair plan are tested without HTTP. Fetching the partner's
+list and sending repair commands is the ops surface's part (``consumer/ops/audit.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Protocol
+
+from consumer.core.commands import Finding, FindingKind
+from consumer.core.planner import Delete, Outcome, Plan
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.core.view import ON_PARTNER, PublishedView
+
+
+class HeldDocument(Protocol):
+    """A document the partner holds, as the audit sees it."""
+
+    @property
+    def remote_id(self) -> str: ...
+
+    @property
+    def reference(self) -> str | None: ...
+
+    @property
+    def sha256(self) -> str | None: ...
+
+
+def compare(
+    records: Iterable[DocumentRecord], remote: Iterable[HeldDocument]
+) -> list[tuple[str, Finding]]:
+    """``(building, finding)`` for every difference between the view and one condominium.
+
+    ``records`` are the view's documents of the buildings mapped to the condominium; an upload
+    still in flight is not a difference. Unexpected documents are put on the first building.
+    """
+    known = list(records)
+    by_remote = {r.remote_id: r for r in known if r.remote_id is not None}
+    relay_made = [d for d in remote if d.reference is not None]
+    on_partner = {d.remote_id: d for d in relay_made}
+    first_building = min((r.key.building_id for r in known), default=None)
+    found: list[tuple[str, Finding]] = []
+    for record in known:
+        if record.status not in ON_PARTNER or record.remote_id is None:
+            continue
+        held = on_partner.get(record.remote_id)
+        building = record.key.building_id
+        if held is None:
+            finding = Finding(
+                kind=FindingKind.MISSING,
+                document_id=record.key.document_id,
+                remote_id=record.remote_id,
+                view_sha256=record.sha256,
+            )
+            found.append((building, finding))
+        elif held.sha256 is not None and held.sha256 != record.sha256:
+            finding = Finding(
+                kind=FindingKind.CHANGED,
+                document_id=record.key.document_id,
+                remote_id=record.remote_id,
+                view_sha256=record.sha256,
+                partner_sha256=held.sha256,
+            )
+            found.append((building, finding))
+    for document in relay_made:
+        if document.remote_id in by_remote or document.reference is None:
+            continue
+        owner = by_remote_reference(known, document.reference) or first_building
+        if owner is None:
+            continue  # no building of ours maps here any more: nothing to settle it against
+        finding = Finding(
+            kind=FindingKind.UNEXPECTED,
+            document_id=document.reference,
+            remote_id=document.remote_id,
+            partner_sha256=document.sha256,
+        )
+        found.append((owner, finding))
+    return found
+
+
+def by_remote_reference(records: list[DocumentRecord], reference: str) -> str | None:
+    """The building whose view knows this document id, if one does."""
+    return next((r.key.building_id for r in records if r.key.document_id == reference), None)
+
+
+def plan_repair(
+    view: PublishedView,
+    agency_id: str,
+    building_id: str,
+    condominium_id: str | None,
+    findings: Iterable[Finding],
+) -> Plan:
+    """What the owning replica does with an audit's findings, each checked again first."""
+    operations: list[Delete] = []
+    records: list[StateRecord] = []
+    for finding in findings:
+        key = DocKey(agency_id, building_id, finding.document_id)
+        current = view.document(key)
+        if finding.kind is FindingKind.UNEXPECTED:
+            if current is not None and (
+                current.remote_id == finding.remote_id or current.status is DocStatus.UPLOADING
+            ):
+                continue  # the view knows it by now, or an upload of it is under way
+            # A copy the view does not know (a duplicate, or one the view forgot): withdraw that
+            # copy only. Its operation goes under a key of its own (no LSC document id starts
+            # with "~"), so it neither waits behind nor changes the document's own record.
+            copy = DocKey(agency_id, building_id, f"~copy:{finding.remote_id}")
+            operations.append(Delete(copy, condominium_id, finding.remote_id))
+            continue
+        if current is None or current.status not in ON_PARTNER:
+            continue
+        if current.remote_id != finding.remote_id or current.sha256 != finding.view_sha256:
+            continue  # settled meanwhile
+        if finding.kind is FindingKind.MISSING:
+            records.append(Tombstone(key))
+        elif finding.partner_sha256 is not None:
+            records.append(dataclasses.replace(current, sha256=finding.partner_sha256))
+    return Plan(Outcome.APPLIED, tuple(operations), tuple(records))

@@ -1,0 +1,58 @@
+"""What an operator command on an agency does to one partition: a pure function of its view.
+
+Pause, resume and approve change the agency record of the partition (the relay then hands the
+paused agencies to the scheduler, and applies the first publications an approval releases);
+retry sends the partition's parked documents of the agency (or of one building) again; repair
+settles an audit's findings for one building (``consumer.core.audit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from consumer.core.audit import plan_repair
+from consumer.core.commands import AgencyAction, OperatorCommand
+from consumer.core.planner import Outcome, Plan, retry_parked
+from consumer.core.routing import RoutingTable
+from consumer.core.state import AgencyKey, AgencyRecord, BuildingKey, DocKey
+from consumer.core.view import PublishedView
+
+CONTROLS = frozenset({AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE})
+"""Commands that change an agency's controls (what the scheduler and the approval gate read)."""
+
+
+def plan_agency_command(
+    view: PublishedView, routing: RoutingTable, command: OperatorCommand
+) -> Plan:
+    """The records and operations ``command`` causes in this partition."""
+    agency, building, action = command.agency_id, command.building_id, command.command
+    if action is AgencyAction.REPAIR and building is not None:
+        config = routing.agency(agency)
+        condominium = config.condominia.get(building) if config is not None else None
+        return plan_repair(view, agency, building, condominium, command.findings)
+    if action is AgencyAction.RETRY:
+        plan = retry_parked(view, routing)
+
+        def concerned(key: DocKey | BuildingKey | AgencyKey) -> bool:
+            if key.agency_id != agency:
+                return False
+            return building is None or getattr(key, "building_id", None) == building
+
+        return Plan(
+            plan.outcome,
+            tuple(op for op in plan.operations if concerned(op.key)),
+            tuple(record for record in plan.records if concerned(record.key)),
+        )
+    if action not in CONTROLS:
+        return Plan(Outcome.UNCHANGED)
+    current = view.agency(agency) or AgencyRecord(agency)
+    record = dataclasses.replace(
+        current, changed_by=command.requested_by, changed_at=command.requested_at
+    )
+    if action is AgencyAction.APPROVE:
+        config = routing.agency(agency)
+        modules = frozenset(config.modules) if config is not None else frozenset()
+        record = dataclasses.replace(record, approved_plan=command.plan, approved_modules=modules)
+    else:
+        record = dataclasses.replace(record, paused=action is AgencyAction.PAUSE)
+    return Plan(Outcome.APPLIED, records=(record,))

@@ -1,0 +1,102 @@
+"""The audit: what ChouetteCopro holds with the relay's references, against the relay's view.
+
+Per condominium, the partner's documents that carry a reference (the relay's; hand-made ones have
+none and are never looked at again) are compared with the view's documents of every building
+mapped to that condominium: **missing** (the view says published, the partner does not hold it),
+**unexpected** (the partner holds it, the view does not know that document id) and **changed**
+(different sha256). A repair is an operator command per building, carried out by the replica that
+owns it after checking each finding against its current view: an unexpected document is deleted
+through the scheduler, a missing one is forgotten and a changed one takes the partner's sha256, so
+that the next manifest sends them again like any delta.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from consumer.core.audit import compare
+from consumer.core.commands import AgencyAction, Finding, FindingKind
+from consumer.core.state import DocumentRecord
+from consumer.core.view import ON_PARTNER
+from consumer.errors import ConfigError
+from consumer.partner.client import ChouetteCoproClient, list_documents
+from consumer.partner.keys import ApiKeyStore
+
+if TYPE_CHECKING:
+    from consumer.ops.admin import Operator
+
+
+async def run_audit(
+    operator: Operator,
+    agency_id: str,
+    *,
+    building_id: str | None = None,
+    repair: bool = False,
+    requested_by: str,
+) -> dict[str, Any]:
+    """Audit one agency (or one building) across the cluster; with ``repair``, queue the fixes."""
+    settings = operator.settings
+    config = operator.routing_table().agency(agency_id)
+    if config is None:
+        raise ValueError(f"agency {agency_id} is not in the routing file")
+    if not settings.partner.base_url:
+        raise ConfigError("set CHOUETTE_RELAY_PARTNER__BASE_URL: the audit asks ChouetteCopro")
+    buildings_of: dict[str, list[str]] = {}
+    for building, condominium in sorted(config.condominia.items()):
+        if building_id in (None, building):
+            buildings_of.setdefault(condominium, []).append(building)
+    if not buildings_of:
+        raise ValueError(f"building {building_id} of {agency_id} is not mapped to a condominium")
+    records: dict[str, list[DocumentRecord]] = {}
+    for view in await operator.views():
+        for building in {b for bs in buildings_of.values() for b in bs}:
+            records.setdefault(building, []).extend(view.documents(agency_id, building))
+    report: list[dict[str, Any]] = []
+    to_repair: dict[str, list[Finding]] = {}
+    keys = ApiKeyStore(settings.partner.api_keys_dir)
+    async with ChouetteCoproClient(
+        base_url=settings.partner.base_url, api_keys=keys, timeout_s=settings.partner.timeout_s
+    ) as partner:
+        for condominium, buildings in sorted(buildings_of.items()):
+            remote = await list_documents(partner, agency_id=agency_id, condominium_id=condominium)
+            known = [r for b in buildings for r in records.get(b, [])]
+            findings = compare(known, remote)
+            for building, finding in findings:
+                to_repair.setdefault(building, []).append(finding)
+            report.append(
+                {
+                    "condominium": condominium,
+                    "buildings": buildings,
+                    "relay_documents": sum(1 for r in known if r.status in ON_PARTNER),
+                    "partner_documents": sum(1 for d in remote if d.reference is not None),
+                    "hand_made": sum(1 for d in remote if d.reference is None),
+                    **{
+                        kind.value: [
+                            {"building": b, **f.model_dump(exclude={"kind"}, exclude_none=True)}
+                            for b, f in findings
+                            if f.kind is kind
+                        ]
+                        for kind in FindingKind
+                    },
+                }
+            )
+    totals = {kind.value: sum(len(c[kind.value]) for c in report) for kind in FindingKind}
+    result: dict[str, Any] = {"agency": agency_id, "findings": totals, "condominia": report}
+    if repair:
+        queued = []
+        for building, fixes in sorted(to_repair.items()):
+            for start in range(0, len(fixes), _PER_COMMAND):
+                queued.append(
+                    await operator.queue(
+                        AgencyAction.REPAIR,
+                        agency_id,
+                        building,
+                        requested_by=requested_by,
+                        findings=tuple(fixes[start : start + _PER_COMMAND]),
+                    )
+                )
+        result["repairs"] = queued
+    return result
+
+
+_PER_COMMAND = 500  # findings per repair command: well under the topic's message size

@@ -1,0 +1,60 @@
+"""Helpers of the operator tests: the admin endpoints with the bearer token, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from consumer.app.relay import Relay
+from consumer.settings import HttpSettings
+from tests.fixtures.relay import RelayWorld
+
+TOKEN = "operator-admin-token"
+
+
+def token_http(tmp: Path) -> HttpSettings:
+    token_file = tmp / "admin-token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    return HttpSettings(host="127.0.0.1", port=0, admin_token_file=token_file)
+
+
+async def call(
+    relay: Relay, method: str, path: str, *, token: bool = False, body: Any = None
+) -> tuple[int, Any]:
+    """Status and JSON body of an ops request, with the admin bearer token if ``token``."""
+    assert relay.ops_port is not None
+    headers = {"Authorization": f"Bearer {TOKEN}"} if token else {}
+    url = f"http://127.0.0.1:{relay.ops_port}{path}"
+    data = None if body is None else orjson.dumps(body)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers, data=data) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def cli(world: RelayWorld, *args: str, expect: int = 0) -> Any:
+    """Run ``chouette-relay ARGS`` as an operator would, with the relay's environment."""
+    out, _ = await cli_output(world, *args, expect=expect)
+    return orjson.loads(out)
+
+
+async def cli_output(world: RelayWorld, *args: str, expect: int = 0) -> tuple[str, str]:
+    """Standard output and error of ``chouette-relay ARGS``, which must exit with ``expect``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumer.cli",
+        *args,
+        env=world.environment(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == expect, err.decode()
+    return out.decode(), err.decode()

@@ -1,0 +1,121 @@
+"""Dead letters for the operator: listed from any pod, replayed to their source once.
+
+A document refused because of the relay's own configuration (its content host not allowed) is
+dead-lettered. Once the configuration is fixed, the operator replays it: the original record goes
+back to its source partition with a header naming the dead-lettered offset, is processed, and the
+document is sent once. A second replay of the same record is refused unless forced, and a forced
+one changes nothing on the partner (the view knows the document is published).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from consumer.ops.replay import REPLAY_HEADER
+from consumer.settings import ContentSettings
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory
+from tests.integration.operator_helpers import call, cli, token_http
+
+pytestmark = pytest.mark.integration
+
+AGENCY = "agence-a"
+
+
+async def _letters(world: RelayWorld, reason: str) -> list[dict[str, Any]]:
+    return [d for d in await world.dead_letters() if d["reason"] == reason]
+
+
+async def test_a_dead_letter_is_replayed_once_after_the_fix_and_processed_once(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    http = token_http(world.tmp)
+    relay = await world.start_relay(http=http, content=ContentSettings(allowed_hosts=("cdn.lsc",)))
+    document = world.document(title="Contrat d'ascenseur")
+    await world.publish(world.document_created(AGENCY, "bat-1", document))
+    await world.publish_raw(world.documents_topic, key=b"agence-a:bat-1", value=b"{not json")
+
+    async def both_dead_lettered() -> bool:
+        return bool(await _letters(world, "content_rejected") and await _letters(world, "not_json"))
+
+    await world.wait_until(both_dead_lettered, what="two dead letters")
+    listed = (await cli(world, "dead-letters"))["dead_letters"]
+    assert {(d["reason"], d["key"], d["source"]["topic"]) for d in listed} == {
+        ("content_rejected", "agence-a:bat-1", world.documents_topic),
+        ("not_json", "agence-a:bat-1", world.documents_topic),
+    }
+    [rejected] = [d for d in listed if d["reason"] == "content_rejected"]
+    source = rejected["source"]
+    assert rejected["id"] == f"{source['topic']}/{source['partition']}/{source['offset']}"
+    assert (await cli(world, "dead-letters", "--reason", "not_json"))["dead_letters"] == [
+        d for d in listed if d["reason"] == "not_json"
+    ]
+    assert world.partner_references("c-1") == {}
+
+    # The operator fixes the allowlist and restarts, then replays the refused document.
+    await world.stop_relay(relay)
+    relay = await world.start_relay(http=http)
+    replayed = await cli(world, "replay", rejected["id"])
+
+    assert [r["outcome"] for r in replayed["replayed"]] == ["replayed"]
+    assert replayed["replayed"][0]["partition"] == source["partition"]
+    await world.wait_until(
+        lambda: world.partner_references("c-1") == {document["id"]: document["content"]["sha256"]},
+        what="the replayed document on the partner",
+    )
+    copies = [
+        r
+        for r in await world.read_topic(world.documents_topic)
+        if (REPLAY_HEADER, rejected["id"].encode()) in r.headers
+    ]
+    assert len(copies) == 1
+    assert copies[0].key == b"agence-a:bat-1"
+    assert ("event-type", b"document-created") in copies[0].headers
+
+    again = await cli(world, "replay", rejected["id"], expect=1)
+    assert again["replayed"] == [
+        {
+            "id": rejected["id"],
+            "outcome": "refused",
+            "why": "replayed already; use --force to replay it again",
+        }
+    ]
+    status, forced = await call(
+        relay,
+        "POST",
+        "/admin/dead-letters/replay",
+        token=True,
+        body={"ids": [rejected["id"]], "force": True},
+    )
+    assert status == 200
+    assert [r["outcome"] for r in forced["replayed"]] == ["replayed"]
+
+    async def forced_copy_processed() -> bool:
+        committed: dict[str, int] = relay.status()["partitions"][str(source["partition"])][
+            "committable"
+        ]
+        return committed.get(world.documents_topic, 0) > int(forced["replayed"][0]["offset"])
+
+    await world.wait_until(forced_copy_processed, what="the forced copy processed")
+    assert world.sandbox.create_count(document["id"]) == 1
+    assert world.sandbox.request_count("PATCH") == 0
+    assert len(await _letters(world, "content_rejected")) == 1  # no copy was refused again
+
+
+async def test_replay_needs_a_selection_and_the_token(relay_world: WorldFactory) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay(http=token_http(world.tmp))
+
+    assert (await call(relay, "POST", "/admin/dead-letters/replay", body={"ids": []}))[0] == 401
+    status, body = await call(relay, "POST", "/admin/dead-letters/replay", token=True, body={})
+    assert status == 400
+    assert "name the dead letters" in body["error"]
+    status, body = await call(
+        relay, "POST", "/admin/dead-letters/replay", token=True, body={"ids": ["t/0/1"]}
+    )
+    assert (status, body) == (
+        200,
+        {"replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}]},
+    )
