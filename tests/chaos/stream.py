@@ -65,6 +65,7 @@ class ChaosStream:
     steps: list[Step]
     expected: dict[tuple[str, str], str]  # (condominium, document id) -> sha256 on the partner
     parked: dict[tuple[str, str, str], str]  # (agency, building, document id) -> parked reason
+    lsc: Lsc  # LSC as the stream leaves it, to go on from
 
     @property
     def records(self) -> list[Publish]:
@@ -263,7 +264,7 @@ def chaos_stream(
         builder.create()
     expected, parked = _outcome(lsc, places, routing)
     steps = [step for group in builder.groups for step in group]
-    return ChaosStream(seed, steps, expected, parked)
+    return ChaosStream(seed, steps, expected, parked, lsc)
 
 
 def _outcome(

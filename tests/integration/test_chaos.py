@@ -25,6 +25,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ from aiokafka.partitioner import murmur2
 
 from consumer.core.routing import load_routing
 from consumer.core.state import DocStatus
-from consumer.local.sandbox import Faults
-from tests.chaos.lsc import DOCUMENTS, Place, Publish
+from consumer.local.pdf import make_pdf
+from consumer.local.sandbox import Answer, Faults, Scripted
+from tests.chaos.lsc import DOCUMENTS, MODULES, Place, Publish, document_record, manifest_record
 from tests.chaos.stream import ChaosStream, PartnerFaults, Restart, SlowContent, chaos_stream
 from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, uncommitted_records
 
@@ -166,19 +168,90 @@ class ChaosRun:
         )
         return {msg: n for msg, n in counted.items() if msg.startswith(NOTABLE)}
 
-    async def status(self) -> tuple[str, dict[str, Any]]:
-        """``/status`` of the running relay: its text and its JSON."""
+    async def ops(self, path: str) -> str:
+        """GET ``path`` from the relay started last, once it is ready (its view restored)."""
         await self.world.wait_until(
             lambda: len(self._ops_ports()) > self._runs_before, timeout=60, what="the ops server"
         )
-        ports = self._ops_ports()
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{ports[-1]}/status") as response,
-        ):
-            response.raise_for_status()
-            text = await response.text()
-        return text, orjson.loads(text)
+        url = f"http://127.0.0.1:{self._ops_ports()[-1]}"
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                async with session.get(f"{url}/readyz") as response:
+                    return response.status == 200
+
+            await self.world.wait_until(ready, timeout=60, what="the relay ready", interval=0.2)
+            async with session.get(f"{url}{path}") as response:
+                response.raise_for_status()
+                return await response.text()
+
+
+@dataclass
+class PartnerSide:
+    """What the partner-side cases add to the stream's outcome."""
+
+    kept: set[tuple[str, str]] = field(default_factory=set)  # withdrawal refused: still there
+    expected: dict[tuple[str, str], str] = field(default_factory=dict)  # sent, exactly once
+    parked: dict[tuple[str, str, str], str] = field(default_factory=dict)  # reason (prefix)
+
+
+async def partner_side(run: ChaosRun, stream: ChaosStream) -> PartnerSide:
+    """Issue #7's partner-side cases, one at a time from the converged state, so that each
+    scripted answer meets the request it is meant for. No restart follows: a restart sends
+    parked work again, which is the operator's fix, not the relay's failure."""
+    world, lsc, sandbox, side = run.world, stream.lsc, run.world.sandbox, PartnerSide()
+    # Withdrawals refused: a revoked key (403), and a 401 that echoes the credentials.
+    refusals = (Scripted(Answer.REFUSE, 403), Scripted(Answer.ECHO_CREDENTIALS, 401))
+    targets = (("agence-nord", "nord-1"), ("agence-est", "est-1"))
+    for place, refusal in zip(targets, refusals, strict=True):
+        condominium = world.agencies[place[0]].buildings[place[1]]
+        sent = sorted(d for d in lsc.truth[place] if (condominium, d) in stream.expected)
+        if not sent:
+            continue
+        sandbox.script("DELETE", refusal)
+        del lsc.truth[place][sent[0]]
+        side.kept.add((condominium, sent[0]))
+        side.parked[(*place, sent[0])] = "partner_refused"
+        items = lsc.listing(place, MODULES)
+        for part in lsc.snapshot(place, items, modules=MODULES, taken_at=lsc.tick(), parts=2):
+            await run.publish(manifest_record(part, what=f"manifest withdrawing {sent[0]}"))
+        await world.wait_until(lambda: sandbox.scripted_left("DELETE") == 0, what="a refusal")
+    # An upload refused for good by an answer that echoes the credentials: a dead letter.
+    place = ("agence-nord", "nord-2")
+    sandbox.script("POST", Scripted(Answer.ECHO_CREDENTIALS, 422))
+    event = lsc.document_created(
+        place, lsc.new_document(place, audience="building"), occurred_at=lsc.tick()
+    )
+    await run.publish(
+        document_record(place, event, what="refused, echoing the key", reason="partner_rejected")
+    )
+    await world.wait_until(lambda: sandbox.scripted_left("POST") == 0, what="the upload refused")
+    # Answers malformed after the partner acted (or not): each document there once.
+    place = ("agence-est", "est-2")
+    malformed = (Answer.BAD_JSON, Answer.HTML_502, Answer.ERROR_200, Answer.HANG)
+    sandbox.script("POST", *(Scripted(answer) for answer in malformed))
+    for _ in malformed:
+        document = lsc.new_document(place, audience="building")
+        await run.publish(lsc.publish_document(place, document))
+        side.expected[("c-e2", document["id"])] = document["content"]["sha256"]
+    # Content the document store does not serve: parked on its own, the agency goes on.
+    place = ("agence-sud", "sud-1")
+    stuck = {**lsc.new_document(place, audience="building"), "module": "ag"}
+    name = f"{stuck['id'].replace(':', '_')}-unavailable"
+    stored = world.store.add_bytes(name, make_pdf(stuck["title"]))
+    stuck["content"] = {
+        "media_type": "application/pdf",
+        "size_bytes": stored.size,
+        "sha256": stored.sha256,
+        "url": stored.url,
+    }
+    world.store.set_status(name, 503)
+    await run.publish(lsc.publish_document(place, stuck))
+    side.parked[(*place, stuck["id"])] = "content_unavailable"
+    after = {**lsc.new_document(place, audience="building"), "module": "contrats"}
+    await run.publish(lsc.publish_document(place, after))
+    side.expected[("c-s1", after["id"])] = after["content"]["sha256"]
+    return side
 
 
 async def carry_out(run: ChaosRun, stream: ChaosStream, rng: random.Random) -> None:
@@ -252,41 +325,49 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
         start=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
     )
     print(f"chaos stream: {stream.summary()}")
-    # A breaker that opens under the injected errors pauses its agency for a second, not thirty.
+    # A breaker that opens under the injected errors pauses its agency for a second, not thirty;
+    # content the store does not serve is parked after three tries, half a second apart.
     partner = world.settings().partner.model_copy(update={"breaker_cooldown_s": 1.0})
-    run = ChaosRun(world, tmp_path / "relay.log", {"partner": partner})
+    content = world.settings().content.model_copy(
+        update={"unavailable_attempts": 3, "unavailable_backoff_s": 0.5}
+    )
+    run = ChaosRun(world, tmp_path / "relay.log", {"partner": partner, "content": content})
 
     await carry_out(run, stream, random.Random(seed))  # noqa: S311 - reproducible moments
     published = time.monotonic()
-    try:
-        await world.wait_until(lambda: on_partner(world) == stream.expected, timeout=120)
-    except AssertionError as timeout:
-        held = on_partner(world)
-        differences = {
-            place: (held.get(place), stream.expected.get(place))
-            for place in held.keys() | stream.expected.keys()
-            if held.get(place) != stream.expected.get(place)
-        }
-        message = f"seed {seed}: partner (held, expected) differ: {differences}"
-        raise AssertionError(message) from timeout
+    await converged(world, stream.expected, seed)
+    side = await partner_side(run, stream)
+    expected = stream.expected | side.expected
+    expected_parked = stream.parked | side.parked
+    await converged(world, expected, seed)
+
+    async def all_parked() -> bool:
+        return _reasons(orjson.loads(await run.ops("/status"))["parked"]) == expected_parked
+
+    await world.wait_until(all_parked, timeout=60, what=f"the parked documents (seed {seed})")
     await world.wait_until(
         lambda: _at_end(world), timeout=60, what=f"offsets committed to the end (seed {seed})"
     )
-    converged = time.monotonic()
-    status_text, status = await run.status()
+    done = time.monotonic()
+    status_text = await run.ops("/status")
+    status = orjson.loads(status_text)
+    metrics = await run.ops("/metrics")
     await run.stop()
     print(
-        f"chaos: published in {published - began:.1f} s, converged {converged - published:.1f} s "
-        f"later, {time.monotonic() - began:.1f} s in all; the relay logged {run.notable()}"
+        f"chaos: stream published in {published - began:.1f} s, partner side and convergence "
+        f"{done - published:.1f} s, {time.monotonic() - began:.1f} s in all; "
+        f"the relay logged {run.notable()}"
     )
 
     # The partner: exactly the truth, every document created once.
-    assert on_partner(world) == stream.expected
-    assert len(world.sandbox.documents()) == len(stream.expected)
+    assert on_partner(world) == expected
+    assert len(world.sandbox.documents()) == len(expected)
     creates = world.sandbox.state()["create_counts"]
     assert {ref: n for ref, n in creates.items() if n != 1} == {}, "duplicates on the partner"
+    assert 'chouette_relay_circuit_open{agency="agence-sud"} 0.0' in metrics
 
-    # The view: published what the partner holds, parked what routing parks (with its reason).
+    # The view: published what the partner holds (less the withdrawals it refused, parked),
+    # parked what routing parks and what the partner or the store refused, with the reason.
     view = await final_view(world)
     documents = {k: v for k, v in view.items() if v.get("kind") == "document"}
     statuses = {v["status"] for v in documents.values()}
@@ -295,16 +376,14 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
         (v["condominium_id"], k.split(":", 2)[2]): v["sha256"]
         for k, v in documents.items()
         if v["status"] == DocStatus.PUBLISHED
-    } == stream.expected
-    parked = {
-        tuple(k.split(":", 2)): v["parked_reason"]
-        for k, v in documents.items()
+    } == {place: sha for place, sha in expected.items() if place not in side.kept}
+    parked = [
+        {"agency": a, "building": b, "document": d, "reason": v["parked_reason"]}
+        for (a, b, d), v in ((tuple(k.split(":", 2)), v) for k, v in documents.items())
         if v["status"] == DocStatus.PARKED
-    }
-    assert parked == stream.parked
-    assert {
-        (p["agency"], p["building"], p["document"]): p["reason"] for p in status["parked"]
-    } == stream.parked
+    ]
+    assert _reasons(parked) == expected_parked
+    assert _reasons(status["parked"]) == expected_parked
     assert status["held"] == []
 
     # Dead letters: every bad record with its reason (at least once), no good record.
@@ -341,6 +420,28 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     entries = run.log_entries()
     assert entries[-1]["msg"] == "stopped cleanly"
     assert not [e for e in entries if "Traceback" in str(e.get("exc", ""))], "a traceback logged"
+
+
+async def converged(world: RelayWorld, expected: dict[tuple[str, str], str], seed: int) -> None:
+    """Wait for the partner to hold ``expected``; say how it differs if it never does."""
+    try:
+        await world.wait_until(lambda: on_partner(world) == expected, timeout=120)
+    except AssertionError as timeout:
+        held = on_partner(world)
+        differences = {
+            place: (held.get(place), expected.get(place))
+            for place in held.keys() | expected.keys()
+            if held.get(place) != expected.get(place)
+        }
+        message = f"seed {seed}: partner (held, expected) differ: {differences}"
+        raise AssertionError(message) from timeout
+
+
+def _reasons(entries: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """Parked entries by document, with the kind of their reason (before any detail)."""
+    return {
+        (e["agency"], e["building"], e["document"]): str(e["reason"]).split(":")[0] for e in entries
+    }
 
 
 async def _at_end(world: RelayWorld) -> bool:
