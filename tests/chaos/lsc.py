@@ -65,6 +65,7 @@ class Lsc:
         self.rng = rng
         self.serve = serve
         self.clock = start
+        self.now = start  # the relay's clock at the time of the stream (events beyond it are bad)
         self.truth: dict[Place, dict[str, Json]] = {place: {} for place in places}
         self.versions: Counter[str] = Counter()
         self._numbers = 0

@@ -86,9 +86,7 @@ def bad_url_manifest(lsc: Lsc, place: Place) -> list[Publish]:
 
 
 def future_document(lsc: Lsc, place: Place) -> list[Publish]:
-    event = lsc.document_created(
-        place, _bad_document(lsc, place), occurred_at=dt.datetime.now(dt.UTC) + FUTURE
-    )
+    event = lsc.document_created(place, _bad_document(lsc, place), occurred_at=lsc.now + FUTURE)
     return [
         document_record(
             place, event, what="document from the future", reason="occurred_at_in_future"
@@ -97,7 +95,7 @@ def future_document(lsc: Lsc, place: Place) -> list[Publish]:
 
 
 def future_manifest(lsc: Lsc, place: Place) -> list[Publish]:
-    taken_at = dt.datetime.now(dt.UTC) + FUTURE
+    taken_at = lsc.now + FUTURE
     parts = lsc.snapshot(
         place, _short_listing(lsc, place), modules=MODULES, taken_at=taken_at, parts=2
     )
@@ -109,7 +107,7 @@ def future_manifest(lsc: Lsc, place: Place) -> list[Publish]:
 
 def orphan_part(lsc: Lsc, place: Place) -> list[Publish]:
     """The first part of a snapshot whose second never comes, published three hours ago."""
-    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+    long_ago = lsc.now - dt.timedelta(hours=3)
     items = [*_short_listing(lsc, place), _bad_document(lsc, place)]
     first, _ = lsc.snapshot(place, items, modules=MODULES, taken_at=long_ago, parts=2)
     stamp = int(long_ago.timestamp() * 1000)

@@ -210,10 +210,12 @@ def chaos_stream(
     serve: Serve,
     partition_of: Callable[[bytes], int],
     start: dt.datetime,
+    now: dt.datetime,
     rounds: int = 200,
     restarts: int = 4,
 ) -> ChaosStream:
-    """The stream of ``seed``; ``serve`` stores a document's bytes and returns its URL."""
+    """The stream of ``seed``; ``serve`` stores a document's bytes and returns its URL. LSC's
+    history starts at ``start``; ``now`` is the relay's clock, which some bad records are beyond."""
     rng = random.Random(seed)  # noqa: S311 - a reproducible stream, not a secret
     stored: list[str] = []
 
@@ -222,6 +224,7 @@ def chaos_stream(
         return serve(name, data)
 
     lsc = Lsc(rng, places=[*places, quiet], serve=serve_and_note, start=start)
+    lsc.now = now
     builder = _Builder(rng, lsc, places, quiet, partition_of, stored=stored)
     for place in places:
         for _ in range(rng.randint(3, 5)):

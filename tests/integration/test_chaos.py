@@ -313,7 +313,7 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     seed = chaos_seed()
     print(f"chaos seed {seed}; run it again with {SEED_VARIABLE}={seed}")
     began = time.monotonic()
-    specs = agencies()
+    specs, now = agencies(), dt.datetime.now(dt.UTC)
     world = await relay_world(agencies=specs, partitions=PARTITIONS)
     stream = chaos_stream(
         seed,
@@ -322,7 +322,8 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
         routing=load_routing(world.routing_file),
         serve=lambda name, data: world.store.add_bytes(name, data).url,
         partition_of=partition_of,
-        start=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+        start=now - dt.timedelta(hours=1),
+        now=now,
     )
     print(f"chaos stream: {stream.summary()}")
     # A breaker that opens under the injected errors pauses its agency for a second, not thirty;
