@@ -95,7 +95,8 @@ class PartitionProcessor:
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
         self._completions: set[asyncio.Task[None]] = set()
-        self._building_tails: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Unfinished work per building: a manifest's building record waits for what it counted on.
+        self._building_work: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
@@ -409,26 +410,27 @@ class PartitionProcessor:
         for record in plan.records:
             self.view.apply(record)
             if isinstance(record, BuildingRecord) and (
-                plan.operations or (record.agency_id, record.building_id) in self._building_tails
+                plan.operations or self._building_work.get((record.agency_id, record.building_id))
             ):
-                # "This manifest is applied" becomes durable only once its operations are: a
-                # crash before that reads the manifest again instead of judging it stale.
+                # "This manifest is applied" becomes durable only once the operations it counted
+                # on are: its own, and those already queued for the building (the view shows them
+                # done). A crash before that reads the manifest again instead of judging it
+                # stale, and the events behind those operations are not judged decided by it.
                 deferred.append(record)
             else:
                 work.append(self._writer.write(record))
         for operation in plan.operations:
             work.append(self._executor.submit(operation, source=source))
-        if not work:
+        if not work and not deferred:
             for topic, offset in held:
                 self._trackers[topic].done(offset)
             return
-        earlier: asyncio.Task[None] | None = None
         places = {(r.agency_id, r.building_id) for r in deferred}
-        for place in places:
-            earlier = self._building_tails.get(place)
+        earlier = [task for place in places for task in self._building_work.get(place, ())]
         task = asyncio.create_task(self._complete(work, deferred, held, earlier, source))
+        places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
         for place in places:
-            self._building_tails[place] = task
+            self._building_work.setdefault(place, set()).add(task)
         self._completions.add(task)
         task.add_done_callback(self._forget_completion)
 
@@ -437,16 +439,16 @@ class PartitionProcessor:
         work: list[Awaitable[object]],
         deferred: list[BuildingRecord],
         offsets: list[tuple[str, int]],
-        earlier: asyncio.Task[None] | None,
+        earlier: list[asyncio.Task[None]],
         source: SourceRecord,
     ) -> None:
         try:
             await asyncio.gather(*work)
         except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
             await self._set_aside(source, error)
-        if deferred and earlier is not None:
-            # An earlier manifest of the building may still have uploads this one counted on.
-            await asyncio.gather(earlier, return_exceptions=True)
+        if deferred and earlier:
+            # Earlier work of the building (a manifest's uploads, a document's) it counted on.
+            await asyncio.gather(*earlier, return_exceptions=True)
         for record in deferred:
             await self._writer.write(record)
         for topic, offset in offsets:
@@ -458,9 +460,10 @@ class PartitionProcessor:
             # Only infrastructure gets here (the changelog unreachable): the work would hold its
             # offsets forever, so stop instead and let the restart redo it from the commit.
             self._on_failure(error)
-        for place, tail in list(self._building_tails.items()):
-            if tail is task:
-                del self._building_tails[place]
+        for place, pending in list(self._building_work.items()):
+            pending.discard(task)
+            if not pending:
+                del self._building_work[place]
 
     async def close(self) -> None:
         """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""
