@@ -29,7 +29,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from consumer.core.routing import load_routing
-from consumer.core.state import DocStatus
+from consumer.core.state import DocStatus, DocumentRecord, decode_state
 from tests.chaos.lsc import Place
 from tests.chaos.run import ChaosRun, carry_out, partner_side
 from tests.chaos.stream import chaos_stream
@@ -87,8 +87,19 @@ async def final_view(world: RelayWorld) -> dict[str, dict[str, Any]]:
         key = record.key.decode()
         if record.value is None:
             view.pop(key, None)
+            continue
+        # Either form of a document record (JSON or compact), read as the relay reads it.
+        decoded = decode_state(record.key, record.value)
+        if isinstance(decoded, DocumentRecord):
+            view[key] = {
+                "kind": "document",
+                "status": decoded.status,
+                "condominium_id": decoded.condominium_id,
+                "sha256": decoded.sha256,
+                "parked_reason": decoded.parked_reason,
+            }
         else:
-            view[key] = orjson.loads(record.value)
+            view[key] = {"kind": type(decoded).__name__}
     return view
 
 
