@@ -228,4 +228,6 @@ async def test_credentials_echoed_by_the_partner_reach_no_log_status_state_or_de
     assert_absent(secrets, [letter.value.decode() for letter in letters], where="dead letters")
     state = await world.read_topic(world.state_topic)
     assert any(r.value and b"***" in r.value for r in state)  # refusals recorded, redacted
-    assert_absent(secrets, [r.value.decode() for r in state if r.value], where="the state topic")
+    # Compact document records are binary: their ASCII bytes (any form of a key) stay as they are.
+    state_values = [r.value.decode("utf-8", "backslashreplace") for r in state if r.value]
+    assert_absent(secrets, state_values, where="the state topic")
