@@ -125,7 +125,10 @@ async def test_the_relay_forwards_through_sasl_ssl_and_the_cli_reads_through_mut
         lambda: len(world.partner_references("c-1")) == 12, what="12 documents on the partner"
     )
     await world.publish(*manifest(world, documents[:1], hours_ago=1))
-    await world.wait_until(lambda: bool(relay.held()), what="the withdrawals held by the guard")
+    await world.wait_until(
+        lambda: [h["documents"] for h in relay.held()] == [11],
+        what="the 11 withdrawals held by the guard",
+    )
 
     code, out, err = await cli(world, mutual_tls(world, secured_kafka, secured), "held")
     assert code == 0, err
