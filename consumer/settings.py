@@ -83,6 +83,11 @@ class KafkaSettings(_Group):
     connect_timeout_s: float = Field(
         default=30.0, gt=0, le=600, description="Bound on connecting to Kafka at start-up."
     )
+    leave_group_on_stop: bool = Field(
+        default=True,
+        description="On a clean stop, a static member leaves the group (its partitions move at "
+        "once); false keeps them waiting for a restart under the same instance id.",
+    )
 
     @field_validator("group_instance_id", mode="before")
     @classmethod

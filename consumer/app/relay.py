@@ -43,6 +43,7 @@ from consumer.kafka.changelog import (
 from consumer.kafka.connection import KafkaConnection, https_context, kafka_connection, start_client
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
+from consumer.kafka.membership import leave_group
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator, parked_entry
 from consumer.ops.audit import run_audit
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 RELAY_VERSION = version("chouette-relay")
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
+LEAVE_GROUP_TIMEOUT_S = 5.0  # best effort: the session timeout ends the membership anyway
 
 
 class Relay:
@@ -292,6 +294,7 @@ class Relay:
             )
             ingest.subscribe()
             await start_client(consumer, self.connection)
+            stack.push_async_callback(self._leave_group)  # after the consumer's stop, below
             stack.push_async_callback(_stop_within, consumer.stop, "consumer", s.drain_timeout_s)
             ops = await stack.enter_async_context(
                 OpsServer(
@@ -321,6 +324,20 @@ class Relay:
                     self._fail(error)
                 raise
             log.info("stopped cleanly")
+
+    async def _leave_group(self) -> None:
+        """A static member that stops cleanly leaves, so that its partitions need not wait."""
+        kafka = self.settings.kafka
+        if kafka.group_instance_id is None or not kafka.leave_group_on_stop:
+            return
+        if not self.stopping.is_set() or self.failure is not None:
+            return  # a failing relay keeps its membership: the same pod comes back
+        await leave_group(
+            self.connection,
+            group_id=kafka.group_id,
+            instance_id=kafka.group_instance_id,
+            timeout_s=LEAVE_GROUP_TIMEOUT_S,
+        )
 
     async def _build_processor(
         self,
