@@ -3,7 +3,8 @@
 Messages are constant strings; what varies goes in ``extra`` so that log queries can filter on it.
 ``LOG_FORMAT=auto`` picks the console format when stdout is a terminal and JSON otherwise; the
 retriable coordinator lookups and moves aiokafka logs as errors and warnings while a group
-forms are lowered to debug.
+forms are lowered to debug, and what aiokafka repeats while Kafka is away is shown once a minute
+with a count.
 """
 
 from __future__ import annotations
@@ -140,6 +141,51 @@ class CoordinatorLookupFilter(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class RepeatedLineFilter(logging.Filter):
+    """Lets through one line a minute of each message a library repeats, and how many it held.
+
+    While Kafka is away, aiokafka logs every failed connection, metadata refresh, fetch and
+    produce, each retried every 100 ms (one relay and one producer logged 11,000 lines in a
+    one-minute outage), burying the relay's own lines (the readiness change, the commits that failed, the stop). For
+    loggers under ``prefixes``, a message (its template, logger and level) seen again within
+    ``window_s`` of the last one shown is held back and counted; the next one shown carries
+    ``repeated``, how many were held. The relay's own lines are never held back.
+    """
+
+    MAX_MESSAGES = 1024  # a library that formats its messages itself makes each one new
+
+    def __init__(self, *, prefixes: tuple[str, ...] = ("aiokafka",), window_s: float = 60.0):
+        super().__init__()
+        self._prefixes = prefixes
+        self._window_s = window_s
+        self._shown: dict[tuple[str, int, str], float] = {}
+        self._held: dict[tuple[str, int, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        last = self._shown.get(key)
+        if last is not None and record.created - last < self._window_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        if held := self._held.pop(key, 0):
+            record.repeated = held
+        if len(self._shown) >= self.MAX_MESSAGES:
+            self._forget(record.created)
+        self._shown[key] = record.created
+        return True
+
+    def _forget(self, now: float) -> None:
+        for key, shown in list(self._shown.items()):
+            if now - shown >= self._window_s:
+                del self._shown[key]
+                self._held.pop(key, None)
+        if len(self._shown) >= self.MAX_MESSAGES:
+            self._shown.clear()  # all recent and all different: nothing here repeats
+            self._held.clear()
+
+
 def pick_format(fmt: str, stream: TextIO) -> logging.Formatter:
     """``json``, ``text`` (the console format) or ``auto``: console on a terminal, else JSON."""
     is_tty = stream.isatty()
@@ -152,6 +198,7 @@ def configure_logging(*, level: str, fmt: str, stream: TextIO | None = None) -> 
     out = stream if stream is not None else sys.stdout
     handler = logging.StreamHandler(out)
     handler.setFormatter(pick_format(fmt, out))
+    handler.addFilter(RepeatedLineFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -17,6 +17,7 @@ from consumer.ops.logs import (
     ConsoleFormatter,
     CoordinatorLookupFilter,
     JsonFormatter,
+    RepeatedLineFilter,
     configure_logging,
     pick_format,
 )
@@ -184,3 +185,43 @@ def test_a_coordinator_marked_dead_is_lowered_its_cause_keeps_its_level() -> Non
     )
     assert lookups.filter(expired)
     assert expired.levelno == logging.ERROR
+
+
+def test_what_aiokafka_repeats_during_an_outage_is_shown_once() -> None:
+    stream = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=stream)
+    conn, fetcher = logging.getLogger("aiokafka.conn"), logging.getLogger("aiokafka.consumer")
+    for attempt in range(300):  # what a few seconds of a broker away look like
+        conn.error("Unable connect to node with id %s: %s", 1, f"refused ({attempt})")
+        fetcher.error("Failed fetch messages from %s: %s", 1, "NodeNotReadyError")
+        logging.getLogger("consumer.app.relay").warning("offset commit failed")
+
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+    assert [line["logger"] for line in lines].count("aiokafka.conn") == 1
+    assert [line["logger"] for line in lines].count("aiokafka.consumer") == 1
+    assert [line["msg"] for line in lines].count("offset commit failed") == 300  # the relay's own
+
+
+def test_the_next_line_shown_says_how_many_were_held_back() -> None:
+    repeats = RepeatedLineFilter(window_s=60.0)
+    message = "Unable to update metadata from [%s]"
+
+    shown = [
+        repeats.filter(_record(message, name="aiokafka.cluster", args=(1,), created=t))
+        for t in (0.0, 10.0, 20.0, 59.0)
+    ]
+    later = _record(message, name="aiokafka.cluster", args=(1,), created=61.0)
+
+    assert shown == [True, False, False, False]
+    assert repeats.filter(later)
+    assert later.__dict__["repeated"] == 3
+    other_level = _record(message, level=logging.WARNING, name="aiokafka.cluster", created=62.0)
+    assert repeats.filter(other_level)  # a message at another level is another message
+
+
+def test_messages_a_library_formats_itself_do_not_grow_the_memory() -> None:
+    repeats = RepeatedLineFilter(window_s=60.0)
+    for number in range(5 * RepeatedLineFilter.MAX_MESSAGES):
+        assert repeats.filter(_record(f"node {number} down", name="aiokafka.conn", created=1.0))
+    assert len(repeats._shown) <= RepeatedLineFilter.MAX_MESSAGES
