@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from consumer.core.commands import Finding, FindingKind
-from consumer.core.planner import Delete, Outcome, Plan
+from consumer.core.planning.plan import Delete, Outcome, Plan
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import ON_PARTNER, PublishedView
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from consumer.core.events import Content
-from consumer.core.planner import (
+from consumer.core.planning.plan import (
     Delete,
     Lane,
     Upload,

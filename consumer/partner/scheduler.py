@@ -25,7 +25,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
-from consumer.core.planner import Lane  # the lanes are the planner's: live before backfill
+from consumer.core.planning.plan import Lane  # the lanes are the planner's: live before backfill
 from consumer.errors import ConfigError
 from consumer.failures import Disposition, Verdict, classify
 from consumer.partner.breaker import BreakerPolicy, BreakerState, CircuitBreaker
