@@ -18,6 +18,20 @@ import orjson
 
 from consumer.core.events import Module
 from consumer.core.state import (
+    AgencyKey,
+    AgencyRecord,
+    BuildingKey,
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateDecodeError,
+    StateRecord,
+    decode_key,
+    to_epoch_us,
+)
+from consumer.core.state_codec import SCHEMA_VERSION, decode_state
+from consumer.core.state_compact import (
     COMPACT_FIELDS,
     COMPACT_FORM,
     COMPACT_HEAD,
@@ -33,22 +47,9 @@ from consumer.core.state import (
     COMPACT_STATUS_AT,
     COMPACT_STATUS_CODES,
     COMPACT_STATUSES,
-    SCHEMA_VERSION,
-    AgencyKey,
-    AgencyRecord,
-    BuildingKey,
-    BuildingRecord,
-    DocKey,
-    DocStatus,
-    DocumentRecord,
-    StateDecodeError,
-    StateRecord,
     compact_document,
-    decode_key,
-    decode_state,
     is_utf8,
     pack_compact,
-    to_epoch_us,
     unpack_compact,
 )
 
