@@ -13,8 +13,15 @@ from typing import Protocol
 
 from consumer.core.commands import Finding, FindingKind
 from consumer.core.planning.plan import Delete, Outcome, Plan
-from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
-from consumer.core.view import ON_PARTNER, PublishedView
+from consumer.core.state import (
+    ON_PARTNER,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+    Tombstone,
+)
+from consumer.core.view import PublishedView
 
 
 class HeldDocument(Protocol):

@@ -110,6 +110,10 @@ class DocStatus(StrEnum):
     FILTERED = "filtered"
 
 
+ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
+"""Statuses of documents the relay published and the partner holds."""
+
+
 @dataclass(frozen=True, slots=True)
 class DocumentRecord:
     """What the relay knows about one document.
