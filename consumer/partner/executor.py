@@ -32,7 +32,8 @@ from consumer.core.view import PublishedView
 from consumer.errors import ContentError, PartnerRejectedError
 from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
-from consumer.partner.client import ChouetteCoproClient, RemoteDocument
+from consumer.partner.answers import RemoteDocument
+from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from consumer.core.events import Module
 from consumer.core.planning.plan import Delete
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, Tombstone
 from consumer.core.view import PublishedView
-from consumer.partner.client import RemoteDocument
+from consumer.partner.answers import RemoteDocument
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 
