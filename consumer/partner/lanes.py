@@ -4,7 +4,7 @@ Each agency has a queue per lane. Workers take live work before backfill (which 
 worker but one) and rotate between agencies with ready work, so one agency's backfill never
 holds back another agency; a job goes only when its agency's breaker allows it and its token
 bucket has a token, and not while an operator paused its agency (unless it sends nothing).
-``LaneQueues`` is the part of the ``Scheduler`` that keeps these queues.
+``LaneQueues`` is the part of the ``Scheduler`` that keeps these queues and reports their backlog.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from consumer.core.planning.plan import Lane  # the lanes are the planner's: live before backfill
 from consumer.partner.attempts import SchedulerObserver
-from consumer.partner.breaker import BreakerPolicy, CircuitBreaker
+from consumer.partner.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from consumer.partner.ratelimit import RateLimit, TokenBucket
 
 LANES = (Lane.LIVE, Lane.BACKFILL)
@@ -48,6 +48,17 @@ class AgencyQueues:
     ready: dict[Lane, deque[Job]] = field(default_factory=lambda: {lane: deque() for lane in LANES})
     queued: dict[Lane, int] = field(default_factory=lambda: dict.fromkeys(LANES, 0))
     running: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSnapshot:
+    """Backlog and health for metrics and the status page."""
+
+    queued: dict[Lane, dict[str, int]]  # waiting jobs (not running) by lane, then agency
+    running: dict[str, int]  # attempts in flight by agency
+    oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
+    breakers: dict[str, BreakerState]  # every agency seen so far
+    paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
 
 
 class LaneQueues:
@@ -80,6 +91,24 @@ class LaneQueues:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused: frozenset[str] = frozenset()
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """Queued counts, jobs in flight, oldest pending age per lane and breaker states."""
+        now = self._clock()
+        oldest: dict[Lane, float | None] = {}
+        for lane in LANES:
+            first = next(iter(self._pending[lane].values()), None)
+            oldest[lane] = None if first is None else max(0.0, now - first.submitted_at)
+        return SchedulerSnapshot(
+            queued={
+                lane: {name: a.queued[lane] for name, a in self._agencies.items() if a.queued[lane]}
+                for lane in LANES
+            },
+            running={name: a.running for name, a in self._agencies.items() if a.running},
+            oldest_pending_seconds=oldest,
+            breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
+            paused=self._paused,
+        )
 
     async def _next_job(self) -> Job:
         loop = asyncio.get_running_loop()

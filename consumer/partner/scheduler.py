@@ -20,7 +20,6 @@ import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -35,7 +34,7 @@ from consumer.partner.attempts import (
     SchedulerObserver,
 )
 from consumer.partner.breaker import BreakerPolicy, BreakerState
-from consumer.partner.lanes import LANES, AgencyQueues, Job, LaneQueues
+from consumer.partner.lanes import LANES, AgencyQueues, Job, LaneQueues, SchedulerSnapshot
 from consumer.partner.ratelimit import RateLimit
 
 __all__ = [
@@ -52,17 +51,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerSnapshot:
-    """Backlog and health for metrics and the status page."""
-
-    queued: dict[Lane, dict[str, int]]  # waiting jobs (not running) by lane, then agency
-    running: dict[str, int]  # attempts in flight by agency
-    oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
-    breakers: dict[str, BreakerState]  # every agency seen so far
-    paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
 
 
 class Scheduler(LaneQueues):
@@ -193,24 +181,6 @@ class Scheduler(LaneQueues):
                 job.future.cancel()
         if runner is not None and not runner.cancelled() and runner.exception() is not None:
             raise RuntimeError("a scheduler worker crashed") from runner.exception()
-
-    def snapshot(self) -> SchedulerSnapshot:
-        """Queued counts, jobs in flight, oldest pending age per lane and breaker states."""
-        now = self._clock()
-        oldest: dict[Lane, float | None] = {}
-        for lane in LANES:
-            first = next(iter(self._pending[lane].values()), None)
-            oldest[lane] = None if first is None else max(0.0, now - first.submitted_at)
-        return SchedulerSnapshot(
-            queued={
-                lane: {name: a.queued[lane] for name, a in self._agencies.items() if a.queued[lane]}
-                for lane in LANES
-            },
-            running={name: a.running for name, a in self._agencies.items() if a.running},
-            oldest_pending_seconds=oldest,
-            breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
-            paused=self._paused,
-        )
 
     # -- workers -----------------------------------------------------------------------------
 
