@@ -72,6 +72,8 @@ class EncodedRecord(Protocol):
 
 
 class PackedBuilding:
+    """One building's documents (packed), its building record and its counts on the partner."""
+
     __slots__ = ("agency_id", "building_id", "docs", "on_partner", "record")
 
     def __init__(self, agency_id: str, building_id: str) -> None:
@@ -278,6 +280,7 @@ class _Encoded(NamedTuple):
 
 
 def unpack_stored(key: DocKey, stored: Stored) -> DocumentRecord:
+    """The record of a stored document: rebuilt from its packed form, or kept as it is."""
     return stored if isinstance(stored, DocumentRecord) else unpack_compact(key, stored)
 
 

@@ -40,6 +40,7 @@ def is_owned(record: DocumentRecord) -> bool:
 
 
 def withdraw(record: DocumentRecord) -> Delete:
+    """The withdrawal of a document the relay put on the partner, where it put it."""
     return Delete(record.key, record.condominium_id, record.remote_id)
 
 
@@ -90,6 +91,7 @@ def upload_for(
     seen_at: dt.datetime,
     current: DocumentRecord | None,
 ) -> Upload:
+    """Send ``document``: an update where the relay already put it, or a new upload."""
     if current is not None and is_owned(current) and current.remote_id is not None:
         # an update goes where the document already is
         condominium_id = current.condominium_id or condominium_id
@@ -159,4 +161,5 @@ _AUDIENCE_REASONS = frozenset({Reason.AUDIENCE_NOT_FORWARDED, Reason.INDIVIDUAL_
 
 
 def unhold(record: DocumentRecord) -> DocumentRecord:
+    """A held withdrawal given up: the document stands published again."""
     return dataclasses.replace(record, status=DocStatus.PUBLISHED, held_by=None)

@@ -84,6 +84,7 @@ def document_record(
     remote_id: str | None = None,
     condominium_id: str | None = None,
 ) -> DocumentRecord:
+    """The record of ``document`` at ``status``, without a parked reason or a held mark."""
     return DocumentRecord(
         key=key,
         status=status,
