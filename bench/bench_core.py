@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 from consumer.core.events import Document, ManifestSnapshot, Module
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
-from consumer.core.planner import Delete, Plan, Upload, plan_manifest
+from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.plan import Delete, Plan, Upload
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocKey, DocStatus, DocumentRecord
 from consumer.core.view import PublishedView

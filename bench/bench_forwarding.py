@@ -38,7 +38,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from consumer.core.events import Document
-from consumer.core.planner import Lane, Upload
+from consumer.core.planning.plan import Lane, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.state import DocKey, StateRecord
 from consumer.core.view import PublishedView

@@ -42,7 +42,7 @@ from consumer.core.decoding import decode_record
 from consumer.core.events import DocumentCreated
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
-from consumer.core.planner import plan_document
+from consumer.core.planning.documents import plan_document
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
 from consumer.kafka.brokerwatch import BrokerWatch

@@ -36,14 +36,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.common import Measure, delete_topics, on_a_broker, report, show
 from consumer.core.events import Module
-from consumer.core.state import (
-    BuildingRecord,
-    DocKey,
-    DocStatus,
-    DocumentRecord,
-    StateRecord,
-    encode_state,
-)
+from consumer.core.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, StateRecord
+from consumer.core.state_codec import encode_state
 from consumer.core.view import PublishedView
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
 from consumer.kafka.connection import KafkaConnection

@@ -8,7 +8,8 @@ import datetime as dt
 
 import orjson
 
-from consumer.core.state import DocumentRecord, StateRecord, encode_state
+from consumer.core.state import DocumentRecord, StateRecord
+from consumer.core.state_codec import encode_state
 
 
 def first_form(record: DocumentRecord) -> bytes:

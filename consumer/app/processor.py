@@ -27,17 +27,11 @@ from consumer.core.manifest import (
     ManifestAssembler,
 )
 from consumer.core.offsets import OffsetTracker
-from consumer.core.planner import (
-    Lane,
-    Plan,
-    Upload,
-    discard_held,
-    plan_document,
-    plan_manifest,
-    release_held,
-    retry_parked,
-    unapproved_modules,
-)
+from consumer.core.planning.actions import discard_held, release_held, retry_parked
+from consumer.core.planning.documents import plan_document
+from consumer.core.planning.first_publication import unapproved_modules
+from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.plan import Lane, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import BuildingRecord

@@ -40,7 +40,7 @@ from consumer.kafka.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.kafka.connection import KafkaConnection, https_context, kafka_connection, start_client
+from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.kafka.membership import leave_group
@@ -55,6 +55,7 @@ from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
 from consumer.partner.scheduler import RetryPolicy, Scheduler
+from consumer.partner.tls import https_context
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,16 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from consumer.core.commands import Finding, FindingKind
-from consumer.core.planner import Delete, Outcome, Plan
-from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
-from consumer.core.view import ON_PARTNER, PublishedView
+from consumer.core.planning.plan import Delete, Outcome, Plan
+from consumer.core.state import (
+    ON_PARTNER,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+    Tombstone,
+)
+from consumer.core.view import PublishedView
 
 
 class HeldDocument(Protocol):

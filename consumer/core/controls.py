@@ -12,7 +12,8 @@ import dataclasses
 
 from consumer.core.audit import plan_repair
 from consumer.core.commands import AgencyAction, OperatorCommand
-from consumer.core.planner import Outcome, Plan, retry_parked
+from consumer.core.planning.actions import retry_parked
+from consumer.core.planning.plan import Outcome, Plan
 from consumer.core.routing import RoutingTable
 from consumer.core.state import AgencyKey, AgencyRecord, BuildingKey, DocKey
 from consumer.core.view import PublishedView

@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from consumer.core.state import StateRecord, encode_state
+from consumer.core.state import StateRecord
+from consumer.core.state_codec import encode_state
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.brokerwatch import BrokerWatch

@@ -1,4 +1,4 @@
-"""How the relay reaches Kafka and the HTTPS servers it calls: client options and TLS contexts.
+"""How the relay reaches Kafka: client options, the TLS context and SASL credentials.
 
 ``kafka_connection`` turns the Kafka settings into one ``KafkaConnection`` (security protocol, TLS
 context, SASL credentials read from their files), checked before any network I/O with messages
@@ -24,6 +24,7 @@ from aiokafka.errors import (
 from pydantic import SecretStr
 
 from consumer.errors import ConfigError, KafkaConnectError
+from consumer.mounted import read_secret, unreadable
 from consumer.settings import ENV_PREFIX, KafkaSettings
 
 _KAFKA = f"{ENV_PREFIX}KAFKA__"
@@ -85,7 +86,7 @@ def kafka_connection(kafka: KafkaSettings) -> KafkaConnection:
         ("SSL_CERT_FILE", kafka.ssl_cert_file),
         ("SSL_KEY_FILE", kafka.ssl_key_file),
     ):
-        if path is not None and (problem := _unreadable(path)):
+        if path is not None and (problem := unreadable(path)):
             problems.append(f"{_KAFKA}{name}: {problem}")
     if kafka.sasl_password_file is not None:
         try:
@@ -179,46 +180,6 @@ def _kafka_tls_context(kafka: KafkaSettings, key_password: str | None) -> ssl.SS
                 f"both PEM, do they match, is {_KAFKA}SSL_KEY_PASSWORD_FILE right?"
             ) from None
     return context
-
-
-def https_context(ca_file: Path | None, variable: str) -> ssl.SSLContext | None:
-    """The system CAs plus ``ca_file`` (a corporate proxy's CA), or None for aiohttp's default.
-
-    Verification stays on either way; ``variable`` names the setting in error messages.
-    """
-    if ca_file is None:
-        return None
-    if problem := _unreadable(ca_file):
-        raise ConfigError(f"{ENV_PREFIX}{variable}: {problem}")
-    context = ssl.create_default_context()
-    try:
-        context.load_verify_locations(cafile=str(ca_file))
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"{ENV_PREFIX}{variable}: {ca_file} holds no usable PEM certificate ({exc})"
-        ) from None
-    return context
-
-
-def read_secret(path: Path) -> str:
-    """A secret mounted as a file; a trailing newline is not part of it."""
-    if problem := _unreadable(path):
-        raise ConfigError(problem)
-    value = path.read_text(encoding="utf-8").rstrip("\r\n")
-    if not value:
-        raise ConfigError(f"{path} is empty")
-    return value
-
-
-def _unreadable(path: Path) -> str | None:
-    try:
-        with path.open("rb") as handle:
-            handle.read(1)
-    except FileNotFoundError:
-        return f"{path} does not exist"
-    except OSError as exc:
-        return f"{path} cannot be read ({exc.strerror or exc})"
-    return None
 
 
 async def start_client(client: Any, connection: KafkaConnection) -> None:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumer.core.audit import compare
 from consumer.core.commands import AgencyAction, Finding, FindingKind
-from consumer.core.state import DocumentRecord
-from consumer.core.view import ON_PARTNER
+from consumer.core.state import ON_PARTNER, DocumentRecord
 from consumer.errors import ConfigError
 from consumer.partner.client import ChouetteCoproClient, list_documents
 from consumer.partner.keys import ApiKeyStore

@@ -23,7 +23,9 @@ from consumer.core.decoding import decode_record
 from consumer.core.events import ManifestSnapshot
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest, ManifestAssembler
-from consumer.core.planner import DryRun, Plan, Upload, plan_first_publication, plan_manifest
+from consumer.core.planning.first_publication import DryRun, plan_first_publication
+from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.plan import Plan, Upload
 from consumer.core.routing import RoutingTable, load_routing
 from consumer.core.state import DocumentRecord
 from consumer.core.view import PublishedView

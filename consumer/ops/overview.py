@@ -16,8 +16,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.core.state import DocStatus
-from consumer.core.view import ON_PARTNER, PublishedView
+from consumer.core.state import ON_PARTNER, DocStatus
+from consumer.core.view import PublishedView
 from consumer.kafka.connection import start_client
 from consumer.ops.admin import Operator
 from consumer.ops.replay import read_dead_letters

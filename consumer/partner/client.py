@@ -1,21 +1,18 @@
-"""The ChouetteCopro HTTP client: the only module that knows the partner's contract.
+"""The ChouetteCopro HTTP client: with ``answers``, the one place that knows the partner's API.
 
 It speaks the contract written down in ``schemas/chouettecopro.openapi.yaml`` (JSON:API, Basic
-auth with the agency's API key as user name, multipart document upload) and turns every answer
-into a result or an error of the relay's tree: retriable (429, 5xx, network), parked (401, 403,
-missing key) or rejected (400, 409, 422). It never retries: the scheduler does.
+auth with the agency's API key as user name, multipart document upload); every answer becomes a
+result or an error of the relay's tree (``answers``): retriable (429, 5xx, network), parked
+(401, 403, missing key) or rejected (400, 409, 422). It never retries: the scheduler does.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import email.utils
 import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,24 +27,25 @@ from consumer.errors import (
     PartnerRejectedError,
     PartnerRetriableError,
 )
+from consumer.partner.answers import (
+    MAX_DETAIL,
+    RemoteDocument,
+    answer_message,
+    parse_json,
+    read_resource,
+    reference_of,
+    refuse,
+    remote_document,
+    retry_after_seconds,
+)
 from consumer.partner.keys import ApiKeyStore
 
 logger = logging.getLogger(__name__)
 
 JSON_API = "application/vnd.api+json"
-_MAX_DETAIL = 500
 
 Observe = Callable[[str, str, float], None]
 """``observe(operation, status, seconds)``; status is the HTTP code, ``timeout`` or ``network``."""
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteDocument:
-    """A document as ChouetteCopro knows it."""
-
-    remote_id: str
-    reference: str | None
-    sha256: str | None
 
 
 class ChouetteCoproClient:
@@ -111,7 +109,7 @@ class ChouetteCoproClient:
         form = _document_form({"type": "documents", "attributes": _attributes(document)}, content)
         status, body = await self._call("upload", "POST", url, agency_id, data=form)
         self._expect(status, body, ok=(201,), operation="upload", not_found=PartnerParkedError)
-        return _remote_document(body, operation="upload")
+        return remote_document(body, operation="upload")
 
     async def update(
         self, *, agency_id: str, remote_id: str, document: Document, content: bytes
@@ -126,7 +124,7 @@ class ChouetteCoproClient:
             "update", "PATCH", url, agency_id, data=_document_form(resource, content)
         )
         self._expect(status, body, ok=(200,), operation="update", not_found=PartnerRejectedError)
-        return _remote_document(body, operation="update")
+        return remote_document(body, operation="update")
 
     async def delete(self, *, agency_id: str, remote_id: str) -> None:
         """Withdraw a document; one that is already gone (404) counts as withdrawn."""
@@ -153,9 +151,9 @@ class ChouetteCoproClient:
                 "find_by_reference: the answer has no data list", status=200
             )
         found = [
-            _resource(item, operation="find_by_reference")
+            read_resource(item, operation="find_by_reference")
             for item in data
-            if isinstance(item, dict) and _reference_of(item) == reference
+            if isinstance(item, dict) and reference_of(item) == reference
         ]
         if len(found) > 1:
             logger.warning(
@@ -188,7 +186,7 @@ class ChouetteCoproClient:
             async with session.request(method, url, headers=headers, data=data) as response:
                 raw = await response.read()
                 outcome = str(response.status)
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except TimeoutError:
             outcome = "timeout"
             raise PartnerRetriableError(f"{operation}: ChouetteCopro timed out") from None
@@ -200,7 +198,7 @@ class ChouetteCoproClient:
         finally:
             if self._observe is not None:
                 self._observe(operation, outcome, time.monotonic() - started)
-        body = _parse_json(raw)
+        body = parse_json(raw)
         if response.status == 429 or response.status >= 500 or response.status == 408:
             if retry_after is not None:
                 until = time.monotonic() + retry_after
@@ -215,7 +213,7 @@ class ChouetteCoproClient:
     def _message(self, operation: str, status: int, body: Any) -> str:
         # A partner may echo the credentials in an error (raw, Basic, JSON- or URL-encoded):
         # redacted before anything is cut, so that no fragment of a key survives the cut.
-        return self._keys.redact(_message(operation, status, body))[:_MAX_DETAIL]
+        return self._keys.redact(answer_message(operation, status, body))[:MAX_DETAIL]
 
     def _expect(
         self,
@@ -228,23 +226,7 @@ class ChouetteCoproClient:
     ) -> None:
         if status in ok:
             return
-        _refuse(self._message(operation, status, body), status, operation, not_found)
-
-
-def _refuse(message: str, status: int, operation: str, not_found: type[PartnerError]) -> None:
-    if 200 <= status < 300 and operation != "find_by_reference":
-        # A write answered with another success than the contract's (say, 200 and an error
-        # body): whether it happened is unknown, and the retry looks it up by reference.
-        raise PartnerRetriableError(f"{message} (outcome unknown)", status=status)
-    if status in (401, 403):
-        raise PartnerParkedError(message, status=status)
-    if status == 404:
-        raise not_found(message, status=status)
-    if status in (400, 409, 413, 422):
-        raise PartnerRejectedError(message, status=status)
-    # Anything else (405, 415, an unexpected 2xx...) means the contract changed: an operator
-    # must look before more documents are sent.
-    raise PartnerParkedError(f"{message} (not in the contract)", status=status)
+        refuse(self._message(operation, status, body), status, operation, not_found)
 
 
 def _basic_authorization(key: str, agency_id: str) -> str:
@@ -274,77 +256,6 @@ def _document_form(resource: Mapping[str, Any], content: bytes) -> aiohttp.FormD
     return form
 
 
-def _remote_document(body: Any, *, operation: str) -> RemoteDocument:
-    data = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(data, dict):
-        # The partner acted but the answer is unreadable: the outcome is unknown, and the
-        # scheduler's retry reconciles it by reference before sending again.
-        raise PartnerRetriableError(f"{operation}: the answer has no resource object")
-    return _resource(data, operation=operation)
-
-
-def _resource(data: Mapping[str, Any], *, operation: str) -> RemoteDocument:
-    remote_id = data.get("id")
-    if not isinstance(remote_id, str) or not remote_id:
-        raise PartnerRetriableError(f"{operation}: the resource object has no id")
-    attributes = data.get("attributes")
-    sha256 = attributes.get("sha256") if isinstance(attributes, dict) else None
-    return RemoteDocument(
-        remote_id=remote_id,
-        reference=_reference_of(data),
-        sha256=sha256 if isinstance(sha256, str) else None,
-    )
-
-
-def _reference_of(data: Mapping[str, Any]) -> str | None:
-    attributes = data.get("attributes")
-    reference = attributes.get("reference") if isinstance(attributes, dict) else None
-    return reference if isinstance(reference, str) else None
-
-
-def _parse_json(raw: bytes) -> Any:
-    if not raw:
-        return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _message(operation: str, status: int, body: Any) -> str:
-    """``upload: ChouetteCopro answered 422: sha256_mismatch: ... (source)``, not yet redacted."""
-    parts = [f"{operation}: ChouetteCopro answered {status}"]
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(errors, list):
-        for error in errors[:3]:
-            if not isinstance(error, dict):
-                continue
-            text = ": ".join(
-                str(error[field]) for field in ("code", "title", "detail") if error.get(field)
-            )
-            source = error.get("source")
-            if isinstance(source, dict) and source:
-                text += " (" + ", ".join(f"{k}={v}" for k, v in source.items()) + ")"
-            parts.append(text[: _MAX_DETAIL * 4])
-    return ": ".join(parts)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from ``Retry-After``: delay-seconds or an HTTP-date; None when absent or garbage."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
-
-
 async def list_documents(
     client: ChouetteCoproClient, *, agency_id: str, condominium_id: str, page_size: int = 100
 ) -> list[RemoteDocument]:
@@ -369,7 +280,7 @@ async def list_documents(
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise PartnerRetriableError("list: the answer has no data list", status=200)
-        found += [_resource(item, operation="list") for item in data if isinstance(item, dict)]
+        found += [read_resource(item, operation="list") for item in data if isinstance(item, dict)]
         links = body.get("links") if isinstance(body, dict) else None
         if not data or not isinstance(links, dict) or not links.get("next"):
             return found

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from consumer.core.events import Content
-from consumer.core.planner import (
+from consumer.core.planning.plan import (
     Delete,
     Lane,
     Upload,
@@ -32,7 +32,8 @@ from consumer.core.view import PublishedView
 from consumer.errors import ContentError, PartnerRejectedError
 from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
-from consumer.partner.client import ChouetteCoproClient, RemoteDocument
+from consumer.partner.answers import RemoteDocument
+from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from consumer.core.routing import load_routing
-from consumer.core.state import DocStatus, DocumentRecord, decode_state
+from consumer.core.state import DocStatus, DocumentRecord
+from consumer.core.state_codec import decode_state
 from tests.chaos.lsc import Place
 from tests.chaos.run import ChaosRun, carry_out, partner_side
 from tests.chaos.stream import chaos_stream

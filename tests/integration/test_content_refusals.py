@@ -21,7 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app.relay import Relay
-from consumer.core.state import DocStatus, DocumentRecord, decode_state
+from consumer.core.state import DocStatus, DocumentRecord
+from consumer.core.state_codec import decode_state
 from consumer.local.pdf import make_pdf
 from consumer.ops.logs import JsonFormatter
 from consumer.settings import ContentSettings

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.core.planner import DryRun
+from consumer.core.planning.first_publication import DryRun
 from consumer.core.routing import load_routing
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG
 from consumer.local.kafka import create_topics

@@ -27,7 +27,8 @@ from consumer.errors import (
 )
 from consumer.local.pdf import make_pdf
 from consumer.local.sandbox import RateLimit, SandboxServer
-from consumer.partner.client import ChouetteCoproClient, RemoteDocument
+from consumer.partner.answers import RemoteDocument
+from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.keys import ApiKeyStore
 from tests.fixtures.partner import AGENCY_A_KEY, SandboxFactory
 

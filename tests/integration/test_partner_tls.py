@@ -14,13 +14,13 @@ import pytest
 
 from consumer.core.events import Content
 from consumer.errors import ContentUnavailableError, PartnerRetriableError
-from consumer.kafka.connection import https_context
 from consumer.local.docstore import DocumentStore
 from consumer.local.sandbox import SandboxServer
 from consumer.local.tls import Pki, make_pki
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
 from consumer.partner.keys import ApiKeyStore
+from consumer.partner.tls import https_context
 from tests.fixtures.partner import AGENCY_A_KEY
 from tests.fixtures.tls import TlsFront
 

@@ -9,10 +9,10 @@ import hashlib
 from consumer.core.audit import compare, plan_repair
 from consumer.core.commands import Finding, FindingKind
 from consumer.core.events import Module
-from consumer.core.planner import Delete
+from consumer.core.planning.plan import Delete
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, Tombstone
 from consumer.core.view import PublishedView
-from consumer.partner.client import RemoteDocument
+from consumer.partner.answers import RemoteDocument
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 

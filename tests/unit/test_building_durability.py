@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
-from consumer.core.planner import Delete, Upload, deleted_record, intent_record
+from consumer.core.planning.plan import Delete, Upload, deleted_record, intent_record
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import StateRecord

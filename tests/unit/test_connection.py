@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 from consumer.errors import ConfigError
-from consumer.kafka.connection import https_context, kafka_connection
+from consumer.kafka.connection import kafka_connection
 from consumer.local.tls import Pki, make_pki
+from consumer.partner.tls import https_context
 from consumer.settings import KafkaSettings, Settings, load_settings
 
 PASSWORD = "s3cret-Passw0rd"

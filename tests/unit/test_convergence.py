@@ -23,17 +23,16 @@ from hypothesis import strategies as st
 from consumer.core.events import Audience, Document, DocumentCreated, ManifestSnapshot, Module
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
-from consumer.core.planner import (
+from consumer.core.planning.actions import release_held, retry_parked
+from consumer.core.planning.documents import plan_document
+from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.plan import (
     Delete,
     Plan,
     Upload,
     deleted_record,
     intent_record,
-    plan_document,
-    plan_manifest,
     published_record,
-    release_held,
-    retry_parked,
 )
 from consumer.core.routing import Action, RoutingTable
 from consumer.core.state import DocKey, DocStatus

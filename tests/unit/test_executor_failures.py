@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
 from consumer.core.events import Content, Document
-from consumer.core.planner import Lane, Upload
+from consumer.core.planning.plan import Lane, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord
 from consumer.core.view import PublishedView

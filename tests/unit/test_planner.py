@@ -14,22 +14,19 @@ import pytest
 from consumer.core.events import Document, DocumentCreated, Module
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest
-from consumer.core.planner import (
+from consumer.core.planning.actions import discard_held, release_held, retry_parked
+from consumer.core.planning.documents import plan_document
+from consumer.core.planning.first_publication import plan_first_publication, unapproved_modules
+from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.plan import (
     Delete,
     Lane,
     Outcome,
     Plan,
     Upload,
     deleted_record,
-    discard_held,
     intent_record,
-    plan_document,
-    plan_first_publication,
-    plan_manifest,
     published_record,
-    release_held,
-    retry_parked,
-    unapproved_modules,
 )
 from consumer.core.routing import RoutingTable
 from consumer.core.state import (

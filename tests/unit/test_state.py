@@ -18,7 +18,6 @@ from referencing import Registry, Resource
 
 from consumer.core.events import Document, Module
 from consumer.core.state import (
-    COMPACT_FORM,
     AgencyKey,
     AgencyRecord,
     BuildingKey,
@@ -30,9 +29,9 @@ from consumer.core.state import (
     StateRecord,
     Tombstone,
     decode_key,
-    decode_state,
-    encode_state,
 )
+from consumer.core.state_codec import decode_state, encode_state
+from consumer.core.state_compact import COMPACT_FORM
 from consumer.core.view import PublishedView
 from tests.changelog_forms import first_form
 from tests.strategies import document_dicts, document_ids, identifiers

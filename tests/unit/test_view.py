@@ -23,10 +23,9 @@ from consumer.core.state import (
     StateDecodeError,
     StateRecord,
     Tombstone,
-    compact_document,
-    decode_state,
-    encode_state,
 )
+from consumer.core.state_codec import decode_state, encode_state
+from consumer.core.state_compact import compact_document
 from consumer.core.view import PublishedView
 from tests.changelog_forms import encode_first_form
 from tests.strategies import document_ids, identifiers

@@ -1,0 +1,168 @@
+"""Manifest rules: reconciling one building with a complete manifest.
+
+Listed documents are uploaded, left alone or recorded as baseline (a first publication whose mode
+does not send them); documents of covered modules seen before the snapshot and absent from it are
+withdrawn, unless the mass-deletion guard holds them. Uploads go to the backfill lane.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from consumer.core.events import Document
+from consumer.core.guard import DeletionGuard
+from consumer.core.manifest import CompleteManifest
+from consumer.core.planning.documents import (
+    SETTLED,
+    is_owned,
+    park,
+    unhold,
+    unroute,
+    upload_for,
+    withdraw,
+)
+from consumer.core.planning.plan import Lane, Operation, Outcome, Plan, document_record
+from consumer.core.routing import Action, RoutingTable
+from consumer.core.state import (
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+    Tombstone,
+    to_epoch_us,
+)
+from consumer.core.view import PublishedView
+
+
+class _ManifestPlanner:
+    """The state of planning one manifest; ``plan_manifest`` is its only user."""
+
+    def __init__(
+        self, view: PublishedView, routing: RoutingTable, manifest: CompleteManifest
+    ) -> None:
+        self.view = view
+        self.routing = routing
+        self.manifest = manifest
+        self.taken_us = to_epoch_us(manifest.taken_at)
+        building = view.building(manifest.agency_id, manifest.building_id)
+        self.decided = dict(building.manifest_taken_at) if building is not None else {}
+        self.covered = {
+            module
+            for module in manifest.modules
+            if module not in self.decided or to_epoch_us(self.decided[module]) < self.taken_us
+        }
+        agency = routing.agency(manifest.agency_id)
+        self.first_publication = agency.first_publication if agency is not None else None
+        self.operations: list[Operation] = []
+        self.records: list[StateRecord] = []
+
+    def listed(self, document: Document) -> None:
+        """One item of the manifest, in a module it covers."""
+        manifest = self.manifest
+        key = DocKey(manifest.agency_id, manifest.building_id, document.id)
+        brief = self.view.brief(key)
+        if brief is not None and brief.seen_at_us > self.taken_us:
+            return  # a version seen after the snapshot was taken is newer than this item
+        verdict = self.routing.decide(manifest.agency_id, manifest.building_id, document)
+        if (
+            brief is not None
+            and brief.status in SETTLED
+            and brief.sha256 == document.content.sha256
+            and brief.status is not DocStatus.DELETE_HELD
+            and verdict.action is not Action.FILTER
+        ):
+            return  # the common case, decided without rebuilding the record
+        current = self.view.document(key)
+        if verdict.action is Action.FILTER:
+            if current is not None:
+                operations, records = unroute(current)
+                self.operations += operations
+                self.records += records
+            return
+        if current is not None and current.status in SETTLED:
+            if current.sha256 == document.content.sha256:
+                if current.status is DocStatus.DELETE_HELD:
+                    self.records.append(unhold(current))
+                return
+        elif self.is_baseline(document, current):
+            self.records.append(
+                document_record(key, document, DocStatus.BASELINE, manifest.taken_at)
+            )
+            return
+        if verdict.condominium_id is None:
+            self.records += park(key, document, verdict, manifest.taken_at, current)
+            return
+        upload = upload_for(
+            key,
+            document,
+            condominium_id=verdict.condominium_id,
+            lane=Lane.BACKFILL,
+            seen_at=manifest.taken_at,
+            current=current,
+        )
+        self.operations.append(upload)
+
+    def is_baseline(self, document: Document, current: DocumentRecord | None) -> bool:
+        """First publication of the module, and the agency's mode does not send this one."""
+        return (
+            self.first_publication is not None
+            and document.module not in self.decided
+            and (current is None or current.remote_id is None)
+            and not self.first_publication.sends(document.document_date)
+        )
+
+    def withdrawals(self) -> list[DocumentRecord]:
+        """Documents of covered modules seen before the snapshot and absent from it."""
+        manifest = self.manifest
+        withdrawn = []
+        for record in self.view.seen_before(
+            manifest.agency_id,
+            manifest.building_id,
+            manifest.taken_at,
+            modules=self.covered,
+            excluding={document.id for document in manifest.items},
+        ):
+            if is_owned(record):
+                withdrawn.append(record)
+            else:
+                self.records.append(Tombstone(record.key))  # baseline, parked, filtered: not sent
+        return withdrawn
+
+
+def plan_manifest(
+    view: PublishedView, routing: RoutingTable, manifest: CompleteManifest, guard: DeletionGuard
+) -> Plan:
+    """Reconcile one building with a complete manifest (uploads go to the backfill lane)."""
+    planner = _ManifestPlanner(view, routing, manifest)
+    if not planner.covered:
+        return Plan(Outcome.STALE)
+    listed = {d.id: d for d in manifest.items if d.module in planner.covered}
+    for document in listed.values():
+        planner.listed(document)
+    withdrawn = planner.withdrawals()
+    published = view.published_count(manifest.agency_id, manifest.building_id, planner.covered)
+    outcome = Outcome.APPLIED
+    if guard.holds(deleting=len(withdrawn), published=published, listed=len(listed)):
+        outcome = Outcome.HELD
+        planner.records += [
+            dataclasses.replace(record, status=DocStatus.DELETE_HELD, held_by=manifest.snapshot_id)
+            for record in withdrawn
+            if record.status in (DocStatus.PUBLISHED, DocStatus.DELETE_HELD)
+            and record.held_by != manifest.snapshot_id
+        ]
+    else:
+        planner.operations += [withdraw(record) for record in withdrawn]
+    # Only modules the relay serves for this agency are "decided": one that is enabled later (or
+    # an agency added to the routing later) then gets its first publication, in its own mode,
+    # instead of being taken as already published.
+    agency = routing.agency(manifest.agency_id)
+    served = planner.covered & agency.modules if agency is not None else set()
+    if served:
+        decided = planner.decided | dict.fromkeys(served, manifest.taken_at)
+        planner.records.append(
+            BuildingRecord(manifest.agency_id, manifest.building_id, decided, True)
+        )
+    elif not planner.operations and not planner.records:
+        outcome = Outcome.UNSERVED
+    return Plan(outcome, tuple(planner.operations), tuple(planner.records))
