@@ -146,10 +146,10 @@ class RepeatedLineFilter(logging.Filter):
 
     While Kafka is away, aiokafka logs every failed connection, metadata refresh, fetch and
     produce, each retried every 100 ms (one relay and one producer logged 11,000 lines in a
-    one-minute outage), burying the relay's own lines (the readiness change, the commits that failed, the stop). For
-    loggers under ``prefixes``, a message (its template, logger and level) seen again within
-    ``window_s`` of the last one shown is held back and counted; the next one shown carries
-    ``repeated``, how many were held. The relay's own lines are never held back.
+    one-minute outage), burying the relay's own lines (the readiness change, the commits that
+    failed, the stop). For loggers under ``prefixes``, a message (its template, logger and level)
+    seen again within ``window_s`` of the last one shown is held back and counted; the next one
+    shown carries ``repeated``, how many were held. The relay's own lines are never held back.
     """
 
     MAX_MESSAGES = 1024  # a library that formats its messages itself makes each one new
