@@ -40,10 +40,11 @@ from consumer.kafka.changelog import (
     dead_letter_room,
     restore_partition,
 )
-from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
+from consumer.kafka.connection import KafkaConnection, kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.kafka.membership import leave_group
+from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator, parked_entry
 from consumer.ops.audit import run_audit

@@ -22,7 +22,8 @@ from consumer.core.state_codec import encode_state
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.brokerwatch import BrokerWatch
-from consumer.kafka.connection import KafkaConnection, start_client
+from consumer.kafka.connection import KafkaConnection
+from consumer.kafka.startup import start_client
 
 log = logging.getLogger(__name__)
 

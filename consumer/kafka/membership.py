@@ -19,7 +19,8 @@ from aiokafka.errors import KafkaError, UnknownMemberIdError, for_code
 from aiokafka.protocol.api import Request, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 
-from consumer.kafka.connection import KafkaConnection, start_client
+from consumer.kafka.connection import KafkaConnection
+from consumer.kafka.startup import start_client
 
 log = logging.getLogger(__name__)
 

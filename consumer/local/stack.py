@@ -20,7 +20,8 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.app.relay import Relay
 from consumer.core.routing import load_routing
-from consumer.kafka.connection import KafkaConnection, start_client
+from consumer.kafka.connection import KafkaConnection
+from consumer.kafka.startup import start_client
 from consumer.local.console import AgencyProgress, ProgressView
 from consumer.local.demo import AGENCIES, demo_publication, routing_toml
 from consumer.local.docstore import DocumentStore

@@ -31,7 +31,8 @@ from consumer.core.state import DocumentRecord
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
-from consumer.kafka.connection import KafkaConnection, kafka_connection, start_client
+from consumer.kafka.connection import KafkaConnection, kafka_connection
+from consumer.kafka.startup import start_client
 from consumer.settings import Settings
 
 

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.core.state import ON_PARTNER, DocStatus
 from consumer.core.view import PublishedView
-from consumer.kafka.connection import start_client
+from consumer.kafka.startup import start_client
 from consumer.ops.admin import Operator
 from consumer.ops.replay import read_dead_letters
 

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumer.kafka.connection import KafkaConnection, start_client
+from consumer.kafka.connection import KafkaConnection
+from consumer.kafka.startup import start_client
 
 REPLAY_HEADER = "chouette-relay-replay-of"
 

@@ -23,7 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.core.routing import load_routing
 from consumer.errors import KafkaConnectError
-from consumer.kafka.connection import kafka_connection, start_client
+from consumer.kafka.connection import kafka_connection
+from consumer.kafka.startup import start_client
 from consumer.local.kafka import LocalKafka
 from consumer.local.tls import SASL_SSL, SSL, SecuredListeners
 from consumer.ops.dryrun import build_plan

@@ -91,9 +91,14 @@ def test_production_commands_never_import_the_local_stack() -> None:
     probe = """
 import importlib, json, pkgutil, sys
 import consumer
-for module in pkgutil.walk_packages(consumer.__path__, "consumer."):
-    if module.name != "consumer.local" and not module.name.startswith("consumer.local."):
-        importlib.import_module(module.name)
+def walk(path, prefix):
+    # Not pkgutil.walk_packages: it imports every sub-package, the local stack's included.
+    for info in pkgutil.iter_modules(path, prefix):
+        if info.name != "consumer.local":
+            module = importlib.import_module(info.name)
+            if info.ispkg:
+                walk(module.__path__, info.name + ".")
+walk(consumer.__path__, "consumer.")
 print(json.dumps(sorted(sys.modules)))
 """
     result = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
