@@ -13,7 +13,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -173,6 +173,20 @@ def _text_as(pattern: str, schema: core_schema.CoreSchema) -> core_schema.CoreSc
 
 
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
+def _json_int(ge: int, le: int) -> _FromJson:
+    """A ``JsonInt``'s bounds for JSON input, checked in the Rust core; Python only reads the
+    rare integral float (``12.0``), which no integer token matched."""
+    exact = core_schema.int_schema(strict=True, ge=ge, le=le)
+    return _FromJson(
+        core_schema.union_schema(
+            [exact, core_schema.no_info_before_validator_function(_json_integer, exact)],
+            mode="left_to_right",
+        )
+    )
+
+
 # JSON true is no integer; pydantic's literal check would take it for 1.
 SchemaVersion = Annotated[
     Literal[1],
@@ -240,13 +254,16 @@ class Content(_Frozen):
     """The PDF of a document: exactly one of ``url`` and ``inline_base64``, plus its checks."""
 
     media_type: Literal["application/pdf"]
-    size_bytes: JsonInt = Field(ge=1, le=MAX_SAFE_INTEGER)
+    size_bytes: Annotated[JsonInt, _json_int(1, MAX_SAFE_INTEGER)] = Field(
+        ge=1, le=MAX_SAFE_INTEGER
+    )
     sha256: Sha256Hex
     url: Annotated[Url | None, _NotNull()] = None
     inline_base64: Annotated[Base64 | None, _NotNull()] = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Content:
+        # Python input only: JSON input is held to it by the schema of ``_one_source_in_json``.
         if (self.url is None) == (self.inline_base64 is None):
             raise ValueError("content needs exactly one of url or inline_base64")
         return self
@@ -258,6 +275,43 @@ class Content(_Frozen):
         return {name: value for name, value in data.items() if value is not None}
 
 
+# No value passes: a field of this schema may only be absent (and then takes its default).
+_ABSENT: Final = core_schema.int_schema(strict=True, ge=1, le=0)
+
+
+def _one_source_in_json() -> core_schema.CoreSchema:
+    """``Content`` for JSON input: a union of its fields with ``url`` alone and with
+    ``inline_base64`` alone, so the Rust core holds it to exactly one source, no Python runs.
+    """
+    # Content's schema as pydantic builds it: its after-validator around the model's fields.
+    after = Content.__pydantic_core_schema__
+    if after["type"] != "function-after":
+        raise TypeError("Content's schema no longer ends in its after-validator")
+    model = after["schema"]
+    if model["type"] != "model":
+        raise TypeError("Content's schema no longer wraps a model")
+    fields = model["schema"]
+    if fields["type"] != "model-fields":
+        raise TypeError("Content's model schema no longer holds its fields")
+
+    def alone(given: str, absent: str) -> core_schema.ModelFieldsSchema:
+        chosen = dict(fields["fields"])
+        optional = chosen[given]["schema"]
+        if optional["type"] != "default":
+            raise TypeError(f"Content.{given} is no longer optional")
+        chosen[given] = {**chosen[given], "schema": optional["schema"]}
+        chosen[absent] = {
+            **chosen[absent],
+            "schema": core_schema.with_default_schema(_ABSENT, default=None),
+        }
+        return cast(core_schema.ModelFieldsSchema, {**fields, "fields": chosen})
+
+    union = core_schema.union_schema(
+        [alone("url", "inline_base64"), alone("inline_base64", "url")], mode="left_to_right"
+    )
+    return cast(core_schema.ModelSchema, {**model, "schema": union})
+
+
 class Document(_Frozen):
     """One document as LSC describes it, in a document-created event or a manifest item."""
 
@@ -267,7 +321,7 @@ class Document(_Frozen):
     title: Label
     document_date: CalendarDate
     audience: AudienceField
-    content: Content
+    content: Annotated[Content, _FromJson(_one_source_in_json())]
 
 
 class DocumentCreated(_Frozen):
@@ -298,9 +352,9 @@ class ManifestSnapshot(_Frozen):
     modules: Annotated[
         tuple[ModuleField, ...], Strict(False), Field(min_length=1), AfterValidator(_unique_modules)
     ]
-    part: JsonInt = Field(ge=1, le=10_000)
-    parts: JsonInt = Field(ge=1, le=10_000)
-    item_count: JsonInt = Field(ge=0, le=1_000_000)
+    part: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
+    parts: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
+    item_count: Annotated[JsonInt, _json_int(0, 1_000_000)] = Field(ge=0, le=1_000_000)
     items: Annotated[tuple[Document, ...], Strict(False)]
 
 
