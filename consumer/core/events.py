@@ -2,9 +2,10 @@
 
 These models accept exactly what the JSON Schemas in ``schemas/`` accept when given the output of a
 JSON parser (``orjson.loads``) in strict python mode; a test runs every example through both.
-Given the bytes themselves (JSON mode, which decoding tries first) dates and date-times are checked
-in pydantic's Rust core and may be refused where python mode accepts, never the other way round.
-Decoding raw Kafka records, and naming why a record is poison, lives in ``decoding``.
+Given the bytes themselves (JSON mode, which decoding tries first) no Python validator runs: dates,
+date-times, integers and "exactly one content source" are checked in pydantic's Rust core and may
+be refused where python mode accepts, never the other way round. Decoding raw Kafka records lives
+in ``decoding``, naming why a record is poison in ``poison``.
 """
 
 from __future__ import annotations
