@@ -98,9 +98,9 @@ class PartitionProcessor:
         # First publications that send history, waiting for an operator's approval; their
         # offsets stay uncommitted, so a restart reads them again (and holds them again).
         self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
-        # The event counter's child per (kind, outcome): looking a child up by its label values
-        # costs more than counting, and the hot path counts every record.
-        self._event_counts: dict[tuple[str, str], Callable[[], None]] = {}
+        # Events counted per (kind, outcome) while a fetch is handled, added to the counter after
+        # it: the hot path counts every record, the counter's lock once per fetch.
+        self._uncounted: dict[tuple[str, str], int] = {}
 
     @property
     def pending_operations(self) -> int:
@@ -127,15 +127,24 @@ class PartitionProcessor:
         return offsets
 
     async def handle(self, source: SourceRecord) -> None:
-        kind = self._kinds[source.topic]
-        tracker = self._trackers[source.topic]
-        tracker.begin(source.offset)
+        await self.handle_batch((source,))
+
+    async def handle_batch(self, sources: Iterable[SourceRecord]) -> None:
+        """Handle the records of one fetch in order. The clock is read once for them all (each
+        was published before it) and their outcomes are counted once per kind and outcome."""
+        now = self._clock()
         try:
-            await self._handle(kind, tracker, source)
-        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
-            await self._set_aside(source, error)
-            if tracker.is_open(source.offset):
-                tracker.done(source.offset)
+            for source in sources:
+                tracker = self._trackers[source.topic]
+                tracker.begin(source.offset)
+                try:
+                    await self._handle(self._kinds[source.topic], tracker, source, now)
+                except Exception as error:  # noqa: BLE001 - classify() decides; fatal raised again
+                    await self._set_aside(source, error)
+                    if tracker.is_open(source.offset):
+                        tracker.done(source.offset)
+        finally:
+            self._flush_counts()
 
     async def _set_aside(self, source: SourceRecord, error: Exception) -> None:
         """One record's work failed in a way no edge foresaw: dead-letter it and go on.
@@ -165,11 +174,12 @@ class PartitionProcessor:
                 self._kinds.get(source.topic, "relay"), "dead_lettered"
             ).inc()
 
-    async def _handle(self, kind: str, tracker: OffsetTracker, source: SourceRecord) -> None:
+    async def _handle(
+        self, kind: str, tracker: OffsetTracker, source: SourceRecord, now: dt.datetime
+    ) -> None:
         if kind == COMMANDS:
             await self._handle_command(source)
             return
-        now = self._clock()
         published_at = _record_time(source, now) if kind == MANIFESTS else None
         if published_at is not None:
             self._manifest_time = max(self._manifest_time or published_at, published_at)
@@ -202,12 +212,13 @@ class PartitionProcessor:
         await self._handle_part(decoded, source, published_at or min(decoded.taken_at, now))
 
     def _count_event(self, kind: str, outcome: str) -> None:
-        count = self._event_counts.get((kind, outcome))
-        if count is None:
-            count = self._event_counts[kind, outcome] = self._metrics.events.labels(
-                kind, outcome
-            ).inc
-        count()
+        key = (kind, outcome)
+        self._uncounted[key] = self._uncounted.get(key, 0) + 1
+
+    def _flush_counts(self) -> None:
+        for (kind, outcome), count in self._uncounted.items():
+            self._metrics.events.labels(kind, outcome).inc(count)
+        self._uncounted.clear()
 
     async def _handle_command(self, source: SourceRecord) -> None:
         command = decode_command(source.key, source.value)

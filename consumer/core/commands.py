@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
 from consumer.core.decoding import Poison, PoisonReason
-from consumer.core.events import IDENTIFIER_PATTERN
+from consumer.core.patterns import IDENTIFIER_PATTERN
 
 
 class HeldAction(StrEnum):

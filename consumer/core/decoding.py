@@ -14,17 +14,17 @@ reads itself.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final, Literal
 
 import orjson
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
 from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
+from consumer.core.poison import Poison, PoisonReason, quote, schema_poison
+
+# What callers read here; the poison reasons live with how a violation is told.
+__all__ = ["Poison", "PoisonReason", "TopicKind", "claimed_snapshot", "decode_record"]
 
 TopicKind = Literal["document-created", "manifest-snapshot"]
 
@@ -32,6 +32,8 @@ _MODELS: Final[dict[str, type[DocumentCreated] | type[ManifestSnapshot]]] = {
     "document-created": DocumentCreated,
     "manifest-snapshot": ManifestSnapshot,
 }
+# Their validators, called directly: the hot path skips ``model_validate_json``'s Python wrapper.
+_VALIDATORS: Final = {kind: model.__pydantic_validator__ for kind, model in _MODELS.items()}
 _SCHEMA_VERSION: Final = 1
 _EVENT_TYPE_HEADER: Final = "event-type"
 _SCHEMA_VERSION_HEADER: Final = "schema-version"
@@ -40,38 +42,6 @@ _HEADERS: Final[dict[str, dict[str, bytes | None]]] = {
     kind: {_EVENT_TYPE_HEADER: kind.encode(), _SCHEMA_VERSION_HEADER: str(_SCHEMA_VERSION).encode()}
     for kind in _MODELS
 }
-
-
-class PoisonReason(StrEnum):
-    """Why a record cannot become an event; one label of the dead-letter metric."""
-
-    NULL_VALUE = "null_value"
-    OVERSIZED = "oversized"
-    NOT_UTF8 = "not_utf8"
-    NOT_JSON = "not_json"
-    NOT_AN_OBJECT = "not_an_object"
-    UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
-    UNKNOWN_EVENT_TYPE = "unknown_event_type"
-    WRONG_TOPIC = "wrong_topic"
-    HEADER_MISMATCH = "header_mismatch"
-    SCHEMA_VIOLATION = "schema_violation"
-    KEY_MISSING = "key_missing"
-    KEY_MISMATCH = "key_mismatch"
-    PART_OUT_OF_RANGE = "part_out_of_range"
-    ITEM_COUNT_MISMATCH = "item_count_mismatch"
-    ITEM_OUT_OF_SCOPE = "item_out_of_scope"
-    DUPLICATE_ITEM_ID = "duplicate_item_id"
-    BAD_URL = "bad_url"
-    TAKEN_AT_IN_FUTURE = "taken_at_in_future"
-    OCCURRED_AT_IN_FUTURE = "occurred_at_in_future"
-
-
-@dataclass(frozen=True, slots=True)
-class Poison:
-    """A record that is not a valid event: dead-letter it with this reason and detail."""
-
-    reason: PoisonReason
-    detail: str
 
 
 def decode_record(
@@ -128,9 +98,10 @@ def _valid_event(
         if raw != expected.get(name, raw):
             return None
     try:
-        return _MODELS[topic_kind].model_validate_json(value)
+        event: Event = _VALIDATORS[topic_kind].validate_json(value)
     except ValidationError:
         return None
+    return event
 
 
 def _checked_event(
@@ -150,7 +121,7 @@ def _checked_event(
     try:
         return _MODELS[topic_kind].model_validate(body)
     except ValidationError as error:
-        return _schema_poison(error)
+        return schema_poison(error)
 
 
 def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:
@@ -213,7 +184,7 @@ def _check_version_and_type(body: dict[str, object], topic_kind: str) -> Poison 
     event_type = body.get("event_type")
     if isinstance(event_type, str) and event_type not in _MODELS:
         return Poison(
-            PoisonReason.UNKNOWN_EVENT_TYPE, f"event_type {_quote(event_type)} is not known"
+            PoisonReason.UNKNOWN_EVENT_TYPE, f"event_type {quote(event_type)} is not known"
         )
     if isinstance(event_type, str) and event_type != topic_kind:
         return Poison(
@@ -237,10 +208,10 @@ def _check_headers(
         else:
             continue
         if raw != expected.encode():
-            shown = "no value" if raw is None else _quote(raw.decode("utf-8", "backslashreplace"))
+            shown = "no value" if raw is None else quote(raw.decode("utf-8", "backslashreplace"))
             return Poison(
                 PoisonReason.HEADER_MISMATCH,
-                f"header {name} has {shown} but the body says {_quote(expected)}",
+                f"header {name} has {shown} but the body says {quote(expected)}",
             )
     return None
 
@@ -252,9 +223,9 @@ def _check_key(event: Event, key: bytes | None) -> Poison | None:
         )
     expected = f"{event.agency_id}:{event.building_id}"
     if key != expected.encode():
-        shown = _quote(key.decode("utf-8", "backslashreplace"))
+        shown = quote(key.decode("utf-8", "backslashreplace"))
         return Poison(
-            PoisonReason.KEY_MISMATCH, f"the key is {shown} but the body says {_quote(expected)}"
+            PoisonReason.KEY_MISMATCH, f"the key is {shown} but the body says {quote(expected)}"
         )
     return None
 
@@ -288,64 +259,19 @@ def _check_manifest_part(manifest: ManifestSnapshot) -> Poison | None:
 
 
 def _check_time(event: Event, not_after: dt.datetime) -> Poison | None:
-    if isinstance(event, ManifestSnapshot):
-        reason, name, moment = PoisonReason.TAKEN_AT_IN_FUTURE, "taken_at", event.taken_at
-    else:
-        reason, name, moment = PoisonReason.OCCURRED_AT_IN_FUTURE, "occurred_at", event.occurred_at
+    # The reason is looked up only for an event from the future: the hot path only compares.
+    moment = event.taken_at if isinstance(event, ManifestSnapshot) else event.occurred_at
     if moment <= not_after:
         return None
+    if isinstance(event, ManifestSnapshot):
+        reason, name = PoisonReason.TAKEN_AT_IN_FUTURE, "taken_at"
+    else:
+        reason, name = PoisonReason.OCCURRED_AT_IN_FUTURE, "occurred_at"
     return Poison(
         reason,
         f"{name} {moment.isoformat()} is later than {not_after.isoformat()}, the relay's clock"
         " plus the clock skew it allows",
     )
-
-
-_USER_INFO: Final = re.compile(r"//[^/?#@]*@")
-_URL_ERRORS: Final = frozenset({"string_pattern_mismatch", "string_too_long"})
-_URL_RULE: Final = (
-    "an http(s) URL with a host name or IPv4 address, a port from 1 to 65535, no user info,"
-    " and only RFC 3986 characters with %HH escapes"
-)
-
-
-def _schema_poison(error: ValidationError) -> Poison:
-    """A schema violation; ``bad_url`` when a URL the relay could never fetch is all that is wrong.
-
-    A manifest part with one such item is refused whole: a list that cannot be read in full is no
-    exhaustive list, and acting on the rest would withdraw that item's published version.
-    """
-    problems = error.errors(include_url=False, include_context=False)
-    if all(_is_url_problem(problem) for problem in problems):
-        first = problems[0]
-        url = first["input"]
-        # user info may hold a password: it stays in the dead letter's bytes, not in logs
-        shown = _quote(_USER_INFO.sub("//***@", url)) if isinstance(url, str) else "?"
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return Poison(
-            PoisonReason.BAD_URL,
-            f"{_path(first['loc'])}: {shown} cannot be fetched; the contract asks for {_URL_RULE}"
-            f"{more}",
-        )
-    return Poison(PoisonReason.SCHEMA_VIOLATION, _describe(problems))
-
-
-def _is_url_problem(problem: ErrorDetails) -> bool:
-    return problem["loc"][-2:] == ("content", "url") and problem["type"] in _URL_ERRORS
-
-
-def _describe(problems: list[ErrorDetails]) -> str:
-    """Name the first failing field path, then what is wrong with it."""
-    first = problems[0]
-    # The URL pattern is far too long to quote; say what it asks for instead.
-    message = f"should be {_URL_RULE}" if _is_url_problem(first) else first["msg"]
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{_path(first['loc'])}: {message}{more}"
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-    return path.lstrip(".") or "(value)"
 
 
 def _is_json_integer(value: object) -> bool:
@@ -365,8 +291,3 @@ def _json_type(value: object) -> str:
     if value is None:
         return "null"
     return "number"
-
-
-def _quote(text: str, limit: int = 120) -> str:
-    """Quote untrusted text for a detail message, cut to a readable length."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -2,9 +2,10 @@
 
 These models accept exactly what the JSON Schemas in ``schemas/`` accept when given the output of a
 JSON parser (``orjson.loads``) in strict python mode; a test runs every example through both.
-Given the bytes themselves (JSON mode, which decoding tries first) dates and date-times are checked
-in pydantic's Rust core and may be refused where python mode accepts, never the other way round.
-Decoding raw Kafka records, and naming why a record is poison, lives in ``decoding``.
+Given the bytes themselves (JSON mode, which decoding tries first) no Python validator runs: dates,
+date-times, integers and "exactly one content source" are checked in pydantic's Rust core and may
+be refused where python mode accepts, never the other way round. Decoding raw Kafka records lives
+in ``decoding``, naming why a record is poison in ``poison``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -30,61 +31,19 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
-# The patterns are those of the schemas, character for character. They end with `$(?![\s\S])`
-# ("nothing follows") because a bare `$` also matches before a final newline in Python's `re`,
-# which both jsonschema and the models below use.
-IDENTIFIER_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$(?![\s\S])"
-UUID_PATTERN: Final = (
-    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$(?![\s\S])"
+from consumer.core.patterns import (
+    BASE64_PATTERN,
+    DATE_PATTERN,
+    DOCUMENT_ID_PATTERN,
+    IDENTIFIER_PATTERN,
+    SHA256_PATTERN,
+    TIMESTAMP_PATTERN,
+    URL_PATTERN,
+    UUID_PATTERN,
+    for_rust,
 )
-DOCUMENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$(?![\s\S])"
-SHA256_PATTERN: Final = r"^[0-9a-f]{64}$(?![\s\S])"
-# A URL the HTTP stack can always fetch: http(s), a host name (RFC 1123 labels of at most 63
-# letters, digits and hyphens, the last one starting with a letter, none with hyphens in 3rd and
-# 4th place, which RFC 5891 reserves for "xn--" labels that may not decode) or a dotted IPv4
-# address, a port from 1 to 65535, then RFC 3986 characters with %HH escapes only. No user info,
-# no IP literal in brackets, no white space or control character.
-_ALNUM: Final = "[A-Za-z0-9]"
-_LDH: Final = "[A-Za-z0-9-]"
-_LABEL_TAIL: Final = (
-    f"(?:{_LDH}{{0,2}}{_ALNUM}|{_LDH}(?:{_ALNUM}{_LDH}|-{_ALNUM}){_LDH}{{0,58}}{_ALNUM})?"
-)
-_HOST_NAME: Final = f"(?:{_ALNUM}{_LABEL_TAIL}\\.)*[A-Za-z]{_LABEL_TAIL}"
-_OCTET: Final = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-_IPV4: Final = f"{_OCTET}(?:\\.{_OCTET}){{3}}"
-_PORT: Final = (
-    "(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
-)
-_PCHAR: Final = "(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})"
-URL_PATTERN: Final = (
-    f"^https?://(?:{_HOST_NAME}|{_IPV4})(?::{_PORT})?"
-    f"(?:/{_PCHAR}*)*(?:\\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?$(?![\\s\\S])"
-)
-BASE64_PATTERN: Final = (
-    r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?![\s\S])"
-)
-DATE_PATTERN: Final = r"^[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$(?![\s\S])"
-TIMESTAMP_PATTERN: Final = (
-    r"^[12][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
-    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?"
-    r"(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$(?![\s\S])"
-)
+
 MAX_SAFE_INTEGER: Final = 2**53 - 1
-
-_END_OF_TEXT: Final = r"$(?![\s\S])"
-
-
-def _rust(pattern: str) -> str:
-    r"""The same pattern for pydantic's (faster) Rust engine, meaning what Python's ``re`` means.
-
-    Rust has no look-ahead but ``\z`` ends the text; and Python's ``\s`` also counts the
-    separators U+001C..U+001F as white space, which Rust's does not.
-    """
-    return (
-        pattern.replace(_END_OF_TEXT, r"\z")
-        .replace(r"[^\s]", r"[^\s\x1c-\x1f]")
-        .replace(r"\S", r"[^\s\x1c-\x1f]")
-    )
 
 
 _DATE_RE: Final = re.compile(DATE_PATTERN)
@@ -168,11 +127,25 @@ class _NotNull:
 def _text_as(pattern: str, schema: core_schema.CoreSchema) -> core_schema.CoreSchema:
     """A string matching ``pattern``, then read as ``schema`` (a date or a date-time)."""
     return core_schema.chain_schema(
-        [core_schema.str_schema(pattern=_rust(pattern), strict=True), schema]
+        [core_schema.str_schema(pattern=for_rust(pattern), strict=True), schema]
     )
 
 
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
+def _json_int(ge: int, le: int) -> _FromJson:
+    """A ``JsonInt``'s bounds for JSON input, checked in the Rust core; Python only reads the
+    rare integral float (``12.0``), which no integer token matched."""
+    exact = core_schema.int_schema(strict=True, ge=ge, le=le)
+    return _FromJson(
+        core_schema.union_schema(
+            [exact, core_schema.no_info_before_validator_function(_json_integer, exact)],
+            mode="left_to_right",
+        )
+    )
+
+
 # JSON true is no integer; pydantic's literal check would take it for 1.
 SchemaVersion = Annotated[
     Literal[1],
@@ -189,13 +162,13 @@ Timestamp = Annotated[
     BeforeValidator(_rfc3339_timestamp),
     _FromJson(_text_as(TIMESTAMP_PATTERN, core_schema.datetime_schema(strict=False))),
 ]
-Identifier = Annotated[str, StringConstraints(pattern=_rust(IDENTIFIER_PATTERN))]
-Uuid = Annotated[str, StringConstraints(pattern=_rust(UUID_PATTERN))]
-DocumentId = Annotated[str, StringConstraints(pattern=_rust(DOCUMENT_ID_PATTERN))]
-Sha256Hex = Annotated[str, StringConstraints(pattern=_rust(SHA256_PATTERN))]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=_rust(r"\S"))]
-Url = Annotated[str, StringConstraints(max_length=2048, pattern=_rust(URL_PATTERN))]
-Base64 = Annotated[str, StringConstraints(min_length=4, pattern=_rust(BASE64_PATTERN))]
+Identifier = Annotated[str, StringConstraints(pattern=for_rust(IDENTIFIER_PATTERN))]
+Uuid = Annotated[str, StringConstraints(pattern=for_rust(UUID_PATTERN))]
+DocumentId = Annotated[str, StringConstraints(pattern=for_rust(DOCUMENT_ID_PATTERN))]
+Sha256Hex = Annotated[str, StringConstraints(pattern=for_rust(SHA256_PATTERN))]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=for_rust(r"\S"))]
+Url = Annotated[str, StringConstraints(max_length=2048, pattern=for_rust(URL_PATTERN))]
+Base64 = Annotated[str, StringConstraints(min_length=4, pattern=for_rust(BASE64_PATTERN))]
 
 
 class Module(StrEnum):
@@ -240,13 +213,16 @@ class Content(_Frozen):
     """The PDF of a document: exactly one of ``url`` and ``inline_base64``, plus its checks."""
 
     media_type: Literal["application/pdf"]
-    size_bytes: JsonInt = Field(ge=1, le=MAX_SAFE_INTEGER)
+    size_bytes: Annotated[JsonInt, _json_int(1, MAX_SAFE_INTEGER)] = Field(
+        ge=1, le=MAX_SAFE_INTEGER
+    )
     sha256: Sha256Hex
     url: Annotated[Url | None, _NotNull()] = None
     inline_base64: Annotated[Base64 | None, _NotNull()] = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> Content:
+        # Python input only: JSON input is held to it by the schema of ``_one_source_in_json``.
         if (self.url is None) == (self.inline_base64 is None):
             raise ValueError("content needs exactly one of url or inline_base64")
         return self
@@ -258,6 +234,43 @@ class Content(_Frozen):
         return {name: value for name, value in data.items() if value is not None}
 
 
+# No value passes: a field of this schema may only be absent (and then takes its default).
+_ABSENT: Final = core_schema.int_schema(strict=True, ge=1, le=0)
+
+
+def _one_source_in_json() -> core_schema.CoreSchema:
+    """``Content`` for JSON input: a union of its fields with ``url`` alone and with
+    ``inline_base64`` alone, so the Rust core holds it to exactly one source, no Python runs.
+    """
+    # Content's schema as pydantic builds it: its after-validator around the model's fields.
+    after = Content.__pydantic_core_schema__
+    if after["type"] != "function-after":
+        raise TypeError("Content's schema no longer ends in its after-validator")
+    model = after["schema"]
+    if model["type"] != "model":
+        raise TypeError("Content's schema no longer wraps a model")
+    fields = model["schema"]
+    if fields["type"] != "model-fields":
+        raise TypeError("Content's model schema no longer holds its fields")
+
+    def alone(given: str, absent: str) -> core_schema.ModelFieldsSchema:
+        chosen = dict(fields["fields"])
+        optional = chosen[given]["schema"]
+        if optional["type"] != "default":
+            raise TypeError(f"Content.{given} is no longer optional")
+        chosen[given] = {**chosen[given], "schema": optional["schema"]}
+        chosen[absent] = {
+            **chosen[absent],
+            "schema": core_schema.with_default_schema(_ABSENT, default=None),
+        }
+        return cast(core_schema.ModelFieldsSchema, {**fields, "fields": chosen})
+
+    union = core_schema.union_schema(
+        [alone("url", "inline_base64"), alone("inline_base64", "url")], mode="left_to_right"
+    )
+    return cast(core_schema.ModelSchema, {**model, "schema": union})
+
+
 class Document(_Frozen):
     """One document as LSC describes it, in a document-created event or a manifest item."""
 
@@ -267,7 +280,7 @@ class Document(_Frozen):
     title: Label
     document_date: CalendarDate
     audience: AudienceField
-    content: Content
+    content: Annotated[Content, _FromJson(_one_source_in_json())]
 
 
 class DocumentCreated(_Frozen):
@@ -298,9 +311,9 @@ class ManifestSnapshot(_Frozen):
     modules: Annotated[
         tuple[ModuleField, ...], Strict(False), Field(min_length=1), AfterValidator(_unique_modules)
     ]
-    part: JsonInt = Field(ge=1, le=10_000)
-    parts: JsonInt = Field(ge=1, le=10_000)
-    item_count: JsonInt = Field(ge=0, le=1_000_000)
+    part: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
+    parts: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
+    item_count: Annotated[JsonInt, _json_int(0, 1_000_000)] = Field(ge=0, le=1_000_000)
     items: Annotated[tuple[Document, ...], Strict(False)]
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from consumer.core.events import IDENTIFIER_PATTERN, Audience, Document, Module
+from consumer.core.events import Audience, Document, Module
+from consumer.core.patterns import IDENTIFIER_PATTERN
 from consumer.errors import ConfigError
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)

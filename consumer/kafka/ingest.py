@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -36,7 +36,7 @@ class PartitionWork(Protocol):
 
     def committable(self) -> dict[str, int]: ...
 
-    async def handle(self, source: SourceRecord) -> None: ...
+    async def handle_batch(self, sources: Iterable[SourceRecord]) -> None: ...
 
     def expire(self, *, caught_up: bool) -> None: ...
 
@@ -143,8 +143,7 @@ class Ingest(Generic[P]):
                     if processor is None:
                         self._refetch_later(tp, records[0].offset)
                         continue
-                    for record in records:
-                        await processor.handle(_source(record))
+                    await processor.handle_batch(map(_source, records))
                 self._apply_backpressure()
         finally:
             self._consuming = False

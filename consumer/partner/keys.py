@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from consumer.core.events import IDENTIFIER_PATTERN
+from consumer.core.patterns import IDENTIFIER_PATTERN
 from consumer.errors import ConfigError, PartnerParkedError
 
 logger = logging.getLogger(__name__)

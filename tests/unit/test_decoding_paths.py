@@ -8,6 +8,7 @@ bytes a JSON parser may read differently; and they check that valid events do ta
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,11 @@ def test_a_valid_event_takes_the_fast_path_to_the_same_event(event: JsonObject) 
 @given(st.data(), event_dicts())
 def test_both_paths_agree_on_events_broken_anywhere(data: st.DataObject, event: Any) -> None:
     broken = data.draw(_broken(event))
-    _assert_paths_agree(event["event_type"], orjson.dumps(broken), _headers(event["event_type"]))
+    try:
+        value = orjson.dumps(broken)
+    except TypeError:  # an integer beyond 64 bits, which orjson does not write; LSC's JSON may
+        value = json.dumps(broken).encode()
+    _assert_paths_agree(event["event_type"], value, _headers(event["event_type"]))
 
 
 # Text a JSON parser may read in its own way: repeated keys, escapes, numbers, what surrounds it.

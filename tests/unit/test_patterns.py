@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 from yarl import URL
 
-from consumer.core import events
+from consumer.core import events, patterns
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 CORNERS = ["\n", "\x1c", "\x1f", "\x85", "\xa0", " ", "\t", "\u2028", "a", "0", "-", ":", "/"]
 PATTERNS = {
-    "identifier": (events.IDENTIFIER_PATTERN, events.Identifier),
-    "document_id": (events.DOCUMENT_ID_PATTERN, events.DocumentId),
-    "sha256": (events.SHA256_PATTERN, events.Sha256Hex),
-    "url": (events.URL_PATTERN, events.Url),
+    "identifier": (patterns.IDENTIFIER_PATTERN, events.Identifier),
+    "document_id": (patterns.DOCUMENT_ID_PATTERN, events.DocumentId),
+    "sha256": (patterns.SHA256_PATTERN, events.Sha256Hex),
+    "url": (patterns.URL_PATTERN, events.Url),
 }
 SEEDS = {
     "identifier": "agence-lyon",
@@ -63,7 +63,7 @@ def test_a_label_needs_a_character_python_does_not_call_white_space(title: str) 
 
 def test_the_schema_states_the_url_pattern_of_the_models() -> None:
     schema = json.loads((SCHEMAS / "document.v1.schema.json").read_text(encoding="utf-8"))
-    assert schema["$defs"]["content"]["properties"]["url"]["pattern"] == events.URL_PATTERN
+    assert schema["$defs"]["content"]["properties"]["url"]["pattern"] == patterns.URL_PATTERN
 
 
 _URL_CORNERS = [*CORNERS, "%", "2", "z", "@", "[", "]", ":", ".", "#", "\x7f", "é", "\\", "?", "_"]
@@ -84,12 +84,12 @@ def test_model_and_schema_agree_on_urls_broken_anywhere(data: st.DataObject) -> 
     insert = data.draw(st.text(alphabet=st.sampled_from(_URL_CORNERS), max_size=4))
     value = seed[:position] + insert + seed[position:]
     assert _model_accepts(events.Url, value) == (
-        re.search(events.URL_PATTERN, value) is not None and len(value) <= 2048
+        re.search(patterns.URL_PATTERN, value) is not None and len(value) <= 2048
     )
 
 
 # What hypothesis can generate from: the same pattern with Python's own end of text.
-_URL_GENERATOR = events.URL_PATTERN.replace(r"$(?![\s\S])", r"\Z")
+_URL_GENERATOR = patterns.URL_PATTERN.replace(r"$(?![\s\S])", r"\Z")
 
 
 @settings(max_examples=300)

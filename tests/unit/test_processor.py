@@ -7,7 +7,6 @@ a record whose handling fails in a way no edge foresaw is dead-lettered and its 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Callable
@@ -242,7 +241,7 @@ async def test_a_record_timestamp_beyond_any_date_does_not_break_the_processor()
     clock = [CLOCK]
     processor = processor_at(clock, RecordedDeadLetters())
     record = manifest_record(3, CLOCK, taken_at=CLOCK)
-    await processor.handle(dataclasses.replace(record, timestamp_ms=2**62))
+    await processor.handle(record._replace(timestamp_ms=2**62))
     processor.expire(caught_up=True)
     assert processor.committable() == {"manifests": 3}  # counted from the clock, an hour to go
 
@@ -275,3 +274,31 @@ async def test_a_record_whose_planning_fails_unexpectedly_is_dead_lettered_and_r
     logged = [r for r in caplog.records if r.message == "input record set aside"]
     assert len(logged) == 1
     assert logged[0].exc_info is not None  # with its traceback
+
+
+class AcceptingChangelog:
+    async def write(self, record: StateRecord) -> None:
+        await asyncio.sleep(0)
+
+
+async def test_every_record_of_a_fetch_is_handled_and_counted_even_after_a_poison_one() -> None:
+    dead_letters = RecordingDeadLetters()
+    processor = processor_with(writer=AcceptingChangelog(), dead_letters=dead_letters)
+    poison = source_at(2)._replace(value=b"not json")
+
+    await processor.handle_batch([source_at(1), poison, source_at(3)])
+
+    assert [(source.offset, reason) for source, reason, _ in dead_letters.sent] == [(2, "not_json")]
+
+    async def all_done() -> None:
+        while processor.committable() != {"docs": 4}:  # noqa: ASYNC110 - no event to await
+            await asyncio.sleep(0)  # the parked documents' state records are being written
+
+    await asyncio.wait_for(all_done(), timeout=5)
+    counted = {
+        sample.labels["outcome"]: sample.value
+        for metric in processor._metrics.events.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert counted == {"parked": 2, "dead_lettered": 1}  # an unmapped building parks them
