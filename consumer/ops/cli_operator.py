@@ -14,6 +14,7 @@ import asyncio
 import getpass
 import socket
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -135,16 +136,20 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
 
 async def _status(operator: Operator, args: argparse.Namespace) -> int:
     """Print the cluster's view per agency, once or every ``--watch`` seconds."""
-    previous = None
+    previous, sampled_at = None, 0.0
     while True:
         found = await gather(operator, agency=args.agency)
+        # The rate is measured over the time between samples, gathering included (seconds on a
+        # large cluster), not over the --watch pause alone.
+        now = time.monotonic()
+        elapsed, sampled_at = now - sampled_at, now
         for url in args.replica:
             add_replica_status(found, await _replica_status(url))
         if args.json:
             payload = {name: entry.plain() for name, entry in found.items()}
             text = orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode()
         else:
-            text = render(found, previous, args.watch)
+            text = render(found, previous, elapsed)
         if args.watch:
             sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
         sys.stdout.write(text + "\n")
