@@ -1,9 +1,13 @@
-"""What ``chouette-relay status`` prints for an agency: why it waits, how fast it goes, sizes."""
+"""What ``status`` and ``plan`` print: why an agency waits, how fast it goes, sizes, order."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from consumer.core.events import Module
+from consumer.core.planner import DryRun, DryRunLine
+from consumer.core.routing import RoutingTable
+from consumer.ops.dryrun import render as render_plan
 from consumer.ops.overview import AgencyOverview, render
 
 SENDING = AgencyOverview(
@@ -54,3 +58,18 @@ def test_many_buildings_awaiting_approval_fit_on_one_line() -> None:
     entry = replace(SENDING, awaiting_approval=[f"bat-{n:02d}" for n in range(1, 21)])
     [line] = [ln for ln in render({"agence-a": entry}).splitlines() if "awaiting" in ln]
     assert line.endswith("bat-01, bat-02, bat-03, bat-04, bat-05 and 15 more buildings")
+
+
+def test_the_plan_lists_buildings_in_order_whatever_partition_they_came_from() -> None:
+    lines = tuple(
+        DryRunLine("agence-a", building, module, uploads=1)
+        for building in ("bat-12", "bat-02", "bat-07")
+        for module in (Module.CONTRATS, Module.AG)
+    )
+    text = render_plan(DryRun(lines), RoutingTable(agencies={}), 5.0, {})
+    shown = [line.split()[1:3] for line in text.splitlines()[1:7]]
+    assert shown == [
+        [building, module]
+        for building in ("bat-02", "bat-07", "bat-12")
+        for module in ("ag", "contrats")
+    ]
