@@ -77,8 +77,8 @@ sbom: install ## CycloneDX SBOM of the image's dependencies (the runtime lock) i
 image-venv: ## Build the image's virtualenv as the Dockerfile does, into IMAGE_VENV (default: a temp dir)
 	sh docker/build-venv.sh . $(or $(IMAGE_VENV),$$(mktemp -d)/venv)
 
-run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo
-	$(BIN)/chouette-relay run
+run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo (DEMO_DOCUMENTS=N: an agency to onboard)
+	$(BIN)/chouette-relay run $(if $(DEMO_DOCUMENTS),--demo-documents $(DEMO_DOCUMENTS),)
 
 kafka: install ## Run the local single-node Kafka (KRaft) in the foreground
 	$(BIN)/python -m consumer.local.kafka run

@@ -30,7 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command reads and writes Kafka, so it works from any pod.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="run the relay (local default when nothing is configured)")
+    run = commands.add_parser(
+        "run", help="run the relay (local default when nothing is configured)"
+    )
+    run.add_argument(
+        "--demo-documents",
+        type=int,
+        default=0,
+        metavar="N",
+        help="local default only: add an agency being onboarded, N documents awaiting approval",
+    )
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
@@ -50,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 handler.setStream(sys.stderr)
     try:
         if args.command == "run":
-            return asyncio.run(_run(settings))
+            return asyncio.run(_run(settings, demo_documents=args.demo_documents))
         if args.command == "plan":
             from consumer.ops.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
@@ -63,11 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _run(settings: Settings) -> int:
+async def _run(settings: Settings, *, demo_documents: int = 0) -> int:
     if settings.is_local:
         from consumer.local.stack import run_local  # noqa: PLC0415 - the local stack is optional
 
-        return await run_local(settings)
+        return await run_local(settings, onboarding=demo_documents)
+    if demo_documents:
+        raise ConfigError("--demo-documents is for the local default (no Kafka/partner settings)")
     from consumer.app.relay import Relay  # noqa: PLC0415 - keeps `plan` and admin commands light
     from consumer.core.routing import load_routing  # noqa: PLC0415
     from consumer.partner.keys import ApiKeyStore  # noqa: PLC0415

@@ -169,6 +169,17 @@ class GuardSettings(_Group):
     min_deletes: int = Field(default=10, ge=1)
 
 
+class AuditSettings(_Group):
+    # The audit's list requests share the agency's limiter with uploads and withdrawals; this
+    # bounds the audit's part of it, so an audit never slows a first publication by more.
+    rate_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="Share of an agency's partner rate an audit may use (0 < share <= 1).",
+    )
+
+
 class HttpSettings(_Group):
     host: str = "0.0.0.0"  # noqa: S104 - the pod's port must be reachable by probes and Prometheus
     port: int = Field(default=8080, ge=0, le=65535)
@@ -195,6 +206,7 @@ class Settings(BaseSettings):
     content: ContentSettings = ContentSettings()
     manifest: ManifestSettings = ManifestSettings()
     guard: GuardSettings = GuardSettings()
+    audit: AuditSettings = AuditSettings()
     http: HttpSettings = HttpSettings()
     routing_file: Path | None = Field(
         default=None, description="TOML file with per-agency routing."

@@ -187,6 +187,7 @@ class Relay:
             building_id=building_id,
             repair=repair,
             requested_by=requested_by,
+            scheduler=self._scheduler,  # the audit's requests count against the agency's rate
         )
         for kind, count in report["findings"].items():
             self.metrics.audit_findings.labels(agency_id, kind).set(count)

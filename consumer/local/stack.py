@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -23,24 +25,41 @@ from consumer.core.routing import load_routing
 from consumer.kafka.connection import KafkaConnection
 from consumer.kafka.startup import start_client
 from consumer.local.console import AgencyProgress, ProgressView
-from consumer.local.demo import AGENCIES, demo_publication, routing_toml
+from consumer.local.demo import (
+    AGENCIES,
+    ONBOARDING,
+    demo_agencies,
+    demo_publication,
+    onboarding_publication,
+    routing_toml,
+)
 from consumer.local.docstore import DocumentStore
 from consumer.local.kafka import LocalKafka, create_topics
-from consumer.local.sandbox import RateLimit, SandboxServer
+from consumer.local.sandbox import Account, RateLimit, SandboxServer
 from consumer.partner.keys import ApiKeyStore
-from consumer.settings import Settings
+from consumer.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 LOCAL_DIR = Path("var/local")
+OPERATOR_ENV = LOCAL_DIR / "operator.env"
 PARTITIONS = 3
 
 
-async def run_local(settings: Settings) -> int:
-    keys_dir, routing_file, accounts = _write_local_config()
+async def run_local(settings: Settings, *, onboarding: int = 0) -> int:
+    """The local stack; ``onboarding`` documents of history for an agency awaiting approval."""
+    agencies = demo_agencies(onboarding)
+    keys_dir, routing_file, accounts = _write_local_config(agencies)
     view = ProgressView(sys.stdout)
     view.attach_logging()
     try:
-        return await _run_stack(settings, view, keys_dir, routing_file, accounts)
+        return await _run_stack(
+            settings,
+            view,
+            agencies=agencies,
+            keys_dir=keys_dir,
+            routing_file=routing_file,
+            accounts=accounts,
+        )
     finally:
         view.close()
 
@@ -48,9 +67,11 @@ async def run_local(settings: Settings) -> int:
 async def _run_stack(
     settings: Settings,
     view: ProgressView,
+    *,
+    agencies: dict[str, dict[str, Any]],
     keys_dir: Path,
     routing_file: Path,
-    accounts: dict[str, set[str]],
+    accounts: dict[str, Account],
 ) -> int:
     view.say("starting the local Kafka broker (KRaft, single node)...")
     async with (
@@ -73,7 +94,9 @@ async def _run_stack(
                 "content": settings.content.model_copy(
                     update={"allowed_hosts": (f"{store.host}:{store.port}",)}
                 ),
-                "http": settings.http.model_copy(update={"host": "127.0.0.1"}),
+                "http": settings.http.model_copy(
+                    update={"host": "127.0.0.1", "admin_token_file": _admin_token()}
+                ),
                 "routing_file": routing_file,
             }
         )
@@ -92,8 +115,10 @@ async def _run_stack(
             view.say(
                 f"relay      ready; ops on http://127.0.0.1:{relay.ops_port} (/status, /metrics)"
             )
-            await _publish_demo(relay.connection, local, store, view)
-            await _report(relay, sandbox, running, view)
+            _write_operator_env(local, relay.ops_port)
+            view.say(f"operator   in another terminal: . {OPERATOR_ENV}; chouette-relay status")
+            await _publish_demo(relay.connection, local, store, view, agencies)
+            await _report(relay, sandbox, running, view, agencies)
         view.say("stopping: draining the relay, then the local servers and the broker...")
         await running
     if relay.failure is not None:
@@ -103,19 +128,52 @@ async def _run_stack(
     return 0
 
 
-def _write_local_config() -> tuple[Path, Path, dict[str, set[str]]]:
+def _write_local_config(
+    agencies: dict[str, dict[str, Any]],
+) -> tuple[Path, Path, dict[str, Account]]:
     """API key files and the routing file of the demo agencies, under ``var/local``."""
     LOCAL_DIR.mkdir(parents=True, exist_ok=True)
     keys_dir = LOCAL_DIR / "api-keys"
     keys_dir.mkdir(exist_ok=True)
-    accounts: dict[str, set[str]] = {}
-    for agency, spec in AGENCIES.items():
+    for stale in keys_dir.iterdir():  # an agency of an earlier, larger demo
+        if stale.name not in agencies:
+            stale.unlink()
+    accounts: dict[str, Account] = {}
+    for agency, spec in agencies.items():
         key = f"demo-key-{agency}"
         (keys_dir / agency).write_text(key + "\n", encoding="utf-8")
-        accounts[key] = set(spec["buildings"].values())
+        # The sandbox allows each agency the rate its routing gives it, as ChouetteCopro would.
+        rate = spec.get("rate_per_second")
+        limit = RateLimit(rate_per_s=rate, burst=20) if rate else None
+        accounts[key] = Account(frozenset(spec["buildings"].values()), limit)
     routing_file = LOCAL_DIR / "routing.toml"
-    routing_file.write_text(routing_toml(), encoding="utf-8")
+    routing_file.write_text(routing_toml(agencies), encoding="utf-8")
     return keys_dir, routing_file, accounts
+
+
+def _admin_token() -> Path:
+    """The admin token of the local relay, so the operator's commands can ask it."""
+    token = LOCAL_DIR / "admin-token"
+    if not token.exists():
+        token.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
+        token.chmod(0o600)
+    return token
+
+
+def _write_operator_env(settings: Settings, ops_port: int | None) -> None:
+    """What a shell needs for the operator's commands to reach this stack."""
+    lines = [
+        "# Operator commands against the local stack of `make run`: . var/local/operator.env",
+        f"export {ENV_PREFIX}KAFKA__BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers}",
+        f"export {ENV_PREFIX}PARTNER__BASE_URL={settings.partner.base_url}",
+        f"export {ENV_PREFIX}PARTNER__API_KEYS_DIR={settings.partner.api_keys_dir}",
+        f"export {ENV_PREFIX}ROUTING_FILE={settings.routing_file}",
+        f"export {ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE={settings.http.admin_token_file}",
+        "# the relay's ops server, for --replica",
+        f"export REPLICA=http://127.0.0.1:{ops_port}",
+        "",
+    ]
+    OPERATOR_ENV.write_text("\n".join(lines), encoding="utf-8")
 
 
 async def _wait_ready(relay: Relay, running: asyncio.Task[None]) -> bool:
@@ -131,9 +189,16 @@ async def _wait_ready(relay: Relay, running: asyncio.Task[None]) -> bool:
 
 
 async def _publish_demo(
-    connection: KafkaConnection, settings: Settings, store: DocumentStore, view: ProgressView
+    connection: KafkaConnection,
+    settings: Settings,
+    store: DocumentStore,
+    view: ProgressView,
+    agencies: dict[str, dict[str, Any]],
 ) -> None:
-    records = demo_publication(store, now=dt.datetime.now(dt.UTC))
+    now = dt.datetime.now(dt.UTC)
+    records = demo_publication(store, now=now)
+    if ONBOARDING in agencies:
+        records += onboarding_publication(store, agencies[ONBOARDING], now=now)
     topics = {
         "documents": settings.kafka.documents_topic,
         "manifests": settings.kafka.manifests_topic,
@@ -154,22 +219,34 @@ async def _publish_demo(
         f"demo       published {len(records)} LSC events (history manifests, live documents, "
         "one per-owner document, one poison record)"
     )
+    if ONBOARDING in agencies:
+        documents = agencies[ONBOARDING]["documents"]
+        view.say(
+            f"onboarding {ONBOARDING}: {documents} documents of history wait for approval "
+            f"(chouette-relay plan --agency {ONBOARDING})"
+        )
 
 
 async def _report(
-    relay: Relay, sandbox: SandboxServer, running: asyncio.Task[None], view: ProgressView
+    relay: Relay,
+    sandbox: SandboxServer,
+    running: asyncio.Task[None],
+    view: ProgressView,
+    agencies: dict[str, dict[str, Any]],
 ) -> None:
     """Refresh the view until the relay stops; its last state stays on screen."""
     footer = f"dead letters {{}}  ·  ops http://127.0.0.1:{relay.ops_port}/status  ·  Ctrl-C stops"
     while not relay.stopping.is_set() and not running.done():
-        view.show(agency_progress(relay, sandbox), footer.format(_dead_letters(relay)))
+        view.show(agency_progress(relay, sandbox, agencies), footer.format(_dead_letters(relay)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(relay.stopping.wait(), timeout=0.5)
-    view.show(agency_progress(relay, sandbox), f"dead letters {_dead_letters(relay)}")
+    view.show(agency_progress(relay, sandbox, agencies), f"dead letters {_dead_letters(relay)}")
     view.close()
 
 
-def agency_progress(relay: Relay, sandbox: SandboxServer) -> list[AgencyProgress]:
+def agency_progress(
+    relay: Relay, sandbox: SandboxServer, agencies: dict[str, dict[str, Any]] = AGENCIES
+) -> list[AgencyProgress]:
     """Per agency: documents the sandbox holds and what the relay still has for it."""
     scheduler = relay.status()["scheduler"] or {}
     pending: Counter[str] = Counter(scheduler.get("running", {}))
@@ -189,7 +266,7 @@ def agency_progress(relay: Relay, sandbox: SandboxServer) -> list[AgencyProgress
             held=held[agency],
             breaker=str(breakers.get(agency, "closed")),
         )
-        for agency, spec in AGENCIES.items()
+        for agency, spec in agencies.items()
     ]
 
 

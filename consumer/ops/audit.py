@@ -7,22 +7,30 @@ mapped to that condominium: **missing** (the view says published, the partner do
 (different sha256). A repair is an operator command per building, carried out by the replica that
 owns it after checking each finding against its current view: an unexpected document is deleted
 through the scheduler, a missing one is forgotten and a changed one takes the partner's sha256, so
-that the next manifest sends them again like any delta.
+that the next manifest sends them again like any delta. The list requests are paced: never more
+than ``AUDIT__RATE_SHARE`` of the agency's rate, and on a replica each also takes one of the
+agency's own tokens, so uploads and the audit together stay within the agency's rate.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from consumer.core.audit import compare
 from consumer.core.commands import AgencyAction, Finding, FindingKind
+from consumer.core.planning.plan import Lane
 from consumer.core.state import ON_PARTNER, DocumentRecord
 from consumer.errors import ConfigError
 from consumer.partner.client import ChouetteCoproClient, list_documents
 from consumer.partner.keys import ApiKeyStore
+from consumer.partner.ratelimit import RateLimit, TokenBucket
 
 if TYPE_CHECKING:
     from consumer.ops.admin import Operator
+    from consumer.partner.scheduler import Scheduler
 
 
 async def run_audit(
@@ -32,12 +40,21 @@ async def run_audit(
     building_id: str | None = None,
     repair: bool = False,
     requested_by: str,
+    scheduler: Scheduler | None = None,
 ) -> dict[str, Any]:
-    """Audit one agency (or one building) across the cluster; with ``repair``, queue the fixes."""
+    """Audit one agency (or one building) across the cluster; with ``repair``, queue the fixes.
+
+    ``scheduler`` holds the agency's limiter on the replica running the audit; the CLI has none,
+    and its audit is paced by its share alone.
+    """
     settings = operator.settings
     config = operator.routing_table().agency(agency_id)
     if config is None:
         raise ValueError(f"agency {agency_id} is not in the routing file")
+    rate = config.rate_per_second or settings.partner.default_rate_per_second
+    pace = AuditPace(
+        agency_id, RateLimit(rate).share(settings.audit.rate_share), scheduler=scheduler
+    )
     if not settings.partner.base_url:
         raise ConfigError("set CHOUETTE_RELAY_PARTNER__BASE_URL: the audit asks ChouetteCopro")
     buildings_of: dict[str, list[str]] = {}
@@ -57,7 +74,9 @@ async def run_audit(
         base_url=settings.partner.base_url, api_keys=keys, timeout_s=settings.partner.timeout_s
     ) as partner:
         for condominium, buildings in sorted(buildings_of.items()):
-            remote = await list_documents(partner, agency_id=agency_id, condominium_id=condominium)
+            remote = await list_documents(
+                partner, agency_id=agency_id, condominium_id=condominium, pace=pace
+            )
             known = [r for b in buildings for r in records.get(b, [])]
             findings = compare(known, remote)
             for building, finding in findings:
@@ -80,7 +99,17 @@ async def run_audit(
                 }
             )
     totals = {kind.value: sum(len(c[kind.value]) for c in report) for kind in FindingKind}
-    result: dict[str, Any] = {"agency": agency_id, "findings": totals, "condominia": report}
+    result: dict[str, Any] = {
+        "agency": agency_id,
+        "findings": totals,
+        "condominia": report,
+        "requests": {
+            "sent": pace.taken,
+            "per_second_at_most": pace.limit.rate_per_second,
+            "share_of_agency_rate": settings.audit.rate_share,
+            "agency_limiter": scheduler is not None,
+        },
+    }
     if repair:
         queued = []
         for building, fixes in sorted(to_repair.items()):
@@ -99,3 +128,49 @@ async def run_audit(
 
 
 _PER_COMMAND = 500  # findings per repair command: well under the topic's message size
+
+
+class AuditPace:
+    """Awaited before each of the audit's requests to the partner.
+
+    It takes a token of the audit's own bucket (its share of the agency's rate, burst one) and
+    then, on a replica, one of the agency's tokens from the relay's scheduler: the audit never
+    exceeds its share, and what it takes is not sent by the agency's uploads meanwhile.
+    """
+
+    def __init__(
+        self,
+        agency_id: str,
+        limit: RateLimit,
+        *,
+        scheduler: Scheduler | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.agency_id = agency_id
+        self.limit = limit
+        self.taken = 0
+        self._bucket = TokenBucket(limit, now=clock())
+        self._scheduler = scheduler
+        self._clock = clock
+        self._sleep = sleep
+
+    async def __call__(self) -> None:
+        while True:
+            now = self._clock()
+            if self._bucket.try_take(now):
+                break
+            await self._sleep(max(self._bucket.available_at(now) - now, 0.001))
+        if self._scheduler is not None:
+            # A live-lane job that sends nothing: the agency token it takes when it starts is
+            # this request's. Waiting beside the scheduler for a token instead would lose every
+            # race to a running backfill, and the audit would wait for the backfill's end. Not
+            # gated: an audit sends nothing, so a paused agency can be audited.
+            await self._scheduler.submit(
+                _request_follows, agency_id=self.agency_id, lane=Lane.LIVE, gated=False
+            )
+        self.taken += 1
+
+
+async def _request_follows() -> None:
+    """The job of an audit's token: the request itself is sent by the audit right after."""

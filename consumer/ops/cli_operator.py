@@ -14,12 +14,14 @@ import asyncio
 import getpass
 import socket
 import sys
+import time
 from typing import Any
 
 import aiohttp
 import orjson
 
 from consumer.core.commands import AgencyAction, HeldAction
+from consumer.errors import ConfigError, PartnerError
 from consumer.ops.admin import Operator
 from consumer.ops.audit import run_audit
 from consumer.ops.overview import add_replica_status, gather, render
@@ -72,6 +74,12 @@ def add_operator_commands(commands: Any) -> None:
     audit.add_argument(
         "--repair", action="store_true", help="queue the fixes for the owning replicas"
     )
+    audit.add_argument(
+        "--replica",
+        metavar="URL",
+        help="run the audit on this replica's ops server (token: HTTP__ADMIN_TOKEN_FILE): its "
+        "requests then share the agency's rate limiter and it sets the findings metric",
+    )
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
@@ -103,13 +111,7 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
         elif command == "approve":
             result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "audit":
-            result = await run_audit(
-                operator,
-                args.agency,
-                building_id=args.building,
-                repair=args.repair,
-                requested_by=who,
-            )
+            result = await _audit(operator, args, requested_by=who)
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":
@@ -134,16 +136,20 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
 
 async def _status(operator: Operator, args: argparse.Namespace) -> int:
     """Print the cluster's view per agency, once or every ``--watch`` seconds."""
-    previous = None
+    previous, sampled_at = None, 0.0
     while True:
         found = await gather(operator, agency=args.agency)
+        # The rate is measured over the time between samples, gathering included (seconds on a
+        # large cluster), not over the --watch pause alone.
+        now = time.monotonic()
+        elapsed, sampled_at = now - sampled_at, now
         for url in args.replica:
             add_replica_status(found, await _replica_status(url))
         if args.json:
             payload = {name: entry.plain() for name, entry in found.items()}
             text = orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode()
         else:
-            text = render(found, previous, args.watch)
+            text = render(found, previous, elapsed)
         if args.watch:
             sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
         sys.stdout.write(text + "\n")
@@ -152,6 +158,59 @@ async def _status(operator: Operator, args: argparse.Namespace) -> int:
             return 0
         previous = found
         await asyncio.sleep(args.watch)
+
+
+_LOCAL_AUDIT_NOTE = (
+    "audited from here, paced by its share of the agency's rate alone: the replicas' limiters "
+    "do not see these requests and chouette_relay_audit_findings is not set (both only when a "
+    "replica runs the audit: add --replica URL)\n"
+)
+
+
+async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: str) -> Any:
+    """The audit, run here or (``--replica``) by a replica."""
+    if args.replica:
+        return await _replica_audit(operator.settings, args)
+    try:
+        result = await run_audit(
+            operator,
+            args.agency,
+            building_id=args.building,
+            repair=args.repair,
+            requested_by=requested_by,
+        )
+    except PartnerError as exc:
+        raise ValueError(f"the audit stopped, nothing was repaired: {exc}") from None
+    sys.stderr.write(_LOCAL_AUDIT_NOTE)
+    return result
+
+
+async def _replica_audit(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The audit run by a replica (``GET /admin/audit`` or ``POST /admin/audit/repair``)."""
+    token = settings.http.admin_token()
+    if token is None:
+        raise ConfigError(
+            "set CHOUETTE_RELAY_HTTP__ADMIN_TOKEN_FILE to the replica's admin token file to "
+            "audit through --replica"
+        )
+    query = {"agency": args.agency, **({"building": args.building} if args.building else {})}
+    path = "/admin/audit/repair" if args.repair else "/admin/audit"
+    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
+    # An audit lists every document of the agency at a share of its rate: minutes, not seconds.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.request(
+            "POST" if args.repair else "GET",
+            url=args.replica.rstrip("/") + path,
+            params=query,
+            headers=headers,
+        ) as response,
+    ):
+        body: dict[str, Any] = await response.json(content_type=None)
+        if response.status >= 400:
+            raise ValueError(f"the replica refused the audit ({response.status}): {body}")
+        return body
 
 
 async def _replica_status(url: str) -> dict[str, Any]:

@@ -186,7 +186,8 @@ def render(
         f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"
     ]
     per_agency: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for line in plan.lines:
+    # Read by a person: in building order, not in the partitions' order they were found in.
+    for line in sorted(plan.lines, key=lambda ln: (ln.agency_id, ln.building_id, ln.module.value)):
         lines.append(
             f"{line.agency_id:<20} {line.building_id:<14} {line.module.value:<18} "
             f"{line.uploads:>8} {line.upload_bytes / 1048576:>9.1f} {line.baseline:>9} "

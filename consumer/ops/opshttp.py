@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import SecretStr
 
 from consumer.core.commands import AgencyAction
+from consumer.errors import PartnerError
 from consumer.ops.admin import Operator, PlanChangedError
 from consumer.ops.dryrun import plan_json
 from consumer.ops.overview import add_replica_status, gather
@@ -148,6 +149,8 @@ class OpsServer(AppServer):
                 return web.json_response({"error": str(exc)}, status=409)
             except ValueError as exc:  # pydantic's ValidationError included
                 return web.json_response({"error": str(exc)}, status=400)
+            except PartnerError as exc:  # an audit ChouetteCopro did not answer (redacted)
+                return web.json_response({"error": str(exc)}, status=502)
 
         return guarded
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.core.events import Module
+from consumer.core.routing import RoutingTable
 from consumer.core.state import ON_PARTNER, DocStatus
 from consumer.core.view import PublishedView
 from consumer.kafka.startup import start_client
@@ -31,7 +33,7 @@ class AgencyOverview:
     paused: bool = False
     published: int = 0
     published_bytes: int = 0
-    remaining: int = 0  # uploads the newest manifests would still send
+    remaining: int = 0  # uploads being sent, and those the newest manifests would still send
     remaining_bytes: int = 0
     baseline: int = 0
     live_backlog: int = 0  # document-created records not committed yet
@@ -42,6 +44,8 @@ class AgencyOverview:
     dead_letters: int = 0
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
     rate_per_second: float = 0.0
+    # The routing asks for an approval that no partition has recorded for every module yet.
+    unapproved: bool = False
     awaiting_approval: list[str] = field(default_factory=list)
     breaker: str | None = None
 
@@ -63,8 +67,10 @@ async def gather(operator: Operator, *, agency: str | None = None) -> dict[str, 
     for name, entry in found.items():
         config = routing.agency(name)
         entry.rate_per_second = (config.rate_per_second if config else None) or default_rate
-    for view in await operator.views():
+    views = await operator.views()
+    for view in views:
         _count_view(found, view)
+    _mark_unapproved(found, routing, views)
     plan, _ = await operator.plan(agency)
     for line in plan.lines:
         if (planned := found.get(line.agency_id)) is not None:
@@ -99,6 +105,10 @@ def _count_view(found: dict[str, AgencyOverview], view: PublishedView) -> None:
             if record.status in ON_PARTNER:
                 counted.published += 1
                 counted.published_bytes += record.size_bytes
+            elif record.status is DocStatus.UPLOADING:
+                # Being sent: the dry run no longer counts it, and it is not on the partner yet.
+                counted.remaining += 1
+                counted.remaining_bytes += record.size_bytes
             elif record.status is DocStatus.BASELINE:
                 counted.baseline += 1
             elif record.status is DocStatus.PARKED:
@@ -107,6 +117,21 @@ def _count_view(found: dict[str, AgencyOverview], view: PublishedView) -> None:
                 counted.parked_reasons[reason] = counted.parked_reasons.get(reason, 0) + 1
             if record.status is DocStatus.DELETE_HELD:
                 counted.held += 1
+
+
+def _mark_unapproved(
+    found: dict[str, AgencyOverview], routing: RoutingTable, views: list[PublishedView]
+) -> None:
+    """Agencies whose first publication needs an approval that no partition has recorded."""
+    for name, entry in found.items():
+        config = routing.agency(name)
+        if config is None or not config.needs_approval:
+            continue
+        approved: set[Module] = set()
+        for view in views:
+            if (controls := view.agency(name)) is not None:
+                approved.update(controls.approved_modules)
+        entry.unapproved = not config.modules <= approved
 
 
 def add_replica_status(found: dict[str, AgencyOverview], status: dict[str, Any]) -> None:
@@ -171,18 +196,15 @@ def render(
         lines.append(
             f"  first publication  {_bar(entry.progress)} {entry.progress:4.0%}  "
             f"{entry.published} of {total} documents, "
-            f"{_mib(entry.published_bytes)} of {_mib(total_bytes)} MiB"
+            f"{_size(entry.published_bytes)} of {_size(total_bytes)}"
         )
         before = (previous or {}).get(name)
-        measured = "-"
+        measured = None
         if before is not None and interval_s:
-            measured = f"{max(entry.published - before.published, 0) / interval_s:.1f}/s"
-        eta = _duration(entry.remaining / entry.rate_per_second) if entry.remaining else "done"
-        lines.append(
-            f"  {'':17}  rate {measured}, {eta} left at {entry.rate_per_second:g} requests/s"
-        )
+            measured = max(entry.published - before.published, 0) / interval_s
+        lines.append(f"  {'':17}  {_pace(entry, measured)}")
         if entry.awaiting_approval:
-            lines.append(f"  awaiting approval  {', '.join(entry.awaiting_approval)}")
+            lines.append(f"  awaiting approval  {_buildings(entry.awaiting_approval)}")
         lines.append(
             f"  live backlog       {entry.live_backlog} documents, "
             f"{entry.manifest_backlog} manifest records"
@@ -196,13 +218,41 @@ def render(
     return "\n\n".join(blocks)
 
 
+def _pace(entry: AgencyOverview, measured: float | None) -> str:
+    """How fast the first publication goes and how long it has left, or why it does not go."""
+    if not entry.remaining:
+        return "done"
+    if entry.paused:
+        return f"paused: nothing is sent until chouette-relay resume {entry.agency}"
+    if entry.unapproved:
+        return f"waits for approval (chouette-relay plan --agency {entry.agency})"
+    at_rate = _duration(entry.remaining / entry.rate_per_second)
+    configured = f"{at_rate} left at the agency's {entry.rate_per_second:g} requests/s"
+    if measured is None:
+        return f"{configured} (the measured rate comes with --watch)"
+    if measured <= 0:
+        return f"rate 0/s, nothing sent since the last refresh; {configured}"
+    return (
+        f"rate {measured:.1f}/s, {_duration(entry.remaining / measured)} left at that rate; "
+        f"{configured}"
+    )
+
+
 def _bar(ratio: float, width: int = 24) -> str:
     filled = round(ratio * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
-def _mib(size: int) -> str:
-    return f"{size / 1048576:.1f}"
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _buildings(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more buildings"
 
 
 def _top(reasons: dict[str, int], limit: int = 3) -> str:

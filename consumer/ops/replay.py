@@ -57,7 +57,16 @@ class DeadLetter:
             },
             "key": None if self.key is None else self.key.decode("utf-8", "backslashreplace"),
             "replayable": self.value is not None,
+            # A replay that failed again: the dead letter it was a replay of.
+            "replay_of": self.replay_of,
         }
+
+    @property
+    def replay_of(self) -> str | None:
+        for name, value in self.headers:
+            if name == REPLAY_HEADER and value is not None:
+                return value.decode("utf-8", "backslashreplace")
+        return None
 
 
 def unpack(offset: int, value: bytes) -> DeadLetter | None:

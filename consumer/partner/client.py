@@ -12,7 +12,7 @@ import base64
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -257,7 +257,12 @@ def _document_form(resource: Mapping[str, Any], content: bytes) -> aiohttp.FormD
 
 
 async def list_documents(
-    client: ChouetteCoproClient, *, agency_id: str, condominium_id: str, page_size: int = 100
+    client: ChouetteCoproClient,
+    *,
+    agency_id: str,
+    condominium_id: str,
+    page_size: int = 100,
+    pace: Callable[[], Awaitable[None]] | None = None,
 ) -> list[RemoteDocument]:
     """Every document of a condominium, hand-made ones included (reference None), page by page.
 
@@ -268,6 +273,8 @@ async def list_documents(
     found: list[RemoteDocument] = []
     number = 1
     while True:
+        if pace is not None:  # the caller's limiter: one token per page requested
+            await pace()
         url = (client._base / "documents").with_query(
             {
                 "filter[condominium]": condominium_id,

@@ -38,6 +38,15 @@ class RateLimit:
         """True when no rate applies (Retry-After pauses still do)."""
         return not self.rate_per_second
 
+    def share(self, fraction: float) -> RateLimit:
+        """``fraction`` of this rate with a burst of one: the cap of a side activity (an audit)
+        that must never take more than that part of the agency's requests."""
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ConfigError(f"a share of a rate must be in (0, 1], got {fraction}")
+        if self.rate_per_second is None:
+            return RateLimit()
+        return RateLimit(self.rate_per_second * fraction, burst=1)
+
 
 class TokenBucket:
     """Hands out request tokens at a fixed rate, starting full (``burst`` tokens)."""

@@ -38,20 +38,23 @@ async def call(
         return response.status, await response.json()
 
 
-async def cli(world: RelayWorld, *args: str, expect: int = 0) -> Any:
-    """Run ``chouette-relay ARGS`` as an operator would, with the relay's environment."""
-    out, _ = await cli_output(world, *args, expect=expect)
+async def cli(world: RelayWorld, *args: str, expect: int = 0, **settings: Any) -> Any:
+    """Run ``chouette-relay ARGS`` as an operator would, with the relay's environment (and
+    ``settings`` overriding groups of it)."""
+    out, _ = await cli_output(world, *args, expect=expect, **settings)
     return orjson.loads(out)
 
 
-async def cli_output(world: RelayWorld, *args: str, expect: int = 0) -> tuple[str, str]:
+async def cli_output(
+    world: RelayWorld, *args: str, expect: int = 0, **settings: Any
+) -> tuple[str, str]:
     """Standard output and error of ``chouette-relay ARGS``, which must exit with ``expect``."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "consumer.cli",
         *args,
-        env=world.environment(),
+        env=world.environment(**settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

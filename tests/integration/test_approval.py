@@ -70,6 +70,10 @@ async def test_an_approval_is_refused_once_the_plan_changed_and_the_current_one_
     old_plan = shown["fingerprints"][NEW]
     text, _ = await cli_output(world, "plan", "--agency", NEW)
     assert f"chouette-relay approve {NEW} --plan {old_plan}" in text
+    # Any pod's status says why nothing goes, not a time left at the agency's rate.
+    text, _ = await cli_output(world, "status", "--agency", NEW)
+    assert f"waits for approval (chouette-relay plan --agency {NEW})" in text
+    assert " left at " not in text
 
     second = await _manifest(world, NEW, "bat-2", 2)  # the plan changes
     await world.wait_until(
@@ -103,6 +107,8 @@ async def test_an_approval_is_refused_once_the_plan_changed_and_the_current_one_
         what="the approved first publication",
     )
     await world.wait_until(lambda: _awaiting(relay) == {}, what="nothing waiting")
+    approved = await cli(world, "status", "--json")
+    assert (approved[NEW]["unapproved"], approved[FRESH]["unapproved"]) == (False, False)
     assert world.sandbox.duplicated_references() == {}
     assert world.partner_references("c-9") == {}  # fresh: recorded as baseline, never waited
     assert not any(d["id"] in world.partner_references() for d in baseline)

@@ -1,10 +1,11 @@
 """What Prometheus scrapes from a running relay: well-formed, and enough for every alert.
 
 A relay runs against the broker, the sandbox and the document store, forwards a document, parks
-one and dead-letters a poison record, then ``/metrics`` is scraped as Prometheus would: the text
-must pass ``promtool check metrics``, and every metric an alert rule names must be in it (an alert
-on a name the relay does not export never fires). The relay only counts an offset commit as
-progress when an offset moves, which is what the stalled-consumer alert relies on.
+one, dead-letters a poison record and audits the agency, then ``/metrics`` is scraped as
+Prometheus would: the text must pass ``promtool check metrics``, and every metric an alert rule
+names must be in it (an alert on a name the relay does not export never fires). The relay only
+counts an offset commit as progress when an offset moves, which is what the stalled-consumer
+alert relies on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.fixtures.relay import (
     ops_get,
     uncommitted_records,
 )
+from tests.integration.operator_helpers import call, token_http
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +65,9 @@ def sample_names(exposition: str) -> set[str]:
 
 
 async def busy_relay(world: RelayWorld) -> Relay:
-    """A relay that has uploaded a document, parked one and dead-lettered a poison record."""
-    relay = await world.start_relay()
+    """A relay that has uploaded a document, parked one, dead-lettered a poison record and
+    audited the agency (a labelled gauge has no sample until it is set)."""
+    relay = await world.start_relay(http=token_http(world.tmp))
     sent, parked = world.document(title="Procès-verbal d'AG"), world.document(title="Contrat")
     await world.publish(
         world.document_created(AGENCY, "bat-1", sent),
@@ -81,6 +84,8 @@ async def busy_relay(world: RelayWorld) -> Relay:
         return dead == held == 1
 
     await world.wait_until(counted, what="the dead letter and the parked document counted")
+    status, _ = await call(relay, "GET", f"/admin/audit?agency={AGENCY}", token=True)
+    assert status == 200
     return relay
 
 

@@ -119,3 +119,24 @@ async def test_replay_needs_a_selection_and_the_token(relay_world: WorldFactory)
         200,
         {"replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}]},
     )
+
+
+async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_letter(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    await world.start_relay()
+    await world.publish_raw(world.documents_topic, key=b"agence-a:bat-1", value=b"{not json")
+
+    async def dead_lettered(count: int) -> bool:
+        return len(await _letters(world, "not_json")) == count
+
+    await world.wait_until(lambda: dead_lettered(1), what="the poison record dead-lettered")
+    [first] = (await cli(world, "dead-letters"))["dead_letters"]
+    assert first["replay_of"] is None
+
+    await cli(world, "replay", first["id"])  # nothing was fixed: it fails the same way
+
+    await world.wait_until(lambda: dead_lettered(2), what="the replayed copy dead-lettered")
+    listed = (await cli(world, "dead-letters"))["dead_letters"]
+    assert [d["replay_of"] for d in listed] == [None, first["id"]]

@@ -102,3 +102,11 @@ def test_no_window_ever_sees_more_than_burst_plus_rate_times_its_length(
         for last in range(first, len(sent)):
             length = sent[last] - start
             assert last - first + 1 <= burst + rate * length + 1e-6
+
+
+def test_a_share_of_a_rate_is_that_part_of_it_without_a_burst() -> None:
+    assert RateLimit(rate_per_second=10, burst=20).share(0.2) == RateLimit(2.0, burst=1)
+    assert RateLimit().share(0.2).unlimited
+    for share in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="share"):
+            RateLimit(rate_per_second=10).share(share)
