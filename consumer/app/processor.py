@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -46,6 +47,7 @@ from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor, RecordWriter
+from consumer.partner.window import Batch
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,9 @@ class PartitionProcessor:
         # An agency command was read: the relay re-reads the paused agencies (after it is
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
-        self._completions: set[asyncio.Task[None]] = set()
+        self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
-        self._building_work: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
+        self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
@@ -110,7 +112,14 @@ class PartitionProcessor:
 
     @property
     def pending_operations(self) -> int:
-        return self._executor.in_flight
+        """Unfinished operations, not counting a paused agency's: its held work must not stop
+        the partition's other agencies (back-pressure), nor hold up a shutdown's drain."""
+        return self._executor.pending
+
+    @property
+    def held_operations(self) -> int:
+        """Operations of paused agencies, waiting with their offsets uncommitted."""
+        return self._executor.held
 
     @property
     def manifests_topic(self) -> str:
@@ -403,9 +412,13 @@ class PartitionProcessor:
         self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
     ) -> None:
         """Apply and write the plan's records, submit its operations, and release ``offsets``
-        (each opened by ``begin`` when read) once all of that is acknowledged."""
+        (each opened by ``begin`` when read) once all of that is acknowledged.
+
+        A plan of operations alone (a document's upload, the common case) waits as its batch's
+        future, with no task of its own: held work costs its items, not coroutines.
+        """
         held = list(offsets)
-        work: list[Awaitable[object]] = []
+        writes: list[Awaitable[object]] = []
         deferred: list[BuildingRecord] = []
         for record in plan.records:
             self.view.apply(record)
@@ -418,32 +431,43 @@ class PartitionProcessor:
                 # stale, and the events behind those operations are not judged decided by it.
                 deferred.append(record)
             else:
-                work.append(self._writer.write(record))
-        for operation in plan.operations:
-            work.append(self._executor.submit(operation, source=source))
-        if not work and not deferred:
+                writes.append(self._writer.write(record))
+        batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
+        completion: asyncio.Future[None]
+        places = {(r.agency_id, r.building_id) for r in deferred}
+        if writes or deferred:
+            earlier = [work for place in places for work in self._building_work.get(place, ())]
+            completion = asyncio.create_task(
+                self._complete(
+                    writes, batch, deferred=deferred, offsets=held, earlier=earlier, source=source
+                )
+            )
+            completion.add_done_callback(self._forget_completion)
+        elif batch is not None:
+            completion = batch.future
+            completion.add_done_callback(functools.partial(self._batch_done, held, source))
+        else:
             for topic, offset in held:
                 self._trackers[topic].done(offset)
             return
-        places = {(r.agency_id, r.building_id) for r in deferred}
-        earlier = [task for place in places for task in self._building_work.get(place, ())]
-        task = asyncio.create_task(self._complete(work, deferred, held, earlier, source))
         places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
         for place in places:
-            self._building_work.setdefault(place, set()).add(task)
-        self._completions.add(task)
-        task.add_done_callback(self._forget_completion)
+            self._building_work.setdefault(place, set()).add(completion)
+        self._completions.add(completion)
+        completion.add_done_callback(self._forget_work)
 
     async def _complete(
         self,
-        work: list[Awaitable[object]],
+        writes: list[Awaitable[object]],
+        batch: Batch | None,
+        *,
         deferred: list[BuildingRecord],
         offsets: list[tuple[str, int]],
-        earlier: list[asyncio.Task[None]],
+        earlier: list[asyncio.Future[None]],
         source: SourceRecord,
     ) -> None:
         try:
-            await asyncio.gather(*work)
+            await asyncio.gather(*writes, *([batch.future] if batch else []))
         except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
             await self._set_aside(source, error)
         if deferred and earlier:
@@ -451,19 +475,51 @@ class PartitionProcessor:
             await asyncio.gather(*earlier, return_exceptions=True)
         for record in deferred:
             await self._writer.write(record)
+        self._release(offsets)
+
+    def _batch_done(
+        self, offsets: list[tuple[str, int]], source: SourceRecord, done: asyncio.Future[None]
+    ) -> None:
+        """A plan of operations alone ended: release its offsets, or set its record aside."""
+        if done.cancelled():
+            return  # the partition closed: its offsets stay open and are read again
+        error = done.exception()
+        if error is None:
+            self._release(offsets)
+            return
+        aside = asyncio.create_task(self._aside_and_release(source, error, offsets))
+        self._completions.add(aside)
+        aside.add_done_callback(self._forget_completion)
+        aside.add_done_callback(self._forget_work)
+
+    async def _aside_and_release(
+        self, source: SourceRecord, error: BaseException, offsets: list[tuple[str, int]]
+    ) -> None:
+        if not isinstance(error, Exception):
+            raise error
+        await self._set_aside(source, error)
+        self._release(offsets)
+
+    def _release(self, offsets: list[tuple[str, int]]) -> None:
         for topic, offset in offsets:
             self._trackers[topic].done(offset)
 
-    def _forget_completion(self, task: asyncio.Task[None]) -> None:
-        self._completions.discard(task)
+    def _forget_completion(self, task: asyncio.Future[None]) -> None:
         if not task.cancelled() and (error := task.exception()) is not None:
             # Only infrastructure gets here (the changelog unreachable): the work would hold its
             # offsets forever, so stop instead and let the restart redo it from the commit.
             self._on_failure(error)
+
+    def _forget_work(self, work: asyncio.Future[None]) -> None:
+        self._completions.discard(work)
         for place, pending in list(self._building_work.items()):
-            pending.discard(task)
+            pending.discard(work)
             if not pending:
                 del self._building_work[place]
+
+    def resume(self) -> None:
+        """The paused agencies changed: start the work that may run now."""
+        self._executor.resume()
 
     async def close(self) -> None:
         """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""

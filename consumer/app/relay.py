@@ -109,6 +109,7 @@ class Relay:
                 "documents": proc.view.size,
                 "by_status": {s.value: n for s, n in proc.view.counts().items()},
                 "pending_operations": proc.pending_operations,
+                "held_operations": proc.held_operations,
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),
             }
@@ -157,6 +158,8 @@ class Relay:
         if self._scheduler is not None and self._scheduler.paused != paused:
             self._scheduler.set_paused(frozenset(paused))
             log.warning("paused agencies", extra={"agencies": sorted(paused)})
+            for processor in self._ingest.processors.values() if self._ingest else ():
+                processor.resume()  # a resumed agency's queued work starts
         awaiting = self.awaiting_approval()
         for agency_id in set(self.routing.agencies) | paused:
             self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
@@ -368,6 +371,7 @@ class Relay:
                 base_seconds=s.content.unavailable_backoff_s,
                 cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
             ),
+            window=s.partner.window_per_partition,
         )
         await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
         self._restoring.pop(partition, None)

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -21,6 +21,7 @@ from consumer.core.events import Content
 from consumer.core.planner import (
     Delete,
     Lane,
+    Operation,
     Upload,
     deleted_record,
     intent_record,
@@ -34,15 +35,19 @@ from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient, RemoteDocument
 from consumer.partner.scheduler import RetryPolicy, Scheduler
+from consumer.partner.window import Batch, Entry, Window, Withdrawal, entry_lane, entry_operation
 
 log = logging.getLogger(__name__)
 
-Operation = Upload | Delete
 T = TypeVar("T")
 
 DOCUMENT_RETRY = RetryPolicy(max_attempts=8, base_seconds=5.0, cap_seconds=300.0)
 """A document whose content cannot be had waits on its own (about 5 to 10 minutes in all),
 then is parked; the agency's other documents flow meanwhile."""
+
+
+DEFAULT_WINDOW = 64
+"""Chains running at once per partition: room for every scheduler worker, a small bound."""
 
 
 class RecordWriter(Protocol):
@@ -94,6 +99,7 @@ class OperationExecutor:
         dead_letters: DeadLetters,
         metrics: RelayMetrics,
         document_retry: RetryPolicy = DOCUMENT_RETRY,
+        window: int = DEFAULT_WINDOW,
         rng: random.Random | None = None,
     ) -> None:
         self._view = view
@@ -105,61 +111,60 @@ class OperationExecutor:
         self._metrics = metrics
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
-        self._chains: dict[DocKey, asyncio.Task[RemoteState | None]] = {}
-        # Every unfinished operation, not only chain heads: closing must stop them all.
-        self._running: set[asyncio.Task[RemoteState | None]] = set()
+        self._window = Window(
+            size=window,
+            run=self._run,
+            paused=lambda: scheduler.paused,
+            finished=self._count_finished,
+        )
+        self._backlog = {
+            (lane, kind): metrics.backlog.labels(lane.value, kind)
+            for lane in (Lane.LIVE, Lane.BACKFILL)
+            for kind in ("upload", "delete")
+        }
 
     @property
-    def in_flight(self) -> int:
-        return len(self._chains)
+    def pending(self) -> int:
+        """Operations not finished, of agencies that are not paused: what back-pressure counts."""
+        return self._window.pending(paused=False)
 
-    def submit(
-        self, operation: Operation, *, source: SourceRecord
-    ) -> asyncio.Task[RemoteState | None]:
-        """Queue ``operation`` behind any earlier one on the same document; return its task."""
-        key = operation.key
-        previous = self._chains.get(key)
-        # What a withdrawal removes, kept to park it whole should the partner refuse it.
-        withdrawn = self._view.document(key) if isinstance(operation, Delete) else None
-        task = asyncio.create_task(
-            self._run(operation, previous, source, withdrawn), name=f"op:{key.encode()!r}"
-        )
-        self._chains[key] = task
-        self._running.add(task)
-        lane = operation.lane if isinstance(operation, Upload) else Lane.LIVE
-        kind = "upload" if isinstance(operation, Upload) else "delete"
-        backlog = self._metrics.backlog.labels(lane.value, kind)
-        backlog.inc()
+    @property
+    def held(self) -> int:
+        """Operations of paused agencies: queued items, waited for by nothing until resumed."""
+        return self._window.pending(paused=True)
 
-        def finished(done: asyncio.Task[RemoteState | None]) -> None:
-            backlog.dec()
-            self._running.discard(done)
-            if self._chains.get(key) is done:
-                del self._chains[key]
+    def submit(self, operations: Iterable[Operation], *, source: SourceRecord) -> Batch:
+        """Queue ``operations`` (each behind earlier work on its document); ``Batch.future``
+        completes once they all ended. The view shows their intended state at once, so the
+        next plan sees work already queued."""
+        entries: list[Entry] = []
+        for operation in operations:
+            if isinstance(operation, Upload):
+                entries.append(operation)
+                self._view.apply(intent_record(operation))
+            else:
+                # What a withdrawal removes, kept to park it whole should the partner refuse it.
+                entries.append(Withdrawal(operation, self._view.document(operation.key)))
+                self._view.apply(deleted_record(operation))
+            self._backlog[_backlog_label(entries[-1])].inc()
+        return self._window.submit(entries, source=source)
 
-        task.add_done_callback(finished)
-        # The view shows the intended state at once, so the next plan sees work already queued.
-        if isinstance(operation, Upload):
-            self._view.apply(intent_record(operation))
-        else:
-            self._view.apply(deleted_record(operation))
-        return task
+    def resume(self) -> None:
+        """The paused agencies changed: start what may run now."""
+        self._window.pump()
 
     async def cancel_all(self) -> None:
-        tasks = list(self._running)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._window.cancel_all()
+
+    def _count_finished(self, entry: Entry) -> None:
+        self._backlog[_backlog_label(entry)].dec()
 
     async def _run(
-        self,
-        operation: Operation,
-        previous: asyncio.Task[RemoteState | None] | None,
-        source: SourceRecord,
-        withdrawn: DocumentRecord | None,
-    ) -> RemoteState | None:
-        if previous is not None:
-            base = await previous
+        self, entry: Entry, source: SourceRecord, given: bool, previous: object
+    ) -> object:
+        operation = entry_operation(entry)
+        if given:
+            base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
             sha = (
                 operation.previous.sha256
@@ -169,9 +174,9 @@ class OperationExecutor:
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
-        if isinstance(operation, Upload):
-            return await self._run_upload(operation, base, source)
-        await self._run_delete(operation, base, withdrawn)
+        if isinstance(entry, Upload):
+            return await self._run_upload(entry, base, source)
+        await self._run_delete(entry.delete, base, entry.withdrawn)
         return None
 
     async def _run_upload(
@@ -415,9 +420,12 @@ class OperationExecutor:
 
     def _settle(self, key: DocKey, record: StateRecord) -> None:
         """Apply a durable outcome to the view unless a later operation on the key is queued."""
-        current = asyncio.current_task()
-        if self._chains.get(key) is current:
+        if not self._window.has_followers(key):
             self._view.apply(record)
+
+
+def _backlog_label(entry: Entry) -> tuple[Lane, str]:
+    return entry_lane(entry), "delete" if isinstance(entry, Withdrawal) else "upload"
 
 
 def _describe(error: Exception) -> str:
