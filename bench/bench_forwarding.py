@@ -195,11 +195,15 @@ async def forward_bare(base_url: str, documents: list[BenchDocument], concurrenc
 
 
 @contextlib.asynccontextmanager
-async def sandbox_process() -> AsyncIterator[str]:
+async def sandbox_process(
+    accounts_by_key: dict[str, list[str]] | None = None,
+) -> AsyncIterator[str]:
     """A sandbox in a process of its own, so that its CPU is not the client's; yields its URL."""
     with tempfile.TemporaryDirectory() as tmp:
         accounts = Path(tmp) / "accounts.json"
-        accounts.write_text(json.dumps({API_KEY: [CONDOMINIUM]}), encoding="utf-8")
+        accounts.write_text(
+            json.dumps(accounts_by_key or {API_KEY: [CONDOMINIUM]}), encoding="utf-8"
+        )
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
