@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import functools
 import logging
 import signal
@@ -21,9 +20,9 @@ from prometheus_client import CollectorRegistry
 from consumer.app.clients import _kafka_clients, _stop_within
 from consumer.app.control import RELAY_VERSION, RelayControl
 from consumer.app.observers import MetricsObserver, rate_limits
+from consumer.app.partition import partition_processor
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.core.guard import DeletionGuard
-from consumer.core.manifest import ManifestAssembler
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
 from consumer.errors import KafkaUnavailableError
@@ -45,10 +44,9 @@ from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
-from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
-from consumer.partner.scheduler import RetryPolicy, Scheduler
+from consumer.partner.scheduler import Scheduler
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -233,7 +231,18 @@ class Relay(RelayControl):
             on_progress=progress,
         )
         self.metrics.restore_records.inc(applied)
-        executor = OperationExecutor(
+        await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
+        self._restoring.pop(partition, None)
+        log.info(
+            "partition restored",
+            extra={"partition": partition, "records": applied, "documents": view.size},
+        )
+        processor = partition_processor(
+            partition,
+            settings=s,
+            topics=topics,
+            routing=self.routing,
+            guard=guard,
             view=view,
             writer=writer,
             scheduler=scheduler,
@@ -241,37 +250,7 @@ class Relay(RelayControl):
             content=fetcher,
             dead_letters=dead_letters,
             metrics=self.metrics,
-            document_retry=RetryPolicy(
-                max_attempts=s.content.unavailable_attempts,
-                base_seconds=s.content.unavailable_backoff_s,
-                cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
-            ),
-            window=s.partner.window_per_partition,
-        )
-        await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
-        self._restoring.pop(partition, None)
-        log.info(
-            "partition restored",
-            extra={"partition": partition, "records": applied, "documents": view.size},
-        )
-        processor = PartitionProcessor(
-            partition=partition,
-            topics=topics,
-            view=view,
-            assembler=ManifestAssembler(
-                expiry=dt.timedelta(seconds=s.manifest.expiry_s),
-                max_pending_items=s.manifest.max_pending_items,
-            ),
-            routing=self.routing,
-            guard=guard,
-            executor=executor,
-            writer=writer,
-            dead_letters=dead_letters,
-            metrics=self.metrics,
-            max_value_bytes=s.kafka.max_value_bytes,
-            clock=lambda: dt.datetime.now(dt.UTC),
             on_failure=self._fail,
-            max_clock_skew=dt.timedelta(seconds=s.manifest.max_clock_skew_s),
             on_command=self._on_command,
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
