@@ -2,11 +2,10 @@
 
 Operations on the same document run in the order they were planned (a chain per document key);
 operations on different documents run concurrently under the scheduler, at most a window of
-chains per partition (``window.py``), the rest waiting as the plan's items. Failure paths are in
-``setbacks.py``. An upload writes its
+chains per partition (``window.py``), the rest waiting as the plan's items. An upload writes its
 intent to the changelog before calling the partner, and when a call's outcome is unknown (a retry
 after a timeout, or an intent found after a restart) the document is looked up by its reference
-before anything is uploaded again.
+before anything is uploaded again. Failure paths are in ``setbacks.py``.
 """
 
 from __future__ import annotations
