@@ -169,10 +169,14 @@ class Window:
             for runs in lanes.values():
                 for run in runs:
                     run.batch.future.cancel()
+                    for entry in run.entries[run.next :]:
+                        if entry is not None:
+                            self._finished(entry)
             lanes.clear()
         for followers in self._keys.values():
-            for _, batch in followers or ():
+            for follower, batch in followers or ():
                 batch.future.cancel()
+                self._finished(follower)
         chains = list(self._chains)
         for chain in chains:
             chain.cancel()
@@ -239,6 +243,7 @@ class Window:
                 result = await self._run(entry, batch.source, given, result)
             except asyncio.CancelledError:
                 batch.future.cancel()
+                self._finished(entry)  # dropped: no longer in the backlog
                 raise
             except Exception as error:  # noqa: BLE001 - the batch carries it to the processor
                 self._end(entry, batch, error)

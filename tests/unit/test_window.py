@@ -216,3 +216,31 @@ async def test_a_throttled_agency_does_not_fill_the_window_of_another() -> None:
             await fast.future
         assert not slow.future.done()
         await executor.cancel_all()
+
+
+async def test_closing_a_partition_cancels_its_batches_and_empties_its_backlog(
+    scheduler: Scheduler,
+) -> None:
+    partner = Partner()
+    partner.gate.clear()
+    registry = CollectorRegistry()
+    executor = OperationExecutor(
+        view=PublishedView(),
+        writer=Changelog(),
+        scheduler=scheduler,
+        partner=cast(ChouetteCoproClient, partner),
+        content=Store(),
+        dead_letters=cast(DeadLetterSink, None),
+        metrics=RelayMetrics.create(registry, version="test"),
+        window=4,
+    )
+    batch = executor.submit([upload("a", n % 50) for n in range(100)], source=SOURCE)
+    await eventually(lambda: partner.started == 3)
+
+    await executor.cancel_all()
+
+    assert batch.future.cancelled()  # its offsets stay open: the next owner reads them again
+    backlog = registry.get_sample_value(
+        "chouette_relay_backlog_operations", {"lane": "backfill", "operation": "upload"}
+    )
+    assert (backlog, executor.pending) == (0.0, 0)
