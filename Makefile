@@ -103,8 +103,8 @@ lint: install ## ruff lint and format check, and the import layering contracts (
 typecheck: install ## mypy --strict over the package, tests and benchmarks
 	$(BIN)/mypy
 
-bench: install ## Benchmarks, each printed side by side with its baseline
-	$(BIN)/python -m bench
+bench: install ## Benchmarks, each beside its baseline (QUICK=1: first-publication memory at a tenth of its sizes)
+	$(if $(QUICK),BENCH_SCALE=0.1 ,)$(BIN)/python -m bench
 
 plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing
 	$(BIN)/chouette-relay plan $(if $(AGENCY),--agency $(AGENCY),)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench_core", "bench_ingest", "bench_restore", "bench_forwarding")
+BENCHMARKS = ("bench_core", "bench_ingest", "bench_restore", "bench_forwarding", "bench_memory")
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 from consumer.core.events import Document
 from consumer.core.planning.plan import Lane, Upload
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, StateRecord
+from consumer.core.state import DocKey, DocStatus, StateRecord
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.local.pdf import make_pdf
@@ -123,8 +123,9 @@ async def forward_through_relay(
         ContentFetcher(allowed_hosts=(), max_bytes=MAX_BYTES) as fetcher,
         Scheduler(concurrency=concurrency, default_rate_limit=RateLimit()) as scheduler,
     ):
+        view = PublishedView()
         executor = OperationExecutor(
-            view=PublishedView(),
+            view=view,
             writer=_NoopWriter(),
             scheduler=scheduler,
             partner=partner,
@@ -133,22 +134,23 @@ async def forward_through_relay(
             metrics=metrics,
         )
         started = time.perf_counter()
-        tasks = [
-            executor.submit(
+        batch = executor.submit(
+            [
                 Upload(
                     key=DocKey(AGENCY, "bat-bench", item.document.id),
                     document=item.document,
                     condominium_id=CONDOMINIUM,
                     lane=Lane.LIVE,
                     seen_at=seen_at,
-                ),
-                source=source,
-            )
-            for item in documents
-        ]
-        results = await asyncio.gather(*tasks)
+                )
+                for item in documents
+            ],
+            source=source,
+        )
+        await batch.future
         elapsed = time.perf_counter() - started
-    if any(result is None for result in results):
+    published = sum(1 for record in view.with_status(DocStatus.PUBLISHED))
+    if published != len(documents):
         raise RuntimeError("an upload through the relay did not complete")
     return elapsed
 
@@ -193,11 +195,15 @@ async def forward_bare(base_url: str, documents: list[BenchDocument], concurrenc
 
 
 @contextlib.asynccontextmanager
-async def sandbox_process() -> AsyncIterator[str]:
+async def sandbox_process(
+    accounts_by_key: dict[str, list[str]] | None = None,
+) -> AsyncIterator[str]:
     """A sandbox in a process of its own, so that its CPU is not the client's; yields its URL."""
     with tempfile.TemporaryDirectory() as tmp:
         accounts = Path(tmp) / "accounts.json"
-        accounts.write_text(json.dumps({API_KEY: [CONDOMINIUM]}), encoding="utf-8")
+        accounts.write_text(
+            json.dumps(accounts_by_key or {API_KEY: [CONDOMINIUM]}), encoding="utf-8"
+        )
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])

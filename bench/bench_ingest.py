@@ -38,11 +38,11 @@ from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter
 
 from bench.common import Measure, delete_topics, on_a_broker, report, show
+from consumer.app.partition import partition_processor
 from consumer.app.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.core.decoding import decode_record
 from consumer.core.events import DocumentCreated
 from consumer.core.guard import DeletionGuard
-from consumer.core.manifest import ManifestAssembler
 from consumer.core.planning.documents import plan_document
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -54,10 +54,9 @@ from consumer.local.kafka import create_topics
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
-from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.scheduler import Scheduler
-from consumer.settings import KafkaSettings
+from consumer.settings import KafkaSettings, Settings
 
 TARGET_RATIO = 0.3
 AGENCY = "agence-bench"
@@ -65,6 +64,7 @@ BUILDINGS = 200
 # Never called: routing filters every document before any partner operation is planned.
 HEADERS = [("event-type", b"document-created"), ("schema-version", b"1")]
 UNREACHED_PARTNER = "http://127.0.0.1:9/api/v1"
+SETTINGS = Settings()  # the relay's defaults, as a deployment without overrides runs them
 ROUTING = RoutingTable.from_mapping(
     {
         "agencies": {
@@ -228,7 +228,12 @@ async def read_relay(
             writer = ChangelogWriter(
                 producer=producer, topic=topics.state, partition=partition, watch=watch
             )
-            executor = OperationExecutor(
+            return partition_processor(
+                partition,
+                settings=SETTINGS,
+                topics=kinds,
+                routing=ROUTING,
+                guard=DeletionGuard(max_share=0.2, min_count=10),
                 view=view,
                 writer=writer,
                 scheduler=scheduler,
@@ -236,20 +241,6 @@ async def read_relay(
                 content=fetcher,
                 dead_letters=dead_letters,
                 metrics=metrics,
-            )
-            return PartitionProcessor(
-                partition=partition,
-                topics=kinds,
-                view=view,
-                assembler=ManifestAssembler(expiry=dt.timedelta(hours=1), max_pending_items=1000),
-                routing=ROUTING,
-                guard=DeletionGuard(max_share=0.2, min_count=10),
-                executor=executor,
-                writer=writer,
-                dead_letters=dead_letters,
-                metrics=metrics,
-                max_value_bytes=settings.max_value_bytes,
-                clock=lambda: dt.datetime.now(dt.UTC),
                 on_failure=_raise,
             )
 

@@ -112,6 +112,13 @@ class PartnerSettings(_Group):
     )
     timeout_s: float = Field(default=30.0, gt=0)
     concurrency: int = Field(default=8, ge=1, le=256)
+    window_per_partition: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Documents whose partner work runs at once per partition; the rest wait "
+        "as queued items.",
+    )
     default_rate_per_second: float = Field(default=5.0, gt=0)
     default_burst: int = Field(default=5, ge=1)
     breaker_failures: int = Field(

@@ -5,6 +5,7 @@ offset trackers of both input topics and the executor. ``handle`` only plans and
 offset of a record becomes committable when every state record and partner operation it caused
 is acknowledged. It is also where the clock meets the pure core: events dated beyond the clock
 plus the allowed skew are dead-lettered, and incomplete snapshots expire by their records' time.
+Its manifest half is in ``manifests.py``, the completion of a plan's work in ``completion.py``.
 """
 
 from __future__ import annotations
@@ -12,43 +13,40 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
+from consumer.app.completion import PlanCompletion
+from consumer.app.manifests import MANIFESTS, ManifestWork
 from consumer.core.commands import AgencyAction, HeldAction, decode_command
 from consumer.core.controls import CONTROLS, plan_agency_command
-from consumer.core.deadletter import ProcessingReason
-from consumer.core.decoding import Poison, claimed_snapshot, decode_record
-from consumer.core.events import DocumentCreated, ManifestSnapshot
+from consumer.core.decoding import Poison, decode_record
+from consumer.core.events import DocumentCreated
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import (
-    AssemblyOutcome,
     CompleteManifest,
-    DroppedSnapshot,
     ManifestAssembler,
 )
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
-from consumer.core.planning.first_publication import unapproved_modules
-from consumer.core.planning.manifests import plan_manifest
-from consumer.core.planning.plan import Lane, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
-from consumer.core.state import BuildingRecord
 from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
-from consumer.partner.executor import OperationExecutor, RecordWriter
+from consumer.partner.executor import OperationExecutor
+from consumer.partner.setbacks import RecordWriter
+
+__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "PartitionProcessor"]
 
 log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
-MANIFESTS = "manifest-snapshot"
 COMMANDS = "operator-command"
 
 
-class PartitionProcessor:
+class PartitionProcessor(PlanCompletion, ManifestWork):
     """Everything the relay does for input partition number ``partition``."""
 
     def __init__(
@@ -88,9 +86,9 @@ class PartitionProcessor:
         # An agency command was read: the relay re-reads the paused agencies (after it is
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
-        self._completions: set[asyncio.Task[None]] = set()
+        self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
-        self._building_work: dict[tuple[str, str], set[asyncio.Task[None]]] = {}
+        self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
@@ -104,7 +102,14 @@ class PartitionProcessor:
 
     @property
     def pending_operations(self) -> int:
-        return self._executor.in_flight
+        """Unfinished operations, not counting a paused agency's: its held work must not stop
+        the partition's other agencies (back-pressure), nor hold up a shutdown's drain."""
+        return self._executor.pending
+
+    @property
+    def held_operations(self) -> int:
+        """Operations of paused agencies, waiting with their offsets uncommitted."""
+        return self._executor.held
 
     @property
     def manifests_topic(self) -> str:
@@ -260,133 +265,6 @@ class PartitionProcessor:
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
 
-    async def _handle_part(
-        self, part: ManifestSnapshot, source: SourceRecord, published_at: dt.datetime
-    ) -> None:
-        result = self._assembler.add(part, offset=source.offset, now=published_at)
-        self._metrics.manifests.labels(result.outcome).inc()
-        refused = _REFUSED_PARTS.get(result.outcome)
-        if refused is not None:
-            # Input that can never work: kept with its bytes, not only counted.
-            reason, detail = refused
-            await self._dead_letters.send(
-                source,
-                reason=reason.value,
-                detail=f"snapshot {part.snapshot_id} part {part.part} of {part.parts}: {detail}",
-            )
-        for dropped in result.dropped:
-            self._report_dropped(dropped, counted=dropped.reason is result.outcome)
-        for offset in result.released:
-            self._trackers[source.topic].done(offset)
-        if result.complete is not None:
-            self.apply_manifest(result.complete, source)
-
-    def _abandon_snapshot(self, source: SourceRecord, at: dt.datetime) -> None:
-        """A dead-lettered part's snapshot can never complete: let its siblings go now."""
-        snapshot = claimed_snapshot(source.key, source.value)
-        if snapshot is None:
-            return
-        result = self._assembler.abandon(snapshot, now=at)
-        for dropped in result.dropped:
-            self._report_dropped(dropped, counted=False)
-        for offset in result.released:
-            self._trackers[source.topic].done(offset)
-
-    def _report_dropped(self, dropped: DroppedSnapshot, *, counted: bool) -> None:
-        if not counted:
-            self._metrics.manifests.labels(dropped.reason).inc()
-        log.warning(
-            "manifest snapshot dropped without effect",
-            extra={
-                "reason": dropped.reason.value,
-                "agency": dropped.agency_id,
-                "building": dropped.building_id,
-                "snapshot_id": dropped.snapshot_id,
-                "parts_received": dropped.parts_received,
-                "parts": dropped.parts,
-                "offsets": list(dropped.offsets),
-                "partition": self.partition,
-            },
-        )
-
-    def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
-        plan = plan_manifest(self.view, self._routing, manifest, self._guard)
-        waiting = unapproved_modules(self.view, self._routing, manifest, plan)
-        if waiting:
-            self._await_approval(manifest, source, waiting)
-            return
-        self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
-        agency = manifest.agency_id
-        backfill = sum(
-            1 for op in plan.operations if isinstance(op, Upload) and op.lane is Lane.BACKFILL
-        )
-        if backfill:
-            self._metrics.first_publication_planned.labels(agency).inc(backfill)
-        log.info(
-            "manifest applied",
-            extra={
-                "agency": agency,
-                "building": manifest.building_id,
-                "snapshot_id": manifest.snapshot_id,
-                "outcome": plan.outcome,
-                "operations": len(plan.operations),
-                "records": len(plan.records),
-            },
-        )
-        self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
-
-    def _await_approval(
-        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
-    ) -> None:
-        """Keep the newest such manifest of the building; a superseded one is done."""
-        place = (manifest.agency_id, manifest.building_id)
-        kept = self._awaiting.get(place)
-        if kept is not None and kept[0].taken_at > manifest.taken_at:
-            manifest, source, kept = kept[0], kept[1], (manifest, source)
-        if kept is not None:
-            for offset in kept[0].offsets:
-                self._trackers[self._manifest_topic].done(offset)
-        self._awaiting[place] = (manifest, source)
-        self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
-        log.warning(
-            "first publication awaits an operator's approval",
-            extra={
-                "agency": manifest.agency_id,
-                "building": manifest.building_id,
-                "modules": sorted(modules),
-                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
-            },
-        )
-
-    def expire(self, *, caught_up: bool) -> None:
-        """Drop incomplete snapshots past their deadline; they never delete anything.
-
-        Expiry counts from the time their first part was published, so a restart does not reset
-        it. Once the manifest partition is read to its end (``caught_up``), time is the clock:
-        an orphan part expires though no record follows it. Before that it is the newest record
-        time read, so that a backlog older than the expiry does not expire snapshots whose last
-        parts are only a few records further.
-        """
-        now = self._clock() if caught_up else self._manifest_time
-        if now is None:
-            return
-        for expired in self._assembler.expire(now):
-            self._metrics.manifests.labels("expired").inc()
-            log.warning(
-                "incomplete manifest expired",
-                extra={
-                    "agency": expired.agency_id,
-                    "building": expired.building_id,
-                    "snapshot_id": expired.snapshot_id,
-                    "parts_received": expired.parts_received,
-                    "parts": expired.parts,
-                    "offsets": list(expired.offsets),
-                    "partition": self.partition,
-                },
-            )
-            for offset in expired.offsets:
-                self._trackers[self._manifest_topic].done(offset)
-
     def retry_parked(self) -> int:
         """After a restart with fixed configuration: send what was parked and now can go."""
         plan = retry_parked(self.view, self._routing)
@@ -403,94 +281,6 @@ class PartitionProcessor:
             value=None,
             headers=(),
         )
-
-    def _execute(
-        self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
-    ) -> None:
-        """Apply and write the plan's records, submit its operations, and release ``offsets``
-        (each opened by ``begin`` when read) once all of that is acknowledged."""
-        held = list(offsets)
-        work: list[Awaitable[object]] = []
-        deferred: list[BuildingRecord] = []
-        for record in plan.records:
-            self.view.apply(record)
-            if isinstance(record, BuildingRecord) and (
-                plan.operations or self._building_work.get((record.agency_id, record.building_id))
-            ):
-                # "This manifest is applied" becomes durable only once the operations it counted
-                # on are: its own, and those already queued for the building (the view shows them
-                # done). A crash before that reads the manifest again instead of judging it
-                # stale, and the events behind those operations are not judged decided by it.
-                deferred.append(record)
-            else:
-                work.append(self._writer.write(record))
-        for operation in plan.operations:
-            work.append(self._executor.submit(operation, source=source))
-        if not work and not deferred:
-            for topic, offset in held:
-                self._trackers[topic].done(offset)
-            return
-        places = {(r.agency_id, r.building_id) for r in deferred}
-        earlier = [task for place in places for task in self._building_work.get(place, ())]
-        task = asyncio.create_task(self._complete(work, deferred, held, earlier, source))
-        places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
-        for place in places:
-            self._building_work.setdefault(place, set()).add(task)
-        self._completions.add(task)
-        task.add_done_callback(self._forget_completion)
-
-    async def _complete(
-        self,
-        work: list[Awaitable[object]],
-        deferred: list[BuildingRecord],
-        offsets: list[tuple[str, int]],
-        earlier: list[asyncio.Task[None]],
-        source: SourceRecord,
-    ) -> None:
-        try:
-            await asyncio.gather(*work)
-        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
-            await self._set_aside(source, error)
-        if deferred and earlier:
-            # Earlier work of the building (a manifest's uploads, a document's) it counted on.
-            await asyncio.gather(*earlier, return_exceptions=True)
-        for record in deferred:
-            await self._writer.write(record)
-        for topic, offset in offsets:
-            self._trackers[topic].done(offset)
-
-    def _forget_completion(self, task: asyncio.Task[None]) -> None:
-        self._completions.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # Only infrastructure gets here (the changelog unreachable): the work would hold its
-            # offsets forever, so stop instead and let the restart redo it from the commit.
-            self._on_failure(error)
-        for place, pending in list(self._building_work.items()):
-            pending.discard(task)
-            if not pending:
-                del self._building_work[place]
-
-    async def close(self) -> None:
-        """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""
-        await self._executor.cancel_all()
-        for task in list(self._completions):
-            task.cancel()
-        await asyncio.gather(*self._completions, return_exceptions=True)
-
-
-_REFUSED_PARTS = {
-    AssemblyOutcome.TOO_LARGE: (
-        ProcessingReason.MANIFEST_TOO_LARGE,
-        "the snapshot declares more items than CHOUETTE_RELAY_MANIFEST__MAX_PENDING_ITEMS allows"
-        " to hold while it is assembled",
-    ),
-    AssemblyOutcome.INCONSISTENT: (
-        ProcessingReason.INCONSISTENT_PARTS,
-        "the part contradicts the parts of its snapshot already read (header, or the same part"
-        " number with other items); the snapshot is dropped",
-    ),
-}
-"""Assembly outcomes that make the part itself a dead letter."""
 
 
 def _record_time(source: SourceRecord, now: dt.datetime) -> dt.datetime | None:

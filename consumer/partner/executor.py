@@ -1,44 +1,52 @@
 """Turns planned operations into partner calls, one document at a time, without duplicates.
 
 Operations on the same document run in the order they were planned (a chain per document key);
-operations on different documents run concurrently under the scheduler. An upload writes its
+operations on different documents run concurrently under the scheduler, at most a window of
+chains per partition (``window.py``), the rest waiting as the plan's items. An upload writes its
 intent to the changelog before calling the partner, and when a call's outcome is unknown (a retry
 after a timeout, or an intent found after a restart) the document is looked up by its reference
-before anything is uploaded again.
+before anything is uploaded again. Failure paths are in ``setbacks.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
-from consumer.core.events import Content
 from consumer.core.planning.plan import (
     Delete,
     Lane,
+    Operation,
     Upload,
     deleted_record,
     intent_record,
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.core.state import DocKey, DocumentRecord, StateRecord
 from consumer.core.view import PublishedView
-from consumer.errors import ContentError, PartnerRejectedError
-from consumer.failures import Disposition, Scope, Verdict, classify
+from consumer.errors import PartnerRejectedError
+from consumer.failures import Scope
 from consumer.metrics import RelayMetrics
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
+from consumer.partner.setbacks import (
+    ContentSource,
+    DeadLetters,
+    DocumentSetbacks,
+    RecordWriter,
+    RemoteState,
+    _Failed,
+)
+from consumer.partner.window import Batch, Entry, Window, Withdrawal, entry_lane, entry_operation
 
 log = logging.getLogger(__name__)
 
-Operation = Upload | Delete
 T = TypeVar("T")
 
 DOCUMENT_RETRY = RetryPolicy(max_attempts=8, base_seconds=5.0, cap_seconds=300.0)
@@ -46,18 +54,8 @@ DOCUMENT_RETRY = RetryPolicy(max_attempts=8, base_seconds=5.0, cap_seconds=300.0
 then is parked; the agency's other documents flow meanwhile."""
 
 
-class RecordWriter(Protocol):
-    async def write(self, record: StateRecord) -> None: ...
-
-
-class ContentSource(Protocol):
-    async def fetch(self, content: Content) -> bytes: ...
-
-
-class DeadLetters(Protocol):
-    """Where rejected input goes; the composition root passes the Kafka dead-letter sink."""
-
-    async def send(self, source: SourceRecord, *, reason: str, detail: str) -> None: ...
+DEFAULT_WINDOW = 64
+"""Chains running at once per partition: room for every scheduler worker, a small bound."""
 
 
 @dataclass(slots=True)
@@ -65,23 +63,7 @@ class _Tried:
     reached_partner: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    """Work that ended without success, and what ``classify`` says about it."""
-
-    verdict: Verdict
-    error: Exception
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteState:
-    """What the partner holds for one document, as far as the relay knows."""
-
-    remote_id: str
-    sha256: str
-
-
-class OperationExecutor:
+class OperationExecutor(DocumentSetbacks):
     """Runs the partner operations of one partition and keeps its view in step with the results."""
 
     def __init__(
@@ -95,6 +77,7 @@ class OperationExecutor:
         dead_letters: DeadLetters,
         metrics: RelayMetrics,
         document_retry: RetryPolicy = DOCUMENT_RETRY,
+        window: int = DEFAULT_WINDOW,
         rng: random.Random | None = None,
     ) -> None:
         self._view = view
@@ -106,61 +89,60 @@ class OperationExecutor:
         self._metrics = metrics
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
-        self._chains: dict[DocKey, asyncio.Task[RemoteState | None]] = {}
-        # Every unfinished operation, not only chain heads: closing must stop them all.
-        self._running: set[asyncio.Task[RemoteState | None]] = set()
+        self._window = Window(
+            size=window,
+            run=self._run,
+            paused=lambda: scheduler.paused,
+            finished=self._count_finished,
+        )
+        self._backlog = {
+            (lane, kind): metrics.backlog.labels(lane.value, kind)
+            for lane in (Lane.LIVE, Lane.BACKFILL)
+            for kind in ("upload", "delete")
+        }
 
     @property
-    def in_flight(self) -> int:
-        return len(self._chains)
+    def pending(self) -> int:
+        """Operations not finished, of agencies that are not paused: what back-pressure counts."""
+        return self._window.pending(paused=False)
 
-    def submit(
-        self, operation: Operation, *, source: SourceRecord
-    ) -> asyncio.Task[RemoteState | None]:
-        """Queue ``operation`` behind any earlier one on the same document; return its task."""
-        key = operation.key
-        previous = self._chains.get(key)
-        # What a withdrawal removes, kept to park it whole should the partner refuse it.
-        withdrawn = self._view.document(key) if isinstance(operation, Delete) else None
-        task = asyncio.create_task(
-            self._run(operation, previous, source, withdrawn), name=f"op:{key.encode()!r}"
-        )
-        self._chains[key] = task
-        self._running.add(task)
-        lane = operation.lane if isinstance(operation, Upload) else Lane.LIVE
-        kind = "upload" if isinstance(operation, Upload) else "delete"
-        backlog = self._metrics.backlog.labels(lane.value, kind)
-        backlog.inc()
+    @property
+    def held(self) -> int:
+        """Operations of paused agencies: queued items, waited for by nothing until resumed."""
+        return self._window.pending(paused=True)
 
-        def finished(done: asyncio.Task[RemoteState | None]) -> None:
-            backlog.dec()
-            self._running.discard(done)
-            if self._chains.get(key) is done:
-                del self._chains[key]
+    def submit(self, operations: Iterable[Operation], *, source: SourceRecord) -> Batch:
+        """Queue ``operations`` (each behind earlier work on its document); ``Batch.future``
+        completes once they all ended. The view shows their intended state at once, so the
+        next plan sees work already queued."""
+        entries: list[Entry] = []
+        for operation in operations:
+            if isinstance(operation, Upload):
+                entries.append(operation)
+                self._view.apply(intent_record(operation))
+            else:
+                # What a withdrawal removes, kept to park it whole should the partner refuse it.
+                entries.append(Withdrawal(operation, self._view.document(operation.key)))
+                self._view.apply(deleted_record(operation))
+            self._backlog[_backlog_label(entries[-1])].inc()
+        return self._window.submit(entries, source=source)
 
-        task.add_done_callback(finished)
-        # The view shows the intended state at once, so the next plan sees work already queued.
-        if isinstance(operation, Upload):
-            self._view.apply(intent_record(operation))
-        else:
-            self._view.apply(deleted_record(operation))
-        return task
+    def resume(self) -> None:
+        """The paused agencies changed: start what may run now."""
+        self._window.pump()
 
     async def cancel_all(self) -> None:
-        tasks = list(self._running)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._window.cancel_all()
+
+    def _count_finished(self, entry: Entry) -> None:
+        self._backlog[_backlog_label(entry)].dec()
 
     async def _run(
-        self,
-        operation: Operation,
-        previous: asyncio.Task[RemoteState | None] | None,
-        source: SourceRecord,
-        withdrawn: DocumentRecord | None,
-    ) -> RemoteState | None:
-        if previous is not None:
-            base = await previous
+        self, entry: Entry, source: SourceRecord, given: bool, previous: object
+    ) -> object:
+        operation = entry_operation(entry)
+        if given:
+            base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
             sha = (
                 operation.previous.sha256
@@ -170,9 +152,9 @@ class OperationExecutor:
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
-        if isinstance(operation, Upload):
-            return await self._run_upload(operation, base, source)
-        await self._run_delete(operation, base, withdrawn)
+        if isinstance(entry, Upload):
+            return await self._run_upload(entry, base, source)
+        await self._run_delete(entry.delete, base, entry.withdrawn)
         return None
 
     async def _run_upload(
@@ -199,95 +181,6 @@ class OperationExecutor:
         if upload.lane is Lane.BACKFILL:
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
-
-    async def _submit(
-        self,
-        call: Callable[[], Awaitable[T]],
-        *,
-        agency_id: str,
-        lane: Lane,
-        scope: Scope,
-        key: DocKey,
-    ) -> T | _Failed:
-        """Run ``call`` through the scheduler; a failure comes back with its verdict.
-
-        The scheduler retries what the partner may answer better later. A failure that is not
-        the partner's (the document store unavailable) comes back at once and this document
-        waits on its own, bounded, jittered and counted, outside the scheduler's workers, so the
-        agency's other documents flow meanwhile. Infrastructure failures are raised: they stop
-        the relay.
-        """
-        attempt = 0
-        while True:
-            try:
-                return await self._scheduler.submit(call, agency_id=agency_id, lane=lane)
-            except Exception as error:  # classify() decides; this only routes
-                verdict = classify(error, scope)
-                if verdict.disposition is Disposition.FATAL:
-                    raise
-                attempt += 1
-                if (
-                    verdict.disposition is not Disposition.RETRY
-                    or attempt >= self._retry.max_attempts
-                ):
-                    return _Failed(verdict, error)
-                delay = self._retry.delay(attempt, self._rng)
-                self._metrics.document_retries.labels(verdict.reason).inc()
-                log.warning(
-                    "document waits before trying again",
-                    extra={
-                        "key": key.encode().decode(),
-                        "reason": verdict.reason,
-                        "attempt": attempt,
-                        "delay_s": round(delay, 3),
-                        "error": self._partner.redact(_describe(error)),
-                    },
-                )
-                await asyncio.sleep(delay)
-
-    async def _upload_failed(
-        self, upload: Upload, base: RemoteState | None, source: SourceRecord, failed: _Failed
-    ) -> RemoteState | None:
-        """Dead-letter the input that can never work, or park the document for an operator."""
-        verdict = failed.verdict
-        detail = self._explain(failed, upload.key)
-        if verdict.disposition is not Disposition.DEAD_LETTER:
-            # Parked, or still unavailable once its own retries are spent.
-            return await self._park(upload, base, f"{verdict.reason}: {detail}")
-        await self._dead_letters.send(
-            source, reason=verdict.reason, detail=f"document {upload.key.document_id}: {detail}"
-        )
-        await self._writer.write(self._revert(upload, base))
-        self._settle(upload.key, self._revert(upload, base))
-        self._metrics.operations.labels(upload.lane.value, "upload", "dead_lettered").inc()
-        return base
-
-    def _explain(self, failed: _Failed, key: DocKey) -> str:
-        """The failure's redacted detail; an unforeseen one is logged with its traceback."""
-        detail = self._partner.redact(_describe(failed.error))
-        if not failed.verdict.expected:
-            self._metrics.unexpected_errors.labels("document").inc()
-            log.error(
-                "unexpected error in a document's work; the document is parked",
-                exc_info=failed.error,
-                extra={"key": key.encode().decode(), "reason": failed.verdict.reason},
-            )
-        return detail
-
-    async def _park(self, upload: Upload, base: RemoteState | None, why: str) -> RemoteState | None:
-        """Keep the document (whole) until an operator fixes what stops it; counted and logged."""
-        parked = dataclasses.replace(
-            intent_record(upload),
-            status=DocStatus.PARKED,
-            parked_reason=why,
-            document=upload.document,
-            remote_id=base.remote_id if base else None,
-        )
-        await self._writer.write(parked)
-        self._settle(upload.key, parked)
-        self._metrics.operations.labels(upload.lane.value, "upload", "parked").inc()
-        log.error("document parked", extra={"key": upload.key.encode().decode(), "why": why})
-        return base
 
     async def _attempt_upload(
         self, upload: Upload, base: RemoteState | None, tried: _Tried
@@ -364,38 +257,6 @@ class OperationExecutor:
         self._settle(delete.key, deleted_record(delete))
         self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
 
-    async def _park_withdrawal(
-        self,
-        delete: Delete,
-        base: RemoteState,
-        withdrawn: DocumentRecord | None,
-        failed: _Failed,
-    ) -> None:
-        """A withdrawal the partner refuses waits for an operator; the manifest goes on.
-
-        The parked record names the partner's document (``remote_id``) and carries no document:
-        retrying parked work withdraws it (``planner.retry_parked``).
-        """
-        why = f"{failed.verdict.reason}: {self._explain(failed, delete.key)}"
-        key = delete.key.encode().decode()
-        if withdrawn is None:  # never planned so; kept loud rather than guessed
-            log.error("withdrawal refused and nothing to park", extra={"key": key, "why": why})
-            return
-        parked = dataclasses.replace(
-            withdrawn,
-            status=DocStatus.PARKED,
-            sha256=base.sha256 or withdrawn.sha256,
-            remote_id=base.remote_id,
-            condominium_id=delete.condominium_id or withdrawn.condominium_id,
-            held_by=None,
-            parked_reason=why,
-            document=None,
-        )
-        await self._writer.write(parked)
-        self._settle(delete.key, parked)
-        self._metrics.operations.labels(Lane.LIVE.value, "delete", "parked").inc()
-        log.error("withdrawal parked", extra={"key": key, "why": why})
-
     async def _lookup(self, upload: Upload) -> RemoteDocument | None:
         return await self._partner.find_by_reference(
             agency_id=upload.key.agency_id,
@@ -403,25 +264,11 @@ class OperationExecutor:
             reference=upload.key.document_id,
         )
 
-    def _revert(self, upload: Upload, base: RemoteState | None) -> StateRecord:
-        """The record that describes the partner's state after a refused upload: unchanged."""
-        if base is None:
-            return Tombstone(upload.key)
-        return dataclasses.replace(
-            intent_record(upload),
-            status=DocStatus.PUBLISHED,
-            remote_id=base.remote_id,
-            sha256=base.sha256,
-        )
-
     def _settle(self, key: DocKey, record: StateRecord) -> None:
         """Apply a durable outcome to the view unless a later operation on the key is queued."""
-        current = asyncio.current_task()
-        if self._chains.get(key) is current:
+        if not self._window.has_followers(key):
             self._view.apply(record)
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, ContentError):
-        return f"{error.reason}: {error}"
-    return str(error) or type(error).__name__
+def _backlog_label(entry: Entry) -> tuple[Lane, str]:
+    return entry_lane(entry), "delete" if isinstance(entry, Withdrawal) else "upload"

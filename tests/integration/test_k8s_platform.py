@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from consumer.app.relay import _kafka_clients
+from consumer.app.clients import _kafka_clients
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, dead_letter_room
 from consumer.kafka.connection import kafka_connection
 from consumer.settings import ENV_PREFIX, KafkaSettings, Settings

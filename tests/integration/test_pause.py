@@ -23,9 +23,10 @@ pytestmark = pytest.mark.integration
 PAUSED, OTHER = "agence-a", "agence-b"
 
 
-def _queued(relay: Relay, agency: str) -> int:
-    queued: dict[str, dict[str, int]] = relay.status()["scheduler"]["queued"]
-    return sum(lane.get(agency, 0) for lane in queued.values())
+def _held(relay: Relay) -> int:
+    """Operations of paused agencies, waiting in the partitions' executors."""
+    partitions: dict[str, Any] = relay.status()["partitions"]
+    return sum(p["held_operations"] for p in partitions.values())
 
 
 def _paused_everywhere(relay: Relay, agencies: list[str]) -> bool:
@@ -70,7 +71,7 @@ async def test_a_paused_agency_waits_across_a_restart_and_resume_sends_what_wait
     await world.wait_until(
         lambda: world.partner_references("c-9") == _references(others), what="the other agency"
     )
-    await world.wait_until(lambda: _queued(relay, PAUSED) == 9, what="the paused work queued")
+    await world.wait_until(lambda: _held(relay) == 9, what="the paused work queued")
     assert world.partner_references("c-1") == {}
     assert world.partner_references("c-2") == {}
     assert relay.status()["paused"] == [PAUSED]
@@ -87,7 +88,7 @@ async def test_a_paused_agency_waits_across_a_restart_and_resume_sends_what_wait
     relay = await world.start_relay(http=http)
 
     assert _paused_everywhere(relay, [PAUSED])
-    await world.wait_until(lambda: _queued(relay, PAUSED) == 9, what="the waiting work read again")
+    await world.wait_until(lambda: _held(relay) == 9, what="the waiting work read again")
     assert world.partner_references("c-1") == {}
     assert world.partner_references("c-2") == {}
 

@@ -26,9 +26,10 @@ def _idle(relay: Relay) -> bool:
     return all(p["pending_operations"] == 0 for p in relay.status()["partitions"].values())
 
 
-def _queued(relay: Relay) -> int:
-    queued: dict[str, dict[str, int]] = relay.status()["scheduler"]["queued"]
-    return sum(lane.get(AGENCY, 0) for lane in queued.values())
+def _held(relay: Relay) -> int:
+    """Operations of paused agencies, waiting in the partitions' executors."""
+    partitions: dict[str, Any] = relay.status()["partitions"]
+    return sum(p["held_operations"] for p in partitions.values())
 
 
 async def test_status_shows_progress_backlog_parked_dead_letters_and_the_pause(
@@ -48,7 +49,7 @@ async def test_status_shows_progress_backlog_parked_dead_letters_and_the_pause(
     await cli(world, "pause", AGENCY)
     await world.wait_until(lambda: relay.status()["paused"] == [AGENCY], what="the pause")
     await world.publish(*(world.document_created(AGENCY, "bat-1", world.document()) for _ in "ab"))
-    await world.wait_until(lambda: _queued(relay) == 2, what="two documents waiting")
+    await world.wait_until(lambda: _held(relay) == 2, what="two documents waiting")
 
     [entry] = (await cli(world, "status", "--json")).values()
 

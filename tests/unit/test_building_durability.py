@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+from collections.abc import Iterable
 from typing import Any, cast
 
 import orjson
@@ -29,6 +30,7 @@ from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
+from consumer.partner.window import Batch
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}
@@ -56,15 +58,20 @@ class StalledPartner:
         self._never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
-    def in_flight(self) -> int:
+    def pending(self) -> int:
         return len(self.submitted)
 
-    def submit(self, operation: Upload | Delete, *, source: SourceRecord) -> asyncio.Future[None]:
-        self.submitted.append(operation)
-        # As the real executor does: the view shows the intended state at once.
-        record = intent_record(operation) if isinstance(operation, Upload) else None
-        self.view.apply(record if record is not None else deleted_record(cast(Delete, operation)))
-        return self._never
+    def submit(self, operations: Iterable[Upload | Delete], *, source: SourceRecord) -> Batch:
+        batch = Batch(source, 0, self._never)
+        for operation in operations:
+            self.submitted.append(operation)
+            batch.remaining += 1
+            # As the real executor does: the view shows the intended state at once.
+            record = intent_record(operation) if isinstance(operation, Upload) else None
+            self.view.apply(
+                record if record is not None else deleted_record(cast(Delete, operation))
+            )
+        return batch
 
     async def cancel_all(self) -> None:
         self._never.cancel()

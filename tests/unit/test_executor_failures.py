@@ -100,7 +100,7 @@ async def test_an_unforeseen_error_parks_the_document_and_the_work_ends(
     registry = CollectorRegistry()
     executor = executor_with(scheduler, writer, RelayMetrics.create(registry, version="test"))
 
-    await executor.submit(upload(), source=SOURCE)  # ends: no exception for the processor
+    await executor.submit([upload()], source=SOURCE).future  # ends: no exception for the processor
 
     parked = [r for r in writer.records if isinstance(r, DocumentRecord)]
     assert [r.status for r in parked] == [DocStatus.PARKED]
@@ -119,4 +119,4 @@ async def test_a_changelog_that_cannot_be_written_is_raised(scheduler: Scheduler
     executor = executor_with(scheduler, Changelog(broken=True), metrics)
 
     with pytest.raises(KafkaTimeoutError):
-        await executor.submit(upload(), source=SOURCE)
+        await executor.submit([upload()], source=SOURCE).future

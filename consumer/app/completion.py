@@ -1,0 +1,156 @@
+"""When a plan's work is done: its records written, its operations acknowledged, its building
+record made durable last, and only then its input offsets released.
+
+``PlanCompletion`` is the half of ``PartitionProcessor`` (which inherits it) that submits a
+plan and keeps its offsets open until every piece of work it caused is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Iterable
+
+from consumer.core.offsets import OffsetTracker
+from consumer.core.planning.plan import Plan
+from consumer.core.records import SourceRecord
+from consumer.core.state import BuildingRecord
+from consumer.core.view import PublishedView
+from consumer.partner.executor import OperationExecutor
+from consumer.partner.setbacks import RecordWriter
+from consumer.partner.window import Batch
+
+
+class PlanCompletion:
+    """The completion half of ``PartitionProcessor``."""
+
+    view: PublishedView
+    _executor: OperationExecutor
+    _writer: RecordWriter
+    _trackers: dict[str, OffsetTracker]
+    _completions: set[asyncio.Future[None]]
+    _building_work: dict[tuple[str, str], set[asyncio.Future[None]]]
+    _on_failure: Callable[[BaseException], None]
+
+    async def _set_aside(self, source: SourceRecord, error: Exception) -> None:
+        raise NotImplementedError
+
+    def _execute(
+        self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
+    ) -> None:
+        """Apply and write the plan's records, submit its operations, and release ``offsets``
+        (each opened by ``begin`` when read) once all of that is acknowledged.
+
+        A plan of operations alone (a document's upload, the common case) waits as its batch's
+        future, with no task of its own: held work costs its items, not coroutines.
+        """
+        held = list(offsets)
+        writes: list[Awaitable[object]] = []
+        deferred: list[BuildingRecord] = []
+        for record in plan.records:
+            self.view.apply(record)
+            if isinstance(record, BuildingRecord) and (
+                plan.operations or self._building_work.get((record.agency_id, record.building_id))
+            ):
+                # "This manifest is applied" becomes durable only once the operations it counted
+                # on are: its own, and those already queued for the building (the view shows them
+                # done). A crash before that reads the manifest again instead of judging it
+                # stale, and the events behind those operations are not judged decided by it.
+                deferred.append(record)
+            else:
+                writes.append(self._writer.write(record))
+        batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
+        completion: asyncio.Future[None]
+        places = {(r.agency_id, r.building_id) for r in deferred}
+        if writes or deferred:
+            earlier = [work for place in places for work in self._building_work.get(place, ())]
+            completion = asyncio.create_task(
+                self._complete(
+                    writes, batch, deferred=deferred, offsets=held, earlier=earlier, source=source
+                )
+            )
+            completion.add_done_callback(self._forget_completion)
+        elif batch is not None:
+            completion = batch.future
+            completion.add_done_callback(functools.partial(self._batch_done, held, source))
+        else:
+            for topic, offset in held:
+                self._trackers[topic].done(offset)
+            return
+        places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
+        for place in places:
+            self._building_work.setdefault(place, set()).add(completion)
+        self._completions.add(completion)
+        completion.add_done_callback(self._forget_work)
+
+    async def _complete(
+        self,
+        writes: list[Awaitable[object]],
+        batch: Batch | None,
+        *,
+        deferred: list[BuildingRecord],
+        offsets: list[tuple[str, int]],
+        earlier: list[asyncio.Future[None]],
+        source: SourceRecord,
+    ) -> None:
+        try:
+            await asyncio.gather(*writes, *([batch.future] if batch else []))
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
+        if deferred and earlier:
+            # Earlier work of the building (a manifest's uploads, a document's) it counted on.
+            await asyncio.gather(*earlier, return_exceptions=True)
+        for record in deferred:
+            await self._writer.write(record)
+        self._release(offsets)
+
+    def _batch_done(
+        self, offsets: list[tuple[str, int]], source: SourceRecord, done: asyncio.Future[None]
+    ) -> None:
+        """A plan of operations alone ended: release its offsets, or set its record aside."""
+        if done.cancelled():
+            return  # the partition closed: its offsets stay open and are read again
+        error = done.exception()
+        if error is None:
+            self._release(offsets)
+            return
+        aside = asyncio.create_task(self._aside_and_release(source, error, offsets))
+        self._completions.add(aside)
+        aside.add_done_callback(self._forget_completion)
+        aside.add_done_callback(self._forget_work)
+
+    async def _aside_and_release(
+        self, source: SourceRecord, error: BaseException, offsets: list[tuple[str, int]]
+    ) -> None:
+        if not isinstance(error, Exception):
+            raise error
+        await self._set_aside(source, error)
+        self._release(offsets)
+
+    def _release(self, offsets: list[tuple[str, int]]) -> None:
+        for topic, offset in offsets:
+            self._trackers[topic].done(offset)
+
+    def _forget_completion(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Only infrastructure gets here (the changelog unreachable): the work would hold its
+            # offsets forever, so stop instead and let the restart redo it from the commit.
+            self._on_failure(error)
+
+    def _forget_work(self, work: asyncio.Future[None]) -> None:
+        self._completions.discard(work)
+        for place, pending in list(self._building_work.items()):
+            pending.discard(work)
+            if not pending:
+                del self._building_work[place]
+
+    def resume(self) -> None:
+        """The paused agencies changed: start the work that may run now."""
+        self._executor.resume()
+
+    async def close(self) -> None:
+        """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""
+        await self._executor.cancel_all()
+        for task in list(self._completions):
+            task.cancel()
+        await asyncio.gather(*self._completions, return_exceptions=True)

@@ -1,0 +1,108 @@
+"""A paused agency's work is held, not pending: it neither stalls its partition nor a shutdown.
+
+A first publication paused mid-way leaves tens of thousands of operations waiting. They wait as
+queued items with their offsets uncommitted, but count neither toward the partition's
+back-pressure (20,000 pending operations stop reading it), so the agencies sharing the partition
+keep flowing, nor toward the drain of a shutdown, which would otherwise wait its whole timeout
+for work that cannot run. After a restart the held work is read again and waits again.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from consumer.app.relay import Relay
+from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.integration.operator_helpers import cli
+
+pytestmark = pytest.mark.integration
+
+PAUSED, OTHER = "agence-a", "agence-b"
+BACKPRESSURE = 20_000  # the pending operations at which ingest stops reading a partition
+
+
+def _partition(relay: Relay) -> dict[str, Any]:
+    [only] = relay.status()["partitions"].values()
+    return dict(only)
+
+
+def _agencies() -> dict[str, AgencySpec]:
+    return {
+        PAUSED: AgencySpec(buildings={"bat-1": "c-1", "bat-2": "c-2"}),
+        OTHER: AgencySpec(buildings={"bat-9": "c-9"}),
+    }
+
+
+async def _pause(world: RelayWorld, relay: Relay) -> None:
+    assert (await cli(world, "pause", PAUSED))["queued"] == "pause"
+    await world.wait_until(lambda: relay.status()["paused"] == [PAUSED], what="the pause")
+
+
+def _history(world: RelayWorld, count: int) -> list[Json]:
+    """``count`` documents sharing one stored PDF: what matters here is how many there are."""
+    model = world.document()
+    return [{**copy.deepcopy(model), "id": f"history-{n}:1"} for n in range(count)]
+
+
+async def test_a_paused_first_publication_does_not_stall_the_other_agencies_of_its_partition(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies=_agencies(), partitions=1)
+    relay = await world.start_relay()
+    await _pause(world, relay)
+
+    listed = _history(world, BACKPRESSURE + 500)
+    taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    await world.publish(*world.manifest_parts(PAUSED, "bat-1", listed, taken_at=taken_at, parts=30))
+    await world.wait_until(
+        lambda: _partition(relay)["held_operations"] == len(listed),
+        timeout=120,
+        what="the paused first publication planned and held",
+    )
+
+    live = world.document()
+    await world.publish(world.document_created(OTHER, "bat-9", live))
+    await world.wait_until(
+        lambda: live["id"] in world.partner_references("c-9"),
+        timeout=60,
+        what="the other agency's document, past the paused backlog",
+    )
+    # Its published record written, nothing of the other agency is pending any more.
+    await world.wait_until(lambda: _partition(relay)["pending_operations"] == 0, what="idle")
+    assert world.partner_references("c-1") == {}
+    partition = _partition(relay)
+    assert partition["held_operations"] == len(listed)
+    assert partition["committable"][world.manifests_topic] == 0  # held for the paused agency
+
+
+async def test_a_shutdown_does_not_wait_for_paused_work_which_is_read_again_after_restart(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies=_agencies(), partitions=1)
+    # A drain timeout far longer than the test allows: waiting for the paused work would hang.
+    relay = await world.start_relay(drain_timeout_s=3600.0)
+    await _pause(world, relay)
+    waiting = world.document()
+    await world.publish(world.document_created(PAUSED, "bat-2", waiting))
+    flowing = world.document()
+    await world.publish(world.document_created(OTHER, "bat-9", flowing))
+    await world.wait_until(lambda: _partition(relay)["held_operations"] == 1, what="held")
+    await world.wait_until(lambda: flowing["id"] in world.partner_references("c-9"), what="sent")
+
+    await world.stop_relay(relay)  # what SIGTERM starts; the fixture gives it 60 s
+
+    relay = await world.start_relay(drain_timeout_s=3600.0)
+    await world.wait_until(
+        lambda: _partition(relay)["held_operations"] == 1, what="the held document read again"
+    )
+    assert world.partner_references("c-2") == {}
+    assert (await cli(world, "resume", PAUSED))["queued"] == "resume"
+    await world.wait_until(
+        lambda: waiting["id"] in world.partner_references("c-2"), what="the resumed document"
+    )
+    assert world.sandbox.create_count(waiting["id"]) == 1
+    assert world.sandbox.create_count(flowing["id"]) == 1
