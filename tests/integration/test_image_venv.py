@@ -68,10 +68,15 @@ def test_the_cli_and_every_production_module_load(image_venv: Path) -> None:
         image_venv,
         "python",
         "-c",
+        # Not pkgutil.walk_packages: it imports every sub-package, the local stack's included.
         "import importlib, pkgutil, consumer\n"
-        "for m in pkgutil.walk_packages(consumer.__path__, 'consumer.'):\n"
-        "    if not m.name.startswith('consumer.local'):\n"
-        "        importlib.import_module(m.name)\n",
+        "def walk(path, prefix):\n"
+        "    for m in pkgutil.iter_modules(path, prefix):\n"
+        "        if m.name != 'consumer.local':\n"
+        "            module = importlib.import_module(m.name)\n"
+        "            if m.ispkg:\n"
+        "                walk(module.__path__, m.name + '.')\n"
+        "walk(consumer.__path__, 'consumer.')\n",
     )
     assert probe.returncode == 0, probe.stderr
 
