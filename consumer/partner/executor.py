@@ -61,6 +61,7 @@ DEFAULT_WINDOW = 64
 @dataclass(slots=True)
 class _Tried:
     reached_partner: bool = False
+    gone: bool = False  # an update found the document deleted by hand: it was created anew
 
 
 class OperationExecutor(DocumentSetbacks):
@@ -187,10 +188,13 @@ class OperationExecutor(DocumentSetbacks):
     ) -> RemoteState:
         """One attempt; the scheduler calls it again after a retriable failure."""
         sha = upload.document.content.sha256
-        current = base
-        if tried.reached_partner and current is None:
-            # The last attempt may have reached the partner before failing: look before acting.
-            # The lookup is this attempt's first request; the upload after it needs its own token.
+        current = None if tried.gone else base
+        looked_up = tried.reached_partner and current is None
+        if looked_up:
+            # The last attempt may have reached the partner before failing (a create, also one
+            # in place of a document deleted by hand): look before acting, or it is created
+            # twice. The lookup is this attempt's first request; the upload after it needs its
+            # own token.
             found = await self._lookup(upload)
             if found is not None:
                 current = RemoteState(found.remote_id, found.sha256 or "")
@@ -202,15 +206,15 @@ class OperationExecutor(DocumentSetbacks):
         if current is not None:
             intent = dataclasses.replace(intent, remote_id=current.remote_id)
         await self._writer.write(intent)
-        if tried.reached_partner and base is None:
+        if looked_up:
             await self._scheduler.take_token(upload.key.agency_id)
         tried.reached_partner = True
-        remote = await self._send(upload, current, body)
+        remote = await self._send(upload, current, body, tried)
         await self._writer.write(published_record(upload, remote.remote_id, sha))
         return RemoteState(remote.remote_id, sha)
 
     async def _send(
-        self, upload: Upload, current: RemoteState | None, body: bytes
+        self, upload: Upload, current: RemoteState | None, body: bytes, tried: _Tried
     ) -> RemoteDocument:
         agency = upload.key.agency_id
         if current is not None:
@@ -226,6 +230,7 @@ class OperationExecutor(DocumentSetbacks):
                     raise
                 # Deleted by hand on the partner's side: publish it again as a new document,
                 # a second request of this attempt, with a token of its own.
+                tried.gone = True
                 await self._scheduler.take_token(agency)
         return await self._partner.upload(
             agency_id=agency,

@@ -145,6 +145,33 @@ async def test_malformed_answers_neither_lose_a_document_nor_upload_it_twice(
     assert await world.dead_letters() == []
 
 
+async def test_a_document_deleted_by_hand_and_sent_again_behind_a_spoilt_answer_is_created_once(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    partner = world.settings().partner
+    relay = await world.start_relay(
+        partner=PartnerSettings(**{**partner.model_dump(), "concurrency": 1, "timeout_s": 1.0})
+    )
+    first = world.document(doc_id="doc-1", title="Budget 2025")
+    await world.publish(world.document_created(AGENCY, "bat-1", first))
+    await published(world, relay, first)
+    (on_partner,) = world.sandbox.documents("c-1")
+    world.sandbox.delete_by_hand(on_partner.id)
+    # The change is an update of a document that is gone (404), so it is created again; that
+    # create is carried out but its answer cannot be read, and the retry must not create twice.
+    world.sandbox.script("POST", Scripted(Answer.HTML_502))
+    changed = world.document(doc_id="doc-1", title="Budget 2025, amended")
+
+    await world.publish(world.document_created(AGENCY, "bat-1", changed))
+
+    await published(world, relay, changed)
+    await wait_until_committed(world)
+    assert world.sandbox.scripted_left() == 0
+    assert world.sandbox.create_count("doc-1") == 2  # the first publication, then once again
+    assert [d.reference for d in world.sandbox.documents("c-1")] == ["doc-1"]
+
+
 # -- credentials echoed by the partner -------------------------------------------------------
 
 SECRET_KEY = "K3y/é+Ab=Zq9"
