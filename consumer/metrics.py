@@ -40,6 +40,7 @@ class RelayMetrics:
     restore_records: Counter
     restore_progress: Gauge
     partitions_ready: Gauge
+    rate_share: Gauge
     first_publication_planned: Counter
     first_publication_done: Counter
     commits: Counter
@@ -169,6 +170,12 @@ class RelayMetrics:
             partitions_ready=Gauge(
                 name("partitions_ready"),
                 "Assigned input partitions whose view is restored and which are consuming.",
+                registry=registry,
+            ),
+            rate_share=Gauge(
+                name("rate_share"),
+                "Part of every agency's partner rate this replica sends at: its share of the "
+                "input partitions.",
                 registry=registry,
             ),
             first_publication_planned=Counter(

@@ -72,6 +72,7 @@ class Relay(RelayControl):
         self._content_tls = https_context(settings.content.ca_file, "CONTENT__CA_FILE")
         self.registry = CollectorRegistry()
         self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
+        self.metrics.rate_share.set(1.0)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
             self.metrics.agency_paused.labels(agency_id).set(0)
@@ -169,6 +170,9 @@ class Relay(RelayControl):
                 watch=watch,
                 probe=consumer.topics,
                 on_unavailable=self._fail,
+                on_assignment=functools.partial(
+                    self._share_rates, partitions=layout.input_partitions
+                ),
             )
             ingest.subscribe()
             await start_client(consumer, self.connection)
@@ -202,6 +206,17 @@ class Relay(RelayControl):
                     self._fail(error)
                 raise
             log.info("stopped cleanly")
+
+    def _share_rates(self, owned: set[int], *, partitions: int) -> None:
+        """Each agency's rate is the partner's for its key, across replicas: this replica sends
+        at the part of it its input partitions are of all (at most the rate, whatever the
+        number of replicas; an agency whose buildings sit on one replica's partitions gets less)."""
+        share = len(owned) / partitions
+        if self._scheduler is None or not owned or share == self._scheduler.rate_share:
+            return
+        self._scheduler.set_rate_share(share)
+        self.metrics.rate_share.set(share)
+        log.info("partner rates shared", extra={"share": round(share, 4), "partitions": len(owned)})
 
     async def _leave_group(self) -> None:
         """A static member that stops cleanly leaves, so that its partitions need not wait."""

@@ -73,8 +73,10 @@ class Ingest(Generic[P]):
         probe: Callable[[], Awaitable[object]],
         on_unavailable: Callable[[BaseException], None],
         max_pending_per_partition: int = 20_000,
+        on_assignment: Callable[[set[int]], None] = lambda owned: None,
     ) -> None:
         self._consumer = consumer
+        self._on_assignment = on_assignment
         self._topics = topics
         self._factory = processor_factory
         self._metrics = metrics
@@ -110,6 +112,7 @@ class Ingest(Generic[P]):
 
     async def assign(self, partitions: set[int]) -> None:
         self._assigned = set(partitions)
+        self._on_assignment(set(partitions))  # before any new partition's work starts
         for partition in sorted(partitions - set(self.processors)):
             self.processors[partition] = await self._factory(partition)
         self._metrics.partitions_ready.set(len(self.processors))
@@ -126,6 +129,8 @@ class Ingest(Generic[P]):
         for partition in leaving:
             del self.processors[partition]
         self._assigned -= partitions
+        if self._assigned:
+            self._on_assignment(set(self._assigned))
         self._forget_lag(partitions)
         self._metrics.partitions_ready.set(len(self.processors))
         log.info("partitions revoked", extra={"partitions": sorted(partitions)})

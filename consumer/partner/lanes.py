@@ -91,6 +91,7 @@ class LaneQueues:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused: frozenset[str] = frozenset()
+        self._rate_share = 1.0
 
     def snapshot(self) -> SchedulerSnapshot:
         """Queued counts, jobs in flight, oldest pending age per lane and breaker states."""
@@ -163,12 +164,32 @@ class LaneQueues:
                 return job, None
         return None, wake_at
 
+    @property
+    def rate_share(self) -> float:
+        """The part of every agency's rate this scheduler sends at (see ``set_rate_share``)."""
+        return self._rate_share
+
+    def set_rate_share(self, fraction: float) -> None:
+        """Send at ``fraction`` of each agency's configured rate and burst from now on.
+
+        An agency's rate is what ChouetteCopro allows its API key, whichever replica sends; each
+        replica takes the part of it that its share of the input partitions gives it.
+        """
+        if fraction == self._rate_share:
+            return
+        self._rate_share = fraction
+        now = self._clock()
+        for name, agency in self._agencies.items():
+            agency.bucket.retune(self._limit(name), now=now)
+
+    def _limit(self, name: str) -> RateLimit:
+        return self._limits.get(name, self._default_limit).scaled(self._rate_share)
+
     def _agency(self, name: str) -> AgencyQueues:
         agency = self._agencies.get(name)
         if agency is None:
-            limit = self._limits.get(name, self._default_limit)
             agency = AgencyQueues(
-                bucket=TokenBucket(limit, now=self._clock()),
+                bucket=TokenBucket(self._limit(name), now=self._clock()),
                 breaker=CircuitBreaker(
                     self._breaker_policy,
                     on_change=lambda state: self._observer.breaker_changed(name, state),

@@ -47,6 +47,16 @@ class RateLimit:
             return RateLimit()
         return RateLimit(self.rate_per_second * fraction, burst=1)
 
+    def scaled(self, fraction: float) -> RateLimit:
+        """``fraction`` of this rate and of its burst (at least one): what one replica may send
+        when the agency's rate is shared between replicas."""
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
+            raise ConfigError(f"a share of a rate must be in (0, 1], got {fraction}")
+        if self.unlimited or fraction == 1:
+            return self
+        burst = max(1, math.floor(self.burst * fraction + _EPSILON))
+        return RateLimit(self.rate_per_second * fraction, burst=burst)  # type: ignore[operator]
+
 
 class TokenBucket:
     """Hands out request tokens at a fixed rate, starting full (``burst`` tokens)."""
@@ -84,6 +94,13 @@ class TokenBucket:
         missing = max(0.0, 1.0 - self._tokens)
         # Before a pause ends tokens do not accrue (see pause_until), so count from there.
         return max(ready, max(now, self._updated) + missing / self._rate)
+
+    def retune(self, limit: RateLimit, *, now: float) -> None:
+        """Go on at ``limit`` from ``now``: what was earned so far is kept, up to the new burst."""
+        self._refill(now)
+        self._rate = limit.rate_per_second or 0.0
+        self._burst = float(limit.burst)
+        self._tokens = min(self._tokens, self._burst)
 
     def pause_until(self, until: float, *, now: float) -> None:
         """Send nothing before ``until``, then resume at the configured rate with one token.

@@ -110,3 +110,25 @@ def test_a_share_of_a_rate_is_that_part_of_it_without_a_burst() -> None:
     for share in (0.0, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="share"):
             RateLimit(rate_per_second=10).share(share)
+
+
+def test_a_share_of_a_rate_scales_its_burst_too_never_below_one() -> None:
+    limit = RateLimit(rate_per_second=10.0, burst=5)
+
+    assert limit.scaled(0.5) == RateLimit(rate_per_second=5.0, burst=2)
+    assert limit.scaled(0.1) == RateLimit(rate_per_second=1.0, burst=1)
+    assert limit.scaled(1.0) is limit
+    assert RateLimit().scaled(0.25) == RateLimit()  # unlimited stays unlimited
+    with pytest.raises(ConfigError):
+        limit.scaled(0.0)
+
+
+def test_a_retuned_bucket_keeps_what_it_earned_up_to_its_new_burst() -> None:
+    bucket = TokenBucket(RateLimit(rate_per_second=10.0, burst=10), now=0.0)
+    assert sum(bucket.try_take(0.0) for _ in range(10)) == 10
+
+    bucket.retune(RateLimit(rate_per_second=2.0, burst=1), now=0.3)  # 3 tokens earned, 1 kept
+
+    assert bucket.try_take(0.3)
+    assert not bucket.try_take(0.3)
+    assert bucket.available_at(0.3) == pytest.approx(0.8)  # at the new rate

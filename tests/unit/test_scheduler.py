@@ -215,6 +215,29 @@ async def test_an_agencys_rate_is_never_exceeded(make_scheduler: MakeScheduler) 
     assert sent[-1] - sent[0] == pytest.approx((60 - burst) / rate, abs=0.25)
 
 
+async def test_a_replica_sends_at_its_share_of_the_agency_rate(
+    make_scheduler: MakeScheduler,
+) -> None:
+    sent: list[float] = []
+
+    async def call() -> str:
+        sent.append(time.monotonic())
+        return "ok"
+
+    scheduler = make_scheduler(
+        concurrency=4, default_rate_limit=RateLimit(rate_per_second=40.0, burst=4)
+    )
+    async with scheduler:
+        await all_done([scheduler.submit(call, agency_id="a", lane=Lane.LIVE) for _ in range(4)])
+        scheduler.set_rate_share(0.25)  # one partition of four: 10 a second, burst 1
+        sent.clear()
+        await all_done([scheduler.submit(call, agency_id="a", lane=Lane.LIVE) for _ in range(11)])
+
+    assert scheduler.rate_share == 0.25
+    # 40 a second would send these in a quarter of a second; a share of 10 takes one at least.
+    assert sent[-1] - sent[0] >= 0.95
+
+
 async def test_a_job_that_sends_a_second_request_takes_a_second_token(
     make_scheduler: MakeScheduler,
 ) -> None:
