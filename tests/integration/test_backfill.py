@@ -208,13 +208,24 @@ async def test_a_first_publication_of_5000_documents_converges_exactly_with_live
     never_sent = [d["id"] for b in buildings for d in b.never_sent]
     assert not any(world.sandbox.create_count(reference) for reference in never_sent)
 
-    # Each agency went at its own rate, none held back by the others.
+    # No agency went faster than its rate (how close it comes is `make bench`'s to measure)...
     for agency, plan in PLANS.items():
         rate = progress.rate(agency, plan.documents)
         assert rate <= plan.rate_per_second * 1.1, (agency, rate)
-        assert rate >= plan.rate_per_second * 0.5, (agency, rate)
     slowest = max(p.documents / p.rate_per_second for p in PLANS.values())
     assert elapsed >= slowest * 0.9
+    # ... and none was held back by the others: in the first half of the uploads, each agency
+    # has at least half of its part of the whole. Held to its rate, an agency's part of the
+    # first half is its part of the rates (about its part of the documents here); on a machine
+    # too busy to reach the rates, round-robin gives each an equal turn, more for the small ones.
+    agency_of = {d["id"]: b.agency for b in buildings for d in b.forwardable}
+    backfilled = sorted(
+        (creation_rank(d.id), agency_of[d.reference]) for d in held if d.reference in agency_of
+    )
+    first_half = [agency for _, agency in backfilled[: len(backfilled) // 2]]
+    for agency, plan in PLANS.items():
+        part = plan.documents / total
+        assert first_half.count(agency) >= 0.5 * part * len(first_half), (agency, part)
 
     # Live documents overtook their agency's backfill: most of it was still pending.
     remote = {d.reference: d.id for d in held if d.reference is not None}
