@@ -8,27 +8,15 @@ refused there. Each sends at its share of the input partitions instead.
 from __future__ import annotations
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
 from consumer.app.relay import Relay
 from consumer.local.sandbox import RateLimit as SandboxRate
-from tests.fixtures.relay import AgencySpec, WorldFactory, metric
+from tests.fixtures.relay import AgencySpec, WorldFactory, building_on, metric
 
 pytestmark = pytest.mark.integration
 
 AGENCY = "agence-a"
 PER_BUILDING = 25
-
-
-def building_on(partition: int, partitions: int) -> str:
-    """A building id whose key the producer sends to ``partition``."""
-    partitioner = DefaultPartitioner()
-    for number in range(1000):
-        building = f"bat-{number}"
-        key = f"{AGENCY}:{building}".encode()
-        if partitioner(key, list(range(partitions)), list(range(partitions))) == partition:
-            return building
-    raise AssertionError("no building id found")
 
 
 def owned(relay: Relay) -> set[int]:
@@ -38,7 +26,7 @@ def owned(relay: Relay) -> set[int]:
 async def test_two_replicas_together_stay_within_the_agency_rate(
     relay_world: WorldFactory,
 ) -> None:
-    buildings = {building_on(0, 2): "c-0", building_on(1, 2): "c-1"}
+    buildings = {building_on(AGENCY, 0, 2): "c-0", building_on(AGENCY, 1, 2): "c-1"}
     world = await relay_world(
         agencies={
             AGENCY: AgencySpec(

@@ -11,26 +11,14 @@ from __future__ import annotations
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import DefaultPartitioner
 
 from consumer.app.relay import Relay
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, metric
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, building_on, metric
 
 pytestmark = pytest.mark.integration
 
 AGENCY = "agence-a"
-
-
-def building_on(partition: int, partitions: int) -> str:
-    """A building id whose key the producer sends to ``partition``."""
-    partitioner = DefaultPartitioner()
-    for number in range(1000):
-        building = f"bat-{number}"
-        key = f"{AGENCY}:{building}".encode()
-        if partitioner(key, list(range(partitions)), list(range(partitions))) == partition:
-            return building
-    raise AssertionError("no building id found")
 
 
 def static(world: RelayWorld, instance: str, *, leave: bool = True) -> KafkaSettings:
@@ -71,7 +59,7 @@ async def forward_one(world: RelayWorld, building: str) -> None:
 async def test_a_restarted_static_member_takes_its_partition_back_without_a_rebalance(
     relay_world: WorldFactory,
 ) -> None:
-    buildings = {building_on(0, 2): "c-0", building_on(1, 2): "c-1"}
+    buildings = {building_on(AGENCY, 0, 2): "c-0", building_on(AGENCY, 1, 2): "c-1"}
     world = await relay_world(agencies={AGENCY: AgencySpec(buildings=buildings)}, partitions=2)
     first = await world.start_relay(kafka=static(world, "relay-a", leave=False))
     second = await world.start_relay(kafka=static(world, "relay-b", leave=False))
@@ -99,7 +87,7 @@ async def test_a_restarted_static_member_takes_its_partition_back_without_a_reba
 async def test_a_cleanly_stopped_static_member_leaves_and_its_partition_moves_at_once(
     relay_world: WorldFactory,
 ) -> None:
-    buildings = {building_on(0, 2): "c-0", building_on(1, 2): "c-1"}
+    buildings = {building_on(AGENCY, 0, 2): "c-0", building_on(AGENCY, 1, 2): "c-1"}
     world = await relay_world(agencies={AGENCY: AgencySpec(buildings=buildings)}, partitions=2)
     first = await world.start_relay(kafka=static(world, "relay-a"))
     second = await world.start_relay(kafka=static(world, "relay-b"))
