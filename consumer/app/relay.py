@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from consumer.app.clients import _kafka_clients, _stop_within
 from consumer.app.control import RELAY_VERSION, RelayControl
+from consumer.app.membership import GroupMember
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.partition import partition_processor
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
@@ -38,7 +39,6 @@ from consumer.kafka.changelog import (
 from consumer.kafka.connection import kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
-from consumer.kafka.membership import leave_group
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
@@ -56,10 +56,9 @@ log = logging.getLogger(__name__)
 
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
-LEAVE_GROUP_TIMEOUT_S = 5.0  # best effort: the session timeout ends the membership anyway
 
 
-class Relay(RelayControl):
+class Relay(RelayControl, GroupMember):
     """The running service: what the ops server and the CLI act on."""
 
     def __init__(self, *, settings: Settings, routing: RoutingTable, api_keys: ApiKeyStore) -> None:
@@ -206,31 +205,6 @@ class Relay(RelayControl):
                     self._fail(error)
                 raise
             log.info("stopped cleanly")
-
-    def _share_rates(self, owned: set[int], *, partitions: int) -> None:
-        """Each agency's rate is the partner's for its key, across replicas: this replica sends
-        at the part of it its input partitions are of all (at most the rate, whatever the
-        number of replicas; an agency whose buildings sit on one replica's partitions gets less)."""
-        share = len(owned) / partitions
-        if self._scheduler is None or not owned or share == self._scheduler.rate_share:
-            return
-        self._scheduler.set_rate_share(share)
-        self.metrics.rate_share.set(share)
-        log.info("partner rates shared", extra={"share": round(share, 4), "partitions": len(owned)})
-
-    async def _leave_group(self) -> None:
-        """A static member that stops cleanly leaves, so that its partitions need not wait."""
-        kafka = self.settings.kafka
-        if kafka.group_instance_id is None or not kafka.leave_group_on_stop:
-            return
-        if not self.stopping.is_set() or self.failure is not None:
-            return  # a failing relay keeps its membership: the same pod comes back
-        await leave_group(
-            self.connection,
-            group_id=kafka.group_id,
-            instance_id=kafka.group_instance_id,
-            timeout_s=LEAVE_GROUP_TIMEOUT_S,
-        )
 
     async def _build_processor(
         self,
