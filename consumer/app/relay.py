@@ -3,7 +3,8 @@
 Resources start in dependency order (producer, partner client, scheduler, consumer, ops server)
 and stop in reverse. One ``TaskGroup`` owns the long-running loops. SIGTERM and SIGINT only set an
 event; the shutdown path drains in-flight work within the drain timeout, commits, and leaves the
-consumer group.
+consumer group. Kept whole (a little over 300 lines): building and wiring read in one place;
+its control surface and its group membership are the halves in ``control`` and ``membership``.
 """
 
 from __future__ import annotations
