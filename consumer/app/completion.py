@@ -58,7 +58,8 @@ class PlanCompletion:
                 # stale, and the events behind those operations are not judged decided by it.
                 deferred.append(record)
             else:
-                writes.append(self._writer.write(record))
+                # Behind the work already queued on its document, if any: in that order on disk.
+                writes.append(self._executor.write_after(record))
         batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
         completion: asyncio.Future[None]
         places = {(r.agency_id, r.building_id) for r in deferred}

@@ -104,9 +104,10 @@ class DocStatus(StrEnum):
     UPLOADING = "uploading"  # upload intent written before the partner call
     DELETE_HELD = "delete_held"  # on the partner; the mass-deletion guard holds its withdrawal
     PARKED = "parked"  # needs an operator (unmapped building, bad credentials)
-    # LSC's newest version is one routing does not forward (e.g. its audience became owners):
-    # not on the partner, kept until a manifest taken after it, so that an older manifest read
-    # late cannot bring an earlier version back
+    # LSC's newest word is not to send it (routing does not forward its newest version, e.g. its
+    # audience became owners, or a manifest left it out and it was withdrawn): not on the
+    # partner, kept until a newer manifest leaves it out, so that an older manifest or event,
+    # read late or read again after a crash, cannot bring it back
     FILTERED = "filtered"
 
 

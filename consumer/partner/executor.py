@@ -11,9 +11,10 @@ before anything is uploaded again. Failure paths are in ``setbacks.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -127,6 +128,21 @@ class OperationExecutor(DocumentSetbacks):
                 self._view.apply(deleted_record(operation))
             self._backlog[_backlog_label(entries[-1])].inc()
         return self._window.submit(entries, source=source)
+
+    def write_after(self, record: StateRecord) -> Awaitable[None]:
+        """Write ``record`` once the work queued on its document is done (at once if none is).
+
+        A plan may replace the record of a document whose withdrawal or upload still waits for
+        the partner (a newer manifest forgets a withdrawn document). Written at once, it would
+        land before that work's own record, and a crash in between would leave the state topic
+        saying the document is gone while the partner still holds it, or the reverse.
+        """
+        key = record.key
+        if isinstance(key, DocKey):
+            queued = self._window.after(key, functools.partial(self._writer.write, record))
+            if queued is not None:
+                return queued
+        return self._writer.write(record)
 
     def resume(self) -> None:
         """The paused agencies changed: start what may run now."""

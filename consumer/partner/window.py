@@ -5,7 +5,8 @@ chains run at once for the agencies that are not paused, backfill in all but a q
 that live work always finds room; live goes before backfill, and within a lane the agency running
 the fewest chains goes first. A chain
 runs every operation of one document key in the order planned, so an operation on a document
-with unfinished work joins that document's chain. A paused agency's operations stay queued and
+with unfinished work joins that document's chain, and so does a plan's record of such a document
+(a ``Step``, written at its place in the chain). A paused agency's operations stay queued and
 neither take room in the window nor count as pending: only its items are held, and its batches
 (so its offsets) stay unfinished.
 """
@@ -34,6 +35,15 @@ class Withdrawal:
 
 
 Entry: TypeAlias = Upload | Withdrawal
+
+
+@dataclass(eq=False, slots=True)
+class Step:
+    """Work in a document's chain that is no partner operation: a plan's record written behind
+    the work queued on its document. ``future`` completes once ``run`` did."""
+
+    run: Callable[[], Awaitable[None]]
+    future: asyncio.Future[None]
 
 
 @dataclass(eq=False, slots=True)
@@ -110,9 +120,9 @@ class Window:
         self._finished = finished
         # Per lane, agencies with queued runs in turn order (dicts keep insertion order).
         self._queues: dict[Lane, dict[str, deque[_Run]]] = {lane: {} for lane in _LANES}
-        # Every key with unfinished work, and the operations waiting behind the one queued or
-        # running (None while there are none: most documents have one operation).
-        self._keys: dict[DocKey, deque[tuple[Entry, Batch]] | None] = {}
+        # Every key with unfinished work, and the operations (or steps) waiting behind the one
+        # queued or running (None while there are none: most documents have one operation).
+        self._keys: dict[DocKey, deque[tuple[Entry, Batch] | Step] | None] = {}
         self._pending: dict[str, int] = {}
         self._room = _Room()
         self._chains: set[asyncio.Task[None]] = set()
@@ -125,6 +135,17 @@ class Window:
     def has_followers(self, key: DocKey) -> bool:
         """Whether later operations on ``key`` wait behind the running one."""
         return bool(self._keys.get(key))
+
+    def after(self, key: DocKey, run: Callable[[], Awaitable[None]]) -> asyncio.Future[None] | None:
+        """Queue ``run`` behind the unfinished work on ``key``; None when there is none (the
+        caller runs it at once). Work planned later on ``key`` waits for it in turn."""
+        if key not in self._keys:
+            return None
+        step = Step(run, asyncio.get_running_loop().create_future())
+        followers = self._keys[key] or deque()
+        followers.append(step)
+        self._keys[key] = followers
+        return step.future
 
     def submit(self, entries: Iterable[Entry], *, source: SourceRecord) -> Batch:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -174,9 +195,13 @@ class Window:
                             self._finished(entry)
             lanes.clear()
         for followers in self._keys.values():
-            for follower, batch in followers or ():
+            for follower in followers or ():
+                if isinstance(follower, Step):
+                    follower.future.cancel()
+                    continue
+                entry, batch = follower
                 batch.future.cancel()
-                self._finished(follower)
+                self._finished(entry)
         chains = list(self._chains)
         for chain in chains:
             chain.cancel()
@@ -249,16 +274,36 @@ class Window:
                 self._end(entry, batch, error)
                 # What waited on this document would have built on the failed outcome: it fails
                 # the same way, as it did when each operation awaited the one before it.
-                for follower, waiting in self._keys.pop(key, None) or ():
-                    self._end(follower, waiting, error)
+                for follower in self._keys.pop(key, None) or ():
+                    if isinstance(follower, Step):
+                        follower.future.set_exception(error)
+                    else:
+                        self._end(*follower, error)
                 return
             self._end(entry, batch, None)
-            given = True
-            followers = self._keys.get(key)
-            if not followers:
-                del self._keys[key]
+            given = True  # a step leaves the partner as the operation before it did
+            after = await self._steps(key)
+            if after is None:
                 return
-            entry, batch = followers.popleft()
+            entry, batch = after
+
+    async def _steps(self, key: DocKey) -> tuple[Entry, Batch] | None:
+        """Run the steps next in ``key``'s chain; the operation after them, if any."""
+        while followers := self._keys.get(key):
+            follower = followers.popleft()
+            if not isinstance(follower, Step):
+                return follower
+            try:
+                await follower.run()
+            except asyncio.CancelledError:
+                follower.future.cancel()
+                raise
+            except Exception as error:  # noqa: BLE001 - its future carries it to the processor
+                follower.future.set_exception(error)
+            else:
+                follower.future.set_result(None)
+        del self._keys[key]
+        return None
 
     def _end(self, entry: Entry, batch: Batch, error: BaseException | None) -> None:
         _decrement(self._pending, entry_operation(entry).key.agency_id)

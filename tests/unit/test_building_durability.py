@@ -13,19 +13,26 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
 import orjson
 from prometheus_client import CollectorRegistry
 
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.events import Module
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
 from consumer.core.planning.plan import Delete, Upload, deleted_record, intent_record
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
-from consumer.core.state import StateRecord
+from consumer.core.state import (
+    BuildingRecord,
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    StateRecord,
+)
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
@@ -52,8 +59,9 @@ class RecordingChangelog:
 class StalledPartner:
     """An executor whose operations never end, as while the partner is unreachable."""
 
-    def __init__(self, view: PublishedView) -> None:
+    def __init__(self, view: PublishedView, changelog: RecordingChangelog) -> None:
         self.view = view
+        self.changelog = changelog
         self.submitted: list[Upload | Delete] = []
         self._never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -72,6 +80,12 @@ class StalledPartner:
                 record if record is not None else deleted_record(cast(Delete, operation))
             )
         return batch
+
+    def write_after(self, record: StateRecord) -> Awaitable[object]:
+        # As the real executor does: behind the work queued on the document, here for ever.
+        if any(op.key == record.key for op in self.submitted):
+            return self._never
+        return self.changelog.write(record)
 
     async def cancel_all(self) -> None:
         self._never.cancel()
@@ -174,7 +188,7 @@ async def settle() -> None:
 
 async def test_a_document_whose_upload_was_pending_when_the_relay_died_is_uploaded_after() -> None:
     view, partner, changelog = PublishedView(), None, RecordingChangelog()
-    partner = StalledPartner(view)
+    partner = StalledPartner(view, changelog)
     first = processor(view, partner, changelog)
     await first.handle(DOCUMENT_CREATED)  # an upload, stalled: the partner is away
     await first.handle(MANIFEST)  # lists the document: nothing more to do for it
@@ -187,8 +201,70 @@ async def test_a_document_whose_upload_was_pending_when_the_relay_died_is_upload
     restored = PublishedView()
     for written in changelog.records:
         restored.apply(written)
-    again = StalledPartner(restored)
-    second = processor(restored, again, RecordingChangelog())
+    again = StalledPartner(restored, RecordingChangelog())
+    second = processor(restored, again, again.changelog)
     await second.handle(DOCUMENT_CREATED)
 
     assert [op.key.document_id for op in again.submitted] == [DOCUMENT["id"]]
+
+
+async def test_a_withdrawal_pending_when_a_newer_manifest_forgets_the_document_is_done_after() -> (
+    None
+):
+    changelog = RecordingChangelog()
+    earlier = CREATED - dt.timedelta(minutes=5)  # published, its first publication done
+    changelog.records.append(BuildingRecord(AGENCY, BUILDING, {Module.AG: earlier}, True))
+    changelog.records.append(
+        DocumentRecord(
+            key=DocKey(AGENCY, BUILDING, "pv-ag-2025:1"),
+            status=DocStatus.PUBLISHED,
+            sha256=hashlib.sha256(b"pv").hexdigest(),
+            module=Module.AG,
+            seen_at=earlier,
+            document_date=dt.date(2025, 2, 1),
+            size_bytes=10,
+            remote_id="r-1",
+            condominium_id="c-1",
+        )
+    )
+    view = restored(changelog)
+    partner = StalledPartner(view, changelog)
+    first = processor(view, partner, changelog)
+    await first.handle(OWNERS_ONLY)  # a withdrawal, stalled: the partner is away
+    await first.handle(WITHOUT_IT)  # a newer manifest leaves the document out: forgotten
+    await settle()
+
+    # Forgetting it waits for the withdrawal: the relay dies, the next one withdraws it.
+    again = StalledPartner(restored(changelog), RecordingChangelog())
+    second = processor(again.view, again, again.changelog)
+    await second.handle(OWNERS_ONLY)
+    assert [(type(op), op.key.document_id) for op in again.submitted] == [(Delete, DOCUMENT["id"])]
+
+
+def restored(changelog: RecordingChangelog) -> PublishedView:
+    """The view a relay started after a crash restores from what the changelog holds."""
+    view = PublishedView()
+    for written in changelog.records:
+        view.apply(written)
+    return view
+
+
+OWNERS_ONLY = record(
+    "docs",
+    6,
+    {
+        **orjson.loads(DOCUMENT_CREATED.value or b"{}"),
+        "event_id": "5a0f3c1e-7d2b-4e8a-9c6f-1b2d3e4f5a6b",
+        "document": {**DOCUMENT, "audience": "individual"},
+    },
+)
+OTHER = {**DOCUMENT, "id": "contrat-2025:1", "title": "Contrat"}
+WITHOUT_IT = record(
+    "manifests",
+    10,
+    {
+        **orjson.loads(MANIFEST.value or b"{}"),
+        "snapshot_id": "7c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f",
+        "items": [OTHER],
+    },
+)

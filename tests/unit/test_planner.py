@@ -232,8 +232,12 @@ def test_a_version_whose_audience_is_not_forwarded_is_remembered_not_sent(audien
     view = view_of(*plan.records)
     late = plan_manifest(view, routing(), manifest(at(2), doc("d1", "v0")), GUARD)
     assert uploads(late) == {}
+    # A newer manifest listing it keeps the marker (forgetting it could be durable before
+    # that manifest is, and a crash would then let the older one bring the version back);
+    # a newer one that leaves it out forgets it.
     newer = plan_manifest(view, routing(), manifest(at(9), document), GUARD)
-    assert tombstones(newer) == {"d1"}
+    assert (uploads(newer), statuses(newer), tombstones(newer)) == ({}, {}, set())
+    assert tombstones(plan_manifest(view, routing(), manifest(at(9)), GUARD)) == {"d1"}
 
 
 def test_documents_of_disabled_modules_or_agencies_not_served_leave_no_trace() -> None:
@@ -394,7 +398,63 @@ def test_documents_absent_from_a_manifest_are_withdrawn_if_seen_before_it() -> N
     )
     items = [doc(f"keep{i}") for i in range(4)]
     plan = plan_manifest(view, routing(), manifest(at(10), *items), GUARD)
-    assert deletes(plan) == {"gone": Delete(key("gone"), "8841", "r-gone")}
+    (withdrawal,) = deletes(plan).values()
+    assert (withdrawal.key, withdrawal.condominium_id, withdrawal.remote_id) == (
+        key("gone"),
+        "8841",
+        "r-gone",
+    )
+    # Once done, a marker of when stands for it (see the test of a crash below).
+    after = deleted_record(withdrawal)
+    assert isinstance(after, DocumentRecord)
+    assert (after.status, after.seen_at, after.remote_id) == (DocStatus.FILTERED, at(10), None)
+
+
+def test_a_withdrawal_survives_a_crash_that_loses_the_manifest_applied_record() -> None:
+    # A manifest's "applied" record waits for the building's work (an upload still running);
+    # its withdrawals are durable as soon as the partner acknowledged them. After a crash
+    # between the two, the older input read again (an earlier manifest whose own record also
+    # waited, the document's event) must not publish the withdrawn document a second time.
+    keep = [doc(f"keep{i}") for i in range(4)]
+    restored = view_of(*(published(d) for d in keep), published(doc("gone"), seen_at=at(5)))
+    plan = plan_manifest(restored, routing(), manifest(at(10), *keep), GUARD)
+    (withdrawal,) = deletes(plan).values()
+    restored.apply(deleted_record(withdrawal))  # what the state topic holds after the crash
+
+    earlier = plan_manifest(restored, routing(), manifest(at(8), *keep, doc("gone")), GUARD)
+    assert uploads(earlier) == {}
+    assert plan_document(restored, routing(), created(doc("gone"), at(5))).operations == ()
+    # A newer manifest listing it again, or a newer event, publishes it again; a newer one
+    # without it forgets it.
+    again = plan_manifest(restored, routing(), manifest(at(12), *keep, doc("gone")), GUARD)
+    assert set(uploads(again)) == {"gone"}
+    assert set(uploads(plan_document(restored, routing(), created(doc("gone"), at(11))))) == {
+        "gone"
+    }
+    assert tombstones(plan_manifest(restored, routing(), manifest(at(12), *keep), GUARD)) == {
+        "gone"
+    }
+
+
+def test_a_version_filtered_by_a_manifest_is_not_brought_back_by_an_earlier_one_read_again() -> (
+    None
+):
+    # The same crash, when the manifest withdraws a document because its audience changed.
+    owners = doc("d1", "v2", audience="individual")
+    restored = view_of(published(doc("d1")))
+    plan = plan_manifest(restored, routing(), manifest(at(10), owners), GUARD)
+    (withdrawal,) = deletes(plan).values()
+    restored.apply(deleted_record(withdrawal))
+    earlier = manifest(at(8), doc("d1"))
+    assert uploads(plan_manifest(restored, routing(), earlier, GUARD)) == {}
+    # And when an event had already withdrawn it: a manifest listing the filtered version
+    # does not forget the marker, which would be durable before that manifest is.
+    remembered = view_of(*plan_document(PublishedView(), routing(), created(owners, at(9))).records)
+    listing = plan_manifest(remembered, routing(), manifest(at(10), owners), GUARD)
+    for record in listing.records:
+        if not isinstance(record, BuildingRecord):  # lost in the crash
+            remembered.apply(record)
+    assert uploads(plan_manifest(remembered, routing(), earlier, GUARD)) == {}
 
 
 def test_only_what_the_relay_published_is_ever_deleted() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import orjson
@@ -82,6 +82,16 @@ def unmapped_document_event() -> bytes:
     )
 
 
+class NothingQueued:
+    """An executor without partner work: a record is written at once."""
+
+    def __init__(self, writer: RecordWriter) -> None:
+        self._writer = writer
+
+    def write_after(self, record: StateRecord) -> Awaitable[object]:
+        return self._writer.write(record)
+
+
 def processor_with(
     *,
     writer: object,
@@ -96,7 +106,8 @@ def processor_with(
         assembler=ManifestAssembler(expiry=dt.timedelta(hours=1), max_pending_items=1000),
         routing=routing or ROUTING,
         guard=DeletionGuard(max_share=0.5, min_count=3),
-        executor=cast(OperationExecutor, None),  # an unmapped building plans no partner call
+        # An unmapped building plans no partner call: nothing is ever queued on a document.
+        executor=cast(OperationExecutor, NothingQueued(cast(RecordWriter, writer))),
         writer=cast(RecordWriter, writer),
         dead_letters=cast(DeadLetterSink, dead_letters),
         metrics=RelayMetrics.create(CollectorRegistry(), version="test"),
@@ -160,7 +171,7 @@ def processor_at(clock: list[dt.datetime], dead_letters: RecordedDeadLetters) ->
         assembler=ManifestAssembler(expiry=dt.timedelta(hours=1), max_pending_items=1000),
         routing=routing,
         guard=DeletionGuard(max_share=0.5, min_count=3),
-        executor=cast(OperationExecutor, None),
+        executor=cast(OperationExecutor, NothingQueued(BrokenChangelog())),
         writer=BrokenChangelog(),
         dead_letters=cast(DeadLetterSink, dead_letters),
         metrics=RelayMetrics.create(CollectorRegistry(), version="test"),

@@ -3,7 +3,8 @@
 At most the window's chains run per partition however large the plan; the rest costs no task.
 Operations on one document still run in plan order, live work finds room beside a backfill that
 fills the window, one agency does not take the window from another, and a paused agency's
-work takes no room and is held rather than pending. A real scheduler; partner and content
+work takes no room and is held rather than pending; a plan's record of a document with work
+queued is written behind that work. A real scheduler; partner and content
 stand-ins whose answers the test releases.
 """
 
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from consumer.core.events import Content, Document
 from consumer.core.planning.plan import Lane, Upload
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocStatus, StateRecord
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
@@ -38,6 +39,16 @@ UNLIMITED = RateLimit(rate_per_second=1e9, burst=1_000_000)
 class Changelog:
     async def write(self, record: StateRecord) -> None:
         return None
+
+
+class WrittenInOrder:
+    """The changelog as a list: what a relay started after a crash would restore, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[StateRecord] = []
+
+    async def write(self, record: StateRecord) -> None:
+        self.records.append(record)
 
 
 class Store:
@@ -73,6 +84,14 @@ class Partner:
         )
 
 
+def written(record: StateRecord) -> str:
+    """A record of ``upload``'s documents, told by its status and body."""
+    if isinstance(record, DocumentRecord):
+        body = "v1" if record.sha256 == hashlib.sha256(b"v1").hexdigest() else "v2"
+        return f"{record.status} {body}"
+    return "tombstone"
+
+
 def upload(agency: str, number: int, *, lane: Lane = Lane.BACKFILL, body: str = "v1") -> Upload:
     document = Document.model_validate(
         {
@@ -101,11 +120,16 @@ async def scheduler() -> AsyncIterator[Scheduler]:
 
 
 def executor_with(
-    scheduler: Scheduler, partner: Partner, *, window: int, view: PublishedView | None = None
+    scheduler: Scheduler,
+    partner: Partner,
+    *,
+    window: int,
+    view: PublishedView | None = None,
+    writer: Changelog | WrittenInOrder | None = None,
 ) -> OperationExecutor:
     return OperationExecutor(
         view=view or PublishedView(),
-        writer=Changelog(),
+        writer=writer or Changelog(),
         scheduler=scheduler,
         partner=cast(ChouetteCoproClient, partner),
         content=Store(),
@@ -163,6 +187,40 @@ async def test_operations_on_one_document_run_in_plan_order_even_across_lanes(
 
     doc_2 = [sha for document, sha in partner.calls if document == "doc-2"]
     assert doc_2 == [hashlib.sha256(b"v1").hexdigest(), hashlib.sha256(b"v2").hexdigest()]
+
+
+async def test_a_record_of_a_document_with_work_queued_is_written_behind_that_work(
+    scheduler: Scheduler,
+) -> None:
+    partner = Partner()
+    partner.gate.clear()
+    changelog = WrittenInOrder()
+    executor = executor_with(scheduler, partner, window=4, writer=changelog)
+    first = executor.submit([upload("a", 1)], source=SOURCE)
+    await eventually(lambda: partner.started == 1)
+    # A newer plan forgets the document while its upload waits for the partner, and a later one
+    # sends it again: on disk, each in the order planned, or a restart restores the wrong one.
+    forgotten = asyncio.ensure_future(
+        executor.write_after(Tombstone(DocKey("a", "bat-1", "doc-1")))
+    )
+    again = executor.submit([upload("a", 1, body="v2")], source=SOURCE)
+    for _ in range(3):  # turns of the loop, in which a record written at once would land
+        await asyncio.sleep(0)
+    assert [written(record) for record in changelog.records] == ["uploading v1"]
+    partner.gate.set()
+    await asyncio.gather(first.future, forgotten, again.future)
+
+    assert [written(record) for record in changelog.records] == [
+        "uploading v1",
+        "published v1",
+        "tombstone",
+        "uploading v2",
+        "published v2",
+    ]
+    # Nothing queued on a document: its record is written at once.
+    await executor.write_after(Tombstone(DocKey("a", "bat-1", "doc-2")))
+    assert written(changelog.records[-1]) == "tombstone"
+    assert executor.pending == 0
 
 
 async def test_live_work_finds_room_while_a_backfill_fills_the_window(

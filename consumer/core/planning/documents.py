@@ -50,6 +50,27 @@ SETTLED = frozenset(
 """Statuses for which the same content needs nothing more (parked and filtered are reconsidered)."""
 
 
+def withdrawal(record: DocumentRecord, taken_at: dt.datetime) -> Delete:
+    """A manifest's withdrawal of a document it leaves out; what it leaves is a marker of when.
+
+    The manifest's own record becomes durable only once the building's work is done, while the
+    withdrawal is durable as soon as the partner acknowledged it. Input read again after a crash
+    in between (an earlier manifest, the document's event) must find the document withdrawn by a
+    snapshot taken at ``taken_at``, not unknown, or it would publish it a second time. A newer
+    manifest that leaves the document out forgets the marker.
+    """
+    marker = DocumentRecord(
+        key=record.key,
+        status=DocStatus.FILTERED,
+        sha256=record.sha256,
+        module=record.module,
+        seen_at=taken_at,
+        document_date=record.document_date,
+        size_bytes=record.size_bytes,
+    )
+    return dataclasses.replace(withdraw(record), leaves=marker)
+
+
 def unroute(current: DocumentRecord) -> tuple[list[Operation], list[StateRecord]]:
     """A document routing does not forward: withdraw what was sent, forget the rest."""
     if is_owned(current):
@@ -150,14 +171,15 @@ def _filtered(
     audience became owners). A disabled module or an agency not served leaves no trace.
     """
     marker = None
-    if verdict.reason in _AUDIENCE_REASONS:
+    if verdict.reason in AUDIENCE_REASONS:
         marker = document_record(key, document, DocStatus.FILTERED, seen_at)
     if current is not None and is_owned(current):
         return Plan(Outcome.FILTERED, (dataclasses.replace(withdraw(current), leaves=marker),))
     return Plan(Outcome.FILTERED, records=() if marker is None else (marker,))
 
 
-_AUDIENCE_REASONS = frozenset({Reason.AUDIENCE_NOT_FORWARDED, Reason.INDIVIDUAL_NEVER_FORWARDED})
+AUDIENCE_REASONS = frozenset({Reason.AUDIENCE_NOT_FORWARDED, Reason.INDIVIDUAL_NEVER_FORWARDED})
+"""Why routing stops a version whose withdrawal is remembered (a ``filtered`` marker)."""
 
 
 def unhold(record: DocumentRecord) -> DocumentRecord:

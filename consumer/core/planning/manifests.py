@@ -13,6 +13,7 @@ from consumer.core.events import Document
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest
 from consumer.core.planning.documents import (
+    AUDIENCE_REASONS,
     SETTLED,
     is_owned,
     park,
@@ -20,9 +21,10 @@ from consumer.core.planning.documents import (
     unroute,
     upload_for,
     withdraw,
+    withdrawal,
 )
 from consumer.core.planning.plan import Lane, Operation, Outcome, Plan, document_record
-from consumer.core.routing import Action, RoutingTable
+from consumer.core.routing import Action, RoutingTable, Verdict
 from consumer.core.state import (
     BuildingRecord,
     DocKey,
@@ -76,9 +78,7 @@ class _ManifestPlanner:
         current = self.view.document(key)
         if verdict.action is Action.FILTER:
             if current is not None:
-                operations, records = unroute(current)
-                self.operations += operations
-                self.records += records
+                self.filtered(document, verdict, current)
             return
         if current is not None and current.status in SETTLED:
             if current.sha256 == document.content.sha256:
@@ -102,6 +102,22 @@ class _ManifestPlanner:
             current=current,
         )
         self.operations.append(upload)
+
+    def filtered(self, document: Document, verdict: Verdict, current: DocumentRecord) -> None:
+        """A listed item routing does not forward: withdraw or forget what the relay has of it."""
+        if verdict.reason not in AUDIENCE_REASONS:
+            operations, records = unroute(current)
+            self.operations += operations
+            self.records += records
+            return
+        # As for an event: the withdrawal leaves a marker of when, and a marker stays (forgotten
+        # once a newer manifest leaves the document out), so that an earlier manifest read again
+        # after a crash, before this one is recorded as applied, cannot bring a version back.
+        marker = document_record(current.key, document, DocStatus.FILTERED, self.manifest.taken_at)
+        if is_owned(current):
+            self.operations.append(dataclasses.replace(withdraw(current), leaves=marker))
+        elif current.status is not DocStatus.FILTERED:
+            self.records.append(marker)
 
     def is_baseline(self, document: Document, current: DocumentRecord | None) -> bool:
         """First publication of the module, and the agency's mode does not send this one."""
@@ -152,7 +168,7 @@ def plan_manifest(
             and record.held_by != manifest.snapshot_id
         ]
     else:
-        planner.operations += [withdraw(record) for record in withdrawn]
+        planner.operations += [withdrawal(record, manifest.taken_at) for record in withdrawn]
     # Only modules the relay serves for this agency are "decided": one that is enabled later (or
     # an agency added to the routing later) then gets its first publication, in its own mode,
     # instead of being taken as already published.
