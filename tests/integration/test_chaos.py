@@ -11,7 +11,9 @@ view and ``/status``); every bad record must be a dead letter with its reason, a
 the committed offsets must reach the end; no API key may appear in a log line, a dead letter,
 a state record or ``/status``.
 
-Every run prints its seed; ``CHOUETTE_RELAY_CHAOS_SEED=<seed>`` runs the same stream again.
+Every run prints its seed; ``CHOUETTE_RELAY_CHAOS_SEED=<seed>`` runs the same stream again. A
+document created more than once, when everything else holds, ends the test as an expected failure
+naming the seed and the log: an open finding seen once under heavy load, whose cause is not found.
 """
 
 from __future__ import annotations
@@ -113,15 +115,6 @@ def secrets_of(specs: dict[str, AgencySpec]) -> list[bytes]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open: seed 2287498315 once ended with nord-3-0011:att-1 created twice on the partner "
-        "(the final state right) after SIGTERM and SIGKILL restarts; the cause is not yet found. "
-        "The duplicate of seed 1850729864 (a withdrawn document uploaded again from input read "
-        "again after a restart) is fixed and has its own tests"
-    ),
-)
 async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     relay_world: WorldFactory, tmp_path: Path
 ) -> None:
@@ -179,7 +172,7 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     assert on_partner(world) == expected
     assert len(world.sandbox.documents()) == len(expected)
     creates = world.sandbox.state()["create_counts"]
-    assert {ref: n for ref, n in creates.items() if n != 1} == {}, "duplicates on the partner"
+    duplicates = {ref: n for ref, n in creates.items() if n != 1}  # judged last, see the end
     assert 'chouette_relay_circuit_open{agency="agence-sud"} 0.0' in metrics
 
     # The view: published what the partner holds (less the withdrawals it refused, parked),
@@ -236,6 +229,15 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     entries = run.log_entries()
     assert entries[-1]["msg"] == "stopped cleanly"
     assert not [e for e in entries if "Traceback" in str(e.get("exc", ""))], "a traceback logged"
+
+    if duplicates:
+        # The open finding of issue #7: once (seed 2287498315, under heavy load) a document was
+        # created twice, the final state right, and the cause is not found yet. Every check above
+        # holds hard; this one is reported as an expected failure with what to replay, not hidden.
+        pytest.xfail(
+            f"seed {seed}: created more than once on the partner {duplicates}; "
+            f"the relay's log: {run.log_path}"
+        )
 
 
 async def converged(world: RelayWorld, expected: dict[tuple[str, str], str], seed: int) -> None:
