@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from consumer.app.completion import PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
-from consumer.core.commands import AgencyAction, HeldAction, decode_command
+from consumer.core.audit import Resend, to_resend
+from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
 from consumer.core.controls import CONTROLS, plan_agency_command
 from consumer.core.decoding import Poison, decode_record
 from consumer.core.events import DocumentCreated
@@ -38,12 +39,18 @@ from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.setbacks import RecordWriter
 
-__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "PartitionProcessor"]
+__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "FindResend", "PartitionProcessor"]
 
 log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
 COMMANDS = "operator-command"
+
+FindResend = Callable[
+    [Mapping[str, tuple[str, int]], tuple[str, str], frozenset[str]],
+    Awaitable[Mapping[str, Resend]],
+]
+"""Reads the partition's input again up to the given offsets, for a repair's documents."""
 
 
 class PartitionProcessor(PlanCompletion, ManifestWork):
@@ -67,6 +74,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         on_failure: Callable[[BaseException], None],
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
         on_command: Callable[[AgencyAction], None] = lambda _: None,
+        find_resend: FindResend | None = None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -86,6 +94,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         # An agency command was read: the relay re-reads the paused agencies (after it is
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
+        self._find_resend = find_resend
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
@@ -244,7 +253,8 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         else:
             # Work the relay starts itself (parked documents sent again) has no input record to
             # dead-letter: a refusal keeps the document parked with the refusal.
-            plan = plan_agency_command(self.view, self._routing, command)
+            resend = await self._resend_for(command)
+            plan = plan_agency_command(self.view, self._routing, command, resend)
             work_source = self._admin_source(action)
         log.warning(
             "operator command",
@@ -264,6 +274,30 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
+
+    async def _resend_for(self, command: OperatorCommand) -> Mapping[str, Resend]:
+        """For a repair: its missing and changed documents, as the input still describes them."""
+        if command.command is not AgencyAction.REPAIR or command.building_id is None:
+            return {}
+        wanted = to_resend(command.findings)
+        if not wanted or self._find_resend is None:
+            return {}
+        until = {
+            topic: (kind, self._trackers[topic].next_to_read)
+            for topic, kind in self._kinds.items()
+            if kind in (DOCUMENTS, MANIFESTS)
+        }
+        found = await self._find_resend(until, (command.agency_id, command.building_id), wanted)
+        if len(found) < len(wanted):
+            log.warning(
+                "repair: documents no longer in the input are forgotten until LSC sends them again",
+                extra={
+                    "agency": command.agency_id,
+                    "building": command.building_id,
+                    "forgotten": sorted(wanted - found.keys()),
+                },
+            )
+        return found
 
     def retry_parked(self) -> int:
         """After a restart with fixed configuration: send what was parked and now can go."""

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import signal
+from collections.abc import Mapping
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,7 @@ from consumer.app.control import RELAY_VERSION, RelayControl
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.partition import partition_processor
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.audit import Resend
 from consumer.core.guard import DeletionGuard
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -39,6 +41,7 @@ from consumer.kafka.connection import kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.kafka.membership import leave_group
+from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
@@ -286,6 +289,7 @@ class Relay(RelayControl):
             metrics=self.metrics,
             on_failure=self._fail,
             on_command=self._on_command,
+            find_resend=functools.partial(self._find_resend, partition),
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
         # intents above are only looked up, which sends nothing.)
@@ -294,6 +298,23 @@ class Relay(RelayControl):
         if retried:
             log.info("parked documents sent again", extra={"documents": retried})
         return processor
+
+    async def _find_resend(
+        self,
+        partition: int,
+        until: Mapping[str, tuple[str, int]],
+        place: tuple[str, str],
+        wanted: frozenset[str],
+    ) -> Mapping[str, Resend]:
+        """A repair's documents as ``partition`` of the input still describes them."""
+        return await find_resend(
+            connection=self.connection,
+            partition=partition,
+            until=until,
+            place=place,
+            wanted=wanted,
+            max_value_bytes=self.settings.kafka.max_value_bytes,
+        )
 
     async def _check_topics(self) -> TopicLayout:
         s = self.settings
