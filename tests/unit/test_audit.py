@@ -195,7 +195,7 @@ def test_the_newest_description_of_a_wanted_document_of_the_building_is_kept() -
     )
     assert wanted == {"a", "b"}
     found: dict[str, Resend] = {}
-    events = [
+    events: list[DocumentCreated | ManifestSnapshot] = [
         created(lsc_document("a", "v1"), hour=1),
         manifest([lsc_document("a", "v2"), lsc_document("b", "v1"), lsc_document("c")], hour=2),
         created(lsc_document("b", "v2"), hour=2),  # same time as the manifest: the manifest wins
