@@ -30,6 +30,7 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
+from consumer.core.planning.plan import Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -247,27 +248,22 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         self._metrics.events.labels(COMMANDS, action.value).inc()
         if action is AgencyAction.RETRY:
             self._on_command(action)  # before anything is sent: the API keys are read again
+        if self._needs_input(command):
+            # Reading the partition again takes a while: the other records and partitions go on
+            # meanwhile, the command's offset stays open until its work is done.
+            task = asyncio.create_task(self._repair(command, source))
+            self._completions.add(task)
+            task.add_done_callback(self._completions.discard)
+            return
         if isinstance(action, HeldAction) and command.building_id is not None:
             settle = discard_held if action is HeldAction.DISCARD else release_held
             plan, work_source = settle(self.view, command.agency_id, command.building_id), source
         else:
             # Work the relay starts itself (parked documents sent again) has no input record to
             # dead-letter: a refusal keeps the document parked with the refusal.
-            resend = await self._resend_for(command)
-            plan = plan_agency_command(self.view, self._routing, command, resend)
+            plan = plan_agency_command(self.view, self._routing, command)
             work_source = self._admin_source(action)
-        log.warning(
-            "operator command",
-            extra={
-                "command": action.value,
-                "agency": command.agency_id,
-                "building": command.building_id,
-                "partition": self.partition,
-                "requested_by": command.requested_by,
-                "documents": len(plan.operations) + len(plan.records),
-            },
-        )
-        self._execute(plan, work_source, [(source.topic, source.offset)])
+        self._carry_out(command, plan, work_source, source)
         if isinstance(action, AgencyAction) and action in CONTROLS:
             self._on_command(action)
         if action is AgencyAction.APPROVE:
@@ -275,12 +271,45 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
 
+    def _carry_out(
+        self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord
+    ) -> None:
+        log.warning(
+            "operator command",
+            extra={
+                "command": command.command.value,
+                "agency": command.agency_id,
+                "building": command.building_id,
+                "partition": self.partition,
+                "requested_by": command.requested_by,
+                "documents": len(plan.operations) + len(plan.records),
+                "uploads": sum(isinstance(op, Upload) for op in plan.operations),
+            },
+        )
+        self._execute(plan, work_source, [(source.topic, source.offset)])
+
+    def _needs_input(self, command: OperatorCommand) -> bool:
+        """A repair with missing or changed documents, which the input may still describe."""
+        return (
+            command.command is AgencyAction.REPAIR
+            and command.building_id is not None
+            and self._find_resend is not None
+            and bool(to_resend(command.findings))
+        )
+
+    async def _repair(self, command: OperatorCommand, source: SourceRecord) -> None:
+        try:
+            resend = await self._resend_for(command)
+        except Exception as error:  # noqa: BLE001 - the relay stops; its restart repairs again
+            self._on_failure(error)  # the command's offset stays uncommitted
+            return
+        plan = plan_agency_command(self.view, self._routing, command, resend)
+        self._carry_out(command, plan, self._admin_source(command.command), source)
+
     async def _resend_for(self, command: OperatorCommand) -> Mapping[str, Resend]:
-        """For a repair: its missing and changed documents, as the input still describes them."""
-        if command.command is not AgencyAction.REPAIR or command.building_id is None:
-            return {}
+        """A repair's missing and changed documents, as the input still describes them."""
         wanted = to_resend(command.findings)
-        if not wanted or self._find_resend is None:
+        if self._find_resend is None or command.building_id is None:
             return {}
         until = {
             topic: (kind, self._trackers[topic].next_to_read)
