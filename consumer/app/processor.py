@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 from consumer.app.completion import PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
-from consumer.core.audit import Resend, to_resend
+from consumer.app.repairs import FindResend, RepairWork
 from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
 from consumer.core.controls import CONTROLS, plan_agency_command
 from consumer.core.decoding import Poison, decode_record
@@ -47,14 +47,8 @@ log = logging.getLogger(__name__)
 DOCUMENTS = "document-created"
 COMMANDS = "operator-command"
 
-FindResend = Callable[
-    [Mapping[str, tuple[str, int]], tuple[str, str], frozenset[str]],
-    Awaitable[Mapping[str, Resend]],
-]
-"""Reads the partition's input again up to the given offsets, for a repair's documents."""
 
-
-class PartitionProcessor(PlanCompletion, ManifestWork):
+class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
     """Everything the relay does for input partition number ``partition``."""
 
     def __init__(
@@ -248,12 +242,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         self._metrics.events.labels(COMMANDS, action.value).inc()
         if action is AgencyAction.RETRY:
             self._on_command(action)  # before anything is sent: the API keys are read again
-        if self._needs_input(command):
-            # Reading the partition again takes a while: the other records and partitions go on
-            # meanwhile, the command's offset stays open until its work is done.
-            task = asyncio.create_task(self._repair(command, source))
-            self._completions.add(task)
-            task.add_done_callback(self._completions.discard)
+        if self._start_repair(command, source):
             return
         if isinstance(action, HeldAction) and command.building_id is not None:
             settle = discard_held if action is HeldAction.DISCARD else release_held
@@ -287,46 +276,6 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
             },
         )
         self._execute(plan, work_source, [(source.topic, source.offset)])
-
-    def _needs_input(self, command: OperatorCommand) -> bool:
-        """A repair with missing or changed documents, which the input may still describe."""
-        return (
-            command.command is AgencyAction.REPAIR
-            and command.building_id is not None
-            and self._find_resend is not None
-            and bool(to_resend(command.findings))
-        )
-
-    async def _repair(self, command: OperatorCommand, source: SourceRecord) -> None:
-        try:
-            resend = await self._resend_for(command)
-        except Exception as error:  # noqa: BLE001 - the relay stops; its restart repairs again
-            self._on_failure(error)  # the command's offset stays uncommitted
-            return
-        plan = plan_agency_command(self.view, self._routing, command, resend)
-        self._carry_out(command, plan, self._admin_source(command.command), source)
-
-    async def _resend_for(self, command: OperatorCommand) -> Mapping[str, Resend]:
-        """A repair's missing and changed documents, as the input still describes them."""
-        wanted = to_resend(command.findings)
-        if self._find_resend is None or command.building_id is None:
-            return {}
-        until = {
-            topic: (kind, self._trackers[topic].next_to_read)
-            for topic, kind in self._kinds.items()
-            if kind in (DOCUMENTS, MANIFESTS)
-        }
-        found = await self._find_resend(until, (command.agency_id, command.building_id), wanted)
-        if len(found) < len(wanted):
-            log.warning(
-                "repair: documents no longer in the input are forgotten until LSC sends them again",
-                extra={
-                    "agency": command.agency_id,
-                    "building": command.building_id,
-                    "forgotten": sorted(wanted - found.keys()),
-                },
-            )
-        return found
 
     def retry_parked(self) -> int:
         """After a restart with fixed configuration: send what was parked and now can go."""
