@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 
 from consumer.app.completion import PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
-from consumer.core.commands import AgencyAction, HeldAction, decode_command
+from consumer.app.repairs import FindResend, RepairWork
+from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
 from consumer.core.controls import CONTROLS, plan_agency_command
 from consumer.core.decoding import Poison, decode_record
 from consumer.core.events import DocumentCreated
@@ -29,6 +30,7 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
+from consumer.core.planning.plan import Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -38,7 +40,7 @@ from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.setbacks import RecordWriter
 
-__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "PartitionProcessor"]
+__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "FindResend", "PartitionProcessor"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ DOCUMENTS = "document-created"
 COMMANDS = "operator-command"
 
 
-class PartitionProcessor(PlanCompletion, ManifestWork):
+class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
     """Everything the relay does for input partition number ``partition``."""
 
     def __init__(
@@ -67,6 +69,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         on_failure: Callable[[BaseException], None],
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
         on_command: Callable[[AgencyAction], None] = lambda _: None,
+        find_resend: FindResend | None = None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -86,6 +89,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         # An agency command was read: the relay re-reads the paused agencies (after it is
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
+        self._find_resend = find_resend
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
@@ -238,6 +242,8 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
         self._metrics.events.labels(COMMANDS, action.value).inc()
         if action is AgencyAction.RETRY:
             self._on_command(action)  # before anything is sent: the API keys are read again
+        if self._start_repair(command, source):
+            return
         if isinstance(action, HeldAction) and command.building_id is not None:
             settle = discard_held if action is HeldAction.DISCARD else release_held
             plan, work_source = settle(self.view, command.agency_id, command.building_id), source
@@ -246,24 +252,30 @@ class PartitionProcessor(PlanCompletion, ManifestWork):
             # dead-letter: a refusal keeps the document parked with the refusal.
             plan = plan_agency_command(self.view, self._routing, command)
             work_source = self._admin_source(action)
-        log.warning(
-            "operator command",
-            extra={
-                "command": action.value,
-                "agency": command.agency_id,
-                "building": command.building_id,
-                "partition": self.partition,
-                "requested_by": command.requested_by,
-                "documents": len(plan.operations) + len(plan.records),
-            },
-        )
-        self._execute(plan, work_source, [(source.topic, source.offset)])
+        self._carry_out(command, plan, work_source, source)
         if isinstance(action, AgencyAction) and action in CONTROLS:
             self._on_command(action)
         if action is AgencyAction.APPROVE:
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
+
+    def _carry_out(
+        self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord
+    ) -> None:
+        log.warning(
+            "operator command",
+            extra={
+                "command": command.command.value,
+                "agency": command.agency_id,
+                "building": command.building_id,
+                "partition": self.partition,
+                "requested_by": command.requested_by,
+                "documents": len(plan.operations) + len(plan.records),
+                "uploads": sum(isinstance(op, Upload) for op in plan.operations),
+            },
+        )
+        self._execute(plan, work_source, [(source.topic, source.offset)])
 
     def retry_parked(self) -> int:
         """After a restart with fixed configuration: send what was parked and now can go."""

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import signal
+from collections.abc import Mapping
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -24,6 +25,7 @@ from consumer.app.membership import GroupMember
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.partition import partition_processor
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.core.audit import Resend
 from consumer.core.guard import DeletionGuard
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -40,6 +42,7 @@ from consumer.kafka.changelog import (
 from consumer.kafka.connection import kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
+from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
@@ -261,6 +264,7 @@ class Relay(RelayControl, GroupMember):
             metrics=self.metrics,
             on_failure=self._fail,
             on_command=self._on_command,
+            find_resend=functools.partial(self._find_resend, partition),
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
         # intents above are only looked up, which sends nothing.)
@@ -269,6 +273,23 @@ class Relay(RelayControl, GroupMember):
         if retried:
             log.info("parked documents sent again", extra={"documents": retried})
         return processor
+
+    async def _find_resend(
+        self,
+        partition: int,
+        until: Mapping[str, tuple[str, int]],
+        place: tuple[str, str],
+        wanted: frozenset[str],
+    ) -> Mapping[str, Resend]:
+        """A repair's documents as ``partition`` of the input still describes them."""
+        return await find_resend(
+            connection=self.connection,
+            partition=partition,
+            until=until,
+            place=place,
+            wanted=wanted,
+            max_value_bytes=self.settings.kafka.max_value_bytes,
+        )
 
     async def _check_topics(self) -> TopicLayout:
         s = self.settings

@@ -1,18 +1,23 @@
 """The audit's rules: the differences between the view and what the partner holds, and the repair.
 
 Pure: the partner's documents come in as values (anything with ``remote_id``, ``reference`` and
-``sha256``), so the comparison and the repair plan are tested without HTTP. Fetching the partner's
-list and sending repair commands is the ops surface's part (``consumer/ops/audit.py``).
+``sha256``), and the documents to send again as the events they were read from, so the comparison
+and the repair plan are tested without HTTP or Kafka. Fetching the partner's list and sending
+repair commands is the ops surface's part (``consumer/ops/audit.py``); reading the input again is
+the Kafka edge's (``consumer/kafka/resend.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from consumer.core.commands import Finding, FindingKind
-from consumer.core.planning.plan import Delete, Outcome, Plan
+from consumer.core.events import Document, DocumentCreated, Event, ManifestSnapshot
+from consumer.core.planning.plan import Delete, Lane, Operation, Outcome, Plan, Upload
 from consumer.core.state import (
     ON_PARTNER,
     DocKey,
@@ -94,15 +99,69 @@ def by_remote_reference(records: list[DocumentRecord], reference: str) -> str | 
     return next((r.key.building_id for r in records if r.key.document_id == reference), None)
 
 
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """A document to send again, as the newest input record of the relay that described it."""
+
+    document: Document
+    seen_at: dt.datetime  # occurred_at of the event, or taken_at of the manifest
+    from_manifest: bool
+
+
+def to_resend(findings: Iterable[Finding]) -> frozenset[str]:
+    """The document ids whose content a repair needs: the missing and the changed ones."""
+    return frozenset(
+        f.document_id for f in findings if f.kind in (FindingKind.MISSING, FindingKind.CHANGED)
+    )
+
+
+def keep_newest(
+    found: dict[str, Resend],
+    event: Event,
+    place: tuple[str, str],
+    wanted: frozenset[str],
+) -> None:
+    """Keep in ``found`` the newest description in ``event`` of each wanted document of the
+    building ``place`` (agency, building), by the planner's rule: a manifest taken at or after an
+    event's time decides."""
+    if (event.agency_id, event.building_id) != place:
+        return
+    if isinstance(event, DocumentCreated):
+        candidates = [Resend(event.document, event.occurred_at, from_manifest=False)]
+    elif isinstance(event, ManifestSnapshot):
+        candidates = [Resend(item, event.taken_at, from_manifest=True) for item in event.items]
+    else:
+        return
+    for candidate in candidates:
+        document_id = candidate.document.id
+        if document_id not in wanted:
+            continue
+        kept = found.get(document_id)
+        if kept is None or (candidate.seen_at, candidate.from_manifest) >= (
+            kept.seen_at,
+            kept.from_manifest,
+        ):
+            found[document_id] = candidate
+
+
 def plan_repair(
     view: PublishedView,
     agency_id: str,
     building_id: str,
     condominium_id: str | None,
     findings: Iterable[Finding],
+    *,
+    resend: Mapping[str, Resend] | None = None,
 ) -> Plan:
-    """What the owning replica does with an audit's findings, each checked again first."""
-    operations: list[Delete] = []
+    """What the owning replica does with an audit's findings, each checked again first.
+
+    A missing or changed document found in ``resend`` (read again from the relay's input) is
+    uploaded again on the backfill lane: created anew, or updated in place of the copy whose file
+    was replaced. One no longer in the input (beyond its retention) is forgotten, or takes the
+    partner's sha256, so that LSC's next manifest of the building sends it again.
+    """
+    resend = resend or {}
+    operations: list[Operation] = []
     records: list[StateRecord] = []
     for finding in findings:
         key = DocKey(agency_id, building_id, finding.document_id)
@@ -122,7 +181,26 @@ def plan_repair(
             continue
         if current.remote_id != finding.remote_id or current.sha256 != finding.view_sha256:
             continue  # settled meanwhile
-        if finding.kind is FindingKind.MISSING:
+        source = resend.get(finding.document_id)
+        condominium = condominium_id or current.condominium_id
+        if source is not None and condominium is not None:
+            remote_id, previous = None, current
+            if finding.kind is FindingKind.CHANGED:
+                # The copy holds the partner's file: an update compared with the view's sha256
+                # would be skipped as already sent.
+                remote_id = finding.remote_id
+                previous = dataclasses.replace(current, sha256=finding.partner_sha256 or "")
+            upload = Upload(
+                key,
+                source.document,
+                condominium,
+                Lane.BACKFILL,
+                current.seen_at,
+                remote_id=remote_id,
+                previous=previous,
+            )
+            operations.append(upload)
+        elif finding.kind is FindingKind.MISSING:
             records.append(Tombstone(key))
         elif finding.partner_sha256 is not None:
             records.append(dataclasses.replace(current, sha256=finding.partner_sha256))

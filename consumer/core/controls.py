@@ -9,8 +9,9 @@ settles an audit's findings for one building (``consumer.core.audit``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
-from consumer.core.audit import plan_repair
+from consumer.core.audit import Resend, plan_repair
 from consumer.core.commands import AgencyAction, OperatorCommand
 from consumer.core.planning.actions import retry_parked
 from consumer.core.planning.plan import Outcome, Plan
@@ -23,14 +24,18 @@ CONTROLS = frozenset({AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPR
 
 
 def plan_agency_command(
-    view: PublishedView, routing: RoutingTable, command: OperatorCommand
+    view: PublishedView,
+    routing: RoutingTable,
+    command: OperatorCommand,
+    resend: Mapping[str, Resend] | None = None,
 ) -> Plan:
-    """The records and operations ``command`` causes in this partition."""
+    """The records and operations ``command`` causes in this partition; ``resend`` holds what a
+    repair found again of its missing and changed documents in the partition's input."""
     agency, building, action = command.agency_id, command.building_id, command.command
     if action is AgencyAction.REPAIR and building is not None:
         config = routing.agency(agency)
         condominium = config.condominia.get(building) if config is not None else None
-        return plan_repair(view, agency, building, condominium, command.findings)
+        return plan_repair(view, agency, building, condominium, command.findings, resend=resend)
     if action is AgencyAction.RETRY:
         plan = retry_parked(view, routing)
 

@@ -53,6 +53,11 @@ class OffsetTracker:
             return order[0]
         return None if self._last_read is None else self._last_read + 1
 
+    @property
+    def next_to_read(self) -> int:
+        """The offset after the last one read (0 before any read): how far the reading stands."""
+        return 0 if self._last_read is None else self._last_read + 1
+
     def is_open(self, offset: int) -> bool:
         return offset in self._open
 

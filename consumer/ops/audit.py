@@ -6,10 +6,12 @@ mapped to that condominium: **missing** (the view says published, the partner do
 **unexpected** (the partner holds it, the view does not know that document id) and **changed**
 (different sha256). A repair is an operator command per building, carried out by the replica that
 owns it after checking each finding against its current view: an unexpected document is deleted
-through the scheduler, a missing one is forgotten and a changed one takes the partner's sha256, so
-that the next manifest sends them again like any delta. The list requests are paced: never more
-than ``AUDIT__RATE_SHARE`` of the agency's rate, and on a replica each also takes one of the
-agency's own tokens, so uploads and the audit together stay within the agency's rate.
+and a missing or changed one uploaded again through the scheduler, from its newest record in the
+replica's input partition; one beyond the input's retention is forgotten (a changed one takes the
+partner's sha256), so that LSC's next manifest sends it again like any delta. The list requests
+are paced: never more than ``AUDIT__RATE_SHARE`` of the agency's rate, and on a replica each also
+takes one of the agency's own tokens, so uploads and the audit together stay within the agency's
+rate.
 """
 
 from __future__ import annotations
@@ -124,9 +126,16 @@ async def run_audit(
                     )
                 )
         result["repairs"] = queued
+        result["repair_note"] = _REPAIR_NOTE
     return result
 
 
+_REPAIR_NOTE = (
+    "unexpected copies are deleted; missing and changed documents are uploaded again from the "
+    "relay's input topics, at the agency's rate; those no longer in the input (beyond retention) "
+    "are forgotten until LSC's next manifest of their building, and the owning replica logs "
+    "their ids ('repair: documents no longer in the input are forgotten ...')"
+)
 _PER_COMMAND = 500  # findings per repair command: well under the topic's message size
 
 

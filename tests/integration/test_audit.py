@@ -1,10 +1,11 @@
 """The audit: what ChouetteCopro holds with the relay's references, against the relay's view.
 
-Someone deleted a relay-made document in the app, replaced another's file, and a duplicate copy
-exists; a hand-made document sits beside them. The audit lists exactly those three findings and
-leaves the hand-made one out; the repair deletes the duplicate through the scheduler, and the
-next manifest sends the deleted and the replaced documents again. The hand-made document is
-never touched, and a second audit finds nothing.
+Someone deleted relay-made documents in the app (one from a manifest, one from a document-created
+event), replaced another's file, and a duplicate copy exists; a hand-made document sits beside
+them. The audit lists exactly those findings and leaves the hand-made one out; the repair deletes
+the duplicate and sends the deleted and the replaced documents again at once, read again from the
+relay's input, without waiting for LSC's next manifest. The hand-made document is never touched,
+nothing is created more than twice, and a second audit finds nothing.
 """
 
 from __future__ import annotations
@@ -48,22 +49,25 @@ async def test_the_audit_finds_what_changed_on_the_partner_and_the_repair_settle
     second = [world.document() for _ in range(2)]
     await _manifest(world, "bat-1", first, hours=3)
     await _manifest(world, "bat-2", second, hours=3)
+    late = world.document()  # published by an event after the manifest
+    await world.publish(world.document_created(AGENCY, "bat-1", late))
     await world.wait_until(
-        lambda: len(world.partner_references()) == 6 and _idle(relay), what="6 published"
+        lambda: len(world.partner_references()) == 7 and _idle(relay), what="7 published"
     )
     manual = world.sandbox.seed_manual_document("c-1", "Affiche posée à la main")
     deleted, replaced = first[0], first[1]
     world.sandbox.delete_by_hand(_remote_id(world, deleted))
+    world.sandbox.delete_by_hand(_remote_id(world, late))
     replaced_id = _remote_id(world, replaced)
     world.sandbox.replace_file_by_hand(replaced_id, hashlib.sha256(b"other").hexdigest())
     copy = world.sandbox.seed_copy(_remote_id(world, first[2]))
 
     report = await cli(world, "audit", "--agency", AGENCY)
 
-    assert report["findings"] == {"missing": 1, "unexpected": 1, "changed": 1}
+    assert report["findings"] == {"missing": 2, "unexpected": 1, "changed": 1}
     c1, c2 = report["condominia"]
-    assert (c1["condominium"], c1["hand_made"], c1["relay_documents"]) == ("c-1", 1, 4)
-    assert [f["document_id"] for f in c1["missing"]] == [deleted["id"]]
+    assert (c1["condominium"], c1["hand_made"], c1["relay_documents"]) == ("c-1", 1, 5)
+    assert sorted(f["document_id"] for f in c1["missing"]) == sorted([deleted["id"], late["id"]])
     assert [(f["document_id"], f["remote_id"]) for f in c1["unexpected"]] == [
         (first[2]["id"], copy)
     ]
@@ -76,12 +80,12 @@ async def test_the_audit_finds_what_changed_on_the_partner_and_the_repair_settle
 
     status, repaired = await call(relay, "POST", f"/admin/audit/repair?agency={AGENCY}", token=True)
     assert status == 202
-    assert [(r["building"], r["findings"]) for r in repaired["repairs"]] == [("bat-1", 3)]
+    assert [(r["building"], r["findings"]) for r in repaired["repairs"]] == [("bat-1", 4)]
     await world.wait_until(lambda: world.sandbox.document(copy) is None, what="the copy deleted")
-    assert await metric(relay, "chouette_relay_audit_findings", agency=AGENCY, kind="missing") == 1
+    assert await metric(relay, "chouette_relay_audit_findings", agency=AGENCY, kind="missing") == 2
 
-    await _manifest(world, "bat-1", first, hours=1)  # LSC's next snapshot of the building
-    expected = {d["id"]: d["content"]["sha256"] for d in first}
+    # No new manifest: the repair itself sends the missing and the replaced documents again.
+    expected = {d["id"]: d["content"]["sha256"] for d in [*first, late]}
     await world.wait_until(
         lambda: world.partner_references("c-1") == expected and _idle(relay),
         what="the missing and the replaced documents sent again",
@@ -89,6 +93,13 @@ async def test_the_audit_finds_what_changed_on_the_partner_and_the_repair_settle
     assert world.sandbox.document(manual) is not None
     assert world.sandbox.document(replaced_id) is not None  # updated in place, not duplicated
     references = [d.reference for d in world.sandbox.documents("c-1") if d.reference]
-    assert sorted(references) == sorted(d["id"] for d in first)  # one copy each
+    assert sorted(references) == sorted(expected)  # one copy each
+    created = {ref: world.sandbox.create_count(ref) for ref in [*expected, *map(_id, second)]}
+    assert created == {ref: 2 if ref in (deleted["id"], late["id"]) else 1 for ref in created}
+    assert world.partner_references("c-2") == {d["id"]: d["content"]["sha256"] for d in second}
     again = await cli(world, "audit", "--agency", AGENCY)
     assert again["findings"] == {"missing": 0, "unexpected": 0, "changed": 0}
+
+
+def _id(document: Json) -> str:
+    return str(document["id"])

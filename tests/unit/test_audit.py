@@ -6,10 +6,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 
-from consumer.core.audit import compare, plan_repair
+from consumer.core.audit import Resend, compare, keep_newest, plan_repair, to_resend
 from consumer.core.commands import Finding, FindingKind
-from consumer.core.events import Module
-from consumer.core.planning.plan import Delete
+from consumer.core.events import Document, DocumentCreated, ManifestSnapshot, Module
+from consumer.core.planning.plan import Delete, Lane, Upload
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, Tombstone
 from consumer.core.view import PublishedView
 from consumer.partner.answers import RemoteDocument
@@ -88,3 +88,124 @@ def test_a_repair_acts_only_on_findings_still_true_in_the_view() -> None:
     assert isinstance(delete, Delete)
     assert (delete.remote_id, delete.condominium_id) == ("r9", "c-1")
     assert delete.key.document_id == "~copy:r9"  # never the document's own record
+
+
+def lsc_document(document_id: str, version: str = "") -> Document:
+    return Document.model_validate(
+        {
+            "id": document_id,
+            "module": "ag",
+            "category": "PV",
+            "title": f"{document_id} {version}",
+            "document_date": "2025-01-01",
+            "audience": "building",
+            "content": {
+                "media_type": "application/pdf",
+                "size_bytes": 100,
+                "sha256": sha(document_id + version),
+                "url": f"https://documents.lsc.example/{document_id}.pdf",
+            },
+        }
+    )
+
+
+def at(hour: int) -> dt.datetime:
+    return dt.datetime(2025, 1, 1, hour, tzinfo=dt.UTC)
+
+
+def created(document: Document, hour: int, building: str = BUILDING) -> DocumentCreated:
+    return DocumentCreated.model_validate(
+        {
+            "schema_version": 1,
+            "event_type": "document-created",
+            "event_id": "8a1c2b4e-1111-4c2b-9a1c-0123456789ab",
+            "occurred_at": at(hour).isoformat(),
+            "agency_id": AGENCY,
+            "building_id": building,
+            "document": document.model_dump(mode="json"),
+        }
+    )
+
+
+def manifest(documents: list[Document], hour: int) -> ManifestSnapshot:
+    return ManifestSnapshot.model_validate(
+        {
+            "schema_version": 1,
+            "event_type": "manifest-snapshot",
+            "snapshot_id": "8a1c2b4e-2222-4c2b-9a1c-0123456789ab",
+            "taken_at": at(hour).isoformat(),
+            "agency_id": AGENCY,
+            "building_id": BUILDING,
+            "modules": ["ag"],
+            "part": 1,
+            "parts": 1,
+            "item_count": len(documents),
+            "items": [d.model_dump(mode="json") for d in documents],
+        }
+    )
+
+
+def test_a_repair_sends_again_what_the_input_still_describes_and_forgets_only_the_rest() -> None:
+    view = PublishedView()
+    for record in (published("gone", "r2"), published("edited", "r3"), published("lost", "r4")):
+        view.apply(record)
+    findings = [
+        Finding(
+            kind=FindingKind.MISSING, document_id="gone", remote_id="r2", view_sha256=sha("gone")
+        ),
+        Finding(
+            kind=FindingKind.CHANGED,
+            document_id="edited",
+            remote_id="r3",
+            view_sha256=sha("edited"),
+            partner_sha256=sha("x"),
+        ),
+        # beyond the input's retention: nothing to send it again from
+        Finding(
+            kind=FindingKind.MISSING, document_id="lost", remote_id="r4", view_sha256=sha("lost")
+        ),
+    ]
+    resend = {
+        "gone": Resend(lsc_document("gone"), at(1), from_manifest=False),
+        "edited": Resend(lsc_document("edited"), at(1), from_manifest=True),
+    }
+
+    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings, resend=resend)
+
+    again, update = plan.operations
+    assert isinstance(again, Upload)
+    assert isinstance(update, Upload)
+    assert (again.key.document_id, again.remote_id, again.lane) == ("gone", None, Lane.BACKFILL)
+    assert again.document == lsc_document("gone")
+    # The update replaces the partner's file: what the partner holds is its base, so the
+    # executor does not skip it as already sent.
+    assert (update.key.document_id, update.remote_id) == ("edited", "r3")
+    assert update.previous is not None
+    assert update.previous.sha256 == sha("x")
+    assert plan.records == (Tombstone(DocKey(AGENCY, BUILDING, "lost")),)
+
+
+def test_the_newest_description_of_a_wanted_document_of_the_building_is_kept() -> None:
+    wanted = to_resend(
+        [
+            Finding(kind=FindingKind.MISSING, document_id="a", remote_id="r1", view_sha256="s"),
+            Finding(kind=FindingKind.CHANGED, document_id="b", remote_id="r2", view_sha256="s"),
+            Finding(kind=FindingKind.UNEXPECTED, document_id="c", remote_id="r3"),
+        ]
+    )
+    assert wanted == {"a", "b"}
+    found: dict[str, Resend] = {}
+    events: list[DocumentCreated | ManifestSnapshot] = [
+        created(lsc_document("a", "v1"), hour=1),
+        manifest([lsc_document("a", "v2"), lsc_document("b", "v1"), lsc_document("c")], hour=2),
+        created(lsc_document("b", "v2"), hour=2),  # same time as the manifest: the manifest wins
+        created(lsc_document("a", "other"), hour=5, building="bat-2"),
+        created(lsc_document("a", "v3"), hour=3),
+    ]
+    for event in events:
+        keep_newest(found, event, (AGENCY, BUILDING), wanted)
+
+    assert {k: (v.document, v.seen_at) for k, v in found.items()} == {
+        "a": (lsc_document("a", "v3"), at(3)),
+        "b": (lsc_document("b", "v1"), at(2)),
+    }
