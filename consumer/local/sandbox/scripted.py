@@ -1,14 +1,16 @@
 """Scripted answers: what the next requests of a method get instead of their normal answer.
 
 A script is a queue per HTTP method. A refusal is answered without doing the work; a spoilt answer
-(malformed, a proxy's HTML page, a hang) comes after the work was done, which is how the tests
-reach an outcome the relay cannot know. ``echo_credentials`` plays a careless partner.
+(malformed, a proxy's HTML page, a hang) comes after the work was done, and a late one does the
+work only after a delay (the client has given up by then), which is how the tests reach an
+outcome the relay cannot know. ``echo_credentials`` plays a careless partner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import urllib.parse
 from collections import defaultdict, deque
@@ -29,19 +31,21 @@ class Answer(StrEnum):
     HTML_502 = "html_502"  # carried out: a proxy's HTML 502 page instead of the answer
     ERROR_200 = "error_200"  # not carried out: 200 with a JSON:API error body
     HANG = "hang"  # carried out: no answer comes until the sandbox closes
+    LATE = "late"  # carried out after ``delay_s``, when the client has usually given up
     ECHO_CREDENTIALS = "echo_credentials"  # not carried out: ``status``, echoing the key
 
 
 @dataclass(frozen=True, slots=True)
 class Scripted:
-    """One scripted answer and, for refusals, its status."""
+    """One scripted answer and, for refusals, its status; for a late one, its delay."""
 
     answer: Answer
     status: int = 422
+    delay_s: float = 0.0
 
     @property
     def carried_out(self) -> bool:
-        return self.answer in (Answer.BAD_JSON, Answer.HTML_502, Answer.HANG)
+        return self.answer in (Answer.BAD_JSON, Answer.HTML_502, Answer.HANG, Answer.LATE)
 
 
 class Script:
@@ -76,8 +80,19 @@ def refusal(scripted: Scripted, request: web.Request) -> web.Response:
     return error(scripted.status, "refused", "scripted refusal")
 
 
+async def late(scripted: Scripted, request: web.Request, closing: asyncio.Event) -> None:
+    """Before a late request's work: the whole request is received (the client may be gone
+    when the work starts), then its delay passes, cut short when the sandbox closes."""
+    if scripted.answer is Answer.LATE:
+        await request.read()  # kept by aiohttp for the work's own read
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), scripted.delay_s)
+
+
 async def spoil(scripted: Scripted, done: web.Response, closing: asyncio.Event) -> web.Response:
     """The answer to a request that was carried out, spoilt as scripted."""
+    if scripted.answer is Answer.LATE:
+        return done  # its lateness was the fault
     if scripted.answer is Answer.HANG:
         await closing.wait()  # the client gives up first; closing ends the wait
         return done

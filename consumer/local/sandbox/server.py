@@ -34,7 +34,7 @@ from consumer.local.sandbox.faults import FaultInjector, Faults, InjectedFault
 from consumer.local.sandbox.handlers import ContractHandlers
 from consumer.local.sandbox.jsonapi import error
 from consumer.local.sandbox.ratelimit import KeyLimits
-from consumer.local.sandbox.scripted import Script, Scripted, refusal, spoil
+from consumer.local.sandbox.scripted import Script, Scripted, late, refusal, spoil
 from consumer.local.sandbox.storage import SandboxDocument, Storage
 from consumer.ops.webserver import AppServer
 
@@ -68,6 +68,7 @@ class SandboxServer(AppServer):
         self._faults = FaultInjector(clock=clock, seed=seed)
         self._script = Script()
         self._requests: Counter[tuple[str, int]] = Counter()
+        self._in_flight = 0  # API requests received and not answered yet
         self._recent: deque[tuple[str, str, int]] = deque(maxlen=200)
         self._handlers = ContractHandlers(
             storage=self._storage, accounts=self._accounts, base_url=lambda: self.base_url
@@ -163,6 +164,11 @@ class SandboxServer(AppServer):
         """Successful creations with this reference; more than one is a duplicate."""
         return self._storage.create_count(reference)
 
+    @property
+    def in_flight(self) -> int:
+        """API requests received and not answered yet (a late or hung one among them)."""
+        return self._in_flight
+
     def duplicated_references(self) -> dict[str, int]:
         return self._storage.duplicated_references()
 
@@ -186,6 +192,7 @@ class SandboxServer(AppServer):
             "create_counts": self._storage.create_counts(),
             "duplicated_references": self.duplicated_references(),
             "early_requests": self.early_request_count(),
+            "in_flight": self._in_flight,
             "requests": [
                 {"method": m, "status": s, "count": n}
                 for (m, s), n in sorted(self._requests.items())
@@ -199,12 +206,18 @@ class SandboxServer(AppServer):
     def _api(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def run(request: web.Request) -> web.Response:
             scripted = self._script.next(request.method)
-            if scripted is not None and not scripted.carried_out:
-                response = refusal(scripted, request)
-            else:
-                response = await self._pipeline(request, handler)
-                if scripted is not None:
-                    response = await spoil(scripted, response, self.closing)
+            self._in_flight += 1
+            try:
+                if scripted is not None and not scripted.carried_out:
+                    response = refusal(scripted, request)
+                else:
+                    if scripted is not None:
+                        await late(scripted, request, self.closing)  # the work itself comes late
+                    response = await self._pipeline(request, handler)
+                    if scripted is not None:
+                        response = await spoil(scripted, response, self.closing)
+            finally:
+                self._in_flight -= 1
             self._requests[(request.method, response.status)] += 1
             self._recent.append((request.method, request.path_qs, response.status))
             return response
