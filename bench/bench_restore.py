@@ -137,7 +137,7 @@ async def read_restore(bootstrap: str, topic: str, expected_documents: int) -> M
     """(b) The relay's restore of the partition into an empty view."""
     started = time.perf_counter()
     view = PublishedView()
-    applied = await restore_partition(
+    applied, _ = await restore_partition(
         connection=KafkaConnection(bootstrap_servers=bootstrap), topic=topic, partition=0, view=view
     )
     seconds = time.perf_counter() - started

@@ -34,15 +34,26 @@ class PartnerError(RelayError):
 
 
 class PartnerRetriableError(PartnerError):
-    """Transient: network failure, 5xx, 429. Retry after a backoff (or ``retry_after``)."""
+    """Transient: network failure, 5xx, 429. Retry after a backoff (or ``retry_after``).
+
+    ``in_doubt``: the request was sent and no answer says what became of it (a timeout, a
+    connection lost after sending, a gateway's 502 or 504). The partner may still carry it out
+    later, so it is not tried again (nor looked up) before the partner is surely done with it.
+    """
 
     retriable = True
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        in_doubt: bool = False,
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+        self.in_doubt = in_doubt
 
 
 class PartnerParkedError(PartnerError):

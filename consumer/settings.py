@@ -111,6 +111,14 @@ class PartnerSettings(_Group):
         default=None, description="Directory with one file per agency holding its API key."
     )
     timeout_s: float = Field(default=30.0, gt=0)
+    in_doubt_settle_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="After a request that got no answer (a timeout, a lost connection, a "
+        "gateway's 502 or 504), how long ChouetteCopro may still carry it out: the document is "
+        "looked up by reference, and sent again, only after that.",
+    )
     concurrency: int = Field(default=8, ge=1, le=256)
     window_per_partition: int = Field(
         default=64,

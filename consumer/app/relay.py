@@ -3,7 +3,7 @@
 Resources start in dependency order (producer, partner client, scheduler, consumer, ops server)
 and stop in reverse. One ``TaskGroup`` owns the long-running loops. SIGTERM and SIGINT only set an
 event; the shutdown path drains in-flight work within the drain timeout, commits, and leaves the
-consumer group. Kept whole (a little over 300 lines): building and wiring read in one place;
+consumer group. Kept whole (about 340 lines): building and wiring read in one place;
 its control surface and its group membership are the halves in ``control`` and ``membership``.
 """
 
@@ -52,7 +52,7 @@ from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
-from consumer.partner.scheduler import Scheduler
+from consumer.partner.scheduler import RetryPolicy, Scheduler
 from consumer.partner.tls import https_context
 from consumer.settings import Settings
 
@@ -143,6 +143,7 @@ class Relay(RelayControl, GroupMember):
                         failure_threshold=s.partner.breaker_failures,
                         cooldown_seconds=s.partner.breaker_cooldown_s,
                     ),
+                    retry=RetryPolicy(in_doubt_seconds=s.partner.in_doubt_settle_s),
                     observer=observer,
                 )
             )
@@ -235,7 +236,7 @@ class Relay(RelayControl, GroupMember):
             self._restoring[partition] = ratio
             self.metrics.restore_progress.labels(str(partition)).set(ratio)
 
-        applied = await restore_partition(
+        applied, newest = await restore_partition(
             connection=self.connection,
             topic=s.kafka.state_topic,
             partition=partition,
@@ -243,7 +244,13 @@ class Relay(RelayControl, GroupMember):
             on_progress=progress,
         )
         self.metrics.restore_records.inc(applied)
-        await reconcile_partition(view=view, writer=writer, scheduler=scheduler, partner=partner)
+        await reconcile_partition(
+            view=view,
+            writer=writer,
+            scheduler=scheduler,
+            partner=partner,
+            not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+        )
         self._restoring.pop(partition, None)
         log.info(
             "partition restored",

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -207,6 +208,14 @@ class ChangelogWriter:
         )
 
 
+class Restored(NamedTuple):
+    """What ``restore_partition`` applied, and the newest record's time (seconds since the
+    epoch, 0.0 for an empty partition): no upload intent in the view is younger."""
+
+    applied: int
+    newest_s: float
+
+
 async def restore_partition(
     *,
     connection: KafkaConnection,
@@ -214,10 +223,11 @@ async def restore_partition(
     partition: int,
     view: PublishedView,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
-) -> int:
+) -> Restored:
     """Apply every record of one changelog partition to ``view``, up to the end seen at start.
 
-    Returns the number of records applied. ``on_progress(applied, total)`` is called per batch.
+    Returns how many records were applied and when the newest was written.
+    ``on_progress(applied, total)`` is called per batch.
     """
     tp = TopicPartition(topic, partition)
     reader = AIOKafkaConsumer(
@@ -232,10 +242,10 @@ async def restore_partition(
         start = (await reader.beginning_offsets([tp]))[tp]
         end = (await reader.end_offsets([tp]))[tp]
         total = max(end - start, 0)
-        applied = 0
+        applied, newest = 0, 0.0
         if total == 0:
             on_progress(0, 0)
-            return 0
+            return Restored(0, 0.0)
         await reader.seek_to_beginning(tp)
         while True:
             batches = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
@@ -244,8 +254,10 @@ async def restore_partition(
                 batch = [message for message in batch if message.offset < end]
             applied += view.restore(batch)
             on_progress(applied, total)
+            if batch:
+                newest = max(newest, max(message.timestamp for message in batch) / 1000)
             # The position moves past compacted gaps and past what was just returned.
             if await reader.position(tp) >= end:
-                return applied
+                return Restored(applied, newest)
     finally:
         await reader.stop()

@@ -38,17 +38,25 @@ class RetryReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Attempts per round and the jittered exponential backoff between them."""
+    """Attempts per round and the jittered exponential backoff between them.
+
+    ``in_doubt_seconds``: the least wait after an attempt whose outcome is in doubt (sent, no
+    answer): the partner may still carry the request out meanwhile, and the next attempt's
+    lookup must see it, or the document is created twice.
+    """
 
     max_attempts: int = 5
     base_seconds: float = 0.5
     cap_seconds: float = 30.0
+    in_doubt_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 < self.base_seconds <= self.cap_seconds:
             raise ConfigError("need 0 < base_seconds <= cap_seconds")
+        if self.in_doubt_seconds < 0:
+            raise ConfigError(f"in_doubt_seconds must be >= 0, got {self.in_doubt_seconds}")
 
     def delay(self, failures: int, rng: random.Random) -> float:
         """Backoff after the ``failures``-th failure of a round, in [d/2, d].

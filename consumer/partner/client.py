@@ -138,6 +138,16 @@ class ChouetteCoproClient:
         self, *, agency_id: str, condominium_id: str, reference: str
     ) -> RemoteDocument | None:
         """The document the relay published with this reference (LSC document id), if any."""
+        found = await self.find_all_by_reference(
+            agency_id=agency_id, condominium_id=condominium_id, reference=reference
+        )
+        return found[0] if found else None
+
+    async def find_all_by_reference(
+        self, *, agency_id: str, condominium_id: str, reference: str
+    ) -> list[RemoteDocument]:
+        """Every document of the condominium with this reference: one, or none, or copies
+        that a request thought lost left behind."""
         url = (self._base / "documents").with_query(
             {"filter[condominium]": condominium_id, "filter[reference]": reference}
         )
@@ -150,20 +160,11 @@ class ChouetteCoproClient:
             raise PartnerRetriableError(
                 "find_by_reference: the answer has no data list", status=200
             )
-        found = [
+        return [
             read_resource(item, operation="find_by_reference")
             for item in data
             if isinstance(item, dict) and reference_of(item) == reference
         ]
-        if len(found) > 1:
-            logger.warning(
-                "condominium %s holds %d documents with reference %s; using %s",
-                condominium_id,
-                len(found),
-                reference,
-                found[0].remote_id,
-            )
-        return found[0] if found else None
 
     async def _call(
         self, operation: str, method: str, url: URL, agency_id: str, *, data: Any = None
@@ -187,13 +188,24 @@ class ChouetteCoproClient:
                 raw = await response.read()
                 outcome = str(response.status)
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except aiohttp.ConnectionTimeoutError:
+            outcome = "timeout"  # no connection in time: the request never left
+            raise PartnerRetriableError(f"{operation}: ChouetteCopro timed out") from None
         except TimeoutError:
             outcome = "timeout"
-            raise PartnerRetriableError(f"{operation}: ChouetteCopro timed out") from None
-        except aiohttp.ClientError as exc:
-            outcome = "network"
+            raise PartnerRetriableError(
+                f"{operation}: ChouetteCopro timed out", in_doubt=True
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            outcome = "network"  # no connection: the request never left
             raise PartnerRetriableError(
                 f"{operation}: cannot reach ChouetteCopro: {type(exc).__name__}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            outcome = "network"  # the connection was lost: the request may have been sent
+            raise PartnerRetriableError(
+                f"{operation}: lost the connection to ChouetteCopro: {type(exc).__name__}",
+                in_doubt=True,
             ) from None
         finally:
             if self._observe is not None:
@@ -207,6 +219,8 @@ class ChouetteCoproClient:
                 self._message(operation, response.status, body),
                 status=response.status,
                 retry_after=retry_after,
+                # A gateway that gave up on the backend (502, 504) says nothing of the request.
+                in_doubt=response.status in (502, 504),
             )
         return response.status, body
 

@@ -211,7 +211,7 @@ class OperationExecutor(DocumentSetbacks):
             # in place of a document deleted by hand): look before acting, or it is created
             # twice. The lookup is this attempt's first request; the upload after it needs its
             # own token.
-            found = await self._lookup(upload)
+            found = await self._one_copy(upload, await self._lookup(upload))
             if found is not None:
                 current = RemoteState(found.remote_id, found.sha256 or "")
                 if found.sha256 == sha:
@@ -278,8 +278,8 @@ class OperationExecutor(DocumentSetbacks):
         self._settle(delete.key, deleted_record(delete))
         self._metrics.operations.labels(Lane.LIVE.value, "delete", "done").inc()
 
-    async def _lookup(self, upload: Upload) -> RemoteDocument | None:
-        return await self._partner.find_by_reference(
+    async def _lookup(self, upload: Upload) -> list[RemoteDocument]:
+        return await self._partner.find_all_by_reference(
             agency_id=upload.key.agency_id,
             condominium_id=upload.condominium_id,
             reference=upload.key.document_id,

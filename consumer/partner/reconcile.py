@@ -4,6 +4,8 @@ An ``uploading`` record in a restored view means the relay stopped between writi
 writing the result. Before any input of the partition is processed, each such document is looked
 up on the partner by its reference: found means published (with the sha256 the partner reports),
 absent means never uploaded (the intent is removed and the input, read again, uploads it once).
+A request the stopped relay had sent may still be carried out for a while: the lookups wait until
+the partner is surely done with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 from consumer.core.state import DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
@@ -28,23 +31,47 @@ async def reconcile_partition(
     writer: RecordWriter,
     scheduler: Scheduler,
     partner: ChouetteCoproClient,
+    not_before: float = 0.0,
 ) -> int:
-    """Settle every intent of ``view`` with the partner; returns how many were settled."""
+    """Settle every intent of ``view`` with the partner; returns how many were settled.
+
+    ``not_before`` (seconds since the epoch): an upload the stopped relay sent may still be
+    carried out until then (its timeout, then ``PARTNER__IN_DOUBT_SETTLE_S``), and a lookup
+    before it would miss it; the lookups wait for it.
+    """
     intents = list(view.with_status(DocStatus.UPLOADING))
     if not intents:
         return 0
+    if (wait := not_before - time.time()) > 0:
+        log.info(
+            "waiting for uploads in doubt to settle",
+            extra={"intents": len(intents), "seconds": round(wait, 1)},
+        )
+        await asyncio.sleep(wait)
 
     async def settle(intent: DocumentRecord) -> None:
         async def look_up() -> StateRecord:
             if intent.condominium_id is None:
                 return Tombstone(intent.key)
-            found = await partner.find_by_reference(
+            copies = await partner.find_all_by_reference(
                 agency_id=intent.key.agency_id,
                 condominium_id=intent.condominium_id,
                 reference=intent.key.document_id,
             )
-            if found is None:
+            if not copies:
                 return Tombstone(intent.key)
+            found = next((c for c in copies if c.sha256 == intent.sha256), copies[0])
+            if len(copies) > 1:
+                # A lookup sends nothing: the next upload of the document, or an audit's
+                # repair, withdraws the other copies.
+                log.warning(
+                    "the partner holds copies of a document",
+                    extra={
+                        "key": intent.key.encode().decode(),
+                        "kept": found.remote_id,
+                        "copies": [c.remote_id for c in copies],
+                    },
+                )
             return dataclasses.replace(
                 intent,
                 status=DocStatus.PUBLISHED,

@@ -3,7 +3,8 @@
 A job is an async callable submitted for an agency in a lane; ``submit`` returns a future that
 completes with the job's result, or with its error once the error is final (not retriable, needs
 an operator, or not the partner's doing: ``consumer.failures`` decides). Retriable partner
-failures are retried with jittered backoff or after the partner's Retry-After; a job that runs
+failures are retried with jittered backoff or after the partner's Retry-After (and a request
+whose outcome is in doubt not before the partner is surely done with it); a job that runs
 out of attempts, or fails as a half-open breaker's probe, goes to the back of its agency's queue
 behind the breaker: work is never dropped, and one job the partner always fails is not every probe.
 Workers take live work before backfill and rotate between agencies, so one agency's backfill
@@ -246,21 +247,24 @@ class Scheduler(LaneQueues):
         if not rate_limited:
             job.failures += 1
         self._requeue(job, agency)
+        # Sent, and no answer says what became of it: not again before the partner is surely
+        # done with it, or the next attempt's lookup may miss what is still on its way.
+        settled = now + self._retry.in_doubt_seconds if getattr(error, "in_doubt", False) else now
         if job.failures >= self._retry.max_attempts:
             job.failures = 0
             agency.breaker.trip(now)
-            self._behind(job, agency, RetryReason.ROUND_EXHAUSTED)
+            self._behind(job, agency, RetryReason.ROUND_EXHAUSTED, not_before=settled)
             return Outcome.REQUEUED
         if probe and not rate_limited:
             # The breaker's longer cool-down is this job's backoff.
-            self._behind(job, agency, RetryReason.BACKOFF)
+            self._behind(job, agency, RetryReason.BACKOFF, not_before=settled)
             return Outcome.REQUEUED
         if retry_after is not None:
             not_before, reason = now + max(0.0, retry_after), RetryReason.RETRY_AFTER
         else:
             not_before = now + self._retry.delay(job.failures, self._rng)
             reason = RetryReason.BACKOFF
-        heapq.heappush(self._delayed, (not_before, job.seq, job))
+        heapq.heappush(self._delayed, (max(not_before, settled), job.seq, job))
         self._observer.retry(job.agency, reason)
         return Outcome.RETRYING
 
@@ -280,8 +284,14 @@ class Scheduler(LaneQueues):
         agency.breaker.record_success(probe=probe)
         return Outcome.PARKED if verdict.disposition is Disposition.PARK else Outcome.FAILED
 
-    def _behind(self, job: Job, agency: AgencyQueues, reason: RetryReason) -> None:
+    def _behind(
+        self, job: Job, agency: AgencyQueues, reason: RetryReason, *, not_before: float
+    ) -> None:
         """Back in the queue behind the agency's other work: the next probe is another job, so
-        one document the partner always fails on is never all its agency ever asks again."""
-        self._make_ready(job, agency, first=False)
+        one document the partner always fails on is never all its agency ever asks again. A job
+        whose outcome is in doubt waits until ``not_before`` first."""
+        if not_before > self._clock():
+            heapq.heappush(self._delayed, (not_before, job.seq, job))
+        else:
+            self._make_ready(job, agency, first=False)
         self._observer.retry(job.agency, reason)

@@ -1,5 +1,6 @@
 """What the executor does when a document's work fails: it waits on its own, is parked or
-dead-lettered, and the view and changelog say what the partner holds after a refusal.
+dead-lettered, the view and changelog say what the partner holds after a refusal, and copies
+left by a request thought lost are withdrawn.
 
 ``DocumentSetbacks`` is the executor's half that handles failures (``OperationExecutor`` inherits
 it); the collaborators' protocols and ``RemoteState`` live here so both halves share them.
@@ -22,6 +23,7 @@ from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, 
 from consumer.errors import ContentError
 from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
+from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
 
@@ -74,6 +76,35 @@ class DocumentSetbacks:
 
     def _settle(self, key: DocKey, record: StateRecord) -> None:
         raise NotImplementedError
+
+    async def _one_copy(self, upload: Upload, found: list[RemoteDocument]) -> RemoteDocument | None:
+        """The copy to keep of those a lookup found, the others withdrawn.
+
+        Copies come from a request the relay thought lost that the partner carried out later
+        than ``PARTNER__IN_DOUBT_SETTLE_S``. They carry the relay's reference, so they are the
+        relay's own: the one with this upload's content stays (else the first), each other one
+        is withdrawn, a request with a token of its own.
+        """
+        if len(found) < 2:
+            return found[0] if found else None
+        sha = upload.document.content.sha256
+        keep = next((copy for copy in found if copy.sha256 == sha), found[0])
+        agency = upload.key.agency_id
+        for copy in found:
+            if copy is keep:
+                continue
+            await self._scheduler.take_token(agency)
+            await self._partner.delete(agency_id=agency, remote_id=copy.remote_id)
+            self._metrics.operations.labels(upload.lane.value, "delete", "duplicate").inc()
+            log.warning(
+                "withdrew a second copy of a document",
+                extra={
+                    "key": upload.key.encode().decode(),
+                    "kept": keep.remote_id,
+                    "withdrawn": copy.remote_id,
+                },
+            )
+        return keep
 
     async def _submit(
         self,

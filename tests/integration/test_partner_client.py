@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import email.utils
@@ -17,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from consumer.core.events import Audience, Content, Document, Module
 from consumer.errors import (
@@ -26,7 +28,7 @@ from consumer.errors import (
     PartnerRetriableError,
 )
 from consumer.local.pdf import make_pdf
-from consumer.local.sandbox import RateLimit, SandboxServer
+from consumer.local.sandbox import Answer, RateLimit, SandboxServer, Scripted
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.keys import ApiKeyStore
@@ -219,10 +221,11 @@ async def test_timeout_is_retriable_and_observed(
 ) -> None:
     sandbox.set_faults(latency_ms=2000)
     async with make_client(sandbox.base_url, timeout_s=0.1, observe=observations) as client:
-        with pytest.raises(PartnerRetriableError, match="timed out"):
+        with pytest.raises(PartnerRetriableError, match="timed out") as caught:
             await upload(client)
 
     assert observations.calls == [("upload", "timeout")]
+    assert caught.value.in_doubt  # sent, and no answer: the partner may still carry it out
 
 
 async def test_connection_refused_is_retriable(observations: Observations) -> None:
@@ -230,10 +233,11 @@ async def test_connection_refused_is_retriable(observations: Observations) -> No
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     async with make_client(f"http://127.0.0.1:{port}/api/v1", observe=observations) as client:
-        with pytest.raises(PartnerRetriableError, match="cannot reach"):
+        with pytest.raises(PartnerRetriableError, match="cannot reach") as caught:
             await upload(client)
 
     assert observations.calls == [("upload", "network")]
+    assert not caught.value.in_doubt  # nothing was sent: no doubt about the outcome
 
 
 async def test_unknown_key_parks_the_agency(sandbox: SandboxServer) -> None:
@@ -506,3 +510,37 @@ def test_empty_key_files_and_odd_names_are_ignored(tmp_path: Path) -> None:
     (tmp_path / "agence-b").write_text("key-b")
 
     assert ApiKeyStore(tmp_path).agencies() == frozenset({"agence-b"})
+
+
+# -- outcomes in doubt ---------------------------------------------------------------------
+
+
+async def test_a_create_given_up_on_is_in_doubt_and_may_still_land(
+    sandbox: SandboxServer,
+) -> None:
+    sandbox.script("POST", Scripted(Answer.LATE, delay_s=1.5))
+    async with make_client(sandbox.base_url, timeout_s=0.5) as client:
+        with pytest.raises(PartnerRetriableError) as raised:
+            await upload(client)
+        assert raised.value.in_doubt
+        assert sandbox.documents("c-1") == []
+        for _ in range(50):  # the partner carries it out after the relay gave up
+            if sandbox.documents("c-1"):
+                break
+            await asyncio.sleep(0.1)
+        assert [d.reference for d in sandbox.documents("c-1")] == ["evt-1:att-1"]
+
+
+@pytest.mark.parametrize(("status", "in_doubt"), [(502, True), (504, True), (503, False)])
+async def test_a_gateway_that_gave_up_leaves_the_outcome_in_doubt(
+    sandbox: SandboxServer, status: int, in_doubt: bool
+) -> None:
+    async def gateway(request: web.Request) -> web.Response:
+        return web.Response(status=status, text="<html>gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gateway)
+    async with TestServer(app) as server, make_client(str(server.make_url("/api/v1"))) as client:
+        with pytest.raises(PartnerRetriableError) as raised:
+            await upload(client)
+    assert raised.value.in_doubt is in_doubt

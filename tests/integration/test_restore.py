@@ -24,7 +24,7 @@ from consumer.app.relay import Relay
 from consumer.core.routing import load_routing
 from consumer.core.state import BuildingRecord, DocumentRecord
 from consumer.errors import ConfigError
-from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, restore_partition
+from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, Restored, restore_partition
 from consumer.local.kafka import create_topics, free_port
 from consumer.partner.keys import ApiKeyStore
 from consumer.settings import HttpSettings
@@ -115,7 +115,7 @@ def gated_restore(monkeypatch: pytest.MonkeyPatch) -> Iterator[asyncio.Event]:
     """Holds every changelog restore of the relay until the returned event is set."""
     gate = asyncio.Event()
 
-    async def restore_when_open(**arguments: Any) -> int:
+    async def restore_when_open(**arguments: Any) -> Restored:
         await gate.wait()
         return await restore_partition(**arguments)
 

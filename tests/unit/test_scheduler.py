@@ -334,6 +334,42 @@ async def test_backoff_between_attempts_is_bounded_and_grows(
     assert observer.retries == [("a", RetryReason.BACKOFF)] * 3
 
 
+async def test_a_request_in_doubt_is_not_tried_again_before_the_partner_is_surely_done(
+    make_scheduler: MakeScheduler,
+) -> None:
+    # Sent and never answered: the partner may still carry it out, so the next attempt (whose
+    # lookup must see it) waits ``in_doubt_seconds``; a plain 503 only waits its backoff, and
+    # the agency's other jobs go meanwhile.
+    policy = RetryPolicy(
+        max_attempts=5, base_seconds=0.001, cap_seconds=0.001, in_doubt_seconds=0.3
+    )
+    lost = Job("lost", failing(1, lambda: PartnerRetriableError("timed out", in_doubt=True)))
+    refused, other = Job("refused", failing(1)), Job("other")
+    async with make_scheduler(retry=policy, concurrency=1) as scheduler:
+        futures = [scheduler.submit(j, agency_id="a", lane=Lane.LIVE) for j in (lost, refused)]
+        await eventually(lambda: bool(lost.failed_at))
+        futures.append(scheduler.submit(other, agency_id="a", lane=Lane.LIVE))
+        assert await all_done(futures) == ["lost", "refused", "other"]
+
+    assert lost.attempts[1] - lost.failed_at[0] >= 0.3
+    assert refused.attempts[1] - refused.failed_at[0] < 0.3
+    assert other.attempts[0] < lost.attempts[1]
+
+
+async def test_a_request_in_doubt_that_ends_a_round_still_waits_before_the_next(
+    make_scheduler: MakeScheduler,
+) -> None:
+    policy = RetryPolicy(
+        max_attempts=1, base_seconds=0.001, cap_seconds=0.001, in_doubt_seconds=0.3
+    )
+    breaker = BreakerPolicy(failure_threshold=100, cooldown_seconds=0.01, max_cooldown_seconds=0.01)
+    lost = Job("lost", failing(1, lambda: PartnerRetriableError("502", status=502, in_doubt=True)))
+    async with make_scheduler(retry=policy, breaker=breaker) as scheduler:
+        assert await all_done([scheduler.submit(lost, agency_id="a", lane=Lane.LIVE)]) == ["lost"]
+
+    assert lost.attempts[1] - lost.failed_at[0] >= 0.3
+
+
 def test_backoff_delays_are_jittered_within_their_bounds() -> None:
     policy = RetryPolicy(max_attempts=10, base_seconds=1.0, cap_seconds=8.0)
     rng = random.Random(1)  # noqa: S311 - jitter, seeded for repeatable tests
