@@ -36,7 +36,7 @@ class PartnerError(RelayError):
 class PartnerRetriableError(PartnerError):
     """Transient: network failure, 5xx, 429. Retry after a backoff (or ``retry_after``).
 
-    ``in_doubt``: the request was sent and no answer says what became of it (a timeout, a
+    ``in_doubt``: a create was sent and no answer says what became of it (a timeout, a
     connection lost after sending, a gateway's 502 or 504). The partner may still carry it out
     later, so it is not tried again (nor looked up) before the partner is surely done with it.
     """

@@ -224,8 +224,19 @@ async def test_timeout_is_retriable_and_observed(
         with pytest.raises(PartnerRetriableError, match="timed out") as caught:
             await upload(client)
 
-    assert observations.calls == [("upload", "timeout")]
-    assert caught.value.in_doubt  # sent, and no answer: the partner may still carry it out
+        with pytest.raises(PartnerRetriableError, match="timed out") as looked_up:
+            await client.find_by_reference(agency_id=AGENCY, condominium_id="c-1", reference="x")
+        with pytest.raises(PartnerRetriableError, match="timed out") as withdrawn:
+            await client.delete(agency_id=AGENCY, remote_id="doc-000001")
+
+    assert observations.calls == [
+        ("upload", "timeout"),
+        ("find_by_reference", "timeout"),
+        ("delete", "timeout"),
+    ]
+    assert caught.value.in_doubt  # a create sent, and no answer: it may still be carried out
+    assert not looked_up.value.in_doubt  # a lookup or a withdrawal sent twice changes nothing
+    assert not withdrawn.value.in_doubt
 
 
 async def test_connection_refused_is_retriable(observations: Observations) -> None:
