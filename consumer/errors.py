@@ -36,9 +36,10 @@ class PartnerError(RelayError):
 class PartnerRetriableError(PartnerError):
     """Transient: network failure, 5xx, 429. Retry after a backoff (or ``retry_after``).
 
-    ``in_doubt``: a create was sent and no answer says what became of it (a timeout, a
-    connection lost after sending, a gateway's 502 or 504). The partner may still carry it out
-    later, so it is not tried again (nor looked up) before the partner is surely done with it.
+    ``in_doubt``: a create or an update was sent and no answer says what became of it (a
+    timeout, a connection lost after sending, a gateway's 502 or 504). The partner may still
+    carry it out later (a second copy, or an update landing after the next one), so it is not
+    tried again (nor looked up) before the partner is surely done with it.
     """
 
     retriable = True

@@ -115,7 +115,7 @@ class PartnerSettings(_Group):
         default=30.0,
         ge=0,
         le=3600,
-        description="After a create that got no answer (a timeout, a lost connection, a "
+        description="After a create or update that got no answer (a timeout, a lost connection, a "
         "gateway's 502 or 504), how long ChouetteCopro may still carry it out: the document is "
         "looked up by reference, and sent again, only after that.",
     )

@@ -183,9 +183,9 @@ class ChouetteCoproClient:
             )
         started = time.monotonic()
         outcome = "cancelled"
-        # Only a create can leave something behind when it is carried out after no answer came:
-        # an update or a withdrawal sent twice changes nothing, a lookup changes nothing.
-        creates = method == "POST"
+        # Carried out after no answer came, a create leaves a second copy and an update may land
+        # after the document's next one; a lookup or a withdrawal (of that id) changes nothing.
+        writes = method in ("POST", "PATCH")
         try:
             async with session.request(method, url, headers=headers, data=data) as response:
                 raw = await response.read()
@@ -197,7 +197,7 @@ class ChouetteCoproClient:
         except TimeoutError:
             outcome = "timeout"
             raise PartnerRetriableError(
-                f"{operation}: ChouetteCopro timed out", in_doubt=creates
+                f"{operation}: ChouetteCopro timed out", in_doubt=writes
             ) from None
         except aiohttp.ClientConnectorError as exc:
             outcome = "network"  # no connection: the request never left
@@ -208,7 +208,7 @@ class ChouetteCoproClient:
             outcome = "network"  # the connection was lost: the request may have been sent
             raise PartnerRetriableError(
                 f"{operation}: lost the connection to ChouetteCopro: {type(exc).__name__}",
-                in_doubt=creates,
+                in_doubt=writes,
             ) from None
         finally:
             if self._observe is not None:
@@ -223,7 +223,7 @@ class ChouetteCoproClient:
                 status=response.status,
                 retry_after=retry_after,
                 # A gateway that gave up on the backend (502, 504) says nothing of the request.
-                in_doubt=creates and response.status in (502, 504),
+                in_doubt=writes and response.status in (502, 504),
             )
         return response.status, body
 

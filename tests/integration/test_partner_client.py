@@ -224,6 +224,11 @@ async def test_timeout_is_retriable_and_observed(
         with pytest.raises(PartnerRetriableError, match="timed out") as caught:
             await upload(client)
 
+        document, pdf = lsc_document()
+        with pytest.raises(PartnerRetriableError, match="timed out") as updated:
+            await client.update(
+                agency_id=AGENCY, remote_id="doc-000001", document=document, content=pdf
+            )
         with pytest.raises(PartnerRetriableError, match="timed out") as looked_up:
             await client.find_by_reference(agency_id=AGENCY, condominium_id="c-1", reference="x")
         with pytest.raises(PartnerRetriableError, match="timed out") as withdrawn:
@@ -231,11 +236,13 @@ async def test_timeout_is_retriable_and_observed(
 
     assert observations.calls == [
         ("upload", "timeout"),
+        ("update", "timeout"),
         ("find_by_reference", "timeout"),
         ("delete", "timeout"),
     ]
     assert caught.value.in_doubt  # a create sent, and no answer: it may still be carried out
-    assert not looked_up.value.in_doubt  # a lookup or a withdrawal sent twice changes nothing
+    assert updated.value.in_doubt  # an update too: it may land after the document's next one
+    assert not looked_up.value.in_doubt  # a lookup or a withdrawal of an id twice changes nothing
     assert not withdrawn.value.in_doubt
 
 
