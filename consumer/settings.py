@@ -50,6 +50,18 @@ class KafkaSettings(_Group):
     max_value_bytes: int = Field(default=1_048_576, ge=1024)
     commit_interval_s: float = Field(default=1.0, gt=0)
     max_poll_records: int = Field(default=500, ge=1)
+    max_pending_live: int = Field(
+        default=20_000,
+        ge=1,
+        description="Live partner operations waiting per input partition before reading it "
+        "pauses (it resumes under half).",
+    )
+    max_pending_backfill: int = Field(
+        default=100_000,
+        ge=1,
+        description="First-publication operations waiting per input partition before reading "
+        "it pauses (it resumes under half): a bound on memory, about 2.5 kB each.",
+    )
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     unavailable_timeout_s: float = Field(
         default=300.0,

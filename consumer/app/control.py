@@ -51,7 +51,11 @@ class RelayControl:
                 "documents": proc.view.size,
                 "by_status": {s.value: n for s, n in proc.view.counts().items()},
                 "pending_operations": proc.pending_operations,
+                "pending_by_lane": dict(
+                    zip(("live", "backfill"), proc.pending_by_lane, strict=True)
+                ),
                 "held_operations": proc.held_operations,
+                "reading_paused": ingest is not None and ingest.reading_paused(p),
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),
             }

@@ -30,7 +30,7 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
-from consumer.core.planning.plan import Plan, Upload
+from consumer.core.planning.plan import Lane, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -109,6 +109,11 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         """Unfinished operations, not counting a paused agency's: its held work must not stop
         the partition's other agencies (back-pressure), nor hold up a shutdown's drain."""
         return self._executor.pending
+
+    @property
+    def pending_by_lane(self) -> tuple[int, int]:
+        """Unfinished live and backfill operations (a paused agency's not counted)."""
+        return self._executor.pending_in(Lane.LIVE), self._executor.pending_in(Lane.BACKFILL)
 
     @property
     def held_operations(self) -> int:

@@ -32,6 +32,9 @@ class PartitionWork(Protocol):
     def pending_operations(self) -> int: ...
 
     @property
+    def pending_by_lane(self) -> tuple[int, int]: ...
+
+    @property
     def manifests_topic(self) -> str: ...
 
     def committable(self) -> dict[str, int]: ...
@@ -72,7 +75,7 @@ class Ingest(Generic[P]):
         watch: BrokerWatch,
         probe: Callable[[], Awaitable[object]],
         on_unavailable: Callable[[BaseException], None],
-        max_pending_per_partition: int = 20_000,
+        max_pending: tuple[int, int] = (20_000, 100_000),
         on_assignment: Callable[[set[int]], None] = lambda owned: None,
     ) -> None:
         self._consumer = consumer
@@ -82,7 +85,7 @@ class Ingest(Generic[P]):
         self._metrics = metrics
         self._commit_interval_s = commit_interval_s
         self._max_records = max_records
-        self._max_pending = max_pending_per_partition
+        self._max_live, self._max_backfill = max_pending
         self._watch = watch
         self._probe = probe
         self._on_unavailable = on_unavailable
@@ -236,15 +239,26 @@ class Ingest(Generic[P]):
         if tp in self._consumer.assignment():
             self._consumer.seek(tp, offset)
 
+    def reading_paused(self, partition: int) -> bool:
+        """Whether back-pressure paused reading ``partition`` (``/status``)."""
+        paused = self._consumer.paused()
+        return any(TopicPartition(topic, partition) in paused for topic in self._topics)
+
     def _apply_backpressure(self) -> None:
+        """Pause reading a partition whose live or backfill work reached its bound; resume once
+        both are under half of it. Each lane has its own bound, so a first publication's queued
+        backfill (rate-limited, hours long) never stops the partition's live documents."""
         for partition, processor in self.processors.items():
             tps = [TopicPartition(topic, partition) for topic in self._topics]
-            if processor.pending_operations >= self._max_pending:
+            live, backfill = processor.pending_by_lane
+            if live >= self._max_live or backfill >= self._max_backfill:
                 self._consumer.pause(*tps)
-            elif processor.pending_operations < self._max_pending // 2:
-                paused = self._consumer.paused()
-                if any(tp in paused for tp in tps):
-                    self._consumer.resume(*tps)
+            elif (
+                live < self._max_live // 2
+                and backfill < self._max_backfill // 2
+                and self.reading_paused(partition)
+            ):
+                self._consumer.resume(*tps)
 
     def _forget_lag(self, partitions: set[int]) -> None:
         """Revoked partitions are another replica's to report: a frozen lag would sum twice."""

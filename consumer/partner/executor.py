@@ -105,8 +105,12 @@ class OperationExecutor(DocumentSetbacks):
 
     @property
     def pending(self) -> int:
-        """Operations not finished, of agencies that are not paused: what back-pressure counts."""
+        """Operations not finished, of agencies that are not paused: what a drain waits for."""
         return self._window.pending(paused=False)
+
+    def pending_in(self, lane: Lane) -> int:
+        """Those of one lane: what back-pressure counts, each lane against its own bound."""
+        return self._window.pending(paused=False, lane=lane)
 
     @property
     def held(self) -> int:

@@ -17,13 +17,15 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 from consumer.core.planning.plan import Delete, Lane, Operation, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.state import DocKey, DocumentRecord
 
 _LANES = (Lane.LIVE, Lane.BACKFILL)
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +125,19 @@ class Window:
         # Every key with unfinished work, and the operations (or steps) waiting behind the one
         # queued or running (None while there are none: most documents have one operation).
         self._keys: dict[DocKey, deque[tuple[Entry, Batch] | Step] | None] = {}
-        self._pending: dict[str, int] = {}
+        self._pending: dict[tuple[str, Lane], int] = {}  # per agency and lane
         self._room = _Room()
         self._chains: set[asyncio.Task[None]] = set()
 
-    def pending(self, *, paused: bool) -> int:
-        """Operations not finished, of the agencies paused (``paused``) or of the others."""
+    def pending(self, *, paused: bool, lane: Lane | None = None) -> int:
+        """Operations not finished, of the agencies paused (``paused``) or of the others, in
+        ``lane`` or in both."""
         stopped = self._paused()
-        return sum(n for agency, n in self._pending.items() if (agency in stopped) is paused)
+        return sum(
+            n
+            for (agency, in_lane), n in self._pending.items()
+            if (agency in stopped) is paused and lane in (None, in_lane)
+        )
 
     def has_followers(self, key: DocKey) -> bool:
         """Whether later operations on ``key`` wait behind the running one."""
@@ -154,7 +161,8 @@ class Window:
         for entry in entries:
             batch.remaining += 1
             key = entry_operation(entry).key
-            self._pending[key.agency_id] = self._pending.get(key.agency_id, 0) + 1
+            counted = (key.agency_id, entry_lane(entry))
+            self._pending[counted] = self._pending.get(counted, 0) + 1
             if key in self._keys:
                 # Earlier work on this document is queued or running: this goes after it.
                 followers = self._keys[key] or deque()
@@ -306,14 +314,14 @@ class Window:
         return None
 
     def _end(self, entry: Entry, batch: Batch, error: BaseException | None) -> None:
-        _decrement(self._pending, entry_operation(entry).key.agency_id)
+        _decrement(self._pending, (entry_operation(entry).key.agency_id, entry_lane(entry)))
         self._finished(entry)
         batch.finish(error)
 
 
-def _decrement(counts: dict[str, int], agency: str) -> None:
-    left = counts[agency] - 1
+def _decrement(counts: dict[K, int], counted: K) -> None:
+    left = counts[counted] - 1
     if left:
-        counts[agency] = left
+        counts[counted] = left
     else:
-        del counts[agency]
+        del counts[counted]

@@ -2,9 +2,10 @@
 
 A first publication paused mid-way leaves tens of thousands of operations waiting. They wait as
 queued items with their offsets uncommitted, but count neither toward the partition's
-back-pressure (20,000 pending operations stop reading it), so the agencies sharing the partition
-keep flowing, nor toward the drain of a shutdown, which would otherwise wait its whole timeout
-for work that cannot run. After a restart the held work is read again and waits again.
+back-pressure (its first-publication bound, ``KAFKA__MAX_PENDING_BACKFILL``, made small here), so
+the agencies sharing the partition keep flowing, nor toward the drain of a shutdown, which would
+otherwise wait its whole timeout for work that cannot run. After a restart the held work is read
+again and waits again.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any
 import pytest
 
 from consumer.app.relay import Relay
+from consumer.settings import KafkaSettings
 from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
 from tests.integration.operator_helpers import cli
 
 pytestmark = pytest.mark.integration
 
 PAUSED, OTHER = "agence-a", "agence-b"
-BACKPRESSURE = 20_000  # the pending operations at which ingest stops reading a partition
+BACKPRESSURE = 1_000  # the pending first-publication operations that stop reading a partition
 
 
 def _partition(relay: Relay) -> dict[str, Any]:
@@ -52,7 +54,10 @@ async def test_a_paused_first_publication_does_not_stall_the_other_agencies_of_i
     relay_world: WorldFactory,
 ) -> None:
     world = await relay_world(agencies=_agencies(), partitions=1)
-    relay = await world.start_relay()
+    kafka = world.settings().kafka.model_dump()
+    relay = await world.start_relay(
+        kafka=KafkaSettings(**{**kafka, "max_pending_backfill": BACKPRESSURE})
+    )
     await _pause(world, relay)
 
     listed = _history(world, BACKPRESSURE + 500)
