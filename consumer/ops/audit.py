@@ -25,8 +25,9 @@ from consumer.core.audit import compare
 from consumer.core.commands import AgencyAction, Finding, FindingKind
 from consumer.core.planning.plan import Lane
 from consumer.core.state import ON_PARTNER, DocumentRecord
-from consumer.errors import ConfigError
-from consumer.partner.client import ChouetteCoproClient, list_documents
+from consumer.errors import ConfigError, PartnerRetriableError
+from consumer.partner.answers import RemoteDocument
+from consumer.partner.client import ChouetteCoproClient, list_page
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.ratelimit import RateLimit, TokenBucket
 
@@ -76,7 +77,7 @@ async def run_audit(
         base_url=settings.partner.base_url, api_keys=keys, timeout_s=settings.partner.timeout_s
     ) as partner:
         for condominium, buildings in sorted(buildings_of.items()):
-            remote = await list_documents(
+            remote = await _list_documents(
                 partner, agency_id=agency_id, condominium_id=condominium, pace=pace
             )
             known = [r for b in buildings for r in records.get(b, [])]
@@ -137,6 +138,45 @@ _REPAIR_NOTE = (
     "their ids ('repair: documents no longer in the input are forgotten ...')"
 )
 _PER_COMMAND = 500  # findings per repair command: well under the topic's message size
+
+
+_PAGE_ATTEMPTS = 5  # a page the partner fails (429, 5xx, a timeout) this often ends the audit
+_PAGE_WAIT_S = 30.0  # a partner that asks for a longer wait (an outage) ends it at once
+
+
+async def _list_documents(
+    partner: ChouetteCoproClient,
+    *,
+    agency_id: str,
+    condominium_id: str,
+    pace: AuditPace,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> list[RemoteDocument]:
+    """Every document of a condominium, page by page, each request paced.
+
+    A page the partner fails for a while is asked again after its Retry-After (or 1, 2, 4, 8 s):
+    one 429 or 503 in an audit of thousands of documents does not end it. A partner asking for
+    more than ``_PAGE_WAIT_S``, or failing the page ``_PAGE_ATTEMPTS`` times, ends the audit.
+    """
+    found: list[RemoteDocument] = []
+    number = 1
+    while True:
+        for attempt in range(1, _PAGE_ATTEMPTS + 1):
+            await pace()
+            try:
+                page, more = await list_page(
+                    partner, agency_id=agency_id, condominium_id=condominium_id, number=number
+                )
+                break
+            except PartnerRetriableError as exc:
+                wait = exc.retry_after if exc.retry_after is not None else 2.0 ** (attempt - 1)
+                if attempt == _PAGE_ATTEMPTS or wait > _PAGE_WAIT_S:
+                    raise
+                await sleep(wait)
+        found += page
+        if not more:
+            return found
+        number += 1
 
 
 class AuditPace:

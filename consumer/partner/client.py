@@ -12,7 +12,7 @@ import base64
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -273,39 +273,33 @@ def _document_form(resource: Mapping[str, Any], content: bytes) -> aiohttp.FormD
     return form
 
 
-async def list_documents(
+async def list_page(
     client: ChouetteCoproClient,
     *,
     agency_id: str,
     condominium_id: str,
+    number: int,
     page_size: int = 100,
-    pace: Callable[[], Awaitable[None]] | None = None,
-) -> list[RemoteDocument]:
-    """Every document of a condominium, hand-made ones included (reference None), page by page.
+) -> tuple[list[RemoteDocument], bool]:
+    """One page of a condominium's documents, hand-made ones included (reference None), and
+    whether another page follows.
 
     A function beside the class rather than a method, so that it stays one self-contained
     addition to this module; it speaks the same ``listDocuments`` operation as
     ``find_by_reference``.
     """
-    found: list[RemoteDocument] = []
-    number = 1
-    while True:
-        if pace is not None:  # the caller's limiter: one token per page requested
-            await pace()
-        url = (client._base / "documents").with_query(
-            {
-                "filter[condominium]": condominium_id,
-                "page[number]": str(number),
-                "page[size]": str(page_size),
-            }
-        )
-        status, body = await client._call("list", "GET", url, agency_id)
-        client._expect(status, body, ok=(200,), operation="list", not_found=PartnerParkedError)
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise PartnerRetriableError("list: the answer has no data list", status=200)
-        found += [read_resource(item, operation="list") for item in data if isinstance(item, dict)]
-        links = body.get("links") if isinstance(body, dict) else None
-        if not data or not isinstance(links, dict) or not links.get("next"):
-            return found
-        number += 1
+    url = (client._base / "documents").with_query(
+        {
+            "filter[condominium]": condominium_id,
+            "page[number]": str(number),
+            "page[size]": str(page_size),
+        }
+    )
+    status, body = await client._call("list", "GET", url, agency_id)
+    client._expect(status, body, ok=(200,), operation="list", not_found=PartnerParkedError)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise PartnerRetriableError("list: the answer has no data list", status=200)
+    found = [read_resource(item, operation="list") for item in data if isinstance(item, dict)]
+    links = body.get("links") if isinstance(body, dict) else None
+    return found, bool(data) and isinstance(links, dict) and bool(links.get("next"))

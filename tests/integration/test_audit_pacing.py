@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from consumer.app.relay import Relay
+from consumer.local.sandbox import Answer, Scripted
 from consumer.local.sandbox import RateLimit as SandboxRate
 from consumer.settings import AuditSettings
 from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, metric
@@ -135,6 +136,24 @@ async def test_the_cli_asks_a_replica_to_audit_and_the_findings_metric_is_set(
     assert asked["findings"] == {"missing": 1, "unexpected": 0, "changed": 0}
     assert asked["requests"]["agency_limiter"] is True
     assert await metric(relay, "chouette_relay_audit_findings", agency=AGENCY, kind="missing") == 1
+
+
+async def test_an_audit_goes_on_after_a_short_refusal_of_the_partner(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    for number in range(250):  # three pages
+        world.sandbox.seed_manual_document("c-1", f"Affiche {number}")
+    # The first page is refused twice: too many requests, then unavailable.
+    world.sandbox.script("GET", Scripted(Answer.REFUSE, 429), Scripted(Answer.REFUSE, 503))
+
+    out, _ = await cli_output(world, "audit", "--agency", AGENCY)
+
+    assert world.sandbox.scripted_left() == 0
+    assert world.sandbox.request_count("GET", 429) == 1
+    assert world.sandbox.request_count("GET", 503) == 1
+    assert world.sandbox.request_count("GET", 200) == 3
+    assert orjson.loads(out)["condominia"][0]["hand_made"] == 250
 
 
 async def test_an_audit_the_partner_does_not_answer_stops_with_why_and_repairs_nothing(
