@@ -135,6 +135,22 @@ class ChaosRun:
                 response.raise_for_status()
                 return await response.text()
 
+    async def idle(self) -> None:
+        """Wait until the relay has no partner work left: no operation pending on any partition.
+
+        The partner may hold the expected state while a retry is still due (a withdrawal whose
+        answer was lost, tried again after its backoff); a scripted answer set then would meet
+        that retry instead of the request it is meant for.
+        """
+
+        async def nothing_pending() -> bool:
+            status = orjson.loads(await self.ops("/status"))
+            return all(p["pending_operations"] == 0 for p in status["partitions"].values())
+
+        await self.world.wait_until(
+            nothing_pending, timeout=60, what="the relay idle", interval=0.3
+        )
+
 
 @dataclass
 class PartnerSide:
@@ -146,9 +162,9 @@ class PartnerSide:
 
 
 async def partner_side(run: ChaosRun, stream: ChaosStream) -> PartnerSide:
-    """Issue #7's partner-side cases, one at a time from the converged state, so that each
-    scripted answer meets the request it is meant for. No restart follows: a restart sends
-    parked work again, which is the operator's fix, not the relay's failure."""
+    """Issue #7's partner-side cases, one at a time from the converged state and an idle relay,
+    so that each scripted answer meets the request it is meant for. No restart follows: a
+    restart sends parked work again, which is the operator's fix, not the relay's failure."""
     world, lsc, sandbox, side = run.world, stream.lsc, run.world.sandbox, PartnerSide()
     # Withdrawals refused: a revoked key (403), and a 401 that echoes the credentials.
     refusals = (Scripted(Answer.REFUSE, 403), Scripted(Answer.ECHO_CREDENTIALS, 401))
@@ -158,6 +174,7 @@ async def partner_side(run: ChaosRun, stream: ChaosStream) -> PartnerSide:
         sent = sorted(d for d in lsc.truth[place] if (condominium, d) in stream.expected)
         if not sent:
             continue
+        await run.idle()  # the last withdrawal's retries, if any, are over
         sandbox.script("DELETE", refusal)
         del lsc.truth[place][sent[0]]
         side.kept.add((condominium, sent[0]))
@@ -168,6 +185,7 @@ async def partner_side(run: ChaosRun, stream: ChaosStream) -> PartnerSide:
         await world.wait_until(lambda: sandbox.scripted_left("DELETE") == 0, what="a refusal")
     # An upload refused for good by an answer that echoes the credentials: a dead letter.
     place = ("agence-nord", "nord-2")
+    await run.idle()
     sandbox.script("POST", Scripted(Answer.ECHO_CREDENTIALS, 422))
     event = lsc.document_created(
         place, lsc.new_document(place, audience="building"), occurred_at=lsc.tick()
@@ -179,6 +197,7 @@ async def partner_side(run: ChaosRun, stream: ChaosStream) -> PartnerSide:
     # Answers malformed after the partner acted (or not): each document there once.
     place = ("agence-est", "est-2")
     malformed = (Answer.BAD_JSON, Answer.HTML_502, Answer.ERROR_200, Answer.HANG)
+    await run.idle()
     sandbox.script("POST", *(Scripted(answer) for answer in malformed))
     for _ in malformed:
         document = lsc.new_document(place, audience="building")
