@@ -115,9 +115,11 @@ def orphan_part(lsc: Lsc, place: Place) -> list[Publish]:
 
 
 def inconsistent_parts(lsc: Lsc, place: Place) -> list[Publish]:
-    """Part 1 of a snapshot, then part 1 again listing something else."""
+    """Part 1 of a snapshot, then part 1 again listing something else. Taken at a new instant:
+    at the instant of the building's last complete manifest it would be superseded on arrival
+    (dropped without effect, both parts), and nothing would be left to contradict."""
     first, _ = lsc.snapshot(
-        place, _short_listing(lsc, place), modules=MODULES, taken_at=lsc.clock, parts=2
+        place, _short_listing(lsc, place), modules=MODULES, taken_at=lsc.tick(), parts=2
     )
     other = {**first, "items": [_bad_document(lsc, place)]}
     return [
