@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,20 @@ async def cli_output(
     out, err = await asyncio.wait_for(process.communicate(), timeout=120)
     assert process.returncode == expect, err.decode()
     return out.decode(), err.decode()
+
+
+def many_documents(world: RelayWorld, count: int) -> list[dict[str, Any]]:
+    """``count`` documents sharing one stored PDF: what matters is how many there are."""
+    model = world.document()
+    return [{**copy.deepcopy(model), "id": f"history-{n}:1"} for n in range(count)]
+
+
+async def live_document_sent(
+    world: RelayWorld, agency: str, building: str, condominium: str, *, within: float, what: str
+) -> None:
+    """Publish a new document-created event and wait until ChouetteCopro holds the document."""
+    live = world.document()
+    await world.publish(world.document_created(agency, building, live))
+    await world.wait_until(
+        lambda: live["id"] in world.partner_references(condominium), timeout=within, what=what
+    )

@@ -8,7 +8,6 @@ stop every other building of the partition for as long. Real broker, real sandbo
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from typing import Any
 
@@ -16,7 +15,8 @@ import pytest
 
 from consumer.app.relay import Relay
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory
+from tests.integration.operator_helpers import live_document_sent, many_documents
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +29,6 @@ def _partition(relay: Relay) -> dict[str, Any]:
     return dict(only)
 
 
-def _history(world: RelayWorld, count: int) -> list[Json]:
-    """``count`` documents sharing one stored PDF: what matters here is how many there are."""
-    model = world.document()
-    return [{**copy.deepcopy(model), "id": f"history-{n}:1"} for n in range(count)]
-
-
 async def _start(world: RelayWorld, *, live: int, backfill: int) -> Relay:
     kafka = world.settings().kafka.model_dump()
     bounds = {"max_pending_live": live, "max_pending_backfill": backfill}
@@ -43,7 +37,7 @@ async def _start(world: RelayWorld, *, live: int, backfill: int) -> Relay:
 
 async def _onboard(world: RelayWorld, relay: Relay) -> None:
     """A first publication of ``HISTORY`` documents, all planned and queued."""
-    listed = _history(world, HISTORY)
+    listed = many_documents(world, HISTORY)
     taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     await world.publish(*world.manifest_parts(ONBOARDING, "bat-1", listed, taken_at=taken_at))
     await world.wait_until(
@@ -68,13 +62,8 @@ async def test_a_first_publication_queue_does_not_stop_the_live_documents_of_its
     relay = await _start(world, live=20, backfill=10_000)
     await _onboard(world, relay)
 
-    live = world.document()
-    await world.publish(world.document_created(OTHER, "bat-9", live))
-
-    await world.wait_until(
-        lambda: live["id"] in world.partner_references("c-9"),
-        timeout=10,
-        what="the other agency's live document, during the first publication",
+    await live_document_sent(
+        world, OTHER, "bat-9", "c-9", within=10, what="a live document during the backfill"
     )
     assert len(world.partner_references("c-1")) < HISTORY // 2, "the backfill was already over"
     assert not _partition(relay)["reading_paused"]
@@ -88,13 +77,8 @@ async def test_reading_pauses_at_the_backfill_bound_and_resumes_under_half_of_it
     await _onboard(world, relay)
     await world.wait_until(lambda: _partition(relay)["reading_paused"], what="reading paused")
 
-    live = world.document()
-    await world.publish(world.document_created(OTHER, "bat-9", live))
-
-    await world.wait_until(
-        lambda: live["id"] in world.partner_references("c-9"),
-        timeout=60,
-        what="the live document, once the backfill is under half its bound",
+    await live_document_sent(
+        world, OTHER, "bat-9", "c-9", within=60, what="a live document, the backfill under half"
     )
     # Not read before the queued backfill fell under half the bound (HISTORY // 4).
     assert len(world.partner_references("c-1")) >= HISTORY - HISTORY // 4 - 1

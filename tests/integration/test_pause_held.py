@@ -10,7 +10,6 @@ again and waits again.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from typing import Any
 
@@ -18,8 +17,8 @@ import pytest
 
 from consumer.app.relay import Relay
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
-from tests.integration.operator_helpers import cli
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory
+from tests.integration.operator_helpers import cli, live_document_sent, many_documents
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +43,6 @@ async def _pause(world: RelayWorld, relay: Relay) -> None:
     await world.wait_until(lambda: relay.status()["paused"] == [PAUSED], what="the pause")
 
 
-def _history(world: RelayWorld, count: int) -> list[Json]:
-    """``count`` documents sharing one stored PDF: what matters here is how many there are."""
-    model = world.document()
-    return [{**copy.deepcopy(model), "id": f"history-{n}:1"} for n in range(count)]
-
-
 async def test_a_paused_first_publication_does_not_stall_the_other_agencies_of_its_partition(
     relay_world: WorldFactory,
 ) -> None:
@@ -60,7 +53,7 @@ async def test_a_paused_first_publication_does_not_stall_the_other_agencies_of_i
     )
     await _pause(world, relay)
 
-    listed = _history(world, BACKPRESSURE + 500)
+    listed = many_documents(world, BACKPRESSURE + 500)
     taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     await world.publish(*world.manifest_parts(PAUSED, "bat-1", listed, taken_at=taken_at, parts=30))
     await world.wait_until(
@@ -69,12 +62,8 @@ async def test_a_paused_first_publication_does_not_stall_the_other_agencies_of_i
         what="the paused first publication planned and held",
     )
 
-    live = world.document()
-    await world.publish(world.document_created(OTHER, "bat-9", live))
-    await world.wait_until(
-        lambda: live["id"] in world.partner_references("c-9"),
-        timeout=60,
-        what="the other agency's document, past the paused backlog",
+    await live_document_sent(
+        world, OTHER, "bat-9", "c-9", within=60, what="a document past the paused backlog"
     )
     # Its published record written, nothing of the other agency is pending any more.
     await world.wait_until(lambda: _partition(relay)["pending_operations"] == 0, what="idle")
