@@ -259,7 +259,7 @@ async def read_relay(
         stack.push_async_callback(consumer.stop)
         documents = await _partitions(consumer, topics.documents)
         consumer.assign(documents + await _partitions(consumer, topics.manifests))
-        await ingest.assign({tp.partition for tp in documents})
+        ingest.assign({tp.partition for tp in documents})  # started by the loop below
 
         def done() -> int:
             return sum(

@@ -38,6 +38,7 @@ class RelayMetrics:
     parked_documents: Gauge
     state_documents: Gauge
     restore_records: Counter
+    state_records_unreadable: Counter
     restore_progress: Gauge
     partitions_ready: Gauge
     rate_share: Gauge
@@ -159,6 +160,13 @@ class RelayMetrics:
             restore_records=Counter(
                 name("restore_records"),
                 "Changelog records applied while restoring the published view.",
+                registry=registry,
+            ),
+            state_records_unreadable=Counter(
+                name("state_records_unreadable"),
+                "State records restore could not read and skipped (their documents are looked "
+                "up on the partner again).",
+                ["partition"],
                 registry=registry,
             ),
             restore_progress=Gauge(

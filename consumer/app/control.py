@@ -6,7 +6,9 @@ and parked documents, the audit, and the gauges derived from the views.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from typing import Any
 
@@ -16,6 +18,7 @@ from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
+from consumer.kafka.changelog import UnreadableRecord
 from consumer.kafka.ingest import Ingest
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator, parked_entry
@@ -38,6 +41,7 @@ class RelayControl:
     _scheduler: Scheduler | None
     _operator: Operator | None
     _restoring: dict[int, float]
+    _unreadable: Mapping[int, Iterable[UnreadableRecord]]
 
     # -- control surface -----------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -66,6 +70,13 @@ class RelayControl:
             "version": RELAY_VERSION,
             "ready": self.is_ready(),
             "restoring": {str(p): r for p, r in self._restoring.items()},
+            # State records restore skipped (the newest of each partition's; all are logged).
+            "unreadable_state_records": [
+                dataclasses.asdict(record)
+                for p in sorted(self._unreadable)
+                if p in processors
+                for record in self._unreadable[p]
+            ],
             "partitions": partitions,
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),

@@ -10,6 +10,7 @@ its control surface and its group membership are the halves in ``control`` and `
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -35,6 +36,7 @@ from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import (
     ChangelogWriter,
     TopicLayout,
+    UnreadableRecord,
     check_topics,
     dead_letter_room,
     restore_partition,
@@ -60,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
+# Unreadable state records kept per partition for /status (all are logged and counted).
+UNREADABLE_SHOWN = 100
 
 
 class Relay(RelayControl, GroupMember):
@@ -88,6 +92,7 @@ class Relay(RelayControl, GroupMember):
         self._producer: AIOKafkaProducer | None = None
         self._operator: Operator | None = None
         self._restoring: dict[int, float] = {}
+        self._unreadable: dict[int, collections.deque[UnreadableRecord]] = {}
         self._guard = DeletionGuard(
             max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
         )
@@ -175,6 +180,7 @@ class Relay(RelayControl, GroupMember):
                 watch=watch,
                 probe=consumer.topics,
                 on_unavailable=self._fail,
+                on_failure=self._fail,
                 on_assignment=functools.partial(
                     self._share_rates, partitions=layout.input_partitions
                 ),
@@ -237,12 +243,20 @@ class Relay(RelayControl, GroupMember):
             self._restoring[partition] = ratio
             self.metrics.restore_progress.labels(str(partition)).set(ratio)
 
+        skipped = self._unreadable[partition] = collections.deque(maxlen=UNREADABLE_SHOWN)
+        unreadable = self.metrics.state_records_unreadable.labels(str(partition))
+
+        def skip(record: UnreadableRecord) -> None:
+            skipped.append(record)
+            unreadable.inc()
+
         applied, newest = await restore_partition(
             connection=self.connection,
             topic=s.kafka.state_topic,
             partition=partition,
             view=view,
             on_progress=progress,
+            on_unreadable=skip,
         )
         self.metrics.restore_records.inc(applied)
         await reconcile_partition(
@@ -255,7 +269,11 @@ class Relay(RelayControl, GroupMember):
         self._restoring.pop(partition, None)
         log.info(
             "partition restored",
-            extra={"partition": partition, "records": applied, "documents": view.size},
+            extra={
+                "partition": partition,
+                "records": applied,
+                "documents": view.size,
+            },
         )
         processor = partition_processor(
             partition,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 import orjson
@@ -84,6 +84,13 @@ class PackedBuilding:
         self.on_partner = [0] * len(COMPACT_MODULES)  # by module code
 
 
+Unreadable = Callable[[int, StateDecodeError], None]
+
+
+def _refuse(index: int, error: StateDecodeError) -> None:
+    raise error
+
+
 class ViewStorage:
     """The documents, buildings and agency controls of one partition; changed only by records."""
 
@@ -92,6 +99,9 @@ class ViewStorage:
         self._counts = dict.fromkeys(DocStatus, 0)
         self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
         self._agencies: dict[str, AgencyRecord] = {}
+        # Documents whose newest state record could not be read: their state is unknown, so an
+        # upload of one looks it up on the partner by reference first, as after a lost intent.
+        self._unknown: set[DocKey] = set()
 
     # -- changes ---------------------------------------------------------------------------------
     def apply(self, record: StateRecord) -> None:
@@ -117,13 +127,15 @@ class ViewStorage:
         """Apply a changelog record from its bytes: ``apply(decode_state(key, value))``, faster."""
         self.restore((_Encoded(key, value),))
 
-    def restore(self, records: Iterable[EncodedRecord]) -> int:
+    def restore(self, records: Iterable[EncodedRecord], on_unreadable: Unreadable = _refuse) -> int:
         """Apply changelog records in order, as ``apply_encoded`` one by one; returns how many.
 
         The restore path. A compact document record (nearly every record of a changelog) is
         checked and its bytes are stored as they are; a JSON document record is packed straight
         from the JSON; anything else, or anything unexpected, goes through ``decode_state``,
-        which raises the precise error.
+        which raises the precise error. With ``on_unreadable``, a record that cannot be read is
+        passed to it (by its index in ``records``) instead, and what it named becomes unknown
+        (``forget_unreadable``); a later readable record or tombstone of the same key wins.
         """
         applied = 0
         added = [0] * len(COMPACT_STATUSES)  # counted at the end: this loop runs for every record
@@ -140,7 +152,7 @@ class ViewStorage:
         )
         min_us, max_us, max_ordinal = COMPACT_MIN_US, COMPACT_MAX_US, COMPACT_MAX_ORDINAL
         try:
-            for record in records:
+            for index, record in enumerate(records):
                 key, value = record.key, record.value
                 raw, data = key or b"", value or b""
                 applied += 1
@@ -169,10 +181,19 @@ class ViewStorage:
                 except (ValueError, struct.error):  # not a compact value, or not a document key
                     fast = False
                 if not fast:
-                    self._restore_other(key, value)
                     prefix = b""  # it may have dropped a building
+                    try:
+                        self._restore_other(key, value)
+                    except StateDecodeError as error:
+                        on_unreadable(index, error)  # raises, unless skipping is wanted
+                        self.forget_unreadable(key)
+                        applied -= 1
                     continue
                 docs = building.docs
+                if self._unknown:
+                    self._unknown.discard(
+                        DocKey(building.agency_id, building.building_id, document_id)
+                    )
                 old = docs.setdefault(document_id, data)
                 if old is not data:
                     place = building.agency_id, building.building_id
@@ -185,6 +206,28 @@ class ViewStorage:
             for code, count in enumerate(added):
                 self._counts[COMPACT_STATUSES[code]] += count
         return applied
+
+    def forget_unreadable(self, key: bytes | None) -> None:
+        """An unreadable record replaced whatever its key held: forget that, and remember a
+        document as unknown. A key that names nothing readable changes nothing."""
+        try:
+            named = decode_key(key) if key is not None else None
+        except StateDecodeError:
+            return
+        if isinstance(named, DocKey):
+            self._remove(named)
+            self._unknown.add(named)
+        elif isinstance(named, AgencyKey):
+            self._agencies.pop(named.agency_id, None)
+        elif named is not None:
+            building = self._buildings.get((named.agency_id, named.building_id))
+            if building is not None:
+                building.record = None
+                self._drop_if_empty((named.agency_id, named.building_id), building)
+
+    def is_unknown(self, key: DocKey) -> bool:
+        """Whether ``key``'s newest state record was unreadable (nothing readable came since)."""
+        return key in self._unknown
 
     def _restore_other(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -230,6 +273,8 @@ class ViewStorage:
             return None
 
     def _store(self, key: DocKey, stored: Stored) -> None:
+        if self._unknown:
+            self._unknown.discard(key)  # a readable record says what it is now
         building = self._building_for(key.agency_id, key.building_id)
         old = building.docs.get(key.document_id)
         if old is not None:
@@ -244,6 +289,8 @@ class ViewStorage:
             tracked[key] = None
 
     def _remove(self, key: DocKey) -> None:
+        if self._unknown:
+            self._unknown.discard(key)
         place = (key.agency_id, key.building_id)
         building = self._buildings.get(place)
         if building is None:

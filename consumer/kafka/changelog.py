@@ -12,13 +12,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from consumer.core.state import StateRecord
+from consumer.core.state import StateDecodeError, StateRecord
 from consumer.core.state_codec import encode_state
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
@@ -208,6 +208,22 @@ class ChangelogWriter:
         )
 
 
+# A partition whose first records are all unreadable is not this relay's state (the wrong topic,
+# or records of a newer relay): restoring it would forget everything, so start-up stops instead.
+UNREADABLE_AT_START = 20
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRecord:
+    """A state record restore skipped: where it is, its key as read, and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str
+    reason: str
+
+
 class Restored(NamedTuple):
     """What ``restore_partition`` applied, and the newest record's time (seconds since the
     epoch, 0.0 for an empty partition): no upload intent in the view is younger."""
@@ -223,11 +239,15 @@ async def restore_partition(
     partition: int,
     view: PublishedView,
     on_progress: Callable[[int, int], None] = lambda done, total: None,
+    on_unreadable: Callable[[UnreadableRecord], None] = lambda record: None,
 ) -> Restored:
     """Apply every record of one changelog partition to ``view``, up to the end seen at start.
 
     Returns how many records were applied and when the newest was written.
-    ``on_progress(applied, total)`` is called per batch.
+    ``on_progress(applied, total)`` is called per batch. A record that cannot be read is
+    skipped (what it named becomes unknown to the view) and passed to ``on_unreadable``; when
+    the first ``UNREADABLE_AT_START`` records are all unreadable, ``StateDecodeError`` says the
+    topic is not this relay's state.
     """
     tp = TopicPartition(topic, partition)
     reader = AIOKafkaConsumer(
@@ -247,12 +267,43 @@ async def restore_partition(
             on_progress(0, 0)
             return Restored(0, 0.0)
         await reader.seek_to_beginning(tp)
+        unreadable, seen = 0, 0  # records skipped, and read in earlier batches
         while True:
             batches = await reader.getmany(tp, timeout_ms=1000, max_records=10_000)
             batch = batches.get(tp, [])
             if batch and batch[-1].offset >= end:
                 batch = [message for message in batch if message.offset < end]
-            applied += view.restore(batch)
+
+            def skip(
+                index: int, error: StateDecodeError, batch: list[Any] = batch, seen: int = seen
+            ) -> None:
+                nonlocal unreadable
+                unreadable += 1
+                message = batch[index]
+                skipped = UnreadableRecord(
+                    topic, partition, message.offset, _shown(message.key), str(error)[:300]
+                )
+                log.error(
+                    "state record unreadable; skipped, its document is looked up again",
+                    extra={
+                        "topic": topic,
+                        "partition": partition,
+                        "offset": message.offset,
+                        "key": skipped.key,
+                        "reason": skipped.reason,
+                    },
+                )
+                if unreadable == seen + index + 1 >= UNREADABLE_AT_START:
+                    raise StateDecodeError(
+                        f"state topic {topic!r} partition {partition}: its first {unreadable} "
+                        f"records (offsets {start} to {message.offset}) are all unreadable; "
+                        "check that CHOUETTE_RELAY_KAFKA__STATE_TOPIC names this relay's state "
+                        "topic and that no newer relay version wrote it"
+                    ) from error
+                on_unreadable(skipped)
+
+            applied += view.restore(batch, on_unreadable=skip)
+            seen += len(batch)
             on_progress(applied, total)
             if batch:
                 newest = max(newest, max(message.timestamp for message in batch) / 1000)
@@ -261,3 +312,10 @@ async def restore_partition(
                 return Restored(applied, newest)
     finally:
         await reader.stop()
+
+
+def _shown(key: bytes | None) -> str:
+    """A state key as an operator can read it, whatever its bytes."""
+    if key is None:
+        return "(no key)"
+    return key.decode("utf-8", "backslashreplace")[:200]

@@ -1,9 +1,13 @@
 """The Kafka side of the relay: one consumer group on both input topics, manual commits.
 
-On assignment the view of every newly assigned partition number is restored from the changelog
-before its input is processed; on revocation in-flight work is stopped and what is finished is
-committed. Offsets are committed periodically, each up to the lowest unfinished record; a commit
-that fails (the broker away) is simply made again, with newer offsets, on the next interval.
+The rebalance listener only records an assignment and pauses the new partitions: each newly
+assigned partition number then starts in a task of its own, owned by the ingest loop's task group,
+which restores its view from the changelog (and settles its upload intents) before it resumes
+reading it. Partitions start concurrently, one's trouble never holds another, and a start that
+fails reaches the relay's failure path (aiokafka logs and swallows what a listener raises). On
+revocation in-flight work is stopped and what is finished is committed. Offsets are committed
+periodically, each up to the lowest unfinished record; a commit that fails (the broker away) is
+simply made again, with newer offsets, on the next interval.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._ingest.revoke({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self._ingest.assign({tp.partition for tp in assigned})
+        self._ingest.assign({tp.partition for tp in assigned})
 
 
 class Ingest(Generic[P]):
@@ -77,8 +81,10 @@ class Ingest(Generic[P]):
         on_unavailable: Callable[[BaseException], None],
         max_pending: tuple[int, int] = (20_000, 100_000),
         on_assignment: Callable[[set[int]], None] = lambda owned: None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._consumer = consumer
+        self._on_failure = on_failure or on_unavailable
         self._on_assignment = on_assignment
         self._topics = topics
         self._factory = processor_factory
@@ -94,6 +100,10 @@ class Ingest(Generic[P]):
         self._commit_timeout_s = max(commit_interval_s, 5.0)
         self.processors: dict[int, P] = {}
         self._assigned: set[int] = set()
+        # Partitions assigned whose processor is still being built (restore, reconcile), and the
+        # task group that owns those starts while the loop runs (None before and after).
+        self._starting: dict[int, asyncio.Task[None] | None] = {}
+        self._tasks: asyncio.TaskGroup | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._consuming = False
         # True until the group assigned partitions (possibly none), and again while it rebalances.
@@ -113,17 +123,58 @@ class Ingest(Generic[P]):
     def subscribe(self) -> None:
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))
 
-    async def assign(self, partitions: set[int]) -> None:
+    def assign(self, partitions: set[int]) -> None:
+        """Record an assignment: pause the new partitions and start each in a task of its own."""
         self._assigned = set(partitions)
         self._on_assignment(set(partitions))  # before any new partition's work starts
-        for partition in sorted(partitions - set(self.processors)):
-            self.processors[partition] = await self._factory(partition)
-        self._metrics.partitions_ready.set(len(self.processors))
+        new = sorted(partitions - set(self.processors) - set(self._starting))
+        if new:
+            self._consumer.pause(*self._partitions_of(new))
+        for partition in new:
+            self._starting[partition] = None
+            self._spawn(partition)
         self._rebalancing = False
         log.info("partitions assigned", extra={"partitions": sorted(partitions)})
 
+    def _spawn(self, partition: int) -> None:
+        """Start ``partition`` under the loop's task group; before the loop runs, it does."""
+        if self._tasks is not None and self._starting.get(partition, False) is None:
+            self._starting[partition] = self._tasks.create_task(
+                self._start(partition), name=f"partition-{partition}"
+            )
+
+    async def _start(self, partition: int) -> None:
+        """Build ``partition``'s processor (its view restored, its intents settled), then read it.
+
+        Whatever the factory raises goes to the relay's failure path, which stops the relay: a
+        partition that cannot be restored must not be consumed as if it were empty.
+        """
+        try:
+            processor = await self._factory(partition)
+        except Exception as error:  # noqa: BLE001 - reported to the one failure path, which stops
+            error.add_note(f"while restoring input partition {partition}")
+            self._on_failure(error)
+            return
+        if partition not in self._assigned or partition not in self._starting:
+            await processor.close()  # revoked meanwhile: the next owner restores it again
+            return
+        del self._starting[partition]
+        self.processors[partition] = processor
+        assignment = self._consumer.assignment()
+        self._consumer.resume(*(tp for tp in self._partitions_of([partition]) if tp in assignment))
+        self._metrics.partitions_ready.set(len(self.processors))
+        log.info("partition ready", extra={"partition": partition})
+
+    def _partitions_of(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        return [TopicPartition(topic, p) for p in partitions for topic in self._topics]
+
     async def revoke(self, partitions: set[int]) -> None:
         self._rebalancing = True
+        starts = [self._starting.pop(p) for p in sorted(partitions & set(self._starting))]
+        for task in starts:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(task for task in starts if task is not None), return_exceptions=True)
         leaving = sorted(partitions & set(self.processors))
         for partition in leaving:
             await self.processors[partition].close()
@@ -136,24 +187,33 @@ class Ingest(Generic[P]):
             self._on_assignment(set(self._assigned))
         self._forget_lag(partitions)
         self._metrics.partitions_ready.set(len(self.processors))
-        log.info("partitions revoked", extra={"partitions": sorted(partitions)})
+        if partitions:
+            log.info("partitions revoked", extra={"partitions": sorted(partitions)})
 
     async def run(self) -> None:
-        """Consume until ``stop`` is called."""
+        """Consume until ``stop`` is called; the partitions' starts run under this loop."""
         self._consuming = True
         try:
-            while not self._stopping.is_set():
-                batches = await self._consumer.getmany(
-                    timeout_ms=200, max_records=self._max_records
-                )
-                for tp, records in batches.items():
-                    processor = self.processors.get(tp.partition)
-                    if processor is None:
-                        self._refetch_later(tp, records[0].offset)
-                        continue
-                    await processor.handle_batch(map(_source, records))
-                self._apply_backpressure()
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                for partition in list(self._starting):
+                    self._spawn(partition)  # assigned before the loop ran
+                while not self._stopping.is_set():
+                    batches = await self._consumer.getmany(
+                        timeout_ms=200, max_records=self._max_records
+                    )
+                    for tp, records in batches.items():
+                        processor = self.processors.get(tp.partition)
+                        if processor is None:
+                            self._refetch_later(tp, records[0].offset)
+                            continue
+                        await processor.handle_batch(map(_source, records))
+                    self._apply_backpressure()
+                for task in self._starting.values():
+                    if task is not None:
+                        task.cancel()  # stopping: a restore under way is done again next time
         finally:
+            self._tasks = None
             self._consuming = False
 
     async def run_housekeeping(self) -> None:

@@ -91,6 +91,7 @@ class OperationExecutor(DocumentSetbacks):
         self._metrics = metrics
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
+        self._look_first: set[DocKey] = set()
         self._window = Window(
             size=window,
             run=self._run,
@@ -125,6 +126,9 @@ class OperationExecutor(DocumentSetbacks):
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
+                if self._view.is_unknown(operation.key):
+                    # Its state record was unreadable: it may be on the partner already.
+                    self._look_first.add(operation.key)
                 self._view.apply(intent_record(operation))
             else:
                 # What a withdrawal removes, kept to park it whole should the partner refuse it.
@@ -186,7 +190,8 @@ class OperationExecutor(DocumentSetbacks):
         if base is not None and base.sha256 == sha:
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
-        tried = _Tried()
+        tried = _Tried(reached_partner=upload.key in self._look_first)
+        self._look_first.discard(upload.key)
 
         async def call() -> RemoteState:
             return await self._attempt_upload(upload, base, tried)
