@@ -14,11 +14,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.plan import Plan
 from consumer.core.records import SourceRecord
-from consumer.core.state import BuildingRecord
+from consumer.core.state import BuildingRecord, StateRecord
 from consumer.core.view import PublishedView
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.setbacks import RecordWriter
 from consumer.partner.window import Batch
+
+# A plan's records written together: one chunk's acknowledgements awaited at a time.
+WRITE_CHUNK = 500
+
+
+async def _write_all(writer: RecordWriter, records: list[StateRecord]) -> None:
+    """Write ``records`` in order, a chunk at a time: a plan of any size (a 100,000-item
+    manifest) costs one chunk of waiting writes, not a task per record."""
+    for start in range(0, len(records), WRITE_CHUNK):
+        await asyncio.gather(*(writer.write(r) for r in records[start : start + WRITE_CHUNK]))
 
 
 class PlanCompletion:
@@ -46,6 +56,7 @@ class PlanCompletion:
         """
         held = list(offsets)
         writes: list[Awaitable[object]] = []
+        now: list[StateRecord] = []  # records with no work queued on their document
         deferred: list[BuildingRecord] = []
         for record in plan.records:
             self.view.apply(record)
@@ -59,7 +70,13 @@ class PlanCompletion:
                 deferred.append(record)
             else:
                 # Behind the work already queued on its document, if any: in that order on disk.
-                writes.append(self._executor.write_after(record))
+                queued = self._executor.queue_after(record)
+                if queued is None:
+                    now.append(record)
+                else:
+                    writes.append(queued)
+        if now:
+            writes.append(_write_all(self._writer, now))
         batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
         completion: asyncio.Future[None]
         places = {(r.agency_id, r.building_id) for r in deferred}

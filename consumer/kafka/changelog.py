@@ -28,6 +28,9 @@ from consumer.kafka.startup import start_client
 
 log = logging.getLogger(__name__)
 
+# State records of one partition in the producer at once (about 200 B each).
+MAX_STATE_WRITES_IN_FLIGHT = 2_000
+
 COMPACTED_TOPIC_CONFIG = {
     "cleanup.policy": "compact",
     "min.compaction.lag.ms": "60000",
@@ -180,17 +183,27 @@ async def _create(
 class ChangelogWriter:
     """Writes state records for one partition number and waits for the broker's acknowledgement.
 
-    A broker away for a while delays the write (sent again, bounded by ``watch``) rather than
-    failing the document; only an outage beyond the bound raises ``KafkaUnavailableError``.
+    At most ``max_in_flight`` records of the partition are in the producer at once; a writer
+    beyond that waits for room (back-pressure) instead of filling the producer's buffer until its
+    sends time out. A broker away for a while delays the write (sent again, bounded by
+    ``watch``) rather than failing the document; only an outage beyond the bound raises
+    ``KafkaUnavailableError``.
     """
 
     def __init__(
-        self, *, producer: AIOKafkaProducer, topic: str, partition: int, watch: BrokerWatch
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        topic: str,
+        partition: int,
+        watch: BrokerWatch,
+        max_in_flight: int = MAX_STATE_WRITES_IN_FLIGHT,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._partition = partition
         self._watch = watch
+        self._room = asyncio.Semaphore(max_in_flight)
 
     async def write(self, record: StateRecord) -> None:
         key, value = encode_state(record)
@@ -201,11 +214,12 @@ class ChangelogWriter:
             )
             return delivery
 
-        await self._watch.deliver(
-            send,
-            what=f"a state record for state topic {self._topic!r} partition {self._partition}",
-            operation="changelog",
-        )
+        async with self._room:
+            await self._watch.deliver(
+                send,
+                what=f"a state record for state topic {self._topic!r} partition {self._partition}",
+                operation="changelog",
+            )
 
 
 # A partition whose first records are all unreadable is not this relay's state (the wrong topic,

@@ -10,6 +10,7 @@ before anything is uploaded again. Failure paths are in ``setbacks.py``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -138,7 +139,13 @@ class OperationExecutor(DocumentSetbacks):
         return self._window.submit(entries, source=source)
 
     def write_after(self, record: StateRecord) -> Awaitable[None]:
-        """Write ``record`` once the work queued on its document is done (at once if none is).
+        """Write ``record`` once the work queued on its document is done (at once if none is)."""
+        queued = self.queue_after(record)
+        return queued if queued is not None else self._writer.write(record)
+
+    def queue_after(self, record: StateRecord) -> asyncio.Future[None] | None:
+        """Queue the write of ``record`` behind the work queued on its document, if any (None:
+        nothing is queued, the caller writes it at once).
 
         A plan may replace the record of a document whose withdrawal or upload still waits for
         the partner (a newer manifest forgets a withdrawn document). Written at once, it would
@@ -147,10 +154,8 @@ class OperationExecutor(DocumentSetbacks):
         """
         key = record.key
         if isinstance(key, DocKey):
-            queued = self._window.after(key, functools.partial(self._writer.write, record))
-            if queued is not None:
-                return queued
-        return self._writer.write(record)
+            return self._window.after(key, functools.partial(self._writer.write, record))
+        return None
 
     def resume(self) -> None:
         """The paused agencies changed: start what may run now."""

@@ -91,6 +91,9 @@ class NothingQueued:
     def write_after(self, record: StateRecord) -> Awaitable[object]:
         return self._writer.write(record)
 
+    def queue_after(self, record: StateRecord) -> None:
+        return None  # nothing is ever queued: the processor writes the record at once
+
 
 def processor_with(
     *,
