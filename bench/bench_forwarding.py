@@ -74,6 +74,12 @@ class _NoopWriter:
     async def write(self, record: StateRecord) -> None:
         return None
 
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
+
 
 class _NoDeadLetters(DeadLetterSink):
     """Every document of the bench is valid; a dead letter would be a bench bug."""

@@ -31,6 +31,25 @@ async def _write_all(writer: RecordWriter, records: list[StateRecord]) -> None:
         await asyncio.gather(*(writer.write(r) for r in records[start : start + WRITE_CHUNK]))
 
 
+def _all_of(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """One future that ends when all of ``futures`` have (failed as the first failure)."""
+    gathered = asyncio.gather(*futures)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(all_done: asyncio.Future[list[None]]) -> None:
+        if done.done():
+            return
+        if all_done.cancelled():
+            done.cancel()
+        elif (error := all_done.exception()) is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+    gathered.add_done_callback(finish)
+    return done
+
+
 class PlanCompletion:
     """The completion half of ``PartitionProcessor``."""
 
@@ -75,6 +94,15 @@ class PlanCompletion:
                     now.append(record)
                 else:
                     writes.append(queued)
+        if now and not writes and not deferred and not plan.operations and len(now) <= WRITE_CHUNK:
+            # The common plan of ingest (a document's record, nothing to send): its records'
+            # acknowledgements are its completion, with no task of its own.
+            submitted = [self._writer.submit(record) for record in now]
+            written = submitted[0] if len(submitted) == 1 else _all_of(submitted)
+            written.add_done_callback(functools.partial(self._batch_done, held, source))
+            self._completions.add(written)
+            written.add_done_callback(self._forget_work)
+            return
         if now:
             writes.append(_write_all(self._writer, now))
         batch = self._executor.submit(plan.operations, source=source) if plan.operations else None

@@ -146,6 +146,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
     async def handle_batch(self, sources: Iterable[SourceRecord]) -> None:
         """Handle the records of one fetch in order. The clock is read once for them all (each
         was published before it) and their outcomes are counted once per kind and outcome."""
+        await self._writer.room()  # state records waiting beyond the bound: read no further
         now = self._clock()
         try:
             for source in sources:

@@ -8,6 +8,7 @@ checks the topic layout at start-up: the relay refuses to run when partition cou
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from consumer.core.state import StateDecodeError, StateRecord
 from consumer.core.state_codec import encode_state
@@ -28,8 +29,10 @@ from consumer.kafka.startup import start_client
 
 log = logging.getLogger(__name__)
 
-# State records of one partition in the producer at once (about 200 B each).
-MAX_STATE_WRITES_IN_FLIGHT = 2_000
+# State records of one partition waiting to be written at most (about 300 B each, with their
+# futures), and how many are sent and acknowledged together.
+MAX_STATE_WRITES_QUEUED = 2_000
+STATE_WRITE_CHUNK = 500
 
 COMPACTED_TOPIC_CONFIG = {
     "cleanup.policy": "compact",
@@ -181,13 +184,16 @@ async def _create(
 
 
 class ChangelogWriter:
-    """Writes state records for one partition number and waits for the broker's acknowledgement.
+    """Writes the state records of one partition number, a batch at a time, in order.
 
-    At most ``max_in_flight`` records of the partition are in the producer at once; a writer
-    beyond that waits for room (back-pressure) instead of filling the producer's buffer until its
-    sends time out. A broker away for a while delays the write (sent again, bounded by
-    ``watch``) rather than failing the document; only an outage beyond the bound raises
-    ``KafkaUnavailableError``.
+    ``submit`` queues a record and returns a future that ends when the broker acknowledged it;
+    one flusher sends what is queued, up to ``chunk`` records at once, and awaits their
+    acknowledgements together: no task, timer or retry loop per record. At most ``max_queued``
+    records wait; ``write`` waits for room beyond that (back-pressure), so a plan of any size
+    never fills the producer's buffer until its sends time out. A broker away for a while
+    delays the records (sent again one by one, bounded by ``watch``) rather than failing them;
+    an outage beyond the bound fails every waiting record with ``KafkaUnavailableError``, and
+    the next ``submit`` raises it too (the flusher's failure surfaces at the next call).
     """
 
     def __init__(
@@ -197,29 +203,141 @@ class ChangelogWriter:
         topic: str,
         partition: int,
         watch: BrokerWatch,
-        max_in_flight: int = MAX_STATE_WRITES_IN_FLIGHT,
+        max_queued: int = MAX_STATE_WRITES_QUEUED,
+        chunk: int = STATE_WRITE_CHUNK,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._partition = partition
         self._watch = watch
-        self._room = asyncio.Semaphore(max_in_flight)
+        self._max_queued = max_queued
+        self._chunk = chunk
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._room = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
+        self._what = f"a state record for state topic {topic!r} partition {partition}"
+
+    @property
+    def queued(self) -> int:
+        """Records submitted and not yet acknowledged (or sent)."""
+        return len(self._queue)
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        """Queue ``record``; the future ends once the broker acknowledged it."""
+        if self._failed is not None:
+            raise self._failed
+        key, value = encode_state(record)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(key, value, done))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name=f"state-writer-{self._partition}"
+            )
+        return done
 
     async def write(self, record: StateRecord) -> None:
-        key, value = encode_state(record)
+        """Write ``record`` and wait for its acknowledgement, after room if the queue is full."""
+        await self.room()
+        await self.submit(record)
 
+    async def room(self) -> None:
+        """Wait until fewer than ``max_queued`` records wait."""
+        while len(self._queue) >= self._max_queued:
+            self._room.clear()
+            await self._room.wait()
+
+    async def close(self) -> None:
+        """Stop the flusher; records not acknowledged yet are left to the partition's next
+        owner, which reads their input again."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                chunk = [self._queue[i] for i in range(min(self._chunk, len(self._queue)))]
+                await self._send(chunk)
+                for _ in chunk:
+                    self._queue.popleft()
+                for entry in chunk:
+                    if not entry.done.done():
+                        entry.done.set_result(None)
+                if len(self._queue) < self._max_queued:
+                    self._room.set()
+        except Exception as error:  # noqa: BLE001 - every waiting record learns it, and the next
+            self._failed = error  # submit raises it: the relay's failure path decides
+            for entry in self._queue:
+                _fail(entry, error)
+            self._queue.clear()
+        finally:
+            self._flusher = None
+            self._room.set()
+
+    async def _send(self, chunk: list[_Queued]) -> None:
+        """Send ``chunk`` and await its acknowledgements together; what failed for a transient
+        reason is sent again, one record at a time and in order, as ``BrokerWatch.deliver``
+        does. A record's own refusal (too large) fails that record only."""
+        deliveries: list[asyncio.Future[object] | None] = []
+        for entry in chunk:
+            try:
+                deliveries.append(
+                    await self._producer.send(
+                        self._topic, value=entry.value, key=entry.key, partition=self._partition
+                    )
+                )
+            except KafkaError as error:
+                if error.retriable or isinstance(error, KafkaTimeoutError):
+                    break  # the buffer stayed full or the broker is away: the rest one by one
+                _fail(entry, error)
+                deliveries.append(None)
+        sent = [delivery for delivery in deliveries if delivery is not None]
+        if sent:
+            # Not cancelled on timeout: aiokafka may still deliver them.
+            await asyncio.wait(sent, timeout=self._watch.unavailable_timeout_s)
+        again = False
+        for index, entry in enumerate(chunk):
+            if entry.done.done():
+                continue
+            delivery = deliveries[index] if index < len(deliveries) else None
+            if not again and delivery is not None and delivery.done():
+                refused = delivery.exception()
+                if refused is None:
+                    continue
+                if not isinstance(refused, KafkaError) or not (
+                    refused.retriable or isinstance(refused, KafkaTimeoutError)
+                ):
+                    _fail(entry, refused)
+                    continue
+            # Unacknowledged, or a transient failure: from here on, one by one, in order.
+            again = True
+            await self._deliver_one(entry)
+        self._watch.touch()
+
+    async def _deliver_one(self, entry: _Queued) -> None:
         async def send() -> Awaitable[object]:
             delivery: Awaitable[object] = await self._producer.send(
-                self._topic, value=value, key=key, partition=self._partition
+                self._topic, value=entry.value, key=entry.key, partition=self._partition
             )
             return delivery
 
-        async with self._room:
-            await self._watch.deliver(
-                send,
-                what=f"a state record for state topic {self._topic!r} partition {self._partition}",
-                operation="changelog",
-            )
+        try:
+            await self._watch.deliver(send, what=self._what, operation="changelog")
+        except KafkaError as error:
+            _fail(entry, error)
+
+
+class _Queued(NamedTuple):
+    key: bytes
+    value: bytes | None
+    done: asyncio.Future[None]
+
+
+def _fail(entry: _Queued, error: BaseException) -> None:
+    """Fail one record's future, unless its waiter gave up on it (a partition closed)."""
+    if not entry.done.done():
+        entry.done.set_exception(error)
 
 
 # A partition whose first records are all unreadable is not this relay's state (the wrong topic,

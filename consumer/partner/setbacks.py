@@ -33,7 +33,15 @@ T = TypeVar("T")
 
 
 class RecordWriter(Protocol):
+    """Writes state records: ``write`` waits for room and the acknowledgement; ``submit``
+    queues one and returns the future of its acknowledgement; ``room`` waits until the queue
+    has room (back-pressure for those that only submit)."""
+
     async def write(self, record: StateRecord) -> None: ...
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]: ...
+
+    async def room(self) -> None: ...
 
 
 class ContentSource(Protocol):

@@ -55,6 +55,12 @@ class RecordingChangelog:
     async def write(self, record: StateRecord) -> None:
         self.records.append(record)
 
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
+
 
 class StalledPartner:
     """An executor whose operations never end, as while the partner is unreachable."""
@@ -86,6 +92,10 @@ class StalledPartner:
         if any(op.key == record.key for op in self.submitted):
             return self._never
         return self.changelog.write(record)
+
+    def queue_after(self, record: StateRecord) -> asyncio.Future[None] | None:
+        # As the real executor does: behind the work queued on the document, here for ever.
+        return self._never if any(op.key == record.key for op in self.submitted) else None
 
     async def cancel_all(self) -> None:
         self._never.cancel()

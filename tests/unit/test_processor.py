@@ -41,6 +41,12 @@ class BrokenChangelog:
         await asyncio.sleep(0)
         raise KafkaTimeoutError("changelog unreachable")
 
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
+
 
 class RecordingDeadLetters:
     def __init__(self) -> None:
@@ -53,6 +59,12 @@ class RecordingDeadLetters:
 class NoChangelog:
     async def write(self, record: StateRecord) -> None:
         raise AssertionError("nothing to write")
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
 
 
 def unmapped_document_event() -> bytes:
@@ -294,6 +306,12 @@ async def test_a_record_whose_planning_fails_unexpectedly_is_dead_lettered_and_r
 class AcceptingChangelog:
     async def write(self, record: StateRecord) -> None:
         await asyncio.sleep(0)
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
 
 
 async def test_every_record_of_a_fetch_is_handled_and_counted_even_after_a_poison_one() -> None:

@@ -40,6 +40,12 @@ class Changelog:
     async def write(self, record: StateRecord) -> None:
         return None
 
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
+
 
 class WrittenInOrder:
     """The changelog as a list: what a relay started after a crash would restore, in order."""
@@ -49,6 +55,12 @@ class WrittenInOrder:
 
     async def write(self, record: StateRecord) -> None:
         self.records.append(record)
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.write(record))
+
+    async def room(self) -> None:
+        return None
 
 
 class Store:
