@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.bench_forwarding import sandbox_process
-from bench.common import delete_topics, on_a_broker
+from bench.common import delete_topics, on_a_broker, rss
 from consumer.core.decoding import decode_record
 from consumer.core.events import ManifestSnapshot
 from consumer.core.guard import DeletionGuard
@@ -175,16 +175,6 @@ def items_size(scenario: Scenario, records: list[tuple[bytes, bytes]]) -> int:
     return held
 
 
-def _rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -275,7 +265,7 @@ async def publish_first(bootstrap: str, scenario: Scenario) -> Result:
 
                 await _until(ready, "the relay to be ready", timeout_s=120)
                 await asyncio.sleep(2.0)  # let start-up allocations settle before the baseline
-                baseline, _ = _rss(relay.pid)
+                baseline, _ = rss(relay.pid)
                 started = time.perf_counter()
                 producer = AIOKafkaProducer(
                     bootstrap_servers=bootstrap, max_request_size=4 * MB, linger_ms=20
@@ -299,7 +289,7 @@ async def publish_first(bootstrap: str, scenario: Scenario) -> Result:
 
                 await _until(published, "the whole publication", timeout_s=3_600, every_s=2.0)
                 seconds = time.perf_counter() - started
-                _, peak = _rss(relay.pid)
+                _, peak = rss(relay.pid)
             finally:
                 relay.terminate()
                 await asyncio.wait_for(relay.wait(), timeout=60)

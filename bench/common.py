@@ -1,4 +1,5 @@
-"""What the Kafka benchmarks share: a measure, its line, the side-by-side verdict, the broker."""
+"""What the Kafka benchmarks share: a measure, its line, the side-by-side verdict, the broker,
+a process's resident memory."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -55,6 +57,16 @@ def report(
         f"ratio (b)/(a) = {ratio:.2f} (target >= {target}: {verdict}); "
         f"(c)/(a) = {best_floor / best_bare:.2f} is the most (b) could reach"
     )
+
+
+def rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of process ``pid`` in bytes: its resident memory now, and at its peak."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
