@@ -46,7 +46,7 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from bench.common import rss
+from bench.common import SCALE_VARIABLE, rss, scale
 from consumer.core.events import Document
 from consumer.core.planning.plan import Lane, Upload
 from consumer.core.records import SourceRecord
@@ -71,7 +71,6 @@ MB = 1024 * 1024
 CPU_TARGET = 1.3
 BACKLOG = 100_000
 BACKLOG_TARGET_MB = 300.0
-SCALE_VARIABLE = "BENCH_SCALE"  # `make bench QUICK=1` sets it to 0.1
 
 
 # -- part 1: the relay's partner path against a bare client -----------------------------------
@@ -473,12 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backfill", type=int, default=20_000, help="backfill jobs (part 2)")
     parser.add_argument("--rate", type=float, default=200.0, help="configured requests/s")
     parser.add_argument("--burst", type=int, default=20)
-    scale = float(os.environ.get(SCALE_VARIABLE, "1"))
+    share = scale()
     parser.add_argument(
         "--backlog",
         type=int,
-        default=max(1, int(BACKLOG * scale)),
-        help=f"uploads waiting (part 3; default {BACKLOG:,} times ${SCALE_VARIABLE}, else 1)",
+        default=max(1, int(BACKLOG * share)),
+        help=f"uploads waiting (part 3; default {BACKLOG:,}, times ${SCALE_VARIABLE} when set)",
     )
     args = parser.parse_args(list(argv) if argv is not None else [])
     asyncio.run(bench_forwarding(args.documents, args.rounds, args.concurrency))

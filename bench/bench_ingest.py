@@ -31,7 +31,6 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
-import os
 import sys
 import time
 import uuid
@@ -44,7 +43,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry, Counter
 
-from bench.common import delete_topics, on_a_broker
+from bench.common import SCALE_VARIABLE, delete_topics, on_a_broker, scale
 from consumer.app.clients import _kafka_clients
 from consumer.app.partition import partition_processor
 from consumer.app.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
@@ -76,7 +75,6 @@ AGENCIES = 40
 BUILDINGS_PER_AGENCY = 125
 REPUBLISHED_EVERY = 20  # the 20th event of each run of 20 publishes the 1st again: 5 %
 DISTINCT_PDFS = 64
-SCALE_VARIABLE = "BENCH_SCALE"  # `make bench QUICK=1` sets it to 0.1
 HEADERS = [("event-type", b"document-created"), ("schema-version", b"1")]
 # Never called: routing filters every document before any partner operation is planned.
 UNREACHED_PARTNER = "http://127.0.0.1:9/api/v1"
@@ -461,12 +459,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    scale = float(os.environ.get(SCALE_VARIABLE, "1"))
+    share = scale()
     parser.add_argument(
         "--events",
         type=int,
-        default=max(REPUBLISHED_EVERY, int(EVENTS * scale)),
-        help=f"document-created events (default {EVENTS:,} times ${SCALE_VARIABLE}, else 1)",
+        default=max(REPUBLISHED_EVERY, int(EVENTS * share)),
+        help=f"document-created events (default {EVENTS:,}, times ${SCALE_VARIABLE} when set)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="(a), (b) and (c) in turn")
     args = parser.parse_args(list(argv) if argv is not None else [])

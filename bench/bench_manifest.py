@@ -48,7 +48,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.bench_forwarding import sandbox_process
-from bench.common import delete_topics, on_a_broker, rss
+from bench.common import SCALE_VARIABLE, delete_topics, on_a_broker, rss, scale
 from consumer.local.docstore import DocumentStore
 from consumer.local.kafka import create_topics, free_port
 
@@ -66,7 +66,6 @@ LIVEZ_TARGET_S = 1.0
 PROBE_EVERY_S = 0.2
 PROBE_TIMEOUT_S = 10.0
 MB = 1024 * 1024
-SCALE_VARIABLE = "BENCH_SCALE"  # `make bench QUICK=1` sets it to 0.1
 
 
 @dataclass(frozen=True)
@@ -412,12 +411,12 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    scale = float(os.environ.get(SCALE_VARIABLE, "1"))
+    share = scale()
     parser.add_argument(
         "--items",
         type=int,
-        default=max(1, int(ITEMS * scale)),
-        help=f"items of the manifest (default {ITEMS:,} times ${SCALE_VARIABLE}, else 1)",
+        default=max(1, int(ITEMS * share)),
+        help=f"items of the manifest (default {ITEMS:,}, times ${SCALE_VARIABLE} when set)",
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(

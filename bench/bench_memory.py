@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.bench_forwarding import sandbox_process
-from bench.common import delete_topics, on_a_broker, rss
+from bench.common import SCALE_VARIABLE, delete_topics, on_a_broker, rss, scale
 from consumer.core.decoding import decode_record
 from consumer.core.events import ManifestSnapshot
 from consumer.core.guard import DeletionGuard
@@ -50,7 +50,6 @@ ITEMS_PER_PART = 2_000  # about 700 kB a part, under Kafka's 1 MB default
 GROWTH_FACTOR_TARGET = 2.0
 BUILDING_TARGET_MB = 150.0
 MB = 1024 * 1024
-SCALE_VARIABLE = "BENCH_SCALE"  # `make bench QUICK=1` sets it to 0.1
 
 
 @dataclass(frozen=True)
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scale",
         type=float,
-        default=float(os.environ.get(SCALE_VARIABLE, "1")),
+        default=scale(),
         help=f"share of the full sizes (default ${SCALE_VARIABLE}, else 1)",
     )
     args = parser.parse_args(argv)

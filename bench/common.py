@@ -15,6 +15,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from consumer.local.kafka import LocalKafka
 
 EXTERNAL_BROKER_VARIABLE = "CHOUETTE_RELAY_TEST_KAFKA"
+SCALE_VARIABLE = "BENCH_SCALE"  # `make bench QUICK=1` sets it to 0.1
+
+
+def scale() -> float:
+    """The share of its full sizes a benchmark runs at: ``$BENCH_SCALE``, else 1."""
+    return float(os.environ.get(SCALE_VARIABLE, "1"))
 
 
 @dataclass(frozen=True)
