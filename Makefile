@@ -103,7 +103,7 @@ lint: install ## ruff lint and format check, and the import layering contracts (
 typecheck: install ## mypy --strict over the package, tests and benchmarks
 	$(BIN)/mypy
 
-bench: install ## Benchmarks, each beside its baseline (QUICK=1: a tenth of the events, items and documents)
+bench: install ## Benchmarks, each beside its baseline (QUICK=1: a tenth of the sizes, the pure core's aside)
 	$(if $(QUICK),BENCH_SCALE=0.1 ,)$(BIN)/python -m bench
 
 plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing

@@ -19,7 +19,8 @@ is, to an executor whose partner answers slower than they arrive (a rate of one 
 minute), so that all but the window wait. Measured: the RSS growth of this process from before
 the documents are decoded until all are queued (target: 300 MB, the relay's whole RSS).
 
-Run ``python -m bench.bench_forwarding`` (``--help`` for the sizes).
+Run ``python -m bench.bench_forwarding`` (``--help`` for the sizes; ``BENCH_SCALE=0.1``, as
+``make bench QUICK=1`` sets it, takes a tenth of each).
 """
 
 from __future__ import annotations
@@ -469,13 +470,23 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--documents", type=int, default=1500, help="uploads per side and round")
+    share = scale()
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=max(100, int(1500 * share)),
+        help=f"uploads per side and round (default 1,500, times ${SCALE_VARIABLE} when set)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--backfill", type=int, default=20_000, help="backfill jobs (part 2)")
+    parser.add_argument(
+        "--backfill",
+        type=int,
+        default=max(1_000, int(20_000 * share)),
+        help=f"backfill jobs (part 2; default 20,000, times ${SCALE_VARIABLE} when set)",
+    )
     parser.add_argument("--rate", type=float, default=200.0, help="configured requests/s")
     parser.add_argument("--burst", type=int, default=20)
-    share = scale()
     parser.add_argument(
         "--backlog",
         type=int,

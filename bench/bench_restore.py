@@ -16,8 +16,8 @@ Each round also prints the ratio of the two in that round, by wall time and by t
 this process (the broker's is the same for both): on a machine shared with other work, wall times
 swing with the load while CPU times stay put, and the ratio within a round is what compares.
 
-Run with ``python -m bench.bench_restore [--records N]``. The broker is the one named by
-``CHOUETTE_RELAY_TEST_KAFKA``, or a local one started for the run.
+Run with ``python -m bench.bench_restore [--records N]`` (``BENCH_SCALE=0.1``: a tenth). The
+broker is the one named by ``CHOUETTE_RELAY_TEST_KAFKA``, or a local one started for the run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.common import Measure, delete_topics, on_a_broker, report, show
+from bench.common import SCALE_VARIABLE, Measure, delete_topics, on_a_broker, report, scale, show
 from consumer.core.events import Module
 from consumer.core.state import BuildingRecord, DocKey, DocStatus, DocumentRecord, StateRecord
 from consumer.core.state_codec import encode_state
@@ -45,6 +45,7 @@ from consumer.kafka.connection import KafkaConnection
 from consumer.local.kafka import create_topics
 
 TARGET_RATIO = 0.7
+RECORDS = 200_000
 AGENCY = "agence-bench"
 DOCUMENTS_PER_BUILDING = 400
 FETCH_BYTES = 4 * 1024 * 1024  # what restore_partition asks for
@@ -203,7 +204,12 @@ async def bench(bootstrap: str, *, records: int, rounds: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_restore", description=__doc__)
-    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=max(1_000, int(RECORDS * scale())),
+        help=f"state records (default {RECORDS:,}, times ${SCALE_VARIABLE} when set)",
+    )
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternate (a), (b) and (c); keep the best"
     )
