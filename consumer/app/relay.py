@@ -46,6 +46,7 @@ from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
+from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
@@ -198,6 +199,7 @@ class Relay(RelayControl, GroupMember):
                     consuming = tasks.create_task(ingest.run(), name="ingest")
                     housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
                     gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    tasks.create_task(watch_loop_lag(self.metrics, stopping=self.stopping))
                     await self.stopping.wait()
                     log.info("stopping: draining in-flight work")
                     ingest.stop()
