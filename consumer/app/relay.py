@@ -148,13 +148,16 @@ class Relay(RelayControl, GroupMember):
                     observer=observer,
                 )
             )
-            dead_letters = DeadLetterSink(
-                producer=producer,
-                topic=s.kafka.dead_letter_topic,
-                metrics=self.metrics,
-                relay_version=RELAY_VERSION,
-                max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
-                watch=watch,
+            dead_letters = await stack.enter_async_context(
+                DeadLetterSink(
+                    producer=producer,
+                    connection=self.connection,
+                    topic=s.kafka.dead_letter_topic,
+                    metrics=self.metrics,
+                    relay_version=RELAY_VERSION,
+                    max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                    watch=watch,
+                )
             )
             build_processor = functools.partial(
                 self._build_processor,
