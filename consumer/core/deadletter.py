@@ -126,13 +126,24 @@ class DeadLetterLedger:
     contiguous range ``[first, end)`` has been read, reaching back to the records written since
     ``since_ms`` (or since the beginning). A later look reads only what lies outside that range:
     the records written since (the tail), and older ones when it must reach further back.
+    Past ``max_sources`` known records the ledger forgets everything at the next ``trim``: memory
+    stays bounded, and the next look reads its stretches again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_sources: int = 100_000) -> None:
+        self._max_sources = max_sources
         self._read: dict[int, tuple[int, int]] = {}
         self._since_ms: int | None = None
         self._from_beginning = False
         self._written: set[SourceId] = set()
+
+    def trim(self) -> None:
+        """Forget what was read once more records are known than the bound (between looks)."""
+        if len(self._written) > self._max_sources:
+            self._read.clear()
+            self._since_ms = None
+            self._from_beginning = False
+            self._written.clear()
 
     def __contains__(self, source: SourceId) -> bool:
         return source in self._written

@@ -130,6 +130,7 @@ class DeadLetterSink:
     async def _read_since(self, since_ms: int | None) -> None:
         """Read the stretches of the dead-letter topic the ledger lacks to reach back to
         ``since_ms`` (None: its beginning), up to its current end."""
+        self._ledger.trim()
         reader = await self._started_reader()
         tps = [
             TopicPartition(self._topic, p) for p in reader.partitions_for_topic(self._topic) or ()
@@ -166,6 +167,7 @@ class DeadLetterSink:
             for record in batches.get(tp, ()):
                 if record.offset < end and (found := dead_letter_source(record.value)):
                     sources.append(found)
+        reader.pause(tp)  # no fetching in the background until the next look
         return sources
 
     async def _started_reader(self) -> AIOKafkaConsumer:

@@ -228,3 +228,13 @@ def test_a_dead_letter_written_is_known_without_reading_it_back() -> None:
     ledger.note(("lsc.manifest-snapshot.v1", 0, 7))
     ledger.note(None)
     assert ("lsc.manifest-snapshot.v1", 0, 7) in ledger
+
+
+def test_the_ledger_forgets_all_past_its_bound_and_reads_again() -> None:
+    ledger = DeadLetterLedger(max_sources=2)
+    ledger.mark_read(0, 0, 3, [("t", 0, 1), ("t", 0, 2), ("t", 0, 3)])
+    ledger.reached_back_to(1_000)
+    ledger.trim()
+    assert ("t", 0, 1) not in ledger
+    assert not ledger.reaches_back_to(2_000)
+    assert ledger.unread({0: 0}, {0: 3}) == [(0, 0, 3)]
