@@ -164,14 +164,15 @@ class DeadLetterLedger:
         self, starts: Mapping[int, int] | None, ends: Mapping[int, int]
     ) -> list[tuple[int, int, int]]:
         """``(partition, first, end)`` stretches still to read to cover ``starts`` (the first
-        offset to reach back to in each partition; None: only the tail) up to ``ends``."""
+        offset to reach back to in each partition; None: only the tail) up to ``ends``; a
+        partition never read before comes with its stretch even when empty."""
         stretches: list[tuple[int, int, int]] = []
         for partition, end in sorted(ends.items()):
             known = self._read.get(partition)
             start = (starts or {}).get(partition, 0 if known is None else known[0])
             if known is None:
-                if start < end:
-                    stretches.append((partition, start, end))
+                # Even empty: marked read, a partition with nothing new is not read whole later.
+                stretches.append((partition, min(start, end), end))
                 continue
             first, last = known
             if start < first:

@@ -27,6 +27,7 @@ from consumer.core.deadletter import (
     dead_letter_source,
 )
 from consumer.core.records import SourceRecord
+from consumer.errors import KafkaConnectError
 from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.connection import KafkaConnection
 from consumer.kafka.startup import start_client
@@ -119,7 +120,8 @@ class DeadLetterSink:
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_S):
                 await self._read_since(since)
-        except (KafkaError, TimeoutError) as exc:
+        except (KafkaError, KafkaConnectError, TimeoutError) as exc:
+            # Whatever stops the look, the dead letter is written (the write waits out an outage).
             log.warning(
                 "dead-letter topic not read; the dead letter may be written twice",
                 extra={"topic": self._topic, "error": repr(exc)},
@@ -150,7 +152,7 @@ class DeadLetterSink:
                     for tp, at in stamped.items()
                 }
         for partition, first, end in self._ledger.unread(starts, ends):
-            sources = await self._read_stretch(reader, partition, first, end)
+            sources = await self._read_stretch(reader, partition, first, end) if first < end else []
             self._ledger.mark_read(partition, first, end, sources)
         if starts is not None:
             self._ledger.reached_back_to(since_ms)

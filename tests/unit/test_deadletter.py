@@ -201,14 +201,17 @@ def test_the_ledger_reads_each_stretch_of_the_topic_once() -> None:
     source = ("lsc.document-created.v1", 4, 1_234)
     assert not ledger.reaches_back_to(1_000)
     # The first look reads from the records dated since its bound to the end of each partition.
-    assert ledger.unread({0: 5, 1: 7}, {0: 9, 1: 7}) == [(0, 5, 9)]
+    assert ledger.unread({0: 5, 1: 7}, {0: 9, 1: 7}) == [(0, 5, 9), (1, 7, 7)]
     ledger.mark_read(0, 5, 9, [source])
+    ledger.mark_read(1, 7, 7, [])
     ledger.reached_back_to(1_000)
     assert source in ledger
     assert ("lsc.document-created.v1", 4, 1_235) not in ledger
     # A later record reaches back no further: only what was written since is read.
     assert ledger.reaches_back_to(2_000)
-    assert ledger.unread(None, {0: 12, 1: 8}) == [(0, 9, 12), (1, 0, 8)]
+    assert ledger.unread(None, {0: 12, 1: 8}) == [(0, 9, 12), (1, 7, 8)]
+    # A partition added to the topic since is read from its beginning.
+    assert ledger.unread(None, {2: 3}) == [(2, 0, 3)]
     # An older record reaches further back: the stretch before what was read, and the tail.
     assert not ledger.reaches_back_to(500)
     assert ledger.unread({0: 2, 1: 7}, {0: 12, 1: 7}) == [(0, 2, 5), (0, 9, 12)]
