@@ -4,18 +4,21 @@ commit of its offset.
 The relay commits an input offset only after the record's dead letter is acknowledged, so a relay
 killed in between reads the record again after its restart. It finds the dead letter written
 before the crash and does not write another: the dead-letter topic, ``chouette-relay
-dead-letters`` and the dead-letter metric (which its alert sums) count the record once.
+dead-letters`` and the dead-letter metric (which its alert sums) count the record once. Copies
+an older relay wrote are listed once too.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.local.kafka import free_port
+from consumer.core.deadletter import build_dead_letter
+from consumer.local.kafka import create_topics, free_port
 from consumer.settings import HttpSettings
 from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, uncommitted_records
 from tests.integration.operator_helpers import cli
@@ -92,3 +95,37 @@ async def test_a_poison_record_read_again_after_a_sigkill_is_dead_lettered_once(
     assert await scraped(port, "chouette_relay_dead_letters_total", reason="not_json") == 1
     assert second.poll() is None
     assert "Traceback" not in log_path.read_text(encoding="utf-8", errors="replace")
+
+
+async def test_dead_letters_written_twice_by_an_older_relay_are_listed_once(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    await create_topics(world.bootstrap, [world.dead_letter_topic], partitions=1)
+    for offset, failed_at in ((7, 1), (7, 2), (8, 3)):
+        key, value, headers = build_dead_letter(
+            source_topic=world.documents_topic,
+            partition=0,
+            offset=offset,
+            timestamp_ms=None,
+            key=KEY,
+            value=b"{not json",
+            headers=[],
+            reason="not_json",
+            detail="not JSON",
+            failed_at=dt.datetime(2025, 1, 1, 0, failed_at, tzinfo=dt.UTC),
+            relay_version="0.1.0",
+        )
+        await world.publish_raw(
+            world.dead_letter_topic,
+            key=key,
+            value=value,
+            headers=[(n, v) for n, v in headers if v is not None],
+        )
+
+    listed = (await cli(world, "dead-letters"))["dead_letters"]
+    source = f"{world.documents_topic}/0"
+    assert [(d["id"], d["failed_at"]) for d in listed] == [
+        (f"{source}/7", "2025-01-01T00:01:00.000Z"),
+        (f"{source}/8", "2025-01-01T00:03:00.000Z"),
+    ]
