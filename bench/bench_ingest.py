@@ -48,6 +48,7 @@ from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
 from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import COMPACTED_TOPIC_CONFIG, ChangelogWriter
+from consumer.kafka.connection import KafkaConnection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.local.kafka import create_topics
@@ -215,6 +216,7 @@ async def read_relay(
         scheduler = await stack.enter_async_context(Scheduler(concurrency=8))
         dead_letters = DeadLetterSink(
             producer=producer,
+            connection=KafkaConnection(bootstrap_servers=bootstrap),
             topic=topics.dead_letters,
             metrics=metrics,
             relay_version="bench",

@@ -48,6 +48,7 @@ from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
+from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
@@ -152,13 +153,16 @@ class Relay(RelayControl, GroupMember):
                     observer=observer,
                 )
             )
-            dead_letters = DeadLetterSink(
-                producer=producer,
-                topic=s.kafka.dead_letter_topic,
-                metrics=self.metrics,
-                relay_version=RELAY_VERSION,
-                max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
-                watch=watch,
+            dead_letters = await stack.enter_async_context(
+                DeadLetterSink(
+                    producer=producer,
+                    connection=self.connection,
+                    topic=s.kafka.dead_letter_topic,
+                    metrics=self.metrics,
+                    relay_version=RELAY_VERSION,
+                    max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                    watch=watch,
+                )
             )
             build_processor = functools.partial(
                 self._build_processor,
@@ -204,6 +208,7 @@ class Relay(RelayControl, GroupMember):
                     consuming = tasks.create_task(ingest.run(), name="ingest")
                     housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
                     gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    tasks.create_task(watch_loop_lag(self.metrics, stopping=self.stopping))
                     await self.stopping.wait()
                     log.info("stopping: draining in-flight work")
                     ingest.stop()
