@@ -181,6 +181,7 @@ class Relay(RelayControl, GroupMember):
                 commit_interval_s=s.kafka.commit_interval_s,
                 max_records=s.kafka.max_poll_records,
                 max_pending=(s.kafka.max_pending_live, s.kafka.max_pending_backfill),
+                max_pending_total=s.kafka.max_pending_total,
                 watch=watch,
                 probe=consumer.topics,
                 on_unavailable=self._fail,
