@@ -109,7 +109,9 @@ async def test_the_replica_budget_pauses_the_partitions_holding_work_and_spares_
     taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     await world.publish(*world.manifest_parts(ONBOARDING, onboarding, listed, taken_at=taken_at))
 
-    partitions = lambda: relay.status()["partitions"]  # noqa: E731 - read fresh each time
+    def partitions() -> dict[str, Any]:
+        return dict(relay.status()["partitions"])
+
     await world.wait_until(lambda: partitions()["0"]["reading_paused"], what="partition 0 paused")
     assert relay.status()["over_budget"]
 
