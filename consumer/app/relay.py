@@ -140,19 +140,19 @@ class Relay(RelayControl, GroupMember):
                 )
             )
             default_limit, limits = rate_limits(self.routing, s.partner)
-            self._scheduler = scheduler = await stack.enter_async_context(
-                Scheduler(
-                    concurrency=s.partner.concurrency,
-                    default_rate_limit=default_limit,
-                    rate_limits=limits,
-                    breaker=BreakerPolicy(
-                        failure_threshold=s.partner.breaker_failures,
-                        cooldown_seconds=s.partner.breaker_cooldown_s,
-                    ),
-                    retry=RetryPolicy(in_doubt_seconds=s.partner.in_doubt_settle_s),
-                    observer=observer,
-                )
+            # Its workers run under the TaskGroup below: a crashed worker stops the relay.
+            self._scheduler = scheduler = Scheduler(
+                concurrency=s.partner.concurrency,
+                default_rate_limit=default_limit,
+                rate_limits=limits,
+                breaker=BreakerPolicy(
+                    failure_threshold=s.partner.breaker_failures,
+                    cooldown_seconds=s.partner.breaker_cooldown_s,
+                ),
+                retry=RetryPolicy(in_doubt_seconds=s.partner.in_doubt_settle_s),
+                observer=observer,
             )
+            stack.push_async_callback(scheduler.close)
             dead_letters = await stack.enter_async_context(
                 DeadLetterSink(
                     producer=producer,
@@ -206,6 +206,7 @@ class Relay(RelayControl, GroupMember):
             self.ops_port = ops.port
             try:
                 async with asyncio.TaskGroup() as tasks:
+                    workers = tasks.create_task(scheduler.run(), name="scheduler")
                     consuming = tasks.create_task(ingest.run(), name="ingest")
                     housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
                     gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
@@ -217,6 +218,7 @@ class Relay(RelayControl, GroupMember):
                     await ingest.shutdown(s.drain_timeout_s)
                     await housekeeping
                     gauges.cancel()
+                    workers.cancel()
             except* Exception as failed:
                 # What a record's boundary raised again is infrastructure: say so in one line.
                 for error in failed.exceptions:
