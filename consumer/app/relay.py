@@ -29,6 +29,7 @@ from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProc
 from consumer.core.audit import Resend
 from consumer.core.guard import DeletionGuard
 from consumer.core.routing import RoutingTable
+from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
 from consumer.errors import KafkaUnavailableError
 from consumer.failures import classify
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
+# How often a partition whose upload intents wait for the partner says so.
+RECONCILE_NOTICE_S = 60.0
 # Unreadable state records kept per partition for /status (all are logged and counted).
 UNREADABLE_SHOWN = 100
 
@@ -267,13 +270,25 @@ class Relay(RelayControl, GroupMember):
             on_unreadable=skip,
         )
         self.metrics.restore_records.inc(applied)
-        await reconcile_partition(
-            view=view,
-            writer=writer,
-            scheduler=scheduler,
-            partner=partner,
-            not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+        settling = asyncio.ensure_future(
+            reconcile_partition(
+                view=view,
+                writer=writer,
+                scheduler=scheduler,
+                partner=partner,
+                not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+            )
         )
+        try:
+            # The partner away holds this partition unready (and no other): say so while it lasts.
+            while not (await asyncio.wait({settling}, timeout=RECONCILE_NOTICE_S))[0]:
+                log.warning(
+                    "partition waits for the partner to settle its upload intents",
+                    extra={"partition": partition, "intents": view.count(DocStatus.UPLOADING)},
+                )
+        finally:
+            settling.cancel()
+        settling.result()
         self._restoring.pop(partition, None)
         log.info(
             "partition restored",
