@@ -280,6 +280,7 @@ async def ingest_with_state(
         scheduler = await stack.enter_async_context(Scheduler(concurrency=8))
         dead_letters = DeadLetterSink(
             producer=producer,
+            connection=KafkaConnection(bootstrap_servers=bootstrap),
             topic=topics.dead_letters,
             metrics=metrics,
             relay_version="bench",

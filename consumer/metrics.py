@@ -16,6 +16,7 @@ from consumer.core.deadletter import DEAD_LETTER_REASONS
 
 PREFIX = "chouette_relay"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,8 @@ class RelayMetrics:
     kafka_retries: Counter
     kafka_reachable: Gauge
     last_commit: Gauge
+    event_loop_lag: Gauge
+    event_loop_tick_lag: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
@@ -235,6 +238,18 @@ class RelayMetrics:
                 name("last_offset_commit_timestamp_seconds"),
                 "Unix time of the last commit that moved an input offset forward "
                 "(the start of the process until then).",
+                registry=registry,
+            ),
+            event_loop_lag=Gauge(
+                name("event_loop_lag_seconds"),
+                "How late the latest periodic tick of the event loop fired: how long something "
+                "held the loop (every timer, probe and answer waits as long).",
+                registry=registry,
+            ),
+            event_loop_tick_lag=Histogram(
+                name("event_loop_tick_lag_seconds"),
+                "How late each periodic tick of the event loop fired, also between scrapes.",
+                buckets=_LOOP_LAG_BUCKETS,
                 registry=registry,
             ),
         )

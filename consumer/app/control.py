@@ -70,6 +70,7 @@ class RelayControl:
             "version": RELAY_VERSION,
             "ready": self.is_ready(),
             "restoring": {str(p): r for p, r in self._restoring.items()},
+            "over_budget": ingest is not None and ingest.over_budget,
             # State records restore skipped (the newest of each partition's; all are logged).
             "unreadable_state_records": [
                 dataclasses.asdict(record)

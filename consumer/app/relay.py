@@ -29,6 +29,7 @@ from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProc
 from consumer.core.audit import Resend
 from consumer.core.guard import DeletionGuard
 from consumer.core.routing import RoutingTable
+from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
 from consumer.errors import KafkaUnavailableError
 from consumer.failures import classify
@@ -48,6 +49,7 @@ from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator
+from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
+# How often a partition whose upload intents wait for the partner says so.
+RECONCILE_NOTICE_S = 60.0
 # Unreadable state records kept per partition for /status (all are logged and counted).
 UNREADABLE_SHOWN = 100
 
@@ -139,26 +143,29 @@ class Relay(RelayControl, GroupMember):
                 )
             )
             default_limit, limits = rate_limits(self.routing, s.partner)
-            self._scheduler = scheduler = await stack.enter_async_context(
-                Scheduler(
-                    concurrency=s.partner.concurrency,
-                    default_rate_limit=default_limit,
-                    rate_limits=limits,
-                    breaker=BreakerPolicy(
-                        failure_threshold=s.partner.breaker_failures,
-                        cooldown_seconds=s.partner.breaker_cooldown_s,
-                    ),
-                    retry=RetryPolicy(in_doubt_seconds=s.partner.in_doubt_settle_s),
-                    observer=observer,
-                )
+            # Its workers run under the TaskGroup below: a crashed worker stops the relay.
+            self._scheduler = scheduler = Scheduler(
+                concurrency=s.partner.concurrency,
+                default_rate_limit=default_limit,
+                rate_limits=limits,
+                breaker=BreakerPolicy(
+                    failure_threshold=s.partner.breaker_failures,
+                    cooldown_seconds=s.partner.breaker_cooldown_s,
+                ),
+                retry=RetryPolicy(in_doubt_seconds=s.partner.in_doubt_settle_s),
+                observer=observer,
             )
-            dead_letters = DeadLetterSink(
-                producer=producer,
-                topic=s.kafka.dead_letter_topic,
-                metrics=self.metrics,
-                relay_version=RELAY_VERSION,
-                max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
-                watch=watch,
+            stack.push_async_callback(scheduler.close)
+            dead_letters = await stack.enter_async_context(
+                DeadLetterSink(
+                    producer=producer,
+                    connection=self.connection,
+                    topic=s.kafka.dead_letter_topic,
+                    metrics=self.metrics,
+                    relay_version=RELAY_VERSION,
+                    max_bytes=dead_letter_room(s.kafka.max_value_bytes) - 16_384,
+                    watch=watch,
+                )
             )
             build_processor = functools.partial(
                 self._build_processor,
@@ -177,6 +184,7 @@ class Relay(RelayControl, GroupMember):
                 commit_interval_s=s.kafka.commit_interval_s,
                 max_records=s.kafka.max_poll_records,
                 max_pending=(s.kafka.max_pending_live, s.kafka.max_pending_backfill),
+                max_pending_total=s.kafka.max_pending_total,
                 watch=watch,
                 probe=consumer.topics,
                 on_unavailable=self._fail,
@@ -201,9 +209,11 @@ class Relay(RelayControl, GroupMember):
             self.ops_port = ops.port
             try:
                 async with asyncio.TaskGroup() as tasks:
+                    workers = tasks.create_task(scheduler.run(), name="scheduler")
                     consuming = tasks.create_task(ingest.run(), name="ingest")
                     housekeeping = tasks.create_task(ingest.run_housekeeping(), name="housekeeping")
                     gauges = tasks.create_task(self._refresh_gauges(), name="gauges")
+                    tasks.create_task(watch_loop_lag(self.metrics, stopping=self.stopping))
                     await self.stopping.wait()
                     log.info("stopping: draining in-flight work")
                     ingest.stop()
@@ -211,6 +221,7 @@ class Relay(RelayControl, GroupMember):
                     await ingest.shutdown(s.drain_timeout_s)
                     await housekeeping
                     gauges.cancel()
+                    workers.cancel()
             except* Exception as failed:
                 # What a record's boundary raised again is infrastructure: say so in one line.
                 for error in failed.exceptions:
@@ -259,13 +270,25 @@ class Relay(RelayControl, GroupMember):
             on_unreadable=skip,
         )
         self.metrics.restore_records.inc(applied)
-        await reconcile_partition(
-            view=view,
-            writer=writer,
-            scheduler=scheduler,
-            partner=partner,
-            not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+        settling = asyncio.ensure_future(
+            reconcile_partition(
+                view=view,
+                writer=writer,
+                scheduler=scheduler,
+                partner=partner,
+                not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+            )
         )
+        try:
+            # The partner away holds this partition unready (and no other): say so while it lasts.
+            while not (await asyncio.wait({settling}, timeout=RECONCILE_NOTICE_S))[0]:
+                log.warning(
+                    "partition waits for the partner to settle its upload intents",
+                    extra={"partition": partition, "intents": view.count(DocStatus.UPLOADING)},
+                )
+        finally:
+            settling.cancel()
+        settling.result()
         self._restoring.pop(partition, None)
         log.info(
             "partition restored",

@@ -2,14 +2,15 @@
 
 ``build_dead_letter`` only builds the Kafka key, value and headers (``schemas/dead-letter.v1``);
 producing them is the caller's business. The envelope keeps key, value and headers as base64, so
-any record, UTF-8 or not, null or not, can be replayed byte for byte.
+any record, UTF-8 or not, null or not, can be replayed byte for byte. ``DeadLetterLedger`` keeps
+which source records have a dead letter already, so that a record read again is not written twice.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Final
 
@@ -41,6 +42,9 @@ class ProcessingReason(StrEnum):
 
 
 DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *ProcessingReason})
+
+SourceId = tuple[str, int, int]
+"""Where a dead-lettered record came from: its topic, partition and offset."""
 
 
 def build_dead_letter(
@@ -99,3 +103,101 @@ def _b64(raw: bytes | None) -> str | None:
 def _rfc3339_utc(moment: dt.datetime) -> str:
     utc = moment.astimezone(dt.UTC)
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dead_letter_source(value: bytes | None) -> SourceId | None:
+    """The source record a dead letter's value names, or None when the value is not one."""
+    if value is None:
+        return None
+    try:
+        source = orjson.loads(value)["source"]
+        topic, partition, offset = source["topic"], source["partition"], source["offset"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not (isinstance(topic, str) and type(partition) is int and type(offset) is int):
+        return None
+    return topic, partition, offset
+
+
+class DeadLetterLedger:
+    """The source records known to have a dead letter, and how much of the topic was read.
+
+    The dead-letter topic is read in stretches of offsets: for each of its partitions, one
+    contiguous range ``[first, end)`` has been read, reaching back to the records written since
+    ``since_ms`` (or since the beginning). A later look reads only what lies outside that range:
+    the records written since (the tail), and older ones when it must reach further back.
+    Past ``max_sources`` known records the ledger forgets everything at the next ``trim``: memory
+    stays bounded, and the next look reads its stretches again.
+    """
+
+    def __init__(self, *, max_sources: int = 100_000) -> None:
+        self._max_sources = max_sources
+        self._read: dict[int, tuple[int, int]] = {}
+        self._since_ms: int | None = None
+        self._from_beginning = False
+        self._written: set[SourceId] = set()
+
+    def trim(self) -> None:
+        """Forget what was read once more records are known than the bound (between looks)."""
+        if len(self._written) > self._max_sources:
+            self._read.clear()
+            self._since_ms = None
+            self._from_beginning = False
+            self._written.clear()
+
+    def __contains__(self, source: SourceId) -> bool:
+        return source in self._written
+
+    def note(self, source: SourceId | None) -> None:
+        """A dead letter for ``source`` is in the topic (written, or read there)."""
+        if source is not None:
+            self._written.add(source)
+
+    def reaches_back_to(self, since_ms: int | None) -> bool:
+        """Whether what was read covers every dead letter written since ``since_ms`` (None: ever),
+        up to the ends last read."""
+        if self._from_beginning:
+            return True
+        return since_ms is not None and self._since_ms is not None and since_ms >= self._since_ms
+
+    def unread(
+        self, starts: Mapping[int, int] | None, ends: Mapping[int, int]
+    ) -> list[tuple[int, int, int]]:
+        """``(partition, first, end)`` stretches still to read to cover ``starts`` (the first
+        offset to reach back to in each partition; None: only the tail) up to ``ends``; a
+        partition never read before comes with its stretch even when empty."""
+        stretches: list[tuple[int, int, int]] = []
+        for partition, end in sorted(ends.items()):
+            known = self._read.get(partition)
+            start = (starts or {}).get(partition, 0 if known is None else known[0])
+            if known is None:
+                # Even empty: marked read, a partition with nothing new is not read whole later.
+                stretches.append((partition, min(start, end), end))
+                continue
+            first, last = known
+            if start < first:
+                stretches.append((partition, start, first))
+            if last < end:
+                stretches.append((partition, last, end))
+        return stretches
+
+    def mark_read(self, partition: int, first: int, end: int, sources: Iterable[SourceId]) -> None:
+        """The stretch ``[first, end)`` of ``partition`` was read, holding dead letters for
+        ``sources``. A stretch adjoins what was read before (as ``unread`` gives them)."""
+        self._written.update(sources)
+        known = self._read.get(partition)
+        self._read[partition] = (
+            (first, end)
+            if known is None
+            else (
+                min(first, known[0]),
+                max(end, known[1]),
+            )
+        )
+
+    def reached_back_to(self, since_ms: int | None) -> None:
+        """Every partition has been read back to the records written since ``since_ms``."""
+        if since_ms is None:
+            self._from_beginning = True
+        elif self._since_ms is None or since_ms < self._since_ms:
+            self._since_ms = since_ms

@@ -80,6 +80,7 @@ class Ingest(Generic[P]):
         probe: Callable[[], Awaitable[object]],
         on_unavailable: Callable[[BaseException], None],
         max_pending: tuple[int, int] = (20_000, 100_000),
+        max_pending_total: int = 200_000,
         on_assignment: Callable[[set[int]], None] = lambda owned: None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -92,6 +93,7 @@ class Ingest(Generic[P]):
         self._commit_interval_s = commit_interval_s
         self._max_records = max_records
         self._max_live, self._max_backfill = max_pending
+        self._max_total = max_pending_total
         self._watch = watch
         self._probe = probe
         self._on_unavailable = on_unavailable
@@ -106,6 +108,7 @@ class Ingest(Generic[P]):
         self._tasks: asyncio.TaskGroup | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._consuming = False
+        self._over_budget = False  # the replica's queued work reached max_pending_total
         # True until the group assigned partitions (possibly none), and again while it rebalances.
         self._rebalancing = True
         self._stopping = asyncio.Event()
@@ -299,6 +302,11 @@ class Ingest(Generic[P]):
         if tp in self._consumer.assignment():
             self._consumer.seek(tp, offset)
 
+    @property
+    def over_budget(self) -> bool:
+        """Whether the replica's queued work reached ``max_pending_total`` (``/status``)."""
+        return self._over_budget
+
     def reading_paused(self, partition: int) -> bool:
         """Whether back-pressure paused reading ``partition`` (``/status``)."""
         paused = self._consumer.paused()
@@ -307,15 +315,31 @@ class Ingest(Generic[P]):
     def _apply_backpressure(self) -> None:
         """Pause reading a partition whose live or backfill work reached its bound; resume once
         both are under half of it. Each lane has its own bound, so a first publication's queued
-        backfill (rate-limited, hours long) never stops the partition's live documents."""
-        for partition, processor in self.processors.items():
+        backfill (rate-limited, hours long) never stops the partition's live documents.
+
+        Over them, one budget for the replica: while the work of every partition together
+        reaches ``max_pending_total``, the partitions that hold some are paused too (those with
+        none keep reading); they resume once the total is under half of it.
+        """
+        pending = {p: processor.pending_by_lane for p, processor in self.processors.items()}
+        total = sum(live + backfill for live, backfill in pending.values())
+        if total >= self._max_total:
+            self._over_budget = True
+        elif total < self._max_total // 2:
+            self._over_budget = False
+        for partition, (live, backfill) in pending.items():
             tps = [TopicPartition(topic, partition) for topic in self._topics]
-            live, backfill = processor.pending_by_lane
-            if live >= self._max_live or backfill >= self._max_backfill:
+            holds_work = live + backfill > 0
+            if (
+                live >= self._max_live
+                or backfill >= self._max_backfill
+                or (self._over_budget and holds_work)
+            ):
                 self._consumer.pause(*tps)
             elif (
                 live < self._max_live // 2
                 and backfill < self._max_backfill // 2
+                and not (self._over_budget and holds_work)
                 and self.reading_paused(partition)
             ):
                 self._consumer.resume(*tps)

@@ -95,12 +95,18 @@ def _unb64(text: str | None) -> bytes | None:
 
 
 async def read_dead_letters(connection: KafkaConnection, topic: str) -> list[DeadLetter]:
-    """Every dead letter currently in ``topic``, oldest first."""
-    found: list[DeadLetter] = []
+    """Every dead letter currently in ``topic``, oldest first (in each partition), one per
+    source record.
+
+    The relay writes one dead letter per source record; a second one for the same record (written
+    by a relay older than that rule, or by two replicas at once in a rebalance) is left out, so
+    that what is listed and counted is the records set aside, each once.
+    """
+    found: dict[str, DeadLetter] = {}
     async for _, record in _scan(connection, topic, starts=None):
         if record.value is not None and (letter := unpack(record.offset, record.value)):
-            found.append(letter)
-    return found
+            found.setdefault(letter.id, letter)
+    return list(found.values())
 
 
 async def replayed_already(connection: KafkaConnection, letters: list[DeadLetter]) -> set[str]:

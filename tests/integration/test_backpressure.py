@@ -2,8 +2,10 @@
 
 Reading a partition pauses when its live work reaches ``KAFKA__MAX_PENDING_LIVE`` or its
 first-publication work reaches ``KAFKA__MAX_PENDING_BACKFILL``, and resumes once both are under
-half. A backfill is rate-limited and may last hours: counted against the live bound, it would
-stop every other building of the partition for as long. Real broker, real sandbox.
+half; while the whole replica's work reaches ``KAFKA__MAX_PENDING_TOTAL``, the partitions that
+hold some pause too, and the others keep reading. A backfill is rate-limited and may last hours:
+counted against the live bound, it would stop every other building of the partition for as long.
+Real broker, real sandbox.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from consumer.app.relay import Relay
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory
+from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory, building_on
 from tests.integration.operator_helpers import live_document_sent, many_documents
 
 pytestmark = pytest.mark.integration
@@ -83,3 +85,44 @@ async def test_reading_pauses_at_the_backfill_bound_and_resumes_under_half_of_it
     # Not read before the queued backfill fell under half the bound (HISTORY // 4).
     assert len(world.partner_references("c-1")) >= HISTORY - HISTORY // 4 - 1
     await world.wait_until(lambda: not _partition(relay)["reading_paused"], what="reading again")
+
+
+async def test_the_replica_budget_pauses_the_partitions_holding_work_and_spares_the_others(
+    relay_world: WorldFactory,
+) -> None:
+    # The first publication's building on partition 0, the other agency's on partition 1.
+    onboarding, other = building_on(ONBOARDING, 0, 2), building_on(OTHER, 1, 2)
+    world = await relay_world(
+        agencies={
+            ONBOARDING: AgencySpec(buildings={onboarding: "c-1"}, rate_per_second=10.0, burst=1),
+            OTHER: AgencySpec(buildings={other: "c-9"}),
+        },
+        partitions=2,
+    )
+    kafka = world.settings().kafka.model_dump()
+    # Each lane's bound far away: only the replica's budget can pause.
+    bounds = {"max_pending_live": 20_000, "max_pending_backfill": 20_000}
+    relay = await world.start_relay(
+        kafka=KafkaSettings(**{**kafka, **bounds, "max_pending_total": HISTORY // 2})
+    )
+    listed = many_documents(world, HISTORY)
+    taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    await world.publish(*world.manifest_parts(ONBOARDING, onboarding, listed, taken_at=taken_at))
+
+    def partitions() -> dict[str, Any]:
+        return dict(relay.status()["partitions"])
+
+    await world.wait_until(lambda: partitions()["0"]["reading_paused"], what="partition 0 paused")
+    assert relay.status()["over_budget"]
+
+    await live_document_sent(
+        world, OTHER, other, "c-9", within=10, what="a live document of the partition with none"
+    )
+    await world.wait_until(
+        lambda: not partitions()["1"]["reading_paused"], what="partition 1 read, its work done"
+    )
+    assert partitions()["0"]["reading_paused"]
+    await world.wait_until(
+        lambda: not partitions()["0"]["reading_paused"], timeout=60, what="under half: reading"
+    )
+    assert len(world.partner_references("c-1")) >= HISTORY // 2

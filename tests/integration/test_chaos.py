@@ -233,14 +233,10 @@ async def test_a_mixed_stream_through_restarts_ends_with_exactly_lsc_truth(
     assert entries[-1]["msg"] == "stopped cleanly"
     assert not [e for e in entries if "Traceback" in str(e.get("exc", ""))], "a traceback logged"
 
-    if duplicates:
-        # Once (seed 2287498315, heavy load) a create carried out after the relay gave up on it
-        # was sent again; creates in doubt now wait (test_in_doubt.py). Every check above holds
-        # hard; this one is reported as an expected failure with what to replay, not hidden.
-        pytest.xfail(
-            f"seed {seed}: created more than once on the partner {duplicates}; "
-            f"the relay's log: {run.log_path}"
-        )
+    assert not duplicates, (
+        f"seed {seed}: created more than once on the partner {duplicates}; "
+        f"the relay's log: {run.log_path}"
+    )
 
 
 async def converged(world: RelayWorld, expected: dict[tuple[str, str], str], seed: int) -> None:

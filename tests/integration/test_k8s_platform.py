@@ -109,7 +109,7 @@ def test_relay_user_has_least_privilege(overlay: str) -> None:
         ("group", kafka(manifests, "GROUP_ID")): {"Read"},
         ("topic", kafka(manifests, "STATE_TOPIC")): read_write,
         ("topic", kafka(manifests, "COMMANDS_TOPIC")): read_write,
-        ("topic", kafka(manifests, "DEAD_LETTER_TOPIC")): {"Describe", "Write"},
+        ("topic", kafka(manifests, "DEAD_LETTER_TOPIC")): read_write,
     }
 
 

@@ -14,6 +14,7 @@ import asyncio
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,32 @@ async def test_a_replica_stops_reporting_the_lag_of_partitions_it_gave_up(
 
     # A frozen lag of a partition now read by the other replica would be summed twice.
     await world.wait_until(only_its_own, what="the first replica to report only its partitions")
+
+
+async def test_a_held_event_loop_shows_on_metrics_as_a_late_tick(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    count = "chouette_relay_event_loop_tick_lag_seconds_count"
+
+    async def ticked() -> bool:
+        return bool(await metric(relay, count))
+
+    await world.wait_until(ticked, what="the first tick of the event loop's watcher")
+
+    async def over_a_second() -> float:
+        ticks = await metric(relay, count)
+        on_time = await metric(relay, "chouette_relay_event_loop_tick_lag_seconds_bucket", le="1.0")
+        assert ticks is not None
+        assert on_time is not None
+        return ticks - on_time
+
+    before = await over_a_second()
+    # The relay shares this test's event loop: a synchronous step holds it as a slow record would.
+    time.sleep(1.6)  # noqa: ASYNC251 - holding the loop is the behaviour under test
+
+    async def counted() -> bool:
+        return await over_a_second() >= before + 1
+
+    await world.wait_until(counted, what="a tick counted more than a second late")

@@ -138,8 +138,12 @@ def held_reconcile(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[set[int], 
 
 
 async def test_a_partition_held_at_start_holds_no_other_partition_back(
-    relay_world: WorldFactory, held_reconcile: tuple[set[int], asyncio.Event]
+    relay_world: WorldFactory,
+    held_reconcile: tuple[set[int], asyncio.Event],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr("consumer.app.relay.RECONCILE_NOTICE_S", 0.2)
     held, gate = held_reconcile
     held.add(0)
     buildings = {p: building_on(AGENCY, p, PARTITIONS) for p in range(PARTITIONS)}
@@ -165,6 +169,9 @@ async def test_a_partition_held_at_start_holds_no_other_partition_back(
     assert documents[0]["id"] not in world.partner_references()
     assert not relay.is_ready()
     assert "0" in relay.status()["restoring"]
+    waiting = [r for r in caplog.records if r.getMessage().startswith("partition waits for")]
+    assert waiting
+    assert {getattr(r, "partition", None) for r in waiting} == {0}
 
     gate.set()
     await world.wait_until(relay.is_ready, timeout=60, what="ready")

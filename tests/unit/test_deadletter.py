@@ -19,8 +19,10 @@ from consumer.core.deadletter import (
     DEAD_LETTER_REASONS,
     MAX_DETAIL_CHARS,
     REASON_HEADER,
+    DeadLetterLedger,
     ProcessingReason,
     build_dead_letter,
+    dead_letter_source,
 )
 from consumer.core.decoding import PoisonReason
 
@@ -182,3 +184,60 @@ def test_any_record_round_trips_through_a_valid_envelope(
     assert unb64(record["value_base64"]) == value
     assert [(h["key"], unb64(h["value_base64"])) for h in record["headers"]] == headers
     assert out_headers[1:] == headers
+
+
+# --- once per source record ---------------------------------------------------------------------
+
+
+def test_a_dead_letter_names_its_source_record() -> None:
+    _, value, _ = dead_letter()
+    assert dead_letter_source(value) == ("lsc.document-created.v1", 3, 418_227)
+    for other in (None, b"{not json", b"[]", b'{"source": {"topic": "t", "partition": "4"}}'):
+        assert dead_letter_source(other) is None
+
+
+def test_the_ledger_reads_each_stretch_of_the_topic_once() -> None:
+    ledger = DeadLetterLedger()
+    source = ("lsc.document-created.v1", 4, 1_234)
+    assert not ledger.reaches_back_to(1_000)
+    # The first look reads from the records dated since its bound to the end of each partition.
+    assert ledger.unread({0: 5, 1: 7}, {0: 9, 1: 7}) == [(0, 5, 9), (1, 7, 7)]
+    ledger.mark_read(0, 5, 9, [source])
+    ledger.mark_read(1, 7, 7, [])
+    ledger.reached_back_to(1_000)
+    assert source in ledger
+    assert ("lsc.document-created.v1", 4, 1_235) not in ledger
+    # A later record reaches back no further: only what was written since is read.
+    assert ledger.reaches_back_to(2_000)
+    assert ledger.unread(None, {0: 12, 1: 8}) == [(0, 9, 12), (1, 7, 8)]
+    # A partition added to the topic since is read from its beginning.
+    assert ledger.unread(None, {2: 3}) == [(2, 0, 3)]
+    # An older record reaches further back: the stretch before what was read, and the tail.
+    assert not ledger.reaches_back_to(500)
+    assert ledger.unread({0: 2, 1: 7}, {0: 12, 1: 7}) == [(0, 2, 5), (0, 9, 12)]
+    ledger.mark_read(0, 2, 5, [])
+    ledger.mark_read(0, 9, 12, [])
+    ledger.reached_back_to(500)
+    assert ledger.unread({0: 2, 1: 7}, {0: 12, 1: 7}) == []
+    assert source in ledger
+    # A record without a timestamp reaches back to the beginning, once.
+    assert not ledger.reaches_back_to(None)
+    ledger.reached_back_to(None)
+    assert ledger.reaches_back_to(None)
+
+
+def test_a_dead_letter_written_is_known_without_reading_it_back() -> None:
+    ledger = DeadLetterLedger()
+    ledger.note(("lsc.manifest-snapshot.v1", 0, 7))
+    ledger.note(None)
+    assert ("lsc.manifest-snapshot.v1", 0, 7) in ledger
+
+
+def test_the_ledger_forgets_all_past_its_bound_and_reads_again() -> None:
+    ledger = DeadLetterLedger(max_sources=2)
+    ledger.mark_read(0, 0, 3, [("t", 0, 1), ("t", 0, 2), ("t", 0, 3)])
+    ledger.reached_back_to(1_000)
+    ledger.trim()
+    assert ("t", 0, 1) not in ledger
+    assert not ledger.reaches_back_to(2_000)
+    assert ledger.unread({0: 0}, {0: 3}) == [(0, 0, 3)]
