@@ -278,14 +278,16 @@ async def ingest_with_state(
             ContentFetcher(allowed_hosts=(), max_bytes=1024 * 1024)
         )
         scheduler = await stack.enter_async_context(Scheduler(concurrency=8))
-        dead_letters = DeadLetterSink(
-            producer=producer,
-            connection=KafkaConnection(bootstrap_servers=bootstrap),
-            topic=topics.dead_letters,
-            metrics=metrics,
-            relay_version="bench",
-            max_bytes=1_000_000,
-            watch=watch,
+        dead_letters = await stack.enter_async_context(
+            DeadLetterSink(
+                producer=producer,
+                connection=KafkaConnection(bootstrap_servers=bootstrap),
+                topic=topics.dead_letters,
+                metrics=metrics,
+                relay_version="bench",
+                max_bytes=1_000_000,
+                watch=watch,
+            )
         )
         kinds = {DOCUMENTS: topics.documents, MANIFESTS: topics.manifests}
 

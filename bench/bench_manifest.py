@@ -9,11 +9,13 @@ published in parts of 2,000 items, in two modes of first publication:
 is uploaded to the sandbox). The relay has converged when its consumer group has committed every
 part's offset: the offset is released only once the manifest's work is done and its building
 record written. Measured:
-- the seconds from the first part published to convergence (target: 60 s);
+- the seconds from the first part published to convergence (target: 60 s), and the CPU time the
+  relay spent meanwhile, which a loaded machine does not stretch;
 - the relay's RSS growth: its peak (``VmHWM``) less its RSS once ready (target: 300 MB);
 - the worst ``/livez`` answer time, asked every 0.2 s from a thread of this process from ready to
   convergence, so that the document store's work on this process's event loop does not delay the
   measure (target: 1 s; an answer later than 10 s counts as a failure);
+- the relay's own loop-lag ticks (``event_loop_tick_lag_seconds``) that fired more than 1 s late;
 - how often the group assigned partitions, and Kafka writes sent again, from the relay's log.
 The 60 s and 300 MB targets are judged at the full size only; at a smaller one they are printed
 beside it. An upload costs the relay about a millisecond of CPU, so the history mode of 100,000
@@ -45,9 +47,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bench_forwarding import sandbox_process
-from bench.common import SCALE_VARIABLE, delete_topics, on_a_broker, rss, scale
+from bench.common import SCALE_VARIABLE, cpu_seconds, delete_topics, on_a_broker, rss, scale
 from consumer.local.docstore import DocumentStore
 from consumer.local.kafka import create_topics, free_port
 
@@ -73,6 +76,7 @@ class Result:
     items: int
     converged: bool
     seconds: float
+    cpu_seconds: float  # the relay's, from the first part published to convergence
     baseline_rss: int
     peak_rss: int
     probe: LivenessProbe
@@ -80,10 +84,37 @@ class Result:
     assignments: int
     resends: int
     state_records: int
+    late_ticks: Ticks  # the relay's own loop-lag ticks from ready to convergence
 
     @property
     def growth(self) -> int:
         return self.peak_rss - self.baseline_rss
+
+
+@dataclass(frozen=True)
+class Ticks:
+    """The relay's loop-lag ticks (``event_loop_tick_lag_seconds``): all, and those over 1 s."""
+
+    count: int
+    late: int
+
+    def __sub__(self, earlier: Ticks) -> Ticks:
+        return Ticks(self.count - earlier.count, self.late - earlier.late)
+
+
+async def _ticks(http: aiohttp.ClientSession, port: int) -> Ticks:
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    count = on_time = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "chouette_relay_event_loop_tick_lag_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == LIVEZ_TARGET_S:
+                on_time = sample.value
+    return Ticks(int(count), int(count - on_time))
 
 
 class LivenessProbe:
@@ -338,6 +369,7 @@ async def take_manifest(bootstrap: str, mode: str, items: int, timeout_s: float)
             raise RuntimeError("the relay did not become ready")
         await asyncio.sleep(2.0)  # let start-up allocations settle before the baseline
         baseline, _ = rss(relay.pid)
+        ticks_when_ready = await _ticks(http, port)
         reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
         await reader.start()
         stack.push_async_callback(reader.stop)
@@ -348,18 +380,21 @@ async def take_manifest(bootstrap: str, mode: str, items: int, timeout_s: float)
             return await _uncommitted(reader, partitions) == 0
 
         async with probing(f"http://127.0.0.1:{port}/livez") as probe:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), cpu_seconds(relay.pid)
             await _publish(bootstrap, manifests, records)
             del records
             done = await _until(converged, "convergence", timeout_s=timeout_s, every_s=0.5)
             seconds = time.perf_counter() - started
+            relay_cpu = cpu_seconds(relay.pid) - cpu
             _, peak = rss(relay.pid)
             written = await _records_in(reader, topics["STATE_TOPIC"])
+            ticks = await _ticks(http, port) - ticks_when_ready
         return Result(
             mode=mode,
             items=items,
             converged=done,
             seconds=seconds,
+            cpu_seconds=relay_cpu,
             baseline_rss=baseline,
             peak_rss=peak,
             probe=probe,
@@ -367,6 +402,7 @@ async def take_manifest(bootstrap: str, mode: str, items: int, timeout_s: float)
             assignments=_count_lines(log, "partitions assigned"),
             resends=_count_lines(log, "Kafka write failed; sending again"),
             state_records=written,
+            late_ticks=ticks,
         )
 
 
@@ -380,7 +416,7 @@ def show(result: Result, *, full_size: bool) -> None:
     took = "converged" if result.converged else "had NOT converged"
     print(f"{result.mode}: {result.items:,} items of one building", flush=True)
     print(
-        f"  {took} in {result.seconds:.1f} s "
+        f"  {took} in {result.seconds:.1f} s, the relay using {result.cpu_seconds:.1f} s of CPU "
         f"(target <= {SECONDS_TARGET:.0f} s: {verdict(result.converged and result.seconds <= 60)})"
     )
     print(
@@ -395,6 +431,10 @@ def show(result: Result, *, full_size: bool) -> None:
         f"({probe.worst_at - result.started:.1f} s after the first part), {probe.answers} probes, "
         f"{probe.failures} failed (target <= {LIVEZ_TARGET_S * 1000:.0f} ms: "
         f"{'met' if livez_met else 'NOT met'})"
+    )
+    print(
+        f"  the relay's own loop-lag ticks: {result.late_ticks.late} of "
+        f"{result.late_ticks.count} fired more than {LIVEZ_TARGET_S:.0f} s late"
     )
     print(
         f"  partitions assigned {result.assignments} time(s) "
