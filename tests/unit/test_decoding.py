@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,43 @@ def test_a_bad_url_beside_another_violation_is_a_schema_violation() -> None:
     assert poison_reason(result) is PoisonReason.SCHEMA_VIOLATION
     assert isinstance(result, Poison)
     assert "String should match pattern" not in result.detail  # the pattern is not quoted
+
+
+def empty_items_manifest(count: int) -> bytes:
+    """A manifest part whose ``count`` items are all ``{}``, padded to 10 bytes an item."""
+    header = orjson.dumps(changed(MANIFEST, item_count=count, items=[]))
+    return header.removesuffix(b"[]}") + b"[" + b",".join([b"{}       "] * count) + b"]}"
+
+
+def test_a_manifest_of_100000_empty_items_is_refused_at_little_more_than_its_size() -> None:
+    value = empty_items_manifest(100_000)
+    assert len(value) > 1_000_000
+    tracemalloc.start()
+    try:
+        result = decode_record(
+            topic_kind="manifest-snapshot",
+            key=KEY,
+            value=value,
+            headers=headers_for(MANIFEST),
+            max_value_bytes=len(value),
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert poison_reason(result) is PoisonReason.SCHEMA_VIOLATION
+    assert isinstance(result, Poison)
+    # The first violation is named, not each of the 700,000 (seven fields in every item).
+    assert result.detail == "items[0].id: required but missing"
+    assert peak <= 3 * len(value)
+
+
+def test_a_refused_record_names_a_bounded_detail_however_long_what_it_quotes() -> None:
+    long_name = "x" * 60_000
+    result = decode(changed(CREATED, **{long_name: 1}))
+    assert poison_reason(result) is PoisonReason.SCHEMA_VIOLATION
+    assert isinstance(result, Poison)
+    assert result.detail.startswith("xxx")
+    assert len(result.detail) < 500
 
 
 NOW = dt.datetime(2024, 5, 6, 9, 15, 2, tzinfo=dt.UTC)
