@@ -166,7 +166,7 @@ def bench_manifest() -> None:
 
     baseline_time, _ = best_of(dict_diff)
     print("(a) manifest of 100,000 items in 10 parts against a view of 100,000 documents")
-    print(f"    decoding the parts (pydantic, not counted): {decode_time:.2f} s; best of 3 runs")
+    print(f"    building the parts (msgspec, not counted): {decode_time:.2f} s; best of 3 runs")
     print(
         f"    relay: assemble + plan        {relay_time:.3f} s  "
         f"{ITEMS / relay_time:>12,.0f} items/s  ({uploads} uploads, {deletes} deletes)"
