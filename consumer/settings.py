@@ -60,7 +60,7 @@ class KafkaSettings(_Group):
         default=100_000,
         ge=1,
         description="First-publication operations waiting per input partition before reading "
-        "it pauses (it resumes under half): a bound on memory, about 2.5 kB each.",
+        "it pauses (it resumes under half): a bound on memory, about 1 kB each.",
     )
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     unavailable_timeout_s: float = Field(

@@ -119,7 +119,7 @@ def _refused(
     than any other field. Only those two fields are read, the rest is skipped.
     """
     try:
-        value.decode("utf-8")
+        value.decode("utf-8")  # msgspec does not check the text of the fields it skips
     except UnicodeDecodeError as not_utf8:
         return _not_utf8(not_utf8)
     try:
