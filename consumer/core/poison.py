@@ -61,7 +61,9 @@ _FIELD: Final = re.compile(
 )
 _PATTERN: Final = "Expected `str` matching regex"
 # What each pattern of the contract asks for, said instead of quoting the pattern.
-_IDENTIFIER_RULE: Final = "an identifier: a letter or digit, then up to 63 letters, digits, _ . -"
+_IDENTIFIER_RULE: Final = (
+    "an identifier: a letter or digit, then up to 63 letters, digits, '_', '.' or '-'"
+)
 _PATTERN_RULES: Final = {
     "agency_id": _IDENTIFIER_RULE,
     "building_id": _IDENTIFIER_RULE,

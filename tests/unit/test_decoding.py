@@ -220,6 +220,23 @@ STRING_SIZE = {**DOCUMENT, "content": {**DOCUMENT["content"], "size_bytes": "184
         (changed(MANIFEST, items=[DOCUMENT, STRING_SIZE]), "items[1].content.size_bytes"),
         (changed(CREATED, unexpected=True), "unexpected"),
         (WITHOUT_EVENT_TYPE, "event_type"),
+        # rules the structs check themselves, after msgspec has read the field
+        (changed(CREATED, occurred_at="2024-02-30T09:15:02Z"), "occurred_at"),
+        (
+            changed(CREATED, document={**DOCUMENT, "document_date": "0999-12-31"}),
+            "document.document_date",
+        ),
+        (changed(MANIFEST, modules=["ag", "contrats", "ag"]), "modules"),
+        (
+            changed(
+                MANIFEST,
+                items=[
+                    DOCUMENT,
+                    {**STRING_SIZE, "content": {**DOCUMENT["content"], "size_bytes": 1.5}},
+                ],
+            ),
+            "items[1].content.size_bytes",
+        ),
     ],
 )
 def test_a_schema_violation_names_the_failing_field_path(body: JsonObject, path: str) -> None:
