@@ -5,7 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench_core", "bench_ingest", "bench_restore", "bench_forwarding", "bench_memory")
+BENCHMARKS = (
+    "bench_core",
+    "bench_decoding",
+    "bench_ingest",
+    "bench_restore",
+    "bench_forwarding",
+    "bench_memory",
+)
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 One topic is filled with N valid document-created events (50,000 by default), then read
 with the consumer configuration the relay uses (``getmany`` with ``max_poll_records``):
 (a) a bare aiokafka consumer that only counts records;
-(b) the relay's own ``Ingest`` loop and ``PartitionProcessor.handle``: decode (orjson), validate
-    (pydantic), check key and headers, plan against the published view and route. Routing
+(b) the relay's own ``Ingest`` loop and ``PartitionProcessor.handle``: decode and validate in one
+    pass (msgspec), check key and headers, plan against the published view and route. Routing
     filters every document (its module is not enabled), so no partner call is made; whatever the
     planner records for a filtered document is applied to the view and written to a real
     changelog topic, and a record only counts once its offset is committable (its work done);

@@ -60,14 +60,14 @@ class KafkaSettings(_Group):
         default=100_000,
         ge=1,
         description="First-publication operations waiting per input partition before reading "
-        "it pauses (it resumes under half): a bound on memory, about 2.5 kB each.",
+        "it pauses (it resumes under half): a bound on memory, about 1 kB each.",
     )
     max_pending_total: int = Field(
         default=200_000,
         ge=1,
         description="Partner operations waiting in the whole replica, both lanes and every "
         "partition, before the partitions holding them pause (they resume under half): the "
-        "replica's memory budget for queued work, about 2.5 kB each (500 MB by default).",
+        "replica's memory budget for queued work, about 1 kB each (200 MB by default).",
     )
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     unavailable_timeout_s: float = Field(
