@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from consumer.core.commands import AgencyAction, HeldAction, Refusal
 from consumer.core.deadletter import DEAD_LETTER_REASONS
 
 PREFIX = "chouette_relay"
@@ -47,6 +48,7 @@ class RelayMetrics:
     agency_paused: Gauge
     awaiting_approval: Gauge
     audit_findings: Gauge
+    commands: Counter
     kafka_retries: Counter
     kafka_reachable: Gauge
     last_commit: Gauge
@@ -212,6 +214,14 @@ class RelayMetrics:
                 ["agency", "kind"],
                 registry=registry,
             ),
+            commands=Counter(
+                name("commands"),
+                "Operator commands read from the commands topic by the replica owning their "
+                "partition, by kind and outcome (carried_out, dead_lettered, or why it was "
+                "refused: unknown_agency, unknown_building).",
+                ["kind", "outcome"],
+                registry=registry,
+            ),
             kafka_retries=Counter(
                 name("kafka_retries"),
                 "Kafka writes sent again and commits that failed, by operation.",
@@ -238,6 +248,10 @@ class RelayMetrics:
         for operation in ("changelog", "dead_letter", "commit"):
             metrics.kafka_retries.labels(operation)
         metrics.kafka_reachable.set(1)
+        for kind in (*HeldAction, *AgencyAction):
+            for outcome in ("carried_out", *Refusal):
+                metrics.commands.labels(kind.value, outcome)
+        metrics.commands.labels("unreadable", "dead_lettered")
         for scope in ("document", "record"):
             metrics.unexpected_errors.labels(scope)
         # A relay that never commits is stalled from its start, not since 1970.

@@ -36,6 +36,14 @@ class AgencyAction(StrEnum):
     REPAIR = "repair"  # settle what an audit found on the partner (one building)
 
 
+class Refusal(StrEnum):
+    """Why the replica that owns a command's target refused to carry it out (a closed set: these
+    are metric label values)."""
+
+    UNKNOWN_AGENCY = "unknown_agency"  # not in the replica's routing file
+    UNKNOWN_BUILDING = "unknown_building"  # not mapped to a condominium in the routing file
+
+
 class FindingKind(StrEnum):
     MISSING = "missing"  # the view says published; the partner does not hold it
     UNEXPECTED = "unexpected"  # the partner holds it with our reference; the view does not know it

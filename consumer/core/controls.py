@@ -1,9 +1,12 @@
 """What an operator command on an agency does to one partition: a pure function of its view.
 
-Pause, resume and approve change the agency record of the partition (the relay then hands the
-paused agencies to the scheduler, and applies the first publications an approval releases);
-retry sends the partition's parked documents of the agency (or of one building) again; repair
-settles an audit's findings for one building (``consumer.core.audit``).
+Whoever wrote a command (the CLI, an admin endpoint, an older CLI, a forged record), the replica
+that carries it out checks it first (``refusal``): a target its routing file does not know is
+refused, and leaves no record. Pause, resume and approve change the agency record of the
+partition (the relay then hands the paused agencies to the scheduler, and applies the first
+publications an approval releases); retry sends the partition's parked documents of the agency
+(or of one building) again; repair settles an audit's findings for one building
+(``consumer.core.audit``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from consumer.core.audit import Resend, plan_repair
-from consumer.core.commands import AgencyAction, OperatorCommand
+from consumer.core.commands import AgencyAction, OperatorCommand, Refusal
 from consumer.core.planning.actions import retry_parked
 from consumer.core.planning.plan import Outcome, Plan
 from consumer.core.routing import RoutingTable
@@ -21,6 +24,17 @@ from consumer.core.view import PublishedView
 
 CONTROLS = frozenset({AgencyAction.PAUSE, AgencyAction.RESUME, AgencyAction.APPROVE})
 """Commands that change an agency's controls (what the scheduler and the approval gate read)."""
+
+
+def refusal(routing: RoutingTable, command: OperatorCommand) -> Refusal | None:
+    """Why this replica will not carry ``command`` out, or None: the agency must be in its
+    routing file, and a building a command names must be mapped there to a condominium."""
+    config = routing.agency(command.agency_id)
+    if config is None:
+        return Refusal.UNKNOWN_AGENCY
+    if command.building_id is not None and command.building_id not in config.condominia:
+        return Refusal.UNKNOWN_BUILDING
+    return None
 
 
 def plan_agency_command(
