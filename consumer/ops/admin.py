@@ -212,6 +212,8 @@ class Operator:
         self, *, reason: str | None = None, source_topic: str | None = None
     ) -> list[dict[str, Any]]:
         """Every dead letter (of one reason, or one source topic, if given), oldest first."""
+        if reason is not None:
+            _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
         return [
             letter.listing()
@@ -231,9 +233,8 @@ class Operator:
             raise ValueError(
                 f"{malformed[0]!r} is not a dead letter id: topic/partition/offset, as listed"
             )
-        if reason is not None and reason not in DEAD_LETTER_REASONS:
-            known = ", ".join(sorted(DEAD_LETTER_REASONS))
-            raise ValueError(f"{reason!r} is not a dead-letter reason; one of {known}")
+        if reason is not None:
+            _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
         chosen = [
             letter
@@ -266,6 +267,12 @@ class UnknownTargetError(ValueError):
             else "; no known name is close to it"
         )
         super().__init__(f"{what} {name}{of} is not in the routing file{hint}")
+
+
+def _check_reason(reason: str) -> None:
+    if reason not in DEAD_LETTER_REASONS:
+        known = ", ".join(sorted(DEAD_LETTER_REASONS))
+        raise ValueError(f"{reason!r} is not a dead-letter reason; one of {known}")
 
 
 def parked_entry(record: DocumentRecord) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import SecretStr, ValidationError
 
@@ -62,31 +62,35 @@ class OpsServer(AppServer):
 
     def build_app(self) -> web.Application:
         app = web.Application()
+        routes = [
+            web.get("/livez", self._livez),
+            web.get("/readyz", self._readyz),
+            web.get("/metrics", self._metrics),
+            web.get("/status", self._status),
+            web.get("/admin/held", self._admin(self._list_held)),
+            web.post(
+                "/admin/held/{agency}/{building}/{action:release|discard}",
+                self._admin(self._settle),
+            ),
+            web.post("/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)),
+            web.get("/admin/plan", self._admin(self._plan)),
+            web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
+            web.get("/admin/overview", self._admin(self._overview)),
+            web.get("/admin/audit", self._admin(self._audit)),
+            web.post("/admin/audit/repair", self._admin(self._audit)),
+            web.get("/admin/parked", self._admin(self._list_parked)),
+            web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
+            web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
+            web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
+            web.post("/admin/dead-letters/replay", self._admin(self._replay)),
+            # Last: what no route above takes (also a known path with another method), so that
+            # an unmatched request's Expect header is answered by _expect too.
+            web.route("*", "/{tail:.*}", _no_route),
+        ]
+        # Every route answers an Expect header itself (see _expect).
         app.add_routes(
-            [
-                web.get("/livez", self._livez),
-                web.get("/readyz", self._readyz),
-                web.get("/metrics", self._metrics),
-                web.get("/status", self._status),
-                web.get("/admin/held", self._admin(self._list_held)),
-                web.post(
-                    "/admin/held/{agency}/{building}/{action:release|discard}",
-                    self._admin(self._settle),
-                ),
-                web.post(
-                    "/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)
-                ),
-                web.get("/admin/plan", self._admin(self._plan)),
-                web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
-                web.get("/admin/overview", self._admin(self._overview)),
-                web.get("/admin/audit", self._admin(self._audit)),
-                web.post("/admin/audit/repair", self._admin(self._audit)),
-                web.get("/admin/parked", self._admin(self._list_parked)),
-                web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
-                web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
-                web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
-                web.post("/admin/dead-letters/replay", self._admin(self._replay)),
-            ]
+            web.route(r.method, r.path, r.handler, **{**r.kwargs, "expect_handler": _expect})
+            for r in routes
         )
         return app
 
@@ -249,6 +253,22 @@ class OpsServer(AppServer):
         if agency is not None:
             self._control.operator().check_target(agency)
         return agency
+
+
+async def _no_route(_: web.Request) -> web.Response:
+    return web.json_response({"error": "no such endpoint"}, status=404)
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` answered as aiohttp does; any other expectation is a 417 that
+    does not repeat the header (aiohttp's own answer puts it in its text, and fails with a 500
+    on bytes that are not UTF-8)."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the body of the answer has not started yet
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -115,10 +115,18 @@ async def test_replay_needs_a_selection_and_the_token(relay_world: WorldFactory)
     status, body = await call(
         relay, "POST", "/admin/dead-letters/replay", token=True, body={"ids": ["t/0/1"]}
     )
-    assert (status, body) == (
-        200,
-        {"replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}]},
+    assert (status, body) == (  # the only dead letter named is unknown: a 404
+        404,
+        {
+            "error": "no such dead letter",
+            "replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}],
+        },
     )
+    status, body = await call(
+        relay, "POST", "/admin/dead-letters/replay", token=True, body={"ids": ["../x"]}
+    )
+    assert status == 400
+    assert "is not a dead letter id" in body["error"]
 
 
 async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_letter(
