@@ -14,7 +14,6 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -73,7 +72,11 @@ _PLACE = st.one_of(
     st.tuples(st.just(KNOWN), _UNKNOWN_BUILDING),
 )
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
@@ -205,6 +208,4 @@ async def test_every_admin_route_answers_4xx_to_input_it_refuses_and_changes_not
 
     assert 400 <= status < 500, request
     assert await target.commands_written() == 0
-    status_now: dict[str, Any] = target.relay.status()
-    assert status_now["paused"] == []
-    assert status_now["refused_commands"]["total"] == 0
+    assert target.relay.status()["paused"] == []
