@@ -27,7 +27,7 @@ from consumer.core.commands import (
     Refusal,
     decode_command,
 )
-from consumer.core.controls import CONTROLS, plan_agency_command, refusal
+from consumer.core.controls import CONTROLS, approval_refusal, plan_agency_command, refusal
 from consumer.core.decoding import Poison, decode_record
 from consumer.core.events import DocumentCreated
 from consumer.core.guard import DeletionGuard
@@ -276,7 +276,14 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             return
         action = command.command
         self._metrics.events.labels(COMMANDS, action.value).inc()
-        refused = refusal(self._routing, command)
+        refused = refusal(self._routing, command) or approval_refusal(
+            self.view,
+            self._routing,
+            self._guard,
+            command,
+            partition=self.partition,
+            waiting=[m for (a, _), (m, _) in self._awaiting.items() if a == command.agency_id],
+        )
         if refused is not None:
             self._refuse(command, refused, now)
             self._trackers[source.topic].done(source.offset)

@@ -42,6 +42,8 @@ class Refusal(StrEnum):
 
     UNKNOWN_AGENCY = "unknown_agency"  # not in the replica's routing file
     UNKNOWN_BUILDING = "unknown_building"  # not mapped to a condominium in the routing file
+    PLAN_CHANGED = "plan_changed"  # an approve whose share differs from the plan computed now
+    PLAN_UNCHECKED = "plan_unchecked"  # an approve without its shares (an older CLI): unverifiable
 
 
 class FindingKind(StrEnum):
@@ -63,6 +65,7 @@ class Finding(BaseModel):
 
 
 _Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+_Share = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 
 
 class OperatorCommand(BaseModel):
@@ -73,6 +76,9 @@ class OperatorCommand(BaseModel):
     agency_id: _Identifier
     building_id: _Identifier | None = None  # None: the whole agency, on every partition
     plan: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")] | None = None
+    # approve only: the share of every input partition in ``plan``, in partition order; each
+    # owning replica checks its own against the plan it computes when the approval arrives
+    plan_shares: tuple[_Share, ...] = ()
     findings: tuple[Finding, ...] = ()  # repair only
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
@@ -88,6 +94,10 @@ class OperatorCommand(BaseModel):
             raise ValueError(f"{self.command} acts on a whole agency: no building_id")
         if (self.command is AgencyAction.APPROVE) != (self.plan is not None):
             raise ValueError("a plan fingerprint goes with approve, and only with it")
+        if self.plan_shares and self.command is not AgencyAction.APPROVE:
+            raise ValueError("plan shares go with approve only")
+        if len(self.plan_shares) > 4096:
+            raise ValueError("more plan shares than a topic has partitions")
         if self.findings and self.command is not AgencyAction.REPAIR:
             raise ValueError("findings go with repair only")
         return self

@@ -94,6 +94,7 @@ class Operator:
         *,
         requested_by: str,
         plan: str | None = None,
+        plan_shares: tuple[str, ...] = (),
         findings: tuple[Finding, ...] = (),
     ) -> dict[str, Any]:
         """Write one command; the replicas owning the building (or every partition of the
@@ -104,6 +105,7 @@ class Operator:
             agency_id=agency_id,
             building_id=building_id,
             plan=plan,
+            plan_shares=plan_shares,
             findings=findings,
             requested_at=dt.datetime.now(dt.UTC),
             requested_by=requested_by,
@@ -130,15 +132,27 @@ class Operator:
 
         return await plan_with_fingerprints(self.settings, self.routing_table(), agency=agency_id)
 
+    async def plan_with_shares(
+        self, agency_id: str | None
+    ) -> tuple[Any, dict[str, str], dict[str, tuple[str, ...]]]:
+        """The dry run, each agency's fingerprint, and each partition's share in it."""
+        from consumer.ops.dryrun import plan_with_shares  # noqa: PLC0415 - heavy, rarely used
+
+        if agency_id is not None:
+            self.check_target(agency_id)
+        return await plan_with_shares(self.settings, self.routing_table(), agency=agency_id)
+
     async def approve(self, agency_id: str, plan: str, *, requested_by: str) -> dict[str, Any]:
-        """Start the agency's first publication, if its plan is still the one approved."""
+        """Start the agency's first publication, if its plan is still the one approved. The
+        command carries the plan's share of every partition: each owning replica checks its own
+        again against the plan it computes when the command arrives."""
         self.check_target(agency_id)
         if not _FINGERPRINT.fullmatch(plan):
             raise ValueError(
                 f"{plan!r} is not a plan fingerprint: give the hexadecimal one that "
                 f"chouette-relay plan --agency {agency_id} prints"
             )
-        _, fingerprints = await self.plan(agency_id)
+        _, fingerprints, shares = await self.plan_with_shares(agency_id)
         current = fingerprints[agency_id]
         if current != plan:
             raise PlanChangedError(
@@ -146,7 +160,11 @@ class Operator:
                 f"shown; look at it again with chouette-relay plan --agency {agency_id}"
             )
         return await self.queue(
-            AgencyAction.APPROVE, agency_id, requested_by=requested_by, plan=plan
+            AgencyAction.APPROVE,
+            agency_id,
+            requested_by=requested_by,
+            plan=plan,
+            plan_shares=shares[agency_id],
         )
 
     def check_target(self, agency_id: str, building_id: str | None = None) -> None:

@@ -169,8 +169,8 @@ class OpsServer(AppServer):
 
     async def _plan(self, request: web.Request) -> web.Response:
         agency = self._agency_filter(request)
-        plan, fingerprints = await self._control.operator().plan(agency)
-        return web.json_response(plan_json(plan, fingerprints))
+        plan, fingerprints, shares = await self._control.operator().plan_with_shares(agency)
+        return web.json_response(plan_json(plan, fingerprints, shares))
 
     async def _approve(self, request: web.Request) -> web.Response:
         """Body: ``{"plan": "<fingerprint shown by the plan>"}``; 409 if the plan changed."""
