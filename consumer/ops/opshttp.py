@@ -255,7 +255,17 @@ class OpsServer(AppServer):
         return agency
 
 
-async def _no_route(_: web.Request) -> web.Response:
+async def _no_route(request: web.Request) -> web.Response:
+    """404, or 405 with the methods a known path takes."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        headers = {"Allow": ", ".join(sorted(allowed))}
+        return web.json_response({"error": "method not allowed"}, status=405, headers=headers)
     return web.json_response({"error": "no such endpoint"}, status=404)
 
 

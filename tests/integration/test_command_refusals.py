@@ -147,21 +147,32 @@ async def test_the_admin_endpoints_answer_404_for_an_unknown_agency_or_building(
     assert await world.read_topic(world.commands_topic) == []
 
 
-async def test_an_authorization_header_that_is_not_utf8_is_a_401(
+async def _status_of(relay: Relay, request_line: bytes, *headers: bytes) -> bytes:
+    """The status code of a request sent as raw bytes (no client library cleans it up)."""
+    assert relay.ops_port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.ops_port)
+    writer.write(b"\r\n".join([request_line, b"Host: relay", b"Connection: close", *headers]))
+    writer.write(b"\r\n\r\n")
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    status: bytes = status_line.split()[1]
+    return status
+
+
+async def test_headers_that_are_not_utf8_and_unknown_routes_are_4xx(
     relay_world: WorldFactory,
 ) -> None:
     _, relay = await world_with_relay(relay_world)
-    assert relay.ops_port is not None
+    held = b"GET /admin/held HTTP/1.1"
     for authorization in (b"Bearer \xff\xfe", b"\xc3(", b"Bearer " + TOKEN.encode() + b"\x80"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.ops_port)
-        writer.write(
-            b"GET /admin/held HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
-            b"Authorization: " + authorization + b"\r\n\r\n"
-        )
-        status_line = await reader.readline()
-        writer.close()
-        await writer.wait_closed()
-        assert status_line.split()[1] == b"401", authorization
+        assert await _status_of(relay, held, b"Authorization: " + authorization) == b"401"
+    token = b"Authorization: Bearer " + TOKEN.encode()
+    assert await _status_of(relay, held, token) == b"200"
+    for line in (held, b"POST /admin/nowhere HTTP/1.1"):
+        assert await _status_of(relay, line, token, b"Expect: \x80") == b"417"
+    assert await _status_of(relay, b"PUT /admin/held HTTP/1.1", token) == b"405"
+    assert await _status_of(relay, b"GET /admin/nowhere HTTP/1.1", token) == b"404"
 
 
 async def test_the_cli_exits_2_naming_an_unknown_agency_and_the_closest_known_one(
