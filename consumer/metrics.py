@@ -218,7 +218,8 @@ class RelayMetrics:
                 name("commands"),
                 "Operator commands read from the commands topic by the replica owning their "
                 "partition, by kind and outcome (carried_out, dead_lettered, or why it was "
-                "refused: unknown_agency, unknown_building, plan_changed, plan_unchecked).",
+                "refused: unsigned, bad_signature, unknown_agency, unknown_building, "
+                "plan_changed, plan_unchecked).",
                 ["kind", "outcome"],
                 registry=registry,
             ),
@@ -249,7 +250,13 @@ class RelayMetrics:
             metrics.kafka_retries.labels(operation)
         metrics.kafka_reachable.set(1)
         for kind in (*HeldAction, *AgencyAction):
-            for outcome in ("carried_out", Refusal.UNKNOWN_AGENCY, Refusal.UNKNOWN_BUILDING):
+            for outcome in (
+                "carried_out",
+                Refusal.UNSIGNED,
+                Refusal.BAD_SIGNATURE,
+                Refusal.UNKNOWN_AGENCY,
+                Refusal.UNKNOWN_BUILDING,
+            ):
                 metrics.commands.labels(kind.value, outcome)
         for outcome in (Refusal.PLAN_CHANGED, Refusal.PLAN_UNCHECKED):
             metrics.commands.labels(AgencyAction.APPROVE.value, outcome)

@@ -26,6 +26,7 @@ from consumer.core.commands import (
     OperatorCommand,
     Refusal,
     decode_command,
+    mac_refusal,
 )
 from consumer.core.controls import CONTROLS, approval_refusal, plan_agency_command, refusal
 from consumer.core.decoding import Poison, decode_record
@@ -97,6 +98,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
         on_command: Callable[[AgencyAction], None] = lambda _: None,
         find_resend: FindResend | None = None,
+        command_key: bytes | None = None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -117,6 +119,9 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
         self._find_resend = find_resend
+        # With a key, only commands signed with it are carried out (the commands topic may be
+        # written by producers that operators do not control).
+        self._command_key = command_key
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
@@ -276,13 +281,17 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             return
         action = command.command
         self._metrics.events.labels(COMMANDS, action.value).inc()
-        refused = refusal(self._routing, command) or approval_refusal(
-            self.view,
-            self._routing,
-            self._guard,
-            command,
-            partition=self.partition,
-            waiting=[m for (a, _), (m, _) in self._awaiting.items() if a == command.agency_id],
+        refused = (
+            mac_refusal(self._command_key, source.key, source.value or b"", source.headers)
+            or refusal(self._routing, command)
+            or approval_refusal(
+                self.view,
+                self._routing,
+                self._guard,
+                command,
+                partition=self.partition,
+                waiting=[m for (a, _), (m, _) in self._awaiting.items() if a == command.agency_id],
+            )
         )
         if refused is not None:
             self._refuse(command, refused, now)

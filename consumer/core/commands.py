@@ -14,6 +14,9 @@ module is the command itself and its decoding; sending it is the Kafka edge's pa
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -42,6 +45,8 @@ class Refusal(StrEnum):
 
     UNKNOWN_AGENCY = "unknown_agency"  # not in the replica's routing file
     UNKNOWN_BUILDING = "unknown_building"  # not mapped to a condominium in the routing file
+    UNSIGNED = "unsigned"  # the replica holds a command key; the record carries no MAC
+    BAD_SIGNATURE = "bad_signature"  # its MAC was not made with the replica's command key
     PLAN_CHANGED = "plan_changed"  # an approve whose share differs from the plan computed now
     PLAN_UNCHECKED = "plan_unchecked"  # an approve without its shares (an older CLI): unverifiable
 
@@ -122,3 +127,31 @@ def decode_command(key: bytes | None, value: bytes | None) -> OperatorCommand | 
     if key != command.key:
         return Poison(PoisonReason.KEY_MISMATCH, f"key {key!r} is not {command.key!r}")
     return command
+
+
+MAC_HEADER = "chouette-relay-mac"
+"""The Kafka header carrying a command record's MAC (hex HMAC-SHA256 of its key and value)."""
+
+
+def command_mac(secret: bytes, key: bytes, value: bytes) -> bytes:
+    """The MAC of a command record: HMAC-SHA256 over its Kafka key and value, length-prefixed so
+    that no split of the same bytes between key and value gives the same MAC."""
+    signed = hmac.new(secret, len(key).to_bytes(4, "big") + key, hashlib.sha256)
+    signed.update(value)
+    return signed.hexdigest().encode()
+
+
+def mac_refusal(
+    secret: bytes | None, key: bytes | None, value: bytes, headers: Iterable[tuple[str, bytes]]
+) -> Refusal | None:
+    """Why a command record is not trusted, or None: with a ``secret``, the record must carry
+    exactly one MAC header made with it. Without one, every record is taken as before."""
+    if secret is None:
+        return None
+    given = [mac for name, mac in headers if name == MAC_HEADER]
+    if not given:
+        return Refusal.UNSIGNED
+    expected = command_mac(secret, key or b"", value)
+    if len(given) != 1 or not hmac.compare_digest(given[0] or b"", expected):
+        return Refusal.BAD_SIGNATURE
+    return None

@@ -111,8 +111,12 @@ class Operator:
             requested_by=requested_by,
         )
         self.check_target(agency_id, building_id)
+        key = self.settings.kafka.commands_key()
         written = await send_command(
-            await self.producer(), self.settings.kafka.commands_topic, command
+            await self.producer(),
+            self.settings.kafka.commands_topic,
+            command,
+            secret=None if key is None else key.get_secret_value().encode(),
         )
         queued: dict[str, Any] = {"queued": action.value, "agency": agency_id}
         if building_id is not None:

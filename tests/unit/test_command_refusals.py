@@ -3,21 +3,32 @@
 The commands topic is a trust boundary: a record there may come from an older CLI, a replay or a
 forged producer. The owning replica refuses an agency its routing file does not know, and a
 building it does not map, with one log line and a count: no state record, no metric series of
-the target, and the record's offset released.
+the target, and the record's offset released. With a command key, a record not signed with it
+is refused the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
-from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, Refusal
+from consumer.core.commands import (
+    MAC_HEADER,
+    AgencyAction,
+    HeldAction,
+    OperatorCommand,
+    Refusal,
+    command_mac,
+    mac_refusal,
+)
 from consumer.core.controls import refusal
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
@@ -212,3 +223,37 @@ def test_an_unmapped_building_and_a_name_close_to_nothing_are_refused_too() -> N
     with pytest.raises(UnknownTargetError, match="no known name is close to it"):
         operator().check_target("zzz")
     operator().check_target("agence-nantes", "bat-1")  # known: no error
+
+
+SECRET = b"operators-command-key"
+
+
+def test_with_a_command_key_only_records_signed_with_it_are_trusted() -> None:
+    key, value = b"agence-nantes", b'{"command":"pause"}'
+    signed = [(MAC_HEADER, command_mac(SECRET, key, value))]
+
+    assert mac_refusal(SECRET, key, value, signed) is None
+    assert mac_refusal(SECRET, key, value, []) is Refusal.UNSIGNED
+    forged = [(MAC_HEADER, command_mac(b"another-key", key, value))]
+    assert mac_refusal(SECRET, key, value, forged) is Refusal.BAD_SIGNATURE
+    assert mac_refusal(SECRET, b"agence-nancy", value, signed) is Refusal.BAD_SIGNATURE
+    assert mac_refusal(SECRET, key, value + b" ", signed) is Refusal.BAD_SIGNATURE
+    assert mac_refusal(SECRET, key, value, signed + forged) is Refusal.BAD_SIGNATURE
+    # the same bytes split otherwise between key and value are another record
+    moved = command_mac(SECRET, key + value[:1], value[1:])
+    assert moved != signed[0][1]
+    assert mac_refusal(None, key, value, []) is None  # no key: commands are not signed
+
+
+def test_a_command_key_that_cannot_be_read_is_refused_at_start_up(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-key"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValidationError, match="is empty"):
+        KafkaSettings(commands_key_file=empty)
+    with pytest.raises(ValidationError, match="does not exist"):
+        KafkaSettings(commands_key_file=tmp_path / "missing")
+    key = tmp_path / "key"
+    key.write_text("s3cret\n", encoding="utf-8")
+    secret = KafkaSettings(commands_key_file=key).commands_key()
+    assert secret is not None
+    assert secret.get_secret_value() == "s3cret"
