@@ -19,7 +19,7 @@ from typing import Any, Self
 from aiokafka import AIOKafkaProducer
 
 from consumer.core.commands import AgencyAction, Finding, HeldAction, OperatorCommand
-from consumer.core.deadletter import DEAD_LETTER_REASONS
+from consumer.core.deadletter import DEAD_LETTER_REASONS, NO_REPLAY_FIXES
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus, DocumentRecord
 from consumer.core.view import PublishedView
@@ -246,8 +246,9 @@ class Operator:
     async def replay(
         self, ids: list[str], *, reason: str | None = None, force: bool = False
     ) -> list[dict[str, Any]]:
-        """Re-publish the dead letters named by ``ids`` (or all of one ``reason``) to their
-        source partition, each once unless ``force``; what happened to each."""
+        """Re-publish the dead letters named by ``ids`` (or all of one ``reason``, replayed
+        copies left out) to their source partition, each once unless ``force``; what happened
+        to each. One whose reason is in its own bytes (``NO_REPLAY_FIXES``) needs ``force``."""
         if not ids and reason is None:
             raise ValueError("name the dead letters to replay (ids) or a reason")
         malformed = [i for i in ids if not _DEAD_LETTER_ID.fullmatch(i)]
@@ -258,13 +259,26 @@ class Operator:
         if reason is not None:
             _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
+        # A reason selects originals only: the dead letter of a replayed copy is the same
+        # record again, and replaying it too would add one more dead letter per run.
         chosen = [
             letter
             for letter in letters
-            if letter.id in ids or (reason is not None and letter.reason == reason)
+            if letter.id in ids
+            or (reason is not None and letter.reason == reason and letter.replay_of is None)
         ]
-        results = await replay(self.connection, await self.producer(), chosen, force=force)
         found = {letter.id for letter in chosen}
+        unfixable = [] if force else [c for c in chosen if c.reason in NO_REPLAY_FIXES]
+        chosen = [letter for letter in chosen if letter not in unfixable]
+        results = await replay(self.connection, await self.producer(), chosen, force=force)
+        results += [
+            {
+                "id": letter.id,
+                "outcome": "refused",
+                "why": f"{letter.reason}: the same bytes would be refused again; use --force",
+            }
+            for letter in unfixable
+        ]
         missing = [
             {"id": i, "outcome": "refused", "why": NO_SUCH_DEAD_LETTER}
             for i in ids

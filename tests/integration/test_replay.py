@@ -143,8 +143,22 @@ async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_le
     [first] = (await cli(world, "dead-letters"))["dead_letters"]
     assert first["replay_of"] is None
 
-    await cli(world, "replay", first["id"])  # nothing was fixed: it fails the same way
+    # Not JSON: no fix of the relay makes the same bytes pass, so a replay needs --force.
+    refused = await cli(world, "replay", first["id"], expect=1)
+    assert refused["replayed"] == [
+        {
+            "id": first["id"],
+            "outcome": "refused",
+            "why": "not_json: the same bytes would be refused again; use --force",
+        }
+    ]
+    assert await dead_lettered(1)
+    await cli(world, "replay", first["id"], "--force")  # nothing was fixed: it fails the same way
 
     await world.wait_until(lambda: dead_lettered(2), what="the replayed copy dead-lettered")
     listed = (await cli(world, "dead-letters"))["dead_letters"]
     assert [d["replay_of"] for d in listed] == [None, first["id"]]
+    # A reason selects the original alone, never the dead letter of a replayed copy.
+    again = await cli(world, "replay", "--reason", "not_json", expect=1)
+    assert [r["id"] for r in again["replayed"]] == [first["id"]]
+    assert await dead_lettered(2)
