@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = (
     "bench_core",
+    "bench_decoding",
     "bench_ingest",
     "bench_restore",
     "bench_forwarding",

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import orjson
 from prometheus_client import CollectorRegistry
 
@@ -114,7 +115,7 @@ def make_documents(prefix: str, count: int, pdfs: list[bytes]) -> list[BenchDocu
     documents = []
     for number in range(count):
         content = pdfs[number % len(pdfs)]
-        document = Document.model_validate(
+        document = msgspec.convert(
             {
                 "id": f"{prefix}-{number}",
                 "module": "ag",
@@ -128,7 +129,8 @@ def make_documents(prefix: str, count: int, pdfs: list[bytes]) -> list[BenchDocu
                     "sha256": hashlib.sha256(content).hexdigest(),
                     "inline_base64": base64.b64encode(content).decode(),
                 },
-            }
+            },
+            type=Document,
         )
         documents.append(BenchDocument(document, content))
     return documents

@@ -10,8 +10,9 @@ nothing is sent to the partner. Both sides build their Kafka clients as the rela
 (a) a bare aiokafka loop: ``getmany``, one small record produced per record to a compacted topic
     on the same partition, the fetch's sends gathered, the offsets committed every second;
 (b) the relay's own ``Ingest`` loop and housekeeping, one ``PartitionProcessor`` and
-    ``ChangelogWriter`` per partition (as ``Relay`` wires them): decode, validate, plan, apply to
-    the view, write the state record; an event counts once its offset is committable;
+    ``ChangelogWriter`` per partition (as ``Relay`` wires them): decode and validate in one pass
+    (msgspec), plan, apply to the view, write the state record; an event counts once its offset
+    is committable;
 (c) ``decode_record`` and ``plan_document`` alone on the same events in memory: what (b) would
     cost with no Kafka, no task and no state write.
 Target: (b) handles at least 0.5 of the events per CPU second that (a) does. Each round runs (a),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from consumer.core.commands import AgencyAction, HeldAction, Refusal
 from consumer.core.deadletter import DEAD_LETTER_REASONS
 
 PREFIX = "chouette_relay"
@@ -49,6 +50,7 @@ class RelayMetrics:
     agency_paused: Gauge
     awaiting_approval: Gauge
     audit_findings: Gauge
+    commands: Counter
     kafka_retries: Counter
     kafka_reachable: Gauge
     last_commit: Gauge
@@ -223,6 +225,15 @@ class RelayMetrics:
                 ["agency", "kind"],
                 registry=registry,
             ),
+            commands=Counter(
+                name("commands"),
+                "Operator commands read from the commands topic by the replica owning their "
+                "partition, by kind and outcome (carried_out, dead_lettered, or why it was "
+                "refused: unsigned, bad_signature, unknown_agency, unknown_building, "
+                "plan_changed, plan_unchecked).",
+                ["kind", "outcome"],
+                registry=registry,
+            ),
             kafka_retries=Counter(
                 name("kafka_retries"),
                 "Kafka writes sent again and commits that failed, by operation.",
@@ -261,6 +272,18 @@ class RelayMetrics:
         for operation in ("changelog", "dead_letter", "commit"):
             metrics.kafka_retries.labels(operation)
         metrics.kafka_reachable.set(1)
+        for kind in (*HeldAction, *AgencyAction):
+            for outcome in (
+                "carried_out",
+                Refusal.UNSIGNED,
+                Refusal.BAD_SIGNATURE,
+                Refusal.UNKNOWN_AGENCY,
+                Refusal.UNKNOWN_BUILDING,
+            ):
+                metrics.commands.labels(kind.value, outcome)
+        for outcome in (Refusal.PLAN_CHANGED, Refusal.PLAN_UNCHECKED):
+            metrics.commands.labels(AgencyAction.APPROVE.value, outcome)
+        metrics.commands.labels("unreadable", "dead_lettered")
         for scope in ("document", "record"):
             metrics.unexpected_errors.labels(scope)
         # A relay that never commits is stalled from its start, not since 1970.

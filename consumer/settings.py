@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.errors import ConfigError
+from consumer.mounted import read_secret
 
 ENV_PREFIX = "CHOUETTE_RELAY_"
 POD_NAME_VARIABLE = "POD_NAME"  # set by the Deployment through the downward API
@@ -47,6 +48,11 @@ class KafkaSettings(_Group):
         default="chouette-relay.commands.v1",
         description="Operator commands (release/discard held deletions), keyed like the inputs.",
     )
+    commands_key_file: Path | None = Field(
+        default=None,
+        description="File with the key operator commands are signed with (HMAC-SHA256); when "
+        "set, replicas refuse commands not signed with it.",
+    )
     max_value_bytes: int = Field(default=1_048_576, ge=1024)
     commit_interval_s: float = Field(default=1.0, gt=0)
     max_poll_records: int = Field(default=500, ge=1)
@@ -60,14 +66,14 @@ class KafkaSettings(_Group):
         default=100_000,
         ge=1,
         description="First-publication operations waiting per input partition before reading "
-        "it pauses (it resumes under half): a bound on memory, about 2.5 kB each.",
+        "it pauses (it resumes under half): a bound on memory, about 1 kB each.",
     )
     max_pending_total: int = Field(
         default=200_000,
         ge=1,
         description="Partner operations waiting in the whole replica, both lanes and every "
         "partition, before the partitions holding them pause (they resume under half): the "
-        "replica's memory budget for queued work, about 2.5 kB each (500 MB by default).",
+        "replica's memory budget for queued work, about 1 kB each (200 MB by default).",
     )
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     unavailable_timeout_s: float = Field(
@@ -113,6 +119,18 @@ class KafkaSettings(_Group):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value  # set it empty to opt out of $POD_NAME
 
+    @field_validator("commands_key_file")
+    @classmethod
+    def _key_readable(cls, value: Path | None) -> Path | None:
+        # Checked at start-up: a key that cannot be read would otherwise stop the relay at its
+        # first assignment, and make the CLI fail only when it sends.
+        if value is not None:
+            try:
+                read_secret(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_ports(cls, value: str) -> str:
@@ -120,6 +138,15 @@ class KafkaSettings(_Group):
             if not _HOST_PORT.match(part):
                 raise ValueError(f"{part!r} is not host:port (example: kafka-0.kafka:9092)")
         return value.strip()
+
+    def commands_key(self) -> SecretStr | None:
+        """The key operator commands are signed with, or None when commands are not signed."""
+        if self.commands_key_file is None:
+            return None
+        try:
+            return SecretStr(read_secret(self.commands_key_file))
+        except ConfigError as exc:
+            raise ConfigError(f"{ENV_PREFIX}KAFKA__COMMANDS_KEY_FILE: {exc}") from None
 
 
 class PartnerSettings(_Group):

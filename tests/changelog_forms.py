@@ -8,13 +8,14 @@ import datetime as dt
 
 import orjson
 
+from consumer.core.events import as_json
 from consumer.core.state import DocumentRecord, StateRecord
 from consumer.core.state_codec import encode_state
 
 
 def first_form(record: DocumentRecord) -> bytes:
     """The JSON value of ``record`` in schema version 1."""
-    document = None if record.document is None else record.document.model_dump(mode="json")
+    document = None if record.document is None else as_json(record.document)
     return orjson.dumps(
         {
             "schema_version": 1,

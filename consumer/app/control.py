@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from typing import Any
 
-from consumer.app.processor import PartitionProcessor
+from consumer.app.processor import REFUSALS_KEPT, PartitionProcessor
 from consumer.core.commands import AgencyAction, HeldAction
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
@@ -85,6 +85,32 @@ class RelayControl:
             "awaiting_approval": self.awaiting_approval(),
             "held": self.held(),
             "parked": self.parked(),
+            "refused_commands": self.refused_commands(),
+        }
+
+    def refused_commands(self) -> dict[str, Any]:
+        """Commands this replica's partitions refused: how many, and the newest first."""
+        processors = list(self._ingest.processors.values()) if self._ingest else []
+        refused = sorted(
+            (entry for processor in processors for entry in processor.refused),
+            key=lambda entry: entry.at,
+            reverse=True,
+        )[:REFUSALS_KEPT]
+        return {
+            "total": sum(processor.refused_total for processor in processors),
+            "newest": [
+                {
+                    "at": entry.at.isoformat(),
+                    "partition": entry.partition,
+                    "command": entry.command.command.value,
+                    "agency": entry.command.agency_id,
+                    "building": entry.command.building_id,
+                    "reason": entry.refusal.value,
+                    "requested_by": entry.command.requested_by,
+                    "requested_at": entry.command.requested_at.isoformat(),
+                }
+                for entry in refused
+            ],
         }
 
     def parked(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -119,7 +145,9 @@ class RelayControl:
             for processor in self._ingest.processors.values() if self._ingest else ():
                 processor.resume()  # a resumed agency's queued work starts
         awaiting = self.awaiting_approval()
-        for agency_id in set(self.routing.agencies) | paused:
+        # One series per agency of the routing file: a record of any other agency in a view
+        # (written before replicas refused unknown agencies) adds none.
+        for agency_id in self.routing.agencies:
             self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
             waiting = len(awaiting.get(agency_id, ()))
             self.metrics.awaiting_approval.labels(agency_id).set(waiting)

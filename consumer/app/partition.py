@@ -44,6 +44,7 @@ def partition_processor(
 ) -> PartitionProcessor:
     """The processor of ``partition`` over its restored ``view``."""
     s = settings
+    command_key = s.kafka.commands_key()
     executor = OperationExecutor(
         view=view,
         writer=writer,
@@ -79,4 +80,5 @@ def partition_processor(
         max_clock_skew=dt.timedelta(seconds=s.manifest.max_clock_skew_s),
         on_command=on_command,
         find_resend=find_resend,
+        command_key=None if command_key is None else command_key.get_secret_value().encode(),
     )

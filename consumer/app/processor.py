@@ -13,13 +13,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from consumer.app.completion import PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
 from consumer.app.repairs import FindResend, RepairWork
-from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
-from consumer.core.controls import CONTROLS, plan_agency_command
+from consumer.core.commands import (
+    AgencyAction,
+    HeldAction,
+    OperatorCommand,
+    Refusal,
+    decode_command,
+    mac_refusal,
+)
+from consumer.core.controls import CONTROLS, approval_refusal, plan_agency_command, refusal
 from consumer.core.decoding import Poison, decode_record
 from consumer.core.events import DocumentCreated
 from consumer.core.guard import DeletionGuard
@@ -40,12 +49,31 @@ from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.setbacks import RecordWriter
 
-__all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "FindResend", "PartitionProcessor"]
+__all__ = [
+    "COMMANDS",
+    "DOCUMENTS",
+    "MANIFESTS",
+    "FindResend",
+    "PartitionProcessor",
+    "RefusedCommand",
+]
 
 log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
 COMMANDS = "operator-command"
+CARRIED_OUT = "carried_out"  # commands_total's outcome besides the refusals and dead_lettered
+UNREADABLE = "unreadable"  # commands_total's kind of a command record that is not one
+REFUSALS_KEPT = 20
+
+
+class RefusedCommand(NamedTuple):
+    """A command the replica refused, as ``/status`` shows it."""
+
+    at: dt.datetime
+    partition: int
+    command: OperatorCommand
+    refusal: Refusal
 
 
 class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
@@ -70,6 +98,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
         on_command: Callable[[AgencyAction], None] = lambda _: None,
         find_resend: FindResend | None = None,
+        command_key: bytes | None = None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -90,6 +119,9 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
         self._find_resend = find_resend
+        # With a key, only commands signed with it are carried out (the commands topic may be
+        # written by producers that operators do not control).
+        self._command_key = command_key
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
@@ -103,6 +135,9 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         # Events counted per (kind, outcome) while a fetch is handled, added to the counter after
         # it: the hot path counts every record, the counter's lock once per fetch.
         self._uncounted: dict[tuple[str, str], int] = {}
+        # Commands refused here: how many, and the newest few (what /status shows).
+        self.refused_total = 0
+        self.refused: deque[RefusedCommand] = deque(maxlen=REFUSALS_KEPT)
 
     @property
     def pending_operations(self) -> int:
@@ -193,7 +228,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         self, kind: str, tracker: OffsetTracker, source: SourceRecord, now: dt.datetime
     ) -> None:
         if kind == COMMANDS:
-            await self._handle_command(source)
+            await self._handle_command(source, now)
             return
         published_at = _record_time(source, now) if kind == MANIFESTS else None
         if published_at is not None:
@@ -235,17 +270,35 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             self._metrics.events.labels(kind, outcome).inc(count)
         self._uncounted.clear()
 
-    async def _handle_command(self, source: SourceRecord) -> None:
+    async def _handle_command(self, source: SourceRecord, now: dt.datetime) -> None:
         command = decode_command(source.key, source.value)
         if isinstance(command, Poison):
             await self._dead_letters.send(
                 source, reason=command.reason.value, detail=command.detail
             )
             self._metrics.events.labels(COMMANDS, "dead_lettered").inc()
+            self._metrics.commands.labels(UNREADABLE, "dead_lettered").inc()
             self._trackers[source.topic].done(source.offset)
             return
         action = command.command
         self._metrics.events.labels(COMMANDS, action.value).inc()
+        refused = (
+            mac_refusal(self._command_key, source.key, source.value or b"", source.headers)
+            or refusal(self._routing, command)
+            or approval_refusal(
+                self.view,
+                self._routing,
+                self._guard,
+                command,
+                partition=self.partition,
+                waiting=[m for (a, _), (m, _) in self._awaiting.items() if a == command.agency_id],
+            )
+        )
+        if refused is not None:
+            self._refuse(command, refused, now)
+            self._trackers[source.topic].done(source.offset)
+            return
+        self._metrics.commands.labels(action.value, CARRIED_OUT).inc()
         if action is AgencyAction.RETRY:
             self._on_command(action)  # before anything is sent: the API keys are read again
         if self._start_repair(command, source):
@@ -265,6 +318,24 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
                 self.apply_manifest(manifest, held_source)
+
+    def _refuse(self, command: OperatorCommand, refused: Refusal, now: dt.datetime) -> None:
+        """A command this replica's view does not allow: one log line, a count, nothing else
+        (no state record, no metric series of its target)."""
+        log.warning(
+            "operator command refused",
+            extra={
+                "command": command.command.value,
+                "reason": refused.value,
+                "agency": command.agency_id,
+                "building": command.building_id,
+                "partition": self.partition,
+                "requested_by": command.requested_by,
+            },
+        )
+        self._metrics.commands.labels(command.command.value, refused.value).inc()
+        self.refused_total += 1
+        self.refused.append(RefusedCommand(now, self.partition, command, refused))
 
     def _carry_out(
         self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord

@@ -14,6 +14,9 @@ module is the command itself and its decoding; sending it is the Kafka edge's pa
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -36,6 +39,18 @@ class AgencyAction(StrEnum):
     REPAIR = "repair"  # settle what an audit found on the partner (one building)
 
 
+class Refusal(StrEnum):
+    """Why the replica that owns a command's target refused to carry it out (a closed set: these
+    are metric label values)."""
+
+    UNKNOWN_AGENCY = "unknown_agency"  # not in the replica's routing file
+    UNKNOWN_BUILDING = "unknown_building"  # not mapped to a condominium in the routing file
+    UNSIGNED = "unsigned"  # the replica holds a command key; the record carries no MAC
+    BAD_SIGNATURE = "bad_signature"  # its MAC was not made with the replica's command key
+    PLAN_CHANGED = "plan_changed"  # an approve whose share differs from the plan computed now
+    PLAN_UNCHECKED = "plan_unchecked"  # an approve without its shares (an older CLI): unverifiable
+
+
 class FindingKind(StrEnum):
     MISSING = "missing"  # the view says published; the partner does not hold it
     UNEXPECTED = "unexpected"  # the partner holds it with our reference; the view does not know it
@@ -55,6 +70,7 @@ class Finding(BaseModel):
 
 
 _Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+_Share = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
 
 
 class OperatorCommand(BaseModel):
@@ -65,6 +81,9 @@ class OperatorCommand(BaseModel):
     agency_id: _Identifier
     building_id: _Identifier | None = None  # None: the whole agency, on every partition
     plan: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16,64}$")] | None = None
+    # approve only: the share of every input partition in ``plan``, in partition order; each
+    # owning replica checks its own against the plan it computes when the approval arrives
+    plan_shares: tuple[_Share, ...] = ()
     findings: tuple[Finding, ...] = ()  # repair only
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
@@ -80,6 +99,10 @@ class OperatorCommand(BaseModel):
             raise ValueError(f"{self.command} acts on a whole agency: no building_id")
         if (self.command is AgencyAction.APPROVE) != (self.plan is not None):
             raise ValueError("a plan fingerprint goes with approve, and only with it")
+        if self.plan_shares and self.command is not AgencyAction.APPROVE:
+            raise ValueError("plan shares go with approve only")
+        if len(self.plan_shares) > 4096:
+            raise ValueError("more plan shares than a topic has partitions")
         if self.findings and self.command is not AgencyAction.REPAIR:
             raise ValueError("findings go with repair only")
         return self
@@ -104,3 +127,31 @@ def decode_command(key: bytes | None, value: bytes | None) -> OperatorCommand | 
     if key != command.key:
         return Poison(PoisonReason.KEY_MISMATCH, f"key {key!r} is not {command.key!r}")
     return command
+
+
+MAC_HEADER = "chouette-relay-mac"
+"""The Kafka header carrying a command record's MAC (hex HMAC-SHA256 of its key and value)."""
+
+
+def command_mac(secret: bytes, key: bytes, value: bytes) -> bytes:
+    """The MAC of a command record: HMAC-SHA256 over its Kafka key and value, length-prefixed so
+    that no split of the same bytes between key and value gives the same MAC."""
+    signed = hmac.new(secret, len(key).to_bytes(4, "big") + key, hashlib.sha256)
+    signed.update(value)
+    return signed.hexdigest().encode()
+
+
+def mac_refusal(
+    secret: bytes | None, key: bytes | None, value: bytes, headers: Iterable[tuple[str, bytes]]
+) -> Refusal | None:
+    """Why a command record is not trusted, or None: with a ``secret``, the record must carry
+    exactly one MAC header made with it. Without one, every record is taken as before."""
+    if secret is None:
+        return None
+    given = [mac for name, mac in headers if name == MAC_HEADER]
+    if not given:
+        return Refusal.UNSIGNED
+    expected = command_mac(secret, key or b"", value)
+    if len(given) != 1 or not hmac.compare_digest(given[0] or b"", expected):
+        return Refusal.BAD_SIGNATURE
+    return None

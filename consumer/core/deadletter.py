@@ -46,6 +46,27 @@ DEAD_LETTER_REASONS: Final[frozenset[str]] = frozenset({*PoisonReason, *Processi
 SourceId = tuple[str, int, int]
 """Where a dead-lettered record came from: its topic, partition and offset."""
 
+NO_REPLAY_FIXES: Final[frozenset[str]] = frozenset(
+    {
+        PoisonReason.NULL_VALUE,
+        PoisonReason.NOT_UTF8,
+        PoisonReason.NOT_JSON,
+        PoisonReason.NOT_AN_OBJECT,
+        PoisonReason.SCHEMA_VIOLATION,
+        PoisonReason.KEY_MISSING,
+        PoisonReason.KEY_MISMATCH,
+        PoisonReason.HEADER_MISMATCH,
+        PoisonReason.WRONG_TOPIC,
+        PoisonReason.PART_OUT_OF_RANGE,
+        PoisonReason.ITEM_COUNT_MISMATCH,
+        PoisonReason.ITEM_OUT_OF_SCOPE,
+        PoisonReason.DUPLICATE_ITEM_ID,
+    }
+)
+"""Reasons in the record's own bytes: the same bytes sent again are refused again, whatever the
+relay's configuration, version or clock. (An oversized record, an unknown schema version or a
+date from the future may pass after a setting change, an upgrade or some time.)"""
+
 
 def build_dead_letter(
     *,

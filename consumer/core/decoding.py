@@ -1,26 +1,26 @@
 """Turning a raw Kafka record into an event, or into poison with a machine-readable reason.
 
-``decode_record`` parses and validates a valid value in one pass (pydantic, from the bytes), then
-checks what the schema cannot say: the Kafka key and headers against the body, the topic against
-the event type, and the numbering and counts of a manifest part. A value that fails goes the long
-way (orjson, then pydantic), where checks run from the outside in, so the
-reason is the most specific one: null and size, UTF-8, JSON, an object; then the schema version
-(a newer version may differ in anything else), the event type and its topic, the headers; then
-the schema (a URL the relay could never fetch is named apart); then the key; then the rules across
-fields of a manifest part; last the event's time against the caller's clock, which decoding never
-reads itself.
+``decode_record`` reads a value in one pass from its bytes (msgspec), which stops at the first
+violation, then checks what the schema cannot say: the topic against the event type, the Kafka
+headers and key against the body, and the numbering and counts of a manifest part. A value refused
+on the way is looked at again only as far as naming its reason needs, from the outside in: null
+and size, UTF-8, JSON, an object; then the schema version (a newer version may differ in anything
+else), the event type and its topic, the headers; then the first schema violation (a URL the
+relay could never fetch is named apart); then the key; then the rules across fields of a manifest
+part; last the event's time against the caller's clock, which decoding never reads itself. No step
+holds more than a small multiple of the value's size, and none reads it more than a few times.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
 from typing import Final, Literal
 
-import orjson
-from pydantic import ValidationError
+import msgspec
 
-from consumer.core.events import DocumentCreated, Event, ManifestSnapshot
+from consumer.core.events import DocumentCreated, Event, ManifestSnapshot, read_event
 from consumer.core.poison import Poison, PoisonReason, quote, schema_poison
 
 # What callers read here; the poison reasons live with how a violation is told.
@@ -28,20 +28,37 @@ __all__ = ["Poison", "PoisonReason", "TopicKind", "claimed_snapshot", "decode_re
 
 TopicKind = Literal["document-created", "manifest-snapshot"]
 
-_MODELS: Final[dict[str, type[DocumentCreated] | type[ManifestSnapshot]]] = {
+# The event type of each topic: the tag msgspec reads from the body's ``event_type``.
+_EVENTS: Final[dict[str, type[Event]]] = {
     "document-created": DocumentCreated,
     "manifest-snapshot": ManifestSnapshot,
 }
-# Their validators, called directly: the hot path skips ``model_validate_json``'s Python wrapper.
-_VALIDATORS: Final = {kind: model.__pydantic_validator__ for kind, model in _MODELS.items()}
+_EVENT_TYPES: Final = {kind: event_type for event_type, kind in _EVENTS.items()}
 _SCHEMA_VERSION: Final = 1
 _EVENT_TYPE_HEADER: Final = "event-type"
 _SCHEMA_VERSION_HEADER: Final = "schema-version"
-# The header values of a valid event of each topic (headers may also be absent).
-_HEADERS: Final[dict[str, dict[str, bytes | None]]] = {
-    kind: {_EVENT_TYPE_HEADER: kind.encode(), _SCHEMA_VERSION_HEADER: str(_SCHEMA_VERSION).encode()}
-    for kind in _MODELS
-}
+# A JSON value's type, told by its first character (the value is known to be JSON by then).
+_FIRST_CHARACTER: Final = re.compile(rb"[ \t\n\r]*(.)", re.DOTALL)
+_JSON_TYPES: Final = {b"[": "array", b'"': "string", b"t": "boolean", b"f": "boolean", b"n": "null"}
+
+
+class _Envelope(msgspec.Struct):
+    """What the outside-in checks read of a refused value; msgspec skips every other field."""
+
+    schema_version: msgspec.Raw = msgspec.Raw()
+    event_type: msgspec.Raw = msgspec.Raw()
+
+
+class _SnapshotClaim(msgspec.Struct):
+    """The fields by which a poison manifest part names its snapshot."""
+
+    agency_id: str
+    building_id: str
+    snapshot_id: str
+
+
+_ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
+_CLAIM: Final = msgspec.json.Decoder(_SnapshotClaim)
 
 
 def decode_record(
@@ -61,90 +78,8 @@ def decode_record(
     or headers. Raises ``ValueError`` only for a ``topic_kind`` that is not an event topic, which
     is a wiring mistake rather than bad input.
     """
-    if topic_kind not in _MODELS:
+    if topic_kind not in _EVENTS:
         raise ValueError(f"not an event topic kind: {topic_kind!r}")
-    event = _valid_event(topic_kind, value, headers, max_value_bytes)
-    if event is None:
-        checked = _checked_event(topic_kind, value, headers, max_value_bytes)
-        if isinstance(checked, Poison):
-            return checked
-        event = checked
-    poison = _check_key(event, key)
-    if poison is None and isinstance(event, ManifestSnapshot):
-        poison = _check_manifest_part(event)
-    if poison is None and not_after is not None:
-        poison = _check_time(event, not_after)
-    return event if poison is None else poison
-
-
-def _valid_event(
-    topic_kind: str,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-    max_value_bytes: int,
-) -> Event | None:
-    """The event, when the value is one the checks below would all pass; None otherwise.
-
-    The common case: pydantic parses and validates the bytes in one pass in its Rust core. A value
-    it accepts has the topic's event type and schema version 1, so it passes the outside-in checks
-    of ``_checked_event`` with the same result (its parser accepts no JSON that orjson refuses, and
-    keeps the last of repeated keys as orjson does; a test holds the two paths equal). Anything
-    else goes the long way, which names the reason.
-    """
-    if value is None or len(value) > max_value_bytes:
-        return None
-    expected = _HEADERS[topic_kind]
-    for name, raw in headers:
-        if raw != expected.get(name, raw):
-            return None
-    try:
-        event: Event = _VALIDATORS[topic_kind].validate_json(value)
-    except ValidationError:
-        return None
-    return event
-
-
-def _checked_event(
-    topic_kind: str,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]],
-    max_value_bytes: int,
-) -> Event | Poison:
-    """Parse (orjson) and validate (pydantic, python mode), checking from the outside in."""
-    body = _parse_object(value, max_value_bytes)
-    if isinstance(body, Poison):
-        return body
-    poison = _check_version_and_type(body, topic_kind) or _check_headers(body, headers)
-    if poison is not None:
-        return poison
-    # The event type is known and matches the topic by now, or is left for the schema to reject.
-    try:
-        return _MODELS[topic_kind].model_validate(body)
-    except ValidationError as error:
-        return schema_poison(error)
-
-
-def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:
-    """The (agency, building, snapshot id) a poison manifest record names, when its key agrees.
-
-    Its siblings can then be let go at once instead of waiting for the expiry; a record whose key
-    names another building (or none) is not trusted to speak for any snapshot.
-    """
-    try:
-        body = orjson.loads(value) if value is not None else None
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(body, dict):
-        return None
-    agency, building, snapshot = (body.get(f) for f in ("agency_id", "building_id", "snapshot_id"))
-    if not (isinstance(agency, str) and isinstance(building, str) and isinstance(snapshot, str)):
-        return None
-    if key != f"{agency}:{building}".encode():
-        return None
-    return agency, building, snapshot
-
-
-def _parse_object(value: bytes | None, max_value_bytes: int) -> dict[str, object] | Poison:
     if value is None:
         return Poison(PoisonReason.NULL_VALUE, "the record has no value (a tombstone)")
     if len(value) > max_value_bytes:
@@ -153,53 +88,138 @@ def _parse_object(value: bytes | None, max_value_bytes: int) -> dict[str, object
             f"the value has {len(value)} bytes, more than the limit of {max_value_bytes}",
         )
     try:
-        body = orjson.loads(value)
-    except orjson.JSONDecodeError as error:
-        return _unparsable(value, error)
-    if not isinstance(body, dict):
-        return Poison(PoisonReason.NOT_AN_OBJECT, f"the value is a JSON {_json_type(body)}")
-    return body
+        event = read_event(value)
+    except msgspec.ValidationError as violation:
+        return _refused(topic_kind, value, headers, violation)
+    except (msgspec.DecodeError, RecursionError) as error:
+        return _unreadable(value, error)
+    event_type = _EVENT_TYPES[type(event)]
+    poison = (
+        _check_topic(event_type, topic_kind)
+        or _check_headers(event_type, _SCHEMA_VERSION, headers)
+        or _check_key(event, key)
+    )
+    if poison is None and isinstance(event, ManifestSnapshot):
+        poison = _check_manifest_part(event)
+    if poison is None and not_after is not None:
+        poison = _check_time(event, not_after)
+    return event if poison is None else poison
 
 
-def _unparsable(value: bytes, error: orjson.JSONDecodeError) -> Poison:
-    # orjson refuses invalid UTF-8 too; telling the two apart costs a decode on this path only.
+def _refused(
+    topic_kind: str,
+    value: bytes,
+    headers: Sequence[tuple[str, bytes | None]],
+    violation: msgspec.ValidationError,
+) -> Poison:
+    """Why msgspec refused ``value``, judged from the outside in.
+
+    msgspec stopped at its first violation, so the value may still not be UTF-8 or JSON further
+    on: both are checked first, then the schema version, event type and headers, which matter more
+    than any other field. Only those two fields are read, the rest is skipped.
+    """
+    try:
+        value.decode("utf-8")  # msgspec does not check the text of the fields it skips
+    except UnicodeDecodeError as not_utf8:
+        return _not_utf8(not_utf8)
+    try:
+        envelope = _ENVELOPE.decode(value)
+    except msgspec.ValidationError:  # before its base class DecodeError
+        first = _FIRST_CHARACTER.match(value)
+        shown = _JSON_TYPES.get(first[1] if first else b"", "number")
+        return Poison(PoisonReason.NOT_AN_OBJECT, f"the value is a JSON {shown}")
+    except (msgspec.DecodeError, RecursionError) as error:
+        return _not_json(error)
+    version = _scalar(envelope.schema_version)
+    event_type = _scalar(envelope.event_type)
+    poison = _check_version_and_type(version, event_type, topic_kind) or _check_headers(
+        event_type, version, headers
+    )
+    return poison or schema_poison(violation)
+
+
+def claimed_snapshot(key: bytes | None, value: bytes | None) -> tuple[str, str, str] | None:
+    """The (agency, building, snapshot id) a poison manifest record names, when its key agrees.
+
+    Its siblings can then be let go at once instead of waiting for the expiry; a record whose key
+    names another building (or none) is not trusted to speak for any snapshot. Only those three
+    fields are read.
+    """
+    if value is None:
+        return None
+    try:
+        claim = _CLAIM.decode(value)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+    if key != f"{claim.agency_id}:{claim.building_id}".encode():
+        return None
+    return claim.agency_id, claim.building_id, claim.snapshot_id
+
+
+def _unreadable(value: bytes, error: Exception) -> Poison:
+    # msgspec refuses invalid UTF-8 too; telling the two apart costs a decode on this path only.
     try:
         value.decode("utf-8")
     except UnicodeDecodeError as not_utf8:
-        return Poison(
-            PoisonReason.NOT_UTF8,
-            f"the value is not UTF-8: byte {not_utf8.start} ({not_utf8.reason})",
-        )
+        return _not_utf8(not_utf8)
+    return _not_json(error)
+
+
+def _not_utf8(error: UnicodeDecodeError) -> Poison:
+    return Poison(
+        PoisonReason.NOT_UTF8, f"the value is not UTF-8: byte {error.start} ({error.reason})"
+    )
+
+
+def _not_json(error: Exception) -> Poison:
+    if isinstance(error, RecursionError):
+        return Poison(PoisonReason.NOT_JSON, "the value is not JSON: it is nested too deep")
     return Poison(PoisonReason.NOT_JSON, f"the value is not JSON: {error}")
 
 
-def _check_version_and_type(body: dict[str, object], topic_kind: str) -> Poison | None:
-    version = body.get("schema_version")
+_ABSENT: Final = object()
+
+
+def _scalar(raw: msgspec.Raw) -> object:
+    """The JSON scalar ``raw`` holds; an array or object is not read (``_ABSENT`` stands for it,
+    as for a field not given), it could be as large as the value."""
+    first = memoryview(raw)[:1].tobytes()
+    if first in (b"", b"[", b"{"):
+        return _ABSENT
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.ValidationError:  # a number beyond a double's range: no version, no type
+        return _ABSENT
+
+
+def _check_version_and_type(version: object, event_type: object, topic_kind: str) -> Poison | None:
     # A version of another JSON type is a schema violation, not an unknown version.
     if _is_json_integer(version) and version != _SCHEMA_VERSION:
         return Poison(
             PoisonReason.UNKNOWN_SCHEMA_VERSION,
             f"schema_version {version!r} is not one this relay reads ({_SCHEMA_VERSION})",
         )
-    event_type = body.get("event_type")
-    if isinstance(event_type, str) and event_type not in _MODELS:
+    if isinstance(event_type, str) and event_type not in _EVENTS:
         return Poison(
             PoisonReason.UNKNOWN_EVENT_TYPE, f"event_type {quote(event_type)} is not known"
         )
-    if isinstance(event_type, str) and event_type != topic_kind:
-        return Poison(
-            PoisonReason.WRONG_TOPIC,
-            f"a {event_type} event was published on the {topic_kind} topic",
-        )
+    if isinstance(event_type, str):
+        return _check_topic(event_type, topic_kind)
     return None
 
 
+def _check_topic(event_type: str, topic_kind: str) -> Poison | None:
+    if event_type == topic_kind:
+        return None
+    return Poison(
+        PoisonReason.WRONG_TOPIC, f"a {event_type} event was published on the {topic_kind} topic"
+    )
+
+
 def _check_headers(
-    body: dict[str, object], headers: Sequence[tuple[str, bytes | None]]
+    event_type: object, version: object, headers: Sequence[tuple[str, bytes | None]]
 ) -> Poison | None:
     """Headers may be absent; when present they must agree with the body."""
-    event_type = body.get("event_type")
-    version = body.get("schema_version")
     for name, raw in headers:
         if name == _EVENT_TYPE_HEADER and isinstance(event_type, str):
             expected = event_type
@@ -279,15 +299,3 @@ def _is_json_integer(value: object) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
-def _json_type(value: object) -> str:
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    return "number"

@@ -1,175 +1,39 @@
-"""The LSC event contract (v1) as pydantic models.
+"""The LSC event contract (v1) as msgspec structs, read from a record's bytes in one pass.
 
-These models accept exactly what the JSON Schemas in ``schemas/`` accept when given the output of a
-JSON parser (``orjson.loads``) in strict python mode; a test runs every example through both.
-Given the bytes themselves (JSON mode, which decoding tries first) no Python validator runs: dates,
-date-times, integers and "exactly one content source" are checked in pydantic's Rust core and may
-be refused where python mode accepts, never the other way round. Decoding raw Kafka records lives
-in ``decoding``, naming why a record is poison in ``poison``. Kept whole (a little over 300
-lines): it is the contract's one set of models, read side by side with the schemas.
+The structs accept exactly what the JSON Schemas in ``schemas/`` accept; a test runs every example
+through both. msgspec validates each value as it parses it and stops at the first violation, so a
+refused record costs no more than what was read before it, and an accepted one is compact: frozen
+structs with slots, untracked by the garbage collector (they hold no cycles). ``decoding`` turns raw
+Kafka records into events; ``poison`` says why a record is not one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Final, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    GetCoreSchemaHandler,
-    SerializerFunctionWrapHandler,
-    Strict,
-    StringConstraints,
-    model_serializer,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError, core_schema
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec.structs import force_setattr
 
 from consumer.core.patterns import (
     BASE64_PATTERN,
-    DATE_PATTERN,
     DOCUMENT_ID_PATTERN,
     IDENTIFIER_PATTERN,
     SHA256_PATTERN,
     TIMESTAMP_PATTERN,
-    URL_PATTERN,
+    URL_MATCHER,
     UUID_PATTERN,
-    for_rust,
 )
 
 MAX_SAFE_INTEGER: Final = 2**53 - 1
-
-
-_DATE_RE: Final = re.compile(DATE_PATTERN)
-_TIMESTAMP_RE: Final = re.compile(TIMESTAMP_PATTERN)
-
-
-def _json_integer(value: object) -> object:
-    """Read a JSON integer the way JSON Schema does: 12.0 is the integer 12, true is no integer."""
-    if isinstance(value, bool):
-        raise PydanticCustomError("int_type", "Input should be a valid integer")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _calendar_date(value: object) -> object:
-    """Accept a ``YYYY-MM-DD`` string (or a ``date`` built in Python), nothing else."""
-    if type(value) is dt.date:
-        return value
-    if not isinstance(value, str) or _DATE_RE.match(value) is None:
-        raise PydanticCustomError("date_type", "Input should be a date string YYYY-MM-DD")
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise PydanticCustomError(
-            "date_from_string", "Input should be a date that exists"
-        ) from None
-
-
-def _rfc3339_timestamp(value: object) -> object:
-    """Accept an RFC 3339 date-time string with an offset (or an aware ``datetime``)."""
-    if isinstance(value, dt.datetime) and value.utcoffset() is not None:
-        return value
-    if not isinstance(value, str) or _TIMESTAMP_RE.match(value) is None:
-        raise PydanticCustomError(
-            "datetime_type",
-            "Input should be an RFC 3339 date-time with an offset, like 2024-05-06T07:08:09Z",
-        )
-    try:
-        return dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise PydanticCustomError(
-            "datetime_from_string", "Input should be a date-time that exists"
-        ) from None
-
-
-def _unique_modules(modules: tuple[Module, ...]) -> tuple[Module, ...]:
-    if len(set(modules)) != len(modules):
-        raise PydanticCustomError("unique_items", "Modules should not repeat")
-    return modules
-
-
-@dataclass(frozen=True, slots=True)
-class _FromJson:
-    """Validate JSON input (decoding's one pass over a record's bytes) with ``schema``, all in
-    pydantic's Rust core; python input keeps the validators annotated before this marker.
-
-    ``schema`` may refuse more than they do (decoding then takes its checked path), never less.
-    """
-
-    schema: core_schema.CoreSchema
-
-    def __get_pydantic_core_schema__(
-        self, source: object, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        return core_schema.json_or_python_schema(
-            json_schema=self.schema, python_schema=handler(source)
-        )
-
-
-class _NotNull:
-    """An optional field that may be absent but not null: the schemas say "string" only."""
-
-    def __get_pydantic_core_schema__(
-        self, source: object, handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
-        schema = handler(source)
-        return schema["schema"] if schema["type"] == "nullable" else schema
-
-
-def _text_as(pattern: str, schema: core_schema.CoreSchema) -> core_schema.CoreSchema:
-    """A string matching ``pattern``, then read as ``schema`` (a date or a date-time)."""
-    return core_schema.chain_schema(
-        [core_schema.str_schema(pattern=for_rust(pattern), strict=True), schema]
-    )
-
-
-JsonInt = Annotated[int, BeforeValidator(_json_integer)]
-
-
-def _json_int(ge: int, le: int) -> _FromJson:
-    """A ``JsonInt``'s bounds for JSON input, checked in the Rust core; Python only reads the
-    rare integral float (``12.0``), which no integer token matched."""
-    exact = core_schema.int_schema(strict=True, ge=ge, le=le)
-    return _FromJson(
-        core_schema.union_schema(
-            [exact, core_schema.no_info_before_validator_function(_json_integer, exact)],
-            mode="left_to_right",
-        )
-    )
-
-
-# JSON true is no integer; pydantic's literal check would take it for 1.
-SchemaVersion = Annotated[
-    Literal[1],
-    BeforeValidator(_json_integer),
-    _FromJson(core_schema.int_schema(strict=True, ge=1, le=1)),
-]
-CalendarDate = Annotated[
-    dt.date,
-    BeforeValidator(_calendar_date),
-    _FromJson(_text_as(DATE_PATTERN, core_schema.date_schema(strict=False))),
-]
-Timestamp = Annotated[
-    dt.datetime,
-    BeforeValidator(_rfc3339_timestamp),
-    _FromJson(_text_as(TIMESTAMP_PATTERN, core_schema.datetime_schema(strict=False))),
-]
-Identifier = Annotated[str, StringConstraints(pattern=for_rust(IDENTIFIER_PATTERN))]
-Uuid = Annotated[str, StringConstraints(pattern=for_rust(UUID_PATTERN))]
-DocumentId = Annotated[str, StringConstraints(pattern=for_rust(DOCUMENT_ID_PATTERN))]
-Sha256Hex = Annotated[str, StringConstraints(pattern=for_rust(SHA256_PATTERN))]
-Label = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=for_rust(r"\S"))]
-Url = Annotated[str, StringConstraints(max_length=2048, pattern=for_rust(URL_PATTERN))]
-Base64 = Annotated[str, StringConstraints(min_length=4, pattern=for_rust(BASE64_PATTERN))]
+MAX_URL_LENGTH: Final = 2048
+_URL: Final = re.compile(URL_MATCHER)
+# The years a contract date may have (its pattern starts with [12][0-9]{3}); msgspec reads the
+# format and the calendar itself.
+_YEARS: Final = range(1000, 3000)
 
 
 class Module(StrEnum):
@@ -194,109 +58,141 @@ class Audience(StrEnum):
     INDIVIDUAL = "individual"
 
 
-# Enums and tuples are validated in lax mode: strict python mode would demand enum members and
-# tuple instances, which a JSON parser never produces. Their items stay strict.
-ModuleField = Annotated[Module, Strict(False)]
-AudienceField = Annotated[Audience, Strict(False)]
+class FieldViolationError(ValueError):
+    """A value the contract refuses, found by a struct's own check rather than by msgspec's.
+
+    msgspec reports it as a ``ValidationError`` located at the struct, caused by this exception,
+    which names the field.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        strict=True,
-        # Field names repeat in every event, values hardly ever: caching those costs more.
-        cache_strings="keys",
-    )
+class UnfetchableUrlError(FieldViolationError):
+    """A content URL no HTTP client could fetch; ``url`` is the refused value as given."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__("url", "Expected a URL the relay can fetch")
+        self.url = url
 
 
-class Content(_Frozen):
+def fetchable(url: str) -> bool:
+    """Whether ``url`` is one the contract allows (``URL_PATTERN``, at most 2048 characters)."""
+    return len(url) <= MAX_URL_LENGTH and _URL.match(url) is not None
+
+
+Identifier = Annotated[str, Meta(pattern=IDENTIFIER_PATTERN)]
+Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
+DocumentId = Annotated[str, Meta(pattern=DOCUMENT_ID_PATTERN)]
+Sha256Hex = Annotated[str, Meta(pattern=SHA256_PATTERN)]
+Label = Annotated[str, Meta(min_length=1, max_length=500, pattern=r"\S")]
+Base64 = Annotated[str, Meta(min_length=4, pattern=BASE64_PATTERN)]
+
+if TYPE_CHECKING:
+    # What readers see. msgspec reads what the contract allows at run time: JSON Schema calls 12.0
+    # an integer, and msgspec's own date-time parser accepts forms the contract refuses (a
+    # lower-case ``t``, a space, ``+0200``, ten digits of fraction). Each struct's
+    # ``__post_init__`` turns an integral float into its int and a timestamp's text into an aware
+    # datetime, kept to the microsecond.
+    SchemaVersion = Literal[1]
+    SizeBytes = int
+    PartNumber = int
+    ItemCount = int
+    Timestamp = dt.datetime
+else:
+
+    def _json_integer(ge: int, le: int) -> object:
+        return (
+            Annotated[int, Meta(ge=ge, le=le)] | Annotated[float, Meta(ge=ge, le=le, multiple_of=1)]
+        )
+
+    SchemaVersion = _json_integer(1, 1)
+    SizeBytes = _json_integer(1, MAX_SAFE_INTEGER)
+    PartNumber = _json_integer(1, 10_000)
+    ItemCount = _json_integer(0, 1_000_000)
+    Timestamp = Annotated[str, Meta(pattern=TIMESTAMP_PATTERN)]
+
+
+def _as_int(struct: Struct, name: str) -> None:
+    """An integral float read where the contract asks for an integer becomes that integer."""
+    value = getattr(struct, name)
+    if type(value) is float:
+        force_setattr(struct, name, int(value))
+
+
+def _as_timestamp(struct: Struct, name: str) -> None:
+    """A timestamp's text (its pattern checked) becomes the aware datetime it names."""
+    value = getattr(struct, name)
+    if isinstance(value, str):
+        try:
+            force_setattr(struct, name, dt.datetime.fromisoformat(value))
+        except ValueError:
+            raise FieldViolationError(name, "Expected a date-time that exists") from None
+
+
+class _Frozen(Struct, frozen=True, forbid_unknown_fields=True, gc=False, omit_defaults=True):
+    """Immutable (each subclass says so again, for type checkers), every field named by the
+    contract, no garbage-collector header: a struct of strings, numbers and dates holds no cycle."""
+
+
+class Content(_Frozen, frozen=True):
     """The PDF of a document: exactly one of ``url`` and ``inline_base64``, plus its checks."""
 
     media_type: Literal["application/pdf"]
-    size_bytes: Annotated[JsonInt, _json_int(1, MAX_SAFE_INTEGER)] = Field(
-        ge=1, le=MAX_SAFE_INTEGER
-    )
+    size_bytes: SizeBytes
     sha256: Sha256Hex
-    url: Annotated[Url | None, _NotNull()] = None
-    inline_base64: Annotated[Base64 | None, _NotNull()] = None
+    # Absent, never null: the contract gives a source as a string or not at all. The URL is
+    # checked here, where the refused value can still be named.
+    url: str | UnsetType = UNSET
+    inline_base64: Base64 | UnsetType = UNSET
 
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> Content:
-        # Python input only: JSON input is held to it by the schema of ``_one_source_in_json``.
-        if (self.url is None) == (self.inline_base64 is None):
-            raise ValueError("content needs exactly one of url or inline_base64")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _omit_absent_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        # Dumps must validate again: the source not given is left out, not written as null.
-        data: dict[str, object] = handler(self)
-        return {name: value for name, value in data.items() if value is not None}
+    def __post_init__(self) -> None:
+        if (self.url is UNSET) == (self.inline_base64 is UNSET):
+            raise ValueError("Expected exactly one of `url` and `inline_base64`")
+        if self.url is not UNSET and not fetchable(self.url):
+            raise UnfetchableUrlError(self.url)
+        _as_int(self, "size_bytes")
 
 
-# No value passes: a field of this schema may only be absent (and then takes its default).
-_ABSENT: Final = core_schema.int_schema(strict=True, ge=1, le=0)
-
-
-def _one_source_in_json() -> core_schema.CoreSchema:
-    """``Content`` for JSON input: a union of its fields with ``url`` alone and with
-    ``inline_base64`` alone, so the Rust core holds it to exactly one source, no Python runs.
-    """
-    # Content's schema as pydantic builds it: its after-validator around the model's fields.
-    after = Content.__pydantic_core_schema__
-    if after["type"] != "function-after":
-        raise TypeError("Content's schema no longer ends in its after-validator")
-    model = after["schema"]
-    if model["type"] != "model":
-        raise TypeError("Content's schema no longer wraps a model")
-    fields = model["schema"]
-    if fields["type"] != "model-fields":
-        raise TypeError("Content's model schema no longer holds its fields")
-
-    def alone(given: str, absent: str) -> core_schema.ModelFieldsSchema:
-        chosen = dict(fields["fields"])
-        optional = chosen[given]["schema"]
-        if optional["type"] != "default":
-            raise TypeError(f"Content.{given} is no longer optional")
-        chosen[given] = {**chosen[given], "schema": optional["schema"]}
-        chosen[absent] = {
-            **chosen[absent],
-            "schema": core_schema.with_default_schema(_ABSENT, default=None),
-        }
-        return cast(core_schema.ModelFieldsSchema, {**fields, "fields": chosen})
-
-    union = core_schema.union_schema(
-        [alone("url", "inline_base64"), alone("inline_base64", "url")], mode="left_to_right"
-    )
-    return cast(core_schema.ModelSchema, {**model, "schema": union})
-
-
-class Document(_Frozen):
+class Document(_Frozen, frozen=True):
     """One document as LSC describes it, in a document-created event or a manifest item."""
 
     id: DocumentId
-    module: ModuleField
+    module: Module
     category: Label
     title: Label
-    document_date: CalendarDate
-    audience: AudienceField
-    content: Annotated[Content, _FromJson(_one_source_in_json())]
+    document_date: dt.date
+    audience: Audience
+    content: Content
+
+    def __post_init__(self) -> None:
+        if self.document_date.year not in _YEARS:
+            raise FieldViolationError("document_date", "Expected a date of the years 1000 to 2999")
 
 
-class DocumentCreated(_Frozen):
+class _Event(_Frozen, frozen=True, tag_field="event_type"):
+    """An event of the contract; ``event_type`` names its kind (the struct's tag)."""
+
+
+class DocumentCreated(_Event, frozen=True, tag="document-created"):
     """LSC published one document for a building."""
 
     schema_version: SchemaVersion
-    event_type: Literal["document-created"]
     event_id: Uuid
     occurred_at: Timestamp
     agency_id: Identifier
     building_id: Identifier
     document: Document
 
+    def __post_init__(self) -> None:
+        _as_int(self, "schema_version")
+        _as_timestamp(self, "occurred_at")
 
-class ManifestSnapshot(_Frozen):
+
+class ManifestSnapshot(_Event, frozen=True, tag="manifest-snapshot"):
     """One part of the exhaustive list of what should be published for a building.
 
     Rules across fields (``part <= parts``, item count, items within ``modules``, unique ids) are
@@ -304,18 +200,45 @@ class ManifestSnapshot(_Frozen):
     """
 
     schema_version: SchemaVersion
-    event_type: Literal["manifest-snapshot"]
     snapshot_id: Uuid
     taken_at: Timestamp
     agency_id: Identifier
     building_id: Identifier
-    modules: Annotated[
-        tuple[ModuleField, ...], Strict(False), Field(min_length=1), AfterValidator(_unique_modules)
-    ]
-    part: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
-    parts: Annotated[JsonInt, _json_int(1, 10_000)] = Field(ge=1, le=10_000)
-    item_count: Annotated[JsonInt, _json_int(0, 1_000_000)] = Field(ge=0, le=1_000_000)
-    items: Annotated[tuple[Document, ...], Strict(False)]
+    modules: Annotated[tuple[Module, ...], Meta(min_length=1)]
+    part: PartNumber
+    parts: PartNumber
+    item_count: ItemCount
+    items: tuple[Document, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.modules)) != len(self.modules):
+            raise FieldViolationError("modules", "Expected modules that do not repeat")
+        for name in ("schema_version", "part", "parts", "item_count"):
+            _as_int(self, name)
+        _as_timestamp(self, "taken_at")
 
 
 Event = DocumentCreated | ManifestSnapshot
+
+_EVENT_DECODER: Final = msgspec.json.Decoder(Event)
+_DOCUMENT_DECODER: Final = msgspec.json.Decoder(Document)
+
+
+def read_event(value: bytes) -> Event:
+    """The event that ``value`` (UTF-8 JSON) is, of the kind its ``event_type`` names.
+
+    Raises ``msgspec.DecodeError`` for bytes that are not JSON, ``msgspec.ValidationError`` for
+    JSON that is not an event, naming the first violation and where it is.
+    """
+    return _EVENT_DECODER.decode(value)
+
+
+def read_document(value: bytes) -> Document:
+    """The document that ``value`` (UTF-8 JSON) is, raising as ``read_event`` does."""
+    return _DOCUMENT_DECODER.decode(value)
+
+
+def as_json(value: Event | Document | Content) -> dict[str, Any]:
+    """The JSON object of an event or a part of it, as the contract writes it."""
+    written: dict[str, Any] = msgspec.to_builtins(value)
+    return written

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from pydantic import ValidationError
-from pydantic_core import ErrorDetails
+import msgspec
+
+from consumer.core.events import FieldViolationError, UnfetchableUrlError
 
 
 class PoisonReason(StrEnum):
@@ -49,50 +50,84 @@ class Poison:
 
 
 _USER_INFO: Final = re.compile(r"//[^/?#@]*@")
-_URL_ERRORS: Final = frozenset({"string_pattern_mismatch", "string_too_long"})
 _URL_RULE: Final = (
     "an http(s) URL with a host name or IPv4 address, a port from 1 to 65535, no user info,"
     " and only RFC 3986 characters with %HH escapes"
 )
+# msgspec's message, then where: "Expected `int`, got `str` - at `$.items[3].content.size_bytes`".
+_LOCATED: Final = re.compile(r"(?P<message>.*) - at `\$(?P<path>.*)`", re.DOTALL)
+_FIELD: Final = re.compile(
+    r"Object (?P<problem>missing required|contains unknown) field `(?P<name>.*)`", re.DOTALL
+)
+_PATTERN: Final = "Expected `str` matching regex"
+# What each pattern of the contract asks for, said instead of quoting the pattern.
+_IDENTIFIER_RULE: Final = (
+    "an identifier: a letter or digit, then up to 63 letters, digits, '_', '.' or '-'"
+)
+_PATTERN_RULES: Final = {
+    "agency_id": _IDENTIFIER_RULE,
+    "building_id": _IDENTIFIER_RULE,
+    "event_id": "a UUID in its hyphenated form",
+    "snapshot_id": "a UUID in its hyphenated form",
+    "id": "a document id: a letter or digit, then up to 199 letters, digits, '_', '.', ':' or '-'",
+    "sha256": "64 lower-case hexadecimal digits",
+    "category": "text that is not only white space",
+    "title": "text that is not only white space",
+    "inline_base64": "standard base64 with padding",
+    "occurred_at": "an RFC 3339 date-time with an offset, like 2024-05-06T07:08:09Z",
+    "taken_at": "an RFC 3339 date-time with an offset, like 2024-05-06T07:08:09Z",
+}
+# JSON Schema's integers are msgspec's int or integral float; say integer, as the contract does.
+_WORDING: Final = (
+    ("`float` that's a multiple of 1.0", "an integer, not a fraction"),
+    ("`int | float`", "`int`"),
+)
+_MAX_TEXT: Final = 200
 
 
-def schema_poison(error: ValidationError) -> Poison:
-    """A schema violation; ``bad_url`` when a URL the relay could never fetch is all that is wrong.
+def schema_poison(violation: msgspec.ValidationError) -> Poison:
+    """The first schema violation msgspec met; ``bad_url`` when it is a URL the relay could never
+    fetch.
 
     A manifest part with one such item is refused whole: a list that cannot be read in full is no
     exhaustive list, and acting on the rest would withdraw that item's published version.
     """
-    problems = error.errors(include_url=False, include_context=False)
-    if all(_is_url_problem(problem) for problem in problems):
-        first = problems[0]
-        url = first["input"]
+    where, message = _locate(violation)
+    cause = violation.__cause__
+    if isinstance(cause, UnfetchableUrlError):
         # user info may hold a password: it stays in the dead letter's bytes, not in logs
-        shown = quote(_USER_INFO.sub("//***@", url)) if isinstance(url, str) else "?"
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        shown = quote(_USER_INFO.sub("//***@", cause.url))
         return Poison(
             PoisonReason.BAD_URL,
-            f"{_path(first['loc'])}: {shown} cannot be fetched; the contract asks for {_URL_RULE}"
-            f"{more}",
+            f"{where}: {shown} cannot be fetched; the contract asks for {_URL_RULE}",
         )
-    return Poison(PoisonReason.SCHEMA_VIOLATION, _describe(problems))
+    return Poison(PoisonReason.SCHEMA_VIOLATION, f"{where}: {message}")
 
 
-def _is_url_problem(problem: ErrorDetails) -> bool:
-    return problem["loc"][-2:] == ("content", "url") and problem["type"] in _URL_ERRORS
+def _locate(violation: msgspec.ValidationError) -> tuple[str, str]:
+    """The failing field's path (``items[3].content.sha256``) and what is wrong with it."""
+    text = str(violation)
+    located = _LOCATED.fullmatch(text)
+    path, message = (located["path"], located["message"]) if located else ("", text)
+    field = _FIELD.fullmatch(message)
+    cause = violation.__cause__
+    if field is not None:
+        path = f"{path}.{field['name']}"
+        missing = field["problem"] == "missing required"
+        message = "required but missing" if missing else "not a field of the contract"
+    elif isinstance(cause, FieldViolationError):
+        path, message = f"{path}.{cause.field}", cause.message
+    elif message.startswith(_PATTERN):
+        name = path.rpartition(".")[2]
+        message = f"Expected {_PATTERN_RULES.get(name, 'text of the pattern the contract gives')}"
+    for said, meant in _WORDING:
+        message = message.replace(said, meant)
+    return _cut(path.lstrip(".") or "(value)"), _cut(message)
 
 
-def _describe(problems: list[ErrorDetails]) -> str:
-    """Name the first failing field path, then what is wrong with it."""
-    first = problems[0]
-    # The URL pattern is far too long to quote; say what it asks for instead.
-    message = f"should be {_URL_RULE}" if _is_url_problem(first) else first["msg"]
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{_path(first['loc'])}: {message}{more}"
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-    return path.lstrip(".") or "(value)"
+def _cut(text: str) -> str:
+    # A field's name or a refused value quoted in the message may be as long as the record.
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
 
 
 def quote(text: str, limit: int = 120) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from consumer.core.events import Document, Module
+from consumer.core.events import Module, as_json, read_document
 from consumer.core.state import (
     AgencyKey,
     AgencyRecord,
@@ -85,7 +85,7 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
         "condominium_id": record.condominium_id,
         "held_by": record.held_by,
         "parked_reason": record.parked_reason,
-        "document": None if record.document is None else record.document.model_dump(mode="json"),
+        "document": None if record.document is None else as_json(record.document),
     }
     return record.key.encode(), orjson.dumps(value)
 
@@ -172,9 +172,7 @@ def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -
             condominium_id=_string(data, "condominium_id"),
             held_by=_string(data, "held_by"),
             parked_reason=_string(data, "parked_reason"),
-            document=None
-            if document is None
-            else Document.model_validate_json(orjson.dumps(document)),
+            document=None if document is None else read_document(orjson.dumps(document)),
         )
     raise ValueError(f"kind {kind!r} does not fit a {type(key).__name__}")
 

@@ -9,13 +9,17 @@ which pod owns what, so the CLI and any replica's admin endpoint give the same a
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import re
 from collections import Counter
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaProducer
 
 from consumer.core.commands import AgencyAction, Finding, HeldAction, OperatorCommand
+from consumer.core.deadletter import DEAD_LETTER_REASONS, NO_REPLAY_FIXES
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus, DocumentRecord
 from consumer.core.view import PublishedView
@@ -28,6 +32,9 @@ from consumer.ops.replay import read_dead_letters, replay
 from consumer.settings import Settings
 
 Action = HeldAction | AgencyAction
+NO_SUCH_DEAD_LETTER = "no such dead letter"
+_DEAD_LETTER_ID = re.compile(r"[A-Za-z0-9._-]{1,249}/[0-9]{1,10}/[0-9]{1,19}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{16,64}")
 
 
 def require_kafka(settings: Settings) -> KafkaConnection:
@@ -87,21 +94,29 @@ class Operator:
         *,
         requested_by: str,
         plan: str | None = None,
+        plan_shares: tuple[str, ...] = (),
         findings: tuple[Finding, ...] = (),
     ) -> dict[str, Any]:
         """Write one command; the replicas owning the building (or every partition of the
-        agency) carry it out in order with the input. Raises ``ValueError`` on a bad request."""
+        agency) carry it out in order with the input. Raises ``ValueError`` on a bad request,
+        ``UnknownTargetError`` for an agency or building the routing file does not know."""
         command = OperatorCommand(
             command=action,
             agency_id=agency_id,
             building_id=building_id,
             plan=plan,
+            plan_shares=plan_shares,
             findings=findings,
             requested_at=dt.datetime.now(dt.UTC),
             requested_by=requested_by,
         )
+        self.check_target(agency_id, building_id)
+        key = self.settings.kafka.commands_key()
         written = await send_command(
-            await self.producer(), self.settings.kafka.commands_topic, command
+            await self.producer(),
+            self.settings.kafka.commands_topic,
+            command,
+            secret=None if key is None else key.get_secret_value().encode(),
         )
         queued: dict[str, Any] = {"queued": action.value, "agency": agency_id}
         if building_id is not None:
@@ -115,16 +130,33 @@ class Operator:
 
     async def plan(self, agency_id: str | None) -> tuple[Any, dict[str, str]]:
         """The dry run of what first publications would send, and each agency's fingerprint."""
+        if agency_id is not None:
+            self.check_target(agency_id)
         from consumer.ops.dryrun import plan_with_fingerprints  # noqa: PLC0415 - heavy, rarely used
 
         return await plan_with_fingerprints(self.settings, self.routing_table(), agency=agency_id)
 
+    async def plan_with_shares(
+        self, agency_id: str | None
+    ) -> tuple[Any, dict[str, str], dict[str, tuple[str, ...]]]:
+        """The dry run, each agency's fingerprint, and each partition's share in it."""
+        from consumer.ops.dryrun import plan_with_shares  # noqa: PLC0415 - heavy, rarely used
+
+        if agency_id is not None:
+            self.check_target(agency_id)
+        return await plan_with_shares(self.settings, self.routing_table(), agency=agency_id)
+
     async def approve(self, agency_id: str, plan: str, *, requested_by: str) -> dict[str, Any]:
-        """Start the agency's first publication, if its plan is still the one approved."""
-        routing = self.routing_table()
-        if routing.agency(agency_id) is None:
-            raise ValueError(f"agency {agency_id} is not in the routing file")
-        _, fingerprints = await self.plan(agency_id)
+        """Start the agency's first publication, if its plan is still the one approved. The
+        command carries the plan's share of every partition: each owning replica checks its own
+        again against the plan it computes when the command arrives."""
+        self.check_target(agency_id)
+        if not _FINGERPRINT.fullmatch(plan):
+            raise ValueError(
+                f"{plan!r} is not a plan fingerprint: give the hexadecimal one that "
+                f"chouette-relay plan --agency {agency_id} prints"
+            )
+        _, fingerprints, shares = await self.plan_with_shares(agency_id)
         current = fingerprints[agency_id]
         if current != plan:
             raise PlanChangedError(
@@ -132,8 +164,25 @@ class Operator:
                 f"shown; look at it again with chouette-relay plan --agency {agency_id}"
             )
         return await self.queue(
-            AgencyAction.APPROVE, agency_id, requested_by=requested_by, plan=plan
+            AgencyAction.APPROVE,
+            agency_id,
+            requested_by=requested_by,
+            plan=plan,
+            plan_shares=shares[agency_id],
         )
+
+    def check_target(self, agency_id: str, building_id: str | None = None) -> None:
+        """Raise ``UnknownTargetError`` unless the routing file knows the agency (and maps the
+        building): the owning replica would refuse the command, and a typo must not pass for
+        an action taken."""
+        routing = self.routing_table()
+        config = routing.agency(agency_id)
+        if config is None:
+            raise UnknownTargetError("agency", agency_id, known=routing.agencies)
+        if building_id is not None and building_id not in config.condominia:
+            raise UnknownTargetError(
+                "building", building_id, known=config.condominia, of=f" of agency {agency_id}"
+            )
 
     def routing_table(self) -> RoutingTable:
         if self.routing is None:
@@ -171,6 +220,8 @@ class Operator:
 
     async def parked(self, agency_id: str | None = None) -> list[dict[str, Any]]:
         """Every parked document (of one agency, if given) with the reason it waits."""
+        if agency_id is not None:
+            self.check_target(agency_id)
         found = [
             parked_entry(record)
             for view in await self.views()
@@ -183,6 +234,8 @@ class Operator:
         self, *, reason: str | None = None, source_topic: str | None = None
     ) -> list[dict[str, Any]]:
         """Every dead letter (of one reason, or one source topic, if given), oldest first."""
+        if reason is not None:
+            _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
         return [
             letter.listing()
@@ -193,20 +246,41 @@ class Operator:
     async def replay(
         self, ids: list[str], *, reason: str | None = None, force: bool = False
     ) -> list[dict[str, Any]]:
-        """Re-publish the dead letters named by ``ids`` (or all of one ``reason``) to their
-        source partition, each once unless ``force``; what happened to each."""
+        """Re-publish the dead letters named by ``ids`` (or all of one ``reason``, replayed
+        copies left out) to their source partition, each once unless ``force``; what happened
+        to each. One whose reason is in its own bytes (``NO_REPLAY_FIXES``) needs ``force``."""
         if not ids and reason is None:
             raise ValueError("name the dead letters to replay (ids) or a reason")
+        malformed = [i for i in ids if not _DEAD_LETTER_ID.fullmatch(i)]
+        if malformed:
+            raise ValueError(
+                f"{malformed[0]!r} is not a dead letter id: topic/partition/offset, as listed"
+            )
+        if reason is not None:
+            _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
+        # A reason selects originals only: the dead letter of a replayed copy is the same
+        # record again, and replaying it too would add one more dead letter per run.
         chosen = [
             letter
             for letter in letters
-            if letter.id in ids or (reason is not None and letter.reason == reason)
+            if letter.id in ids
+            or (reason is not None and letter.reason == reason and letter.replay_of is None)
         ]
-        results = await replay(self.connection, await self.producer(), chosen, force=force)
         found = {letter.id for letter in chosen}
+        unfixable = [] if force else [c for c in chosen if c.reason in NO_REPLAY_FIXES]
+        chosen = [letter for letter in chosen if letter not in unfixable]
+        results = await replay(self.connection, await self.producer(), chosen, force=force)
+        results += [
+            {
+                "id": letter.id,
+                "outcome": "refused",
+                "why": f"{letter.reason}: the same bytes would be refused again; use --force",
+            }
+            for letter in unfixable
+        ]
         missing = [
-            {"id": i, "outcome": "refused", "why": "no such dead letter"}
+            {"id": i, "outcome": "refused", "why": NO_SUCH_DEAD_LETTER}
             for i in ids
             if i not in found
         ]
@@ -215,6 +289,26 @@ class Operator:
 
 class PlanChangedError(ValueError):
     """The plan an operator approved is no longer the one the relay would carry out."""
+
+
+class UnknownTargetError(ValueError):
+    """A command or a listing names an agency or building that the routing file does not know."""
+
+    def __init__(self, what: str, name: str, *, known: Iterable[str], of: str = "") -> None:
+        self.what, self.name = what, name
+        self.closest = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        hint = (
+            f"; did you mean {' or '.join(self.closest)}?"
+            if self.closest
+            else "; no known name is close to it"
+        )
+        super().__init__(f"{what} {name}{of} is not in the routing file{hint}")
+
+
+def _check_reason(reason: str) -> None:
+    if reason not in DEAD_LETTER_REASONS:
+        known = ", ".join(sorted(DEAD_LETTER_REASONS))
+        raise ValueError(f"{reason!r} is not a dead-letter reason; one of {known}")
 
 
 def parked_entry(record: DocumentRecord) -> dict[str, Any]:

@@ -92,7 +92,12 @@ def add_operator_commands(commands: Any) -> None:
 
 
 async def run_operator_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Run one operator subcommand and print its result as JSON; 1 if a replay was refused."""
+    """Run one operator subcommand and print its result as JSON; 1 if a replay was refused.
+
+    An agency or building the routing file does not know raises ``UnknownTargetError`` (a
+    ``ValueError``: the command line exits 2 with the closest known names), before anything is
+    written.
+    """
     who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
     code = 0
     async with Operator(settings) as operator:
@@ -137,6 +142,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
 async def _status(operator: Operator, args: argparse.Namespace) -> int:
     """Print the cluster's view per agency, once or every ``--watch`` seconds."""
     previous, sampled_at = None, 0.0
+    if args.agency is not None:
+        operator.check_target(args.agency)
     while True:
         found = await gather(operator, agency=args.agency)
         # The rate is measured over the time between samples, gathering included (seconds on a
@@ -171,6 +178,7 @@ async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: 
     """The audit, run here or (``--replica``) by a replica."""
     if args.replica:
         return await _replica_audit(operator.settings, args)
+    operator.check_target(args.agency, args.building)
     try:
         result = await run_audit(
             operator,

@@ -3,15 +3,15 @@
 Reads the manifest topic from the beginning and the relay's state topic (no consumer group, no
 commit, nothing produced), keeps the newest complete manifest of every building, and plans it
 against the current view without applying anything. Nothing is sent to the partner. Each agency's
-plan has a fingerprint (a digest of every document it would send, record or withdraw, and of the
-agency's mode): an operator approves that fingerprint, and an approval is refused once the plan
-it was given for has changed.
+plan has a fingerprint (a digest of every document its waiting first publications would send,
+record or withdraw, one share per input partition, and of the agency's mode): an operator approves
+that fingerprint, and an approval is refused once the plan it was given for has changed, by the
+command line and again by each replica for its own share.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import sys
 from collections import defaultdict
 from typing import Any
@@ -23,11 +23,13 @@ from consumer.core.decoding import decode_record
 from consumer.core.events import ManifestSnapshot
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest, ManifestAssembler
-from consumer.core.planning.first_publication import DryRun, plan_first_publication
-from consumer.core.planning.manifests import plan_manifest
-from consumer.core.planning.plan import Plan, Upload
+from consumer.core.planning.first_publication import (
+    DryRun,
+    awaiting_share,
+    plan_fingerprint,
+    plan_first_publication,
+)
 from consumer.core.routing import RoutingTable, load_routing
-from consumer.core.state import DocumentRecord
 from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
@@ -129,53 +131,42 @@ async def plan_with_fingerprints(
     settings: Settings, routing: RoutingTable, *, agency: str | None
 ) -> tuple[DryRun, dict[str, str]]:
     """The dry run, and the fingerprint of each agency's part of it."""
+    total, fingerprints, _ = await plan_with_shares(settings, routing, agency=agency)
+    return total, fingerprints
+
+
+async def plan_with_shares(
+    settings: Settings, routing: RoutingTable, *, agency: str | None
+) -> tuple[DryRun, dict[str, str], dict[str, tuple[str, ...]]]:
+    """The dry run, each agency's fingerprint, and the share of every input partition in it
+    (what an approve carries, so that each owning replica checks its own)."""
     connection = kafka_connection(settings.kafka)
     manifests = await latest_manifests(settings, connection, agency=agency)
+    partitions = await topic_partitions(connection, settings.kafka.manifests_topic) or 0
     guard = DeletionGuard(settings.guard.max_delete_share, settings.guard.min_deletes)
     total = DryRun()
-    items: dict[str, list[str]] = defaultdict(list)
+    found = {m.agency_id for by_building in manifests.values() for m in by_building.values()}
+    agencies = sorted({agency} if agency is not None else found | set(routing.agencies))
+    shares: dict[str, list[str]] = {a: [] for a in agencies}
     state_exists = await topic_partitions(connection, settings.kafka.state_topic)
-    for partition, by_building in sorted(manifests.items()):
+    for partition in range(partitions):
+        by_building = manifests.get(partition, {})
         view = PublishedView()  # no state topic yet: nothing was ever published
-        if state_exists:
+        if state_exists and by_building:
             await restore_partition(
                 connection=connection,
                 topic=settings.kafka.state_topic,
                 partition=partition,
                 view=view,
             )
-        for _, manifest in sorted(by_building.items()):
+        newest = [manifest for _, manifest in sorted(by_building.items())]
+        for manifest in newest:
             total = total + plan_first_publication(view, routing, manifest, guard)
-            items[manifest.agency_id] += _plan_items(plan_manifest(view, routing, manifest, guard))
-    agencies = {agency} if agency is not None else set(items) | set(routing.agencies)
-    return total, {a: fingerprint(routing, a, items.get(a, [])) for a in sorted(agencies)}
-
-
-def _plan_items(plan: Plan) -> list[str]:
-    """One line per document the plan sends, withdraws or records (baseline, held, parked)."""
-    lines = []
-    for operation in plan.operations:
-        key = operation.key.encode().decode()
-        if isinstance(operation, Upload):
-            lines.append(f"upload {key} {operation.document.content.sha256}")
-        else:
-            lines.append(f"delete {key}")
-    for record in plan.records:
-        if isinstance(record, DocumentRecord):
-            lines.append(f"{record.status} {record.key.encode().decode()} {record.sha256}")
-    return lines
-
-
-def fingerprint(routing: RoutingTable, agency_id: str, items: list[str]) -> str:
-    """A short digest of an agency's plan: it changes when anything the plan would do does."""
-    config = routing.agency(agency_id)
-    digest = hashlib.sha256(f"{agency_id}\n".encode())
-    if config is not None:
-        modules = " ".join(sorted(m.value for m in config.modules))
-        digest.update(f"{config.first_publication} {modules}\n".encode())
-    for line in sorted(items):
-        digest.update(line.encode() + b"\n")
-    return digest.hexdigest()[:16]
+        for agency_id in agencies:
+            own = [manifest for manifest in newest if manifest.agency_id == agency_id]
+            shares[agency_id].append(awaiting_share(view, routing, own, guard))
+    fingerprints = {a: plan_fingerprint(routing, a, shares[a]) for a in agencies}
+    return total, fingerprints, {a: tuple(shares[a]) for a in agencies}
 
 
 def render(
@@ -231,9 +222,9 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
             "CHOUETTE_RELAY_ROUTING_FILE"
         )
     routing = load_routing(settings.routing_file)
-    plan, fingerprints = await plan_with_fingerprints(settings, routing, agency=agency)
+    plan, fingerprints, shares = await plan_with_shares(settings, routing, agency=agency)
     if as_json:
-        payload = plan_json(plan, fingerprints)
+        payload = plan_json(plan, fingerprints, shares)
         sys.stdout.write(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         default_rate = settings.partner.default_rate_per_second
@@ -241,9 +232,14 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
     return 0
 
 
-def plan_json(plan: DryRun, fingerprints: dict[str, str]) -> dict[str, Any]:
-    """The dry run as JSON, for scripts and the admin endpoint."""
-    return {
+def plan_json(
+    plan: DryRun,
+    fingerprints: dict[str, str],
+    shares: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:
+    """The dry run as JSON, for scripts and the admin endpoint; with each agency's share of
+    every partition (``shares``), what an approve carries and each owning replica checks."""
+    payload: dict[str, Any] = {
         "lines": [
             {
                 "agency": line.agency_id,
@@ -264,3 +260,6 @@ def plan_json(plan: DryRun, fingerprints: dict[str, str]) -> dict[str, Any]:
         "deletes": plan.deletes,
         "fingerprints": fingerprints,
     }
+    if shares is not None:
+        payload["shares"] = {agency: list(parts) for agency, parts in shares.items()}
+    return payload

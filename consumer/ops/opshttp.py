@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from consumer.core.commands import AgencyAction
 from consumer.errors import PartnerError
-from consumer.ops.admin import Operator, PlanChangedError
+from consumer.ops.admin import NO_SUCH_DEAD_LETTER, Operator, PlanChangedError, UnknownTargetError
 from consumer.ops.dryrun import plan_json
 from consumer.ops.overview import add_replica_status, gather
 from consumer.ops.webserver import AppServer
@@ -62,28 +62,35 @@ class OpsServer(AppServer):
 
     def build_app(self) -> web.Application:
         app = web.Application()
+        routes = [
+            web.get("/livez", self._livez),
+            web.get("/readyz", self._readyz),
+            web.get("/metrics", self._metrics),
+            web.get("/status", self._status),
+            web.get("/admin/held", self._admin(self._list_held)),
+            web.post(
+                "/admin/held/{agency}/{building}/{action:release|discard}",
+                self._admin(self._settle),
+            ),
+            web.post("/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)),
+            web.get("/admin/plan", self._admin(self._plan)),
+            web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
+            web.get("/admin/overview", self._admin(self._overview)),
+            web.get("/admin/audit", self._admin(self._audit)),
+            web.post("/admin/audit/repair", self._admin(self._audit)),
+            web.get("/admin/parked", self._admin(self._list_parked)),
+            web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
+            web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
+            web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
+            web.post("/admin/dead-letters/replay", self._admin(self._replay)),
+            # Last: what no route above takes (also a known path with another method), so that
+            # an unmatched request's Expect header is answered by _expect too.
+            web.route("*", "/{tail:.*}", _no_route),
+        ]
+        # Every route answers an Expect header itself (see _expect).
         app.add_routes(
-            [
-                web.get("/livez", self._livez),
-                web.get("/readyz", self._readyz),
-                web.get("/metrics", self._metrics),
-                web.get("/status", self._status),
-                web.get("/admin/held", self._list_held),
-                web.post("/admin/held/{agency}/{building}/{action:release|discard}", self._settle),
-                web.post(
-                    "/admin/agencies/{agency}/{action:pause|resume}", self._admin(self._agency)
-                ),
-                web.get("/admin/plan", self._admin(self._plan)),
-                web.post("/admin/agencies/{agency}/approve", self._admin(self._approve)),
-                web.get("/admin/overview", self._admin(self._overview)),
-                web.get("/admin/audit", self._admin(self._audit)),
-                web.post("/admin/audit/repair", self._admin(self._audit)),
-                web.get("/admin/parked", self._admin(self._list_parked)),
-                web.post("/admin/parked/{agency}/retry", self._admin(self._retry)),
-                web.post("/admin/parked/{agency}/{building}/retry", self._admin(self._retry)),
-                web.get("/admin/dead-letters", self._admin(self._list_dead_letters)),
-                web.post("/admin/dead-letters/replay", self._admin(self._replay)),
-            ]
+            web.route(r.method, r.path, r.handler, **{**r.kwargs, "expect_handler": _expect})
+            for r in routes
         )
         return app
 
@@ -108,18 +115,18 @@ class OpsServer(AppServer):
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None:
             return False
-        given = request.headers.get("Authorization", "")
+        try:
+            # Bytes that are not UTF-8 reach here as surrogates: a malformed header, not a token.
+            given = request.headers.get("Authorization", "").encode()
+        except UnicodeEncodeError:
+            return False
         expected = f"Bearer {self._token.get_secret_value()}"
-        return hmac.compare_digest(given.encode(), expected.encode())
+        return hmac.compare_digest(given, expected.encode())
 
-    async def _list_held(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _forbidden(self._token is None)
+    async def _list_held(self, _: web.Request) -> web.Response:
         return web.json_response({"held": self._control.held()})
 
     async def _settle(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _forbidden(self._token is None)
         agency = request.match_info["agency"]
         building = request.match_info["building"]
         action = request.match_info["action"]
@@ -138,19 +145,17 @@ class OpsServer(AppServer):
         )
 
     def _admin(self, handler: Handler) -> Handler:
-        """``handler`` behind the bearer token; a request it cannot take is a 400."""
+        """``handler`` behind the bearer token. Input never makes a 500: an agency or building
+        the routing file does not know is a 404 (as Kafka Connect answers for an unknown
+        connector), the plan changed since it was shown a 409, any other refusal a 400."""
 
         async def guarded(request: web.Request) -> web.Response:
             if not self._authorized(request):
                 return _forbidden(self._token is None)
             try:
                 return await handler(request)
-            except PlanChangedError as exc:
-                return web.json_response({"error": str(exc)}, status=409)
-            except ValueError as exc:  # pydantic's ValidationError included
-                return web.json_response({"error": str(exc)}, status=400)
-            except PartnerError as exc:  # an audit ChouetteCopro did not answer (redacted)
-                return web.json_response({"error": str(exc)}, status=502)
+            except (ValueError, PartnerError) as exc:  # pydantic's ValidationError included
+                return _refused(exc)
 
         return guarded
 
@@ -163,8 +168,9 @@ class OpsServer(AppServer):
         return web.json_response(queued, status=202)
 
     async def _plan(self, request: web.Request) -> web.Response:
-        plan, fingerprints = await self._control.operator().plan(request.query.get("agency"))
-        return web.json_response(plan_json(plan, fingerprints))
+        agency = self._agency_filter(request)
+        plan, fingerprints, shares = await self._control.operator().plan_with_shares(agency)
+        return web.json_response(plan_json(plan, fingerprints, shares))
 
     async def _approve(self, request: web.Request) -> web.Response:
         """Body: ``{"plan": "<fingerprint shown by the plan>"}``; 409 if the plan changed."""
@@ -180,12 +186,14 @@ class OpsServer(AppServer):
 
     async def _audit(self, request: web.Request) -> web.Response:
         """``?agency=ID[&building=B]``; POST to ``/admin/audit/repair`` queues the repairs."""
-        agency = request.query.get("agency")
-        if not agency:
+        agency = self._agency_filter(request)
+        if agency is None:
             raise ValueError("name the agency: ?agency=ID")
+        building = request.query.get("building")
+        self._control.operator().check_target(agency, building)
         report = await self._control.audit(
             agency,
-            building_id=request.query.get("building"),
+            building_id=building,
             repair=request.method == "POST",
             requested_by=_requester(request),
         )
@@ -193,12 +201,12 @@ class OpsServer(AppServer):
 
     async def _overview(self, request: web.Request) -> web.Response:
         """What ``chouette-relay status --json`` prints, with this replica's own status added."""
-        found = await gather(self._control.operator(), agency=request.query.get("agency"))
+        found = await gather(self._control.operator(), agency=self._agency_filter(request))
         add_replica_status(found, self._control.status())
         return web.json_response({name: entry.plain() for name, entry in found.items()})
 
     async def _list_parked(self, request: web.Request) -> web.Response:
-        parked = await self._control.operator().parked(request.query.get("agency"))
+        parked = await self._control.operator().parked(self._agency_filter(request))
         return web.json_response({"parked": parked})
 
     async def _retry(self, request: web.Request) -> web.Response:
@@ -233,8 +241,44 @@ class OpsServer(AppServer):
                 '"force": false}'
             )
         results = await self._control.operator().replay(ids, reason=reason, force=force)
+        if ids and all(r.get("why") == NO_SUCH_DEAD_LETTER for r in results):
+            answer = {"error": NO_SUCH_DEAD_LETTER, "replayed": results}
+            return web.json_response(answer, status=404)
         log.warning("dead letters replayed", extra={"results": results, "by": _requester(request)})
         return web.json_response({"replayed": results})
+
+    def _agency_filter(self, request: web.Request) -> str | None:
+        """The ``?agency=`` of a listing, which must be an agency of the routing file."""
+        agency = request.query.get("agency")
+        if agency is not None:
+            self._control.operator().check_target(agency)
+        return agency
+
+
+async def _no_route(request: web.Request) -> web.Response:
+    """404, or 405 with the methods a known path takes."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        headers = {"Allow": ", ".join(sorted(allowed))}
+        return web.json_response({"error": "method not allowed"}, status=405, headers=headers)
+    return web.json_response({"error": "no such endpoint"}, status=404)
+
+
+async def _expect(request: web.Request) -> None:
+    """``Expect: 100-continue`` answered as aiohttp does; any other expectation is a 417 that
+    does not repeat the header (aiohttp's own answer puts it in its text, and fails with a 500
+    on bytes that are not UTF-8)."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="only Expect: 100-continue is understood")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the body of the answer has not started yet
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -245,6 +289,26 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValueError("the body is not a JSON object")  # noqa: TRY004 - answered 400
     return body
+
+
+def _refused(error: ValueError | PartnerError) -> web.Response:
+    """The answer to a request the relay will not carry out."""
+    if isinstance(error, UnknownTargetError):
+        body = {"error": str(error), error.what: error.name, "closest": error.closest}
+        return web.json_response(body, status=404)
+    if isinstance(error, PlanChangedError):
+        return web.json_response({"error": str(error)}, status=409)
+    if isinstance(error, ValidationError):  # a command the model refuses: say which field
+        return web.json_response({"error": _first_problem(error)}, status=400)
+    if isinstance(error, PartnerError):  # an audit ChouetteCopro did not answer (redacted)
+        return web.json_response({"error": str(error)}, status=502)
+    return web.json_response({"error": str(error)}, status=400)
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "request"
+    return f"{where}: {first['msg']}"
 
 
 def _requester(request: web.Request) -> str:

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 import aiohttp
+from msgspec import UNSET
 from yarl import URL
 
 from consumer.core.events import Content
@@ -108,9 +109,9 @@ class ContentFetcher:
                 f"declared size {content.size_bytes} exceeds the limit of {self._max_bytes} bytes",
                 reason="too_large",
             )
-        if content.inline_base64 is not None:
+        if content.inline_base64 is not UNSET:
             data = self._decode_inline(content.inline_base64)
-        elif content.url is not None:
+        elif content.url is not UNSET:
             data = await self._download(_parse_url(content.url), content.size_bytes)
         else:  # the model guarantees one source; keep mypy and future models honest
             raise ContentError("content has neither url nor inline_base64", reason="not_found")

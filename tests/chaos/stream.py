@@ -20,6 +20,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from consumer.core.events import Document
 from consumer.core.routing import Action, RoutingTable
 from tests.chaos.lsc import MODULES, Lsc, Place, Publish, Serve, manifest_record
@@ -278,7 +280,7 @@ def _outcome(
     parked: dict[tuple[str, str, str], str] = {}
     for agency, building in places:
         for document_id, document in lsc.truth[(agency, building)].items():
-            verdict = routing.decide(agency, building, Document.model_validate(document))
+            verdict = routing.decide(agency, building, msgspec.convert(document, type=Document))
             if verdict.action is Action.FORWARD:
                 assert verdict.condominium_id is not None
                 expected[(verdict.condominium_id, document_id)] = document["content"]["sha256"]

@@ -12,7 +12,7 @@ import pytest
 
 from consumer.app.relay import Relay
 from tests.fixtures.relay import AgencySpec, Json, WorldFactory
-from tests.integration.operator_helpers import call, cli, token_http
+from tests.integration.operator_helpers import call, cli, cli_output, token_http
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,8 @@ async def test_parked_documents_are_listed_and_retried_per_building_then_per_age
     }
     assert all(p["reason"].startswith("partner_refused: ") for p in listed), listed
     assert all(p["title"].startswith("Document") for p in listed)
-    assert (await cli(world, "parked", "--agency", "agence-z")) == {"parked": []}
+    _, err = await cli_output(world, "parked", "--agency", "agence-z", expect=2)
+    assert "agency agence-z is not in the routing file; did you mean agence-a?" in err
     status, body = await call(relay, "GET", f"/admin/parked?agency={AGENCY}", token=True)
     assert (status, body) == (200, {"parked": listed})
 

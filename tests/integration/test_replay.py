@@ -115,10 +115,18 @@ async def test_replay_needs_a_selection_and_the_token(relay_world: WorldFactory)
     status, body = await call(
         relay, "POST", "/admin/dead-letters/replay", token=True, body={"ids": ["t/0/1"]}
     )
-    assert (status, body) == (
-        200,
-        {"replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}]},
+    assert (status, body) == (  # the only dead letter named is unknown: a 404
+        404,
+        {
+            "error": "no such dead letter",
+            "replayed": [{"id": "t/0/1", "outcome": "refused", "why": "no such dead letter"}],
+        },
     )
+    status, body = await call(
+        relay, "POST", "/admin/dead-letters/replay", token=True, body={"ids": ["../x"]}
+    )
+    assert status == 400
+    assert "is not a dead letter id" in body["error"]
 
 
 async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_letter(
@@ -135,8 +143,22 @@ async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_le
     [first] = (await cli(world, "dead-letters"))["dead_letters"]
     assert first["replay_of"] is None
 
-    await cli(world, "replay", first["id"])  # nothing was fixed: it fails the same way
+    # Not JSON: no fix of the relay makes the same bytes pass, so a replay needs --force.
+    refused = await cli(world, "replay", first["id"], expect=1)
+    assert refused["replayed"] == [
+        {
+            "id": first["id"],
+            "outcome": "refused",
+            "why": "not_json: the same bytes would be refused again; use --force",
+        }
+    ]
+    assert await dead_lettered(1)
+    await cli(world, "replay", first["id"], "--force")  # nothing was fixed: it fails the same way
 
     await world.wait_until(lambda: dead_lettered(2), what="the replayed copy dead-lettered")
     listed = (await cli(world, "dead-letters"))["dead_letters"]
     assert [d["replay_of"] for d in listed] == [None, first["id"]]
+    # A reason selects the original alone, never the dead letter of a replayed copy.
+    again = await cli(world, "replay", "--reason", "not_json", expect=1)
+    assert [r["id"] for r in again["replayed"]] == [first["id"]]
+    assert await dead_lettered(2)

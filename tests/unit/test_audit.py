@@ -6,9 +6,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 
+import msgspec
+
 from consumer.core.audit import Resend, compare, keep_newest, plan_repair, to_resend
 from consumer.core.commands import Finding, FindingKind
-from consumer.core.events import Document, DocumentCreated, ManifestSnapshot, Module
+from consumer.core.events import Document, DocumentCreated, ManifestSnapshot, Module, as_json
 from consumer.core.planning.plan import Delete, Lane, Upload
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, Tombstone
 from consumer.core.view import PublishedView
@@ -91,7 +93,7 @@ def test_a_repair_acts_only_on_findings_still_true_in_the_view() -> None:
 
 
 def lsc_document(document_id: str, version: str = "") -> Document:
-    return Document.model_validate(
+    return msgspec.convert(
         {
             "id": document_id,
             "module": "ag",
@@ -105,7 +107,8 @@ def lsc_document(document_id: str, version: str = "") -> Document:
                 "sha256": sha(document_id + version),
                 "url": f"https://documents.lsc.example/{document_id}.pdf",
             },
-        }
+        },
+        type=Document,
     )
 
 
@@ -114,7 +117,7 @@ def at(hour: int) -> dt.datetime:
 
 
 def created(document: Document, hour: int, building: str = BUILDING) -> DocumentCreated:
-    return DocumentCreated.model_validate(
+    return msgspec.convert(
         {
             "schema_version": 1,
             "event_type": "document-created",
@@ -122,13 +125,14 @@ def created(document: Document, hour: int, building: str = BUILDING) -> Document
             "occurred_at": at(hour).isoformat(),
             "agency_id": AGENCY,
             "building_id": building,
-            "document": document.model_dump(mode="json"),
-        }
+            "document": as_json(document),
+        },
+        type=DocumentCreated,
     )
 
 
 def manifest(documents: list[Document], hour: int) -> ManifestSnapshot:
-    return ManifestSnapshot.model_validate(
+    return msgspec.convert(
         {
             "schema_version": 1,
             "event_type": "manifest-snapshot",
@@ -140,8 +144,9 @@ def manifest(documents: list[Document], hour: int) -> ManifestSnapshot:
             "part": 1,
             "parts": 1,
             "item_count": len(documents),
-            "items": [d.model_dump(mode="json") for d in documents],
-        }
+            "items": [as_json(d) for d in documents],
+        },
+        type=ManifestSnapshot,
     )
 
 

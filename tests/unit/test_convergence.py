@@ -17,6 +17,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ def routing(first_publication: str) -> RoutingTable:
 def document(
     document_id: str, version: int, module: Module, audience: Audience, date: str
 ) -> Document:
-    return Document.model_validate(
+    return msgspec.convert(
         {
             "id": document_id,
             "module": str(module),
@@ -79,7 +80,8 @@ def document(
                 "sha256": hashlib.sha256(f"{document_id}/{version}".encode()).hexdigest(),
                 "url": f"https://documents.lsc.example/{document_id}/{version}.pdf",
             },
-        }
+        },
+        type=Document,
     )
 
 
@@ -104,7 +106,7 @@ class Lsc:
         self.truth[doc.id] = (building, doc)
         self.version_times.setdefault(doc.id, []).append(when)
         self.events.append(
-            DocumentCreated.model_validate(
+            msgspec.convert(
                 {
                     "schema_version": 1,
                     "event_type": "document-created",
@@ -113,7 +115,8 @@ class Lsc:
                     "agency_id": AGENCY,
                     "building_id": building,
                     "document": doc,
-                }
+                },
+                type=DocumentCreated,
             )
         )
 
@@ -134,8 +137,9 @@ class Lsc:
             "item_count": len(items),
         }
         return [
-            ManifestSnapshot.model_validate(
-                {**common, "part": n, "items": items[bounds[n - 1] : bounds[n]]}
+            msgspec.convert(
+                {**common, "part": n, "items": items[bounds[n - 1] : bounds[n]]},
+                type=ManifestSnapshot,
             )
             for n in range(1, len(bounds))
         ]

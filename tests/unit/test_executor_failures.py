@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import cast
 
+import msgspec
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
@@ -60,7 +61,7 @@ class Partner:
 
 
 def upload() -> Upload:
-    document = Document.model_validate(
+    document = msgspec.convert(
         {
             "id": KEY.document_id,
             "module": "ag",
@@ -74,7 +75,8 @@ def upload() -> Upload:
                 "sha256": "a" * 64,
                 "url": "https://lsc.example/d.pdf",
             },
-        }
+        },
+        type=Document,
     )
     return Upload(KEY, document, "c-1", Lane.LIVE, dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
 

@@ -7,6 +7,7 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,7 +47,7 @@ def part(
     modules: Sequence[str] = ("ag",),
     building: str = "bat-12",
 ) -> ManifestSnapshot:
-    return ManifestSnapshot.model_validate(
+    return msgspec.convert(
         {
             "schema_version": 1,
             "event_type": "manifest-snapshot",
@@ -59,7 +60,8 @@ def part(
             "parts": parts,
             "item_count": len(ids) if item_count is None else item_count,
             "items": [item(i, modules[0]) for i in ids],
-        }
+        },
+        type=ManifestSnapshot,
     )
 
 

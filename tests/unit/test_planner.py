@@ -9,9 +9,10 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 import pytest
 
-from consumer.core.events import Document, DocumentCreated, Module
+from consumer.core.events import Document, DocumentCreated, Module, as_json
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
@@ -75,7 +76,7 @@ def doc(
     audience: str = "building",
     date: str = "2024-05-01",
 ) -> Document:
-    return Document.model_validate(
+    return msgspec.convert(
         {
             "id": document_id,
             "module": module,
@@ -89,12 +90,13 @@ def doc(
                 "sha256": sha(f"{document_id}/{version}"),
                 "url": f"https://documents.lsc.example/{document_id}.pdf",
             },
-        }
+        },
+        type=Document,
     )
 
 
 def created(document: Document, when: dt.datetime, building: str = BUILDING) -> DocumentCreated:
-    return DocumentCreated.model_validate(
+    return msgspec.convert(
         {
             "schema_version": 1,
             "event_type": "document-created",
@@ -102,8 +104,9 @@ def created(document: Document, when: dt.datetime, building: str = BUILDING) -> 
             "occurred_at": when.isoformat(),
             "agency_id": AGENCY,
             "building_id": building,
-            "document": document.model_dump(mode="json"),
-        }
+            "document": as_json(document),
+        },
+        type=DocumentCreated,
     )
 
 

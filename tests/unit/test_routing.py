@@ -7,6 +7,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from consumer.core.events import Audience, Document, Module
@@ -42,7 +43,7 @@ first_publication = "fresh"
 
 
 def document(module: str = "ag", audience: str = "building") -> Document:
-    return Document.model_validate(
+    return msgspec.convert(
         {
             "id": "evt-1:att-1",
             "module": module,
@@ -56,7 +57,8 @@ def document(module: str = "ag", audience: str = "building") -> Document:
                 "sha256": hashlib.sha256(b"pdf").hexdigest(),
                 "url": "https://documents.lsc.example/1.pdf",
             },
-        }
+        },
+        type=Document,
     )
 
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -71,7 +72,7 @@ def published(**changes: Any) -> DocumentRecord:
 
 
 def a_document(data: dict[str, Any] | None = None) -> Document:
-    return Document.model_validate(
+    return msgspec.convert(
         data
         or {
             "id": KEY.document_id,
@@ -86,7 +87,8 @@ def a_document(data: dict[str, Any] | None = None) -> Document:
                 "sha256": hashlib.sha256(b"v1").hexdigest(),
                 "url": "https://documents.lsc.example/1.pdf",
             },
-        }
+        },
+        type=Document,
     )
 
 

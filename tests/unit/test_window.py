@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -105,7 +106,7 @@ def written(record: StateRecord) -> str:
 
 
 def upload(agency: str, number: int, *, lane: Lane = Lane.BACKFILL, body: str = "v1") -> Upload:
-    document = Document.model_validate(
+    document = msgspec.convert(
         {
             "id": f"doc-{number}",
             "module": "ag",
@@ -119,7 +120,8 @@ def upload(agency: str, number: int, *, lane: Lane = Lane.BACKFILL, body: str = 
                 "sha256": hashlib.sha256(body.encode()).hexdigest(),
                 "url": "https://lsc.example/d.pdf",
             },
-        }
+        },
+        type=Document,
     )
     key = DocKey(agency, "bat-1", document.id)
     return Upload(key, document, "c-1", lane, dt.datetime(2025, 1, 1, tzinfo=dt.UTC))

@@ -2,11 +2,17 @@
 
 A module of a building is in its first publication until a manifest covering it is applied; what
 the agency's mode sends of its history is the manifest planner's (baseline). Here: whether such a
-plan waits for an approval, and the counts, bytes and duration it would take, sending nothing.
+plan waits for an approval, the counts, bytes and duration it would take, sending nothing, and
+the plan's fingerprint. An agency's plan spans the input partitions, so its fingerprint is made
+of one share per partition (a digest of what the partition's waiting manifests would do): the
+dry run computes every share, and the replica owning a partition computes its own share again
+when the approval arrives and refuses it if it differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from consumer.core.events import Module
@@ -128,3 +134,51 @@ _DRY_RUN_FIELDS = {
     DocStatus.DELETE_HELD: "held",
     DocStatus.PARKED: "parked",
 }
+
+
+def awaiting_share(
+    view: PublishedView,
+    routing: RoutingTable,
+    manifests: Iterable[CompleteManifest],
+    guard: DeletionGuard,
+) -> str:
+    """One partition's share of an agency's plan: a digest of what each of ``manifests`` (the
+    newest complete one of each of the agency's buildings in the partition) would send,
+    withdraw or record, counting only those that wait for an approval."""
+    lines: list[str] = []
+    for manifest in manifests:
+        plan = plan_manifest(view, routing, manifest, guard)
+        if unapproved_modules(view, routing, manifest, plan):
+            lines += plan_lines(plan)
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def plan_fingerprint(routing: RoutingTable, agency_id: str, shares: Sequence[str]) -> str:
+    """The fingerprint an operator approves: the agency, its mode and modules, and the share of
+    every partition in partition order. It changes when anything the plan would do does."""
+    config = routing.agency(agency_id)
+    digest = hashlib.sha256(f"{agency_id}\n".encode())
+    if config is not None:
+        modules = " ".join(sorted(m.value for m in config.modules))
+        digest.update(f"{config.first_publication} {modules}\n".encode())
+    for share in shares:
+        digest.update(share.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """One line per document the plan sends, withdraws or records (baseline, held, parked)."""
+    lines = []
+    for operation in plan.operations:
+        key = operation.key.encode().decode()
+        if isinstance(operation, Upload):
+            lines.append(f"upload {key} {operation.document.content.sha256}")
+        else:
+            lines.append(f"delete {key}")
+    for record in plan.records:
+        if isinstance(record, DocumentRecord):
+            lines.append(f"{record.status} {record.key.encode().decode()} {record.sha256}")
+    return lines
