@@ -123,6 +123,13 @@ class PartnerSettings(_Group):
         default=None, description="Directory with one file per agency holding its API key."
     )
     timeout_s: float = Field(default=30.0, gt=0)
+    max_answer_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=65_536,
+        le=256 * 1024 * 1024,
+        description="Largest answer ChouetteCopro may give (JSON:API answers are kilobytes); a "
+        "larger one is left unread and its outcome unknown, as a malformed answer is.",
+    )
     in_doubt_settle_s: float = Field(
         default=30.0,
         ge=0,

@@ -120,6 +120,7 @@ class Relay(RelayControl, GroupMember):
                     base_url=s.partner.base_url,
                     api_keys=self.api_keys,
                     timeout_s=s.partner.timeout_s,
+                    max_answer_bytes=s.partner.max_answer_bytes,
                     user_agent=f"chouette-relay/{RELAY_VERSION}",
                     observe=observer.request,
                     ssl_context=self._partner_tls,
