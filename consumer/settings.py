@@ -177,6 +177,15 @@ class ContentSettings(_Group):
     )
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     fetch_timeout_s: float = Field(default=60.0, gt=0)
+    in_hand_per_agency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Documents of one agency whose bytes are held at once: downloading, or "
+        "downloaded and not yet through their partner request. Fetched before a partner slot is "
+        "taken, so a slow store holds back only its own agency; memory is at most this many "
+        "documents per agency sending.",
+    )
     unavailable_attempts: int = Field(
         default=8, ge=1, le=100, description="Fetches of unavailable content before parking."
     )

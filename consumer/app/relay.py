@@ -131,6 +131,7 @@ class Relay(RelayControl, GroupMember):
                     allowed_hosts=s.content.allowed_hosts,
                     max_bytes=s.content.max_bytes,
                     timeout_s=s.content.fetch_timeout_s,
+                    in_hand_per_agency=s.content.in_hand_per_agency,
                     ssl_context=self._content_tls,
                 )
             )
