@@ -210,15 +210,7 @@ class ChouetteCoproClient:
         try:
             async with session.request(method, url, headers=headers, data=data) as response:
                 raw = await self._read_answer(response)
-                if raw is None:
-                    outcome = "too_large"
-                    raise PartnerRetriableError(
-                        f"{operation}: ChouetteCopro answered {response.status} with more than "
-                        f"{self._max_answer_bytes} bytes, left unread (outcome unknown)",
-                        status=response.status,
-                        in_doubt=writes and response.status in (502, 504),
-                    )
-                outcome = str(response.status)
+                outcome = str(response.status) if raw is not None else "too_large"
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except aiohttp.ConnectionTimeoutError:
             outcome = "timeout"  # no connection in time: the request never left
@@ -242,7 +234,7 @@ class ChouetteCoproClient:
         finally:
             if self._observe is not None:
                 self._observe(operation, outcome, time.monotonic() - started)
-        body = parse_json(raw)
+        body = parse_json(raw or b"")
         if response.status == 429 or response.status >= 500 or response.status == 408:
             if retry_after is not None:
                 until = time.monotonic() + retry_after
@@ -254,16 +246,22 @@ class ChouetteCoproClient:
                 # A gateway that gave up on the backend (502, 504) says nothing of the request.
                 in_doubt=writes and response.status in (502, 504),
             )
+        if raw is None:
+            # Whatever its status says, an answer this large is outside the contract: the
+            # partner answered, so the outcome is unknown but not in doubt, and a create's next
+            # attempt looks the document up by reference before sending it again.
+            raise PartnerRetriableError(
+                f"{operation}: ChouetteCopro answered {response.status} with more than "
+                f"{self._max_answer_bytes} bytes, left unread (outcome unknown)",
+                status=response.status,
+            )
         return response.status, body
 
     async def _read_answer(self, response: aiohttp.ClientResponse) -> bytes | None:
         """The answer's body, or None when it is larger than ``max_answer_bytes``.
 
-        A larger answer is outside the contract whatever its status says; it is refused by its
-        Content-Length or, without one, once the limit is passed while streaming, and its
-        connection is closed rather than read to the end. The error it becomes is retriable
-        and not in doubt: the partner answered, and the next attempt of a create looks the
-        document up by reference before sending anything again.
+        A larger answer is refused by its Content-Length or, without one, once the limit is
+        passed while streaming, and its connection is closed rather than read to the end.
         """
         limit = self._max_answer_bytes
         declared = response.content_length

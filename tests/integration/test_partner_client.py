@@ -653,6 +653,21 @@ async def test_a_lookup_answered_beyond_the_limit_finds_nothing_and_is_retried(
     assert raised.value.status == 200
 
 
+async def test_a_refusal_beyond_the_limit_still_says_when_to_come_back(
+    scripted: ScriptedPartner, observations: Observations
+) -> None:
+    scripted.status = 429
+    scripted.headers = {"Retry-After": "7"}
+    scripted.body = b" " * (5 * MIB)
+
+    async with make_client(scripted.base_url, observe=observations) as client:
+        with pytest.raises(PartnerRetriableError) as raised:
+            await upload(client)
+
+    assert (raised.value.status, raised.value.retry_after) == (429, 7.0)
+    assert observations.calls == [("upload", "too_large")]
+
+
 # -- ids in URLs ---------------------------------------------------------------------------
 
 HOSTILE_IDS = [
