@@ -183,8 +183,8 @@ class ContentSettings(_Group):
         le=256,
         description="Documents of one agency whose bytes are held at once: downloading, or "
         "downloaded and not yet through their partner request. Fetched before a partner slot is "
-        "taken, so a slow store holds back only its own agency; memory is at most this many "
-        "documents per agency sending.",
+        "taken, so a slow store holds back only its own agency; backfill holds all but a quarter "
+        "of them; memory is at most this many documents per agency sending.",
     )
     unavailable_attempts: int = Field(
         default=8, ge=1, le=100, description="Fetches of unavailable content before parking."

@@ -28,6 +28,7 @@ import aiohttp
 from yarl import URL
 
 from consumer.core.events import Content
+from consumer.core.planning.plan import Lane
 from consumer.errors import ContentError, ContentUnavailableError
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -62,12 +63,14 @@ class HostAllowlist:
 class ContentStage:
     """The documents whose bytes are in hand, per agency: fetched before a partner slot is taken.
 
-    ``async with stage.hold(agency_id, content) as data`` fetches the document and holds its
-    bytes for the block, which is the partner job that sends them. At most ``per_agency``
-    documents of one agency are held at once, whether downloading, waiting for a partner slot or
-    being sent: the bytes in memory are at most that many documents per agency sending, and a
-    slow store fills only its own agency's slots while no partner slot waits for a download. A
-    fetch that fails leaves its slot at once (the document waits for its retry without one).
+    ``async with stage.hold(agency_id, content, lane=...) as data`` fetches the document and
+    holds its bytes for the block, which is the partner job that sends them. At most
+    ``per_agency`` documents of one agency are held at once, whether downloading, waiting for a
+    partner slot or being sent: the bytes in memory are at most that many documents per agency
+    sending, and a slow store fills only its own agency's slots while no partner slot waits for a
+    download. Backfill holds all but a quarter of them (as in the executor's window), so a live
+    document never queues for its content behind its agency's first publication. A fetch that
+    fails leaves its slot at once (the document waits for its retry without one).
     """
 
     def __init__(self, *, fetch: Callable[[Content], Awaitable[bytes]], per_agency: int) -> None:
@@ -75,14 +78,23 @@ class ContentStage:
             raise ValueError(f"per_agency must be >= 1, got {per_agency}")
         self._fetch = fetch
         self._per_agency = per_agency
-        self._slots: dict[str, asyncio.Semaphore] = {}  # one per agency of the routing file
+        self._backfill = max(1, per_agency - per_agency // 4)
+        # Per agency of the routing file: every slot, and those backfill may take.
+        self._slots: dict[str, tuple[asyncio.Semaphore, asyncio.Semaphore]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, agency_id: str, content: Content) -> AsyncIterator[bytes]:
+    async def hold(self, agency_id: str, content: Content, *, lane: Lane) -> AsyncIterator[bytes]:
         slots = self._slots.get(agency_id)
         if slots is None:
-            slots = self._slots[agency_id] = asyncio.Semaphore(self._per_agency)
-        async with slots:
+            slots = self._slots[agency_id] = (
+                asyncio.Semaphore(self._per_agency),
+                asyncio.Semaphore(self._backfill),
+            )
+        every, backfill = slots
+        async with contextlib.AsyncExitStack() as held:
+            if lane is Lane.BACKFILL:
+                await held.enter_async_context(backfill)
+            await held.enter_async_context(every)
             yield await self._fetch(content)
 
 
@@ -138,10 +150,10 @@ class ContentFetcher:
             await session.close()
 
     def hold(
-        self, agency_id: str, content: Content
+        self, agency_id: str, content: Content, *, lane: Lane
     ) -> contextlib.AbstractAsyncContextManager[bytes]:
         """The document's bytes, held in one of its agency's slots for the block."""
-        return self._stage.hold(agency_id, content)
+        return self._stage.hold(agency_id, content, lane=lane)
 
     async def fetch(self, content: Content) -> bytes:
         """The document's bytes, checked against ``content.sha256`` and ``content.size_bytes``."""

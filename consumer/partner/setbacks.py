@@ -41,7 +41,7 @@ class ContentSource(Protocol):
     """The content stage: a document's bytes, held in a slot of its agency for the block."""
 
     def hold(
-        self, agency_id: str, content: Content
+        self, agency_id: str, content: Content, *, lane: Lane
     ) -> contextlib.AbstractAsyncContextManager[bytes]: ...
 
 
@@ -152,7 +152,8 @@ class DocumentSetbacks:
         attempt = 0
         while True:
             try:
-                return await hand.enter_async_context(self._content.hold(agency, content))
+                held = self._content.hold(agency, content, lane=upload.lane)
+                return await hand.enter_async_context(held)
             except Exception as error:  # classify() decides; this only routes
                 verdict = classify(error, scope)
                 if verdict.disposition is Disposition.FATAL:

@@ -1,7 +1,8 @@
 """Content is a stage of its own: fetched per agency before a partner slot is taken.
 
-An agency whose store is slow holds back only its own documents, and the bytes held at once are
-bounded per agency, a document waiting for a partner slot included. A real scheduler and
+An agency whose store is slow holds back only its own documents, the bytes held at once are
+bounded per agency, a document waiting for a partner slot included, and a live document does not
+queue for its content behind its agency's first publication. A real scheduler and
 executor; document store and partner stand-ins whose answers the test releases.
 """
 
@@ -83,7 +84,9 @@ class Partner:
         return RemoteDocument(f"r-{document.id}", document.id, document.content.sha256)
 
 
-def upload(agency: str, number: int, *, host: str = "lsc.example") -> Upload:
+def upload(
+    agency: str, number: int, *, host: str = "lsc.example", lane: Lane = Lane.LIVE
+) -> Upload:
     document = Document.model_validate(
         {
             "id": f"{agency}-doc-{number}",
@@ -101,7 +104,7 @@ def upload(agency: str, number: int, *, host: str = "lsc.example") -> Upload:
         }
     )
     key = DocKey(agency, "bat-1", document.id)
-    return Upload(key, document, "c-1", Lane.LIVE, dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
+    return Upload(key, document, "c-1", lane, dt.datetime(2025, 1, 1, tzinfo=dt.UTC))
 
 
 def executor_with(
@@ -162,3 +165,22 @@ async def test_an_agency_holds_at_most_its_slots_of_content_waiting_for_the_part
 
     assert len(partner.calls) == 8
     assert store.most_in_hand == {"agence-a": 2, "agence-b": 2}
+
+
+async def test_a_live_document_is_fetched_beside_its_agencys_first_publication() -> None:
+    partner = Partner()
+    partner.gate.clear()
+    store = Store(partner)
+    async with Scheduler(concurrency=1, default_rate_limit=UNLIMITED) as scheduler:
+        executor = executor_with(scheduler, partner, store, per_agency=4)
+        history = [upload("agence-a", n, lane=Lane.BACKFILL) for n in range(10)]
+        backfill = executor.submit(history, source=SOURCE)
+        await eventually(lambda: len(store.fetched) == 3)  # all but a quarter of the slots
+
+        live = executor.submit([upload("agence-a", 99)], source=SOURCE)
+        await eventually(lambda: len(store.fetched) == 4)
+        partner.gate.set()
+        await asyncio.wait_for(asyncio.gather(backfill.future, live.future), timeout=10)
+
+    # Sent right after the backfill document already with the partner, ahead of the others.
+    assert partner.calls.index("agence-a-doc-99") == 1
