@@ -67,6 +67,15 @@ class PartnerRejectedError(PartnerError):
     """The partner refused this document for good (422): dead-letter it."""
 
 
+class RemoteIdError(RelayError):
+    """An id the relay was given for a ChouetteCopro resource (from its view, a command, the
+    routing file) that is not of the contract's form: a path, a query, a dot segment. Refused
+    before any request is made with it; the document it belongs to is parked for an operator.
+    Not the partner's failure: it tells an agency's circuit breaker nothing."""
+
+    needs_operator = True
+
+
 class ContentError(RelayError):
     """The document content cannot be used: wrong sha256 or size, host not allowed, too large,
     a URL the HTTP stack cannot parse (``reason="bad_url"``), an encoding not asked for."""

@@ -28,6 +28,7 @@ from consumer.errors import (
     PartnerRejectedError,
     PartnerRetriableError,
     RelayError,
+    RemoteIdError,
 )
 
 
@@ -106,6 +107,7 @@ _RELAY_ERRORS: tuple[tuple[type[RelayError], Verdict], ...] = (
     (PartnerParkedError, Verdict(Disposition.PARK, "partner_refused", from_partner=True)),
     (PartnerRejectedError, Verdict(Disposition.DEAD_LETTER, "partner_rejected", from_partner=True)),
     (PartnerError, Verdict(Disposition.PARK, "partner_refused", from_partner=True)),
+    (RemoteIdError, Verdict(Disposition.PARK, "bad_remote_id")),
     (ContentUnavailableError, Verdict(Disposition.RETRY, "content_unavailable")),
 )
 

@@ -157,6 +157,13 @@ class PartnerSettings(_Group):
         default=None, description="Directory with one file per agency holding its API key."
     )
     timeout_s: float = Field(default=30.0, gt=0)
+    max_answer_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=65_536,
+        le=256 * 1024 * 1024,
+        description="Largest answer ChouetteCopro may give (JSON:API answers are kilobytes); a "
+        "larger one is left unread and its outcome unknown, as a malformed answer is.",
+    )
     in_doubt_settle_s: float = Field(
         default=30.0,
         ge=0,
@@ -204,6 +211,15 @@ class ContentSettings(_Group):
     )
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     fetch_timeout_s: float = Field(default=60.0, gt=0)
+    in_hand_per_agency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Documents of one agency whose bytes are held at once: downloading, or "
+        "downloaded and not yet through their partner request. Fetched before a partner slot is "
+        "taken, so a slow store holds back only its own agency; backfill holds all but a quarter "
+        "of them; memory is at most this many documents per agency sending.",
+    )
     unavailable_attempts: int = Field(
         default=8, ge=1, le=100, description="Fetches of unavailable content before parking."
     )

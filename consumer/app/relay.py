@@ -129,6 +129,7 @@ class Relay(RelayControl, GroupMember):
                     base_url=s.partner.base_url,
                     api_keys=self.api_keys,
                     timeout_s=s.partner.timeout_s,
+                    max_answer_bytes=s.partner.max_answer_bytes,
                     user_agent=f"chouette-relay/{RELAY_VERSION}",
                     observe=observer.request,
                     ssl_context=self._partner_tls,
@@ -139,6 +140,7 @@ class Relay(RelayControl, GroupMember):
                     allowed_hosts=s.content.allowed_hosts,
                     max_bytes=s.content.max_bytes,
                     timeout_s=s.content.fetch_timeout_s,
+                    in_hand_per_agency=s.content.in_hand_per_agency,
                     ssl_context=self._content_tls,
                 )
             )

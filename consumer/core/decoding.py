@@ -125,6 +125,12 @@ def _refused(
     try:
         envelope = _ENVELOPE.decode(value)
     except msgspec.ValidationError:  # before its base class DecodeError
+        try:
+            # Not an object at its first character: it may not be JSON at all further on.
+            # Decoded as Raw, the value is only scanned, nothing is built.
+            msgspec.json.decode(value, type=msgspec.Raw)
+        except (msgspec.DecodeError, RecursionError) as error:
+            return _not_json(error)
         first = _FIRST_CHARACTER.match(value)
         shown = _JSON_TYPES.get(first[1] if first else b"", "number")
         return Poison(PoisonReason.NOT_AN_OBJECT, f"the value is a JSON {shown}")

@@ -74,7 +74,10 @@ async def run_audit(
     to_repair: dict[str, list[Finding]] = {}
     keys = ApiKeyStore(settings.partner.api_keys_dir)
     async with ChouetteCoproClient(
-        base_url=settings.partner.base_url, api_keys=keys, timeout_s=settings.partner.timeout_s
+        base_url=settings.partner.base_url,
+        api_keys=keys,
+        timeout_s=settings.partner.timeout_s,
+        max_answer_bytes=settings.partner.max_answer_bytes,
     ) as partner:
         for condominium, buildings in sorted(buildings_of.items()):
             remote = await _list_documents(

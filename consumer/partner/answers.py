@@ -4,12 +4,15 @@ A resource object becomes a ``RemoteDocument``; an answer outside the contract's
 becomes the error that says what the relay does next: retried (an unknown outcome), parked
 (401, 403, anything the contract does not name) or rejected (400, 409, 413, 422). The partner's
 own words are kept, cut and not yet redacted (the client redacts them), for the error message.
+Resource ids are those of the contract's form only (``REMOTE_ID_PATTERN``), the one form the
+client puts into a URL.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,17 @@ from consumer.errors import (
 )
 
 MAX_DETAIL = 500
+
+REMOTE_ID_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""The contract's ``Id`` (``schemas/chouettecopro.openapi.yaml``): one URL path segment that is
+never a dot segment and holds no ``/``, no query, no fragment and no escape."""
+
+_REMOTE_ID = re.compile(REMOTE_ID_PATTERN)
+
+
+def is_remote_id(value: object) -> bool:
+    """Whether ``value`` is a ChouetteCopro id of the contract's form (no trailing newline)."""
+    return isinstance(value, str) and _REMOTE_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +78,13 @@ def read_resource(data: Mapping[str, Any], *, operation: str) -> RemoteDocument:
     remote_id = data.get("id")
     if not isinstance(remote_id, str) or not remote_id:
         raise PartnerRetriableError(f"{operation}: the resource object has no id")
+    if not is_remote_id(remote_id):
+        # The partner assigns ids, and the relay would later put this one into a URL: an id
+        # that could leave the documents' paths is never recorded, and an operator must look.
+        raise PartnerParkedError(
+            f"{operation}: the resource id {remote_id[:80]!a} is not of the contract's form "
+            "(not in the contract)"
+        )
     attributes = data.get("attributes")
     sha256 = attributes.get("sha256") if isinstance(attributes, dict) else None
     return RemoteDocument(

@@ -4,6 +4,10 @@ It speaks the contract written down in ``schemas/chouettecopro.openapi.yaml`` (J
 auth with the agency's API key as user name, multipart document upload); every answer becomes a
 result or an error of the relay's tree (``answers``): retriable (429, 5xx, network), parked
 (401, 403, missing key) or rejected (400, 409, 422). It never retries: the scheduler does.
+
+What crosses to the partner is checked here, for every call: an id put into a URL must be of the
+contract's form and goes in as one encoded path segment (``RemoteIdError`` otherwise, before any
+request), and an answer is read no further than ``max_answer_bytes``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -26,11 +31,14 @@ from consumer.errors import (
     PartnerParkedError,
     PartnerRejectedError,
     PartnerRetriableError,
+    RemoteIdError,
 )
 from consumer.partner.answers import (
     MAX_DETAIL,
+    REMOTE_ID_PATTERN,
     RemoteDocument,
     answer_message,
+    is_remote_id,
     parse_json,
     read_resource,
     reference_of,
@@ -44,8 +52,12 @@ logger = logging.getLogger(__name__)
 
 JSON_API = "application/vnd.api+json"
 
+DEFAULT_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+"""JSON:API answers are a resource, a page of them or a few error objects: kilobytes."""
+
 Observe = Callable[[str, str, float], None]
-"""``observe(operation, status, seconds)``; status is the HTTP code, ``timeout`` or ``network``."""
+"""``observe(operation, status, seconds)``; status is the HTTP code, ``timeout``, ``network``, or
+``too_large`` (an answer beyond ``max_answer_bytes``)."""
 
 
 class ChouetteCoproClient:
@@ -60,8 +72,10 @@ class ChouetteCoproClient:
         user_agent: str = "chouette-relay",
         observe: Observe | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         self._base = URL(base_url.rstrip("/"))
+        self._max_answer_bytes = max_answer_bytes
         # None keeps aiohttp's default: certificates verified against the system CAs.
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._keys = api_keys
@@ -105,7 +119,9 @@ class ChouetteCoproClient:
         self, *, agency_id: str, condominium_id: str, document: Document, content: bytes
     ) -> RemoteDocument:
         """Create the document in the condominium (201)."""
-        url = self._base / "condominia" / condominium_id / "documents"
+        url = self._url(
+            "condominia", _segment("upload", "condominium", condominium_id), "documents"
+        )
         form = _document_form({"type": "documents", "attributes": _attributes(document)}, content)
         status, body = await self._call("upload", "POST", url, agency_id, data=form)
         self._expect(status, body, ok=(201,), operation="upload", not_found=PartnerParkedError)
@@ -118,7 +134,7 @@ class ChouetteCoproClient:
 
         A document deleted by hand meanwhile gives ``PartnerRejectedError`` with ``status`` 404.
         """
-        url = self._base / "documents" / remote_id
+        url = self._url("documents", _segment("update", "document", remote_id))
         resource = {"type": "documents", "id": remote_id, "attributes": _attributes(document)}
         status, body = await self._call(
             "update", "PATCH", url, agency_id, data=_document_form(resource, content)
@@ -128,7 +144,7 @@ class ChouetteCoproClient:
 
     async def delete(self, *, agency_id: str, remote_id: str) -> None:
         """Withdraw a document; one that is already gone (404) counts as withdrawn."""
-        url = self._base / "documents" / remote_id
+        url = self._url("documents", _segment("delete", "document", remote_id))
         status, body = await self._call("delete", "DELETE", url, agency_id)
         self._expect(
             status, body, ok=(204, 404), operation="delete", not_found=PartnerRejectedError
@@ -148,8 +164,9 @@ class ChouetteCoproClient:
     ) -> list[RemoteDocument]:
         """Every document of the condominium with this reference: one, or none, or copies
         that a request thought lost left behind."""
-        url = (self._base / "documents").with_query(
-            {"filter[condominium]": condominium_id, "filter[reference]": reference}
+        condominium = _checked_id("find_by_reference", "condominium", condominium_id)
+        url = self._url("documents").with_query(
+            {"filter[condominium]": condominium, "filter[reference]": reference}
         )
         status, body = await self._call("find_by_reference", "GET", url, agency_id)
         self._expect(
@@ -165,6 +182,10 @@ class ChouetteCoproClient:
             for item in data
             if isinstance(item, dict) and reference_of(item) == reference
         ]
+
+    def _url(self, *segments: str) -> URL:
+        """The API URL of ``segments``, each already one encoded path segment (``_segment``)."""
+        return self._base.joinpath(*segments, encoded=True)
 
     async def _call(
         self, operation: str, method: str, url: URL, agency_id: str, *, data: Any = None
@@ -188,8 +209,8 @@ class ChouetteCoproClient:
         writes = method in ("POST", "PATCH")
         try:
             async with session.request(method, url, headers=headers, data=data) as response:
-                raw = await response.read()
-                outcome = str(response.status)
+                raw = await self._read_answer(response)
+                outcome = str(response.status) if raw is not None else "too_large"
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except aiohttp.ConnectionTimeoutError:
             outcome = "timeout"  # no connection in time: the request never left
@@ -213,7 +234,7 @@ class ChouetteCoproClient:
         finally:
             if self._observe is not None:
                 self._observe(operation, outcome, time.monotonic() - started)
-        body = parse_json(raw)
+        body = parse_json(raw or b"")
         if response.status == 429 or response.status >= 500 or response.status == 408:
             if retry_after is not None:
                 until = time.monotonic() + retry_after
@@ -225,7 +246,35 @@ class ChouetteCoproClient:
                 # A gateway that gave up on the backend (502, 504) says nothing of the request.
                 in_doubt=writes and response.status in (502, 504),
             )
+        if raw is None:
+            # Whatever its status says, an answer this large is outside the contract: the
+            # partner answered, so the outcome is unknown but not in doubt, and a create's next
+            # attempt looks the document up by reference before sending it again.
+            raise PartnerRetriableError(
+                f"{operation}: ChouetteCopro answered {response.status} with more than "
+                f"{self._max_answer_bytes} bytes, left unread (outcome unknown)",
+                status=response.status,
+            )
         return response.status, body
+
+    async def _read_answer(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The answer's body, or None when it is larger than ``max_answer_bytes``.
+
+        A larger answer is refused by its Content-Length or, without one, once the limit is
+        passed while streaming, and its connection is closed rather than read to the end.
+        """
+        limit = self._max_answer_bytes
+        declared = response.content_length
+        if declared is None or declared <= limit:
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    break
+            else:
+                return bytes(body)
+        response.close()
+        return None
 
     def _message(self, operation: str, status: int, body: Any) -> str:
         # A partner may echo the credentials in an error (raw, Basic, JSON- or URL-encoded):
@@ -244,6 +293,27 @@ class ChouetteCoproClient:
         if status in ok:
             return
         refuse(self._message(operation, status, body), status, operation, not_found)
+
+
+def _checked_id(operation: str, kind: str, value: str) -> str:
+    """``value``, once it is a ChouetteCopro id of the contract's form.
+
+    The id may come from an answer, the view, a command or the routing file: whichever it is,
+    one that could leave the API's paths (a ``/``, a dot segment, a query or fragment, an
+    escape) is refused before any request is made with it.
+    """
+    if not is_remote_id(value):
+        raise RemoteIdError(
+            f"{operation}: the {kind} id {str(value)[:80]!a} is not a ChouetteCopro id of the "
+            f"contract's form {REMOTE_ID_PATTERN}; no request was made with it"
+        )
+    return value
+
+
+def _segment(operation: str, kind: str, value: str) -> str:
+    """A checked id as one encoded URL path segment; the encoding is a second guard, as the
+    pattern allows none of the characters it would escape."""
+    return quote(_checked_id(operation, kind, value), safe="")
 
 
 def _basic_authorization(key: str, agency_id: str) -> str:
@@ -288,9 +358,9 @@ async def list_page(
     addition to this module; it speaks the same ``listDocuments`` operation as
     ``find_by_reference``.
     """
-    url = (client._base / "documents").with_query(
+    url = client._url("documents").with_query(
         {
-            "filter[condominium]": condominium_id,
+            "filter[condominium]": _checked_id("list", "condominium", condominium_id),
             "page[number]": str(number),
             "page[size]": str(page_size),
         }

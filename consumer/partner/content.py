@@ -6,15 +6,21 @@ further than the declared size, within the fetch timeout, and never followed off
 a redirect. The sha256 and size must match the event. A wrong document or a URL the HTTP stack
 cannot parse is a ``ContentError`` (dead-letter), an unreachable store a
 ``ContentUnavailableError`` (the document retries on its own, then is parked).
+
+Content is a stage of its own, before any partner slot (``ContentStage``): the bytes are fetched
+and held per agency, at most so many documents at once, so that one agency's slow or trickling
+store holds back only that agency's documents.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self
 
@@ -23,6 +29,7 @@ from msgspec import UNSET
 from yarl import URL
 
 from consumer.core.events import Content
+from consumer.core.planning.plan import Lane
 from consumer.errors import ContentError, ContentUnavailableError
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -54,11 +61,50 @@ class HostAllowlist:
         return host in self._any_port or (host, port) in self._with_port
 
 
+class ContentStage:
+    """The documents whose bytes are in hand, per agency: fetched before a partner slot is taken.
+
+    ``async with stage.hold(agency_id, content, lane=...) as data`` fetches the document and
+    holds its bytes for the block, which is the partner job that sends them. At most
+    ``per_agency`` documents of one agency are held at once, whether downloading, waiting for a
+    partner slot or being sent: the bytes in memory are at most that many documents per agency
+    sending, and a slow store fills only its own agency's slots while no partner slot waits for a
+    download. Backfill holds all but a quarter of them (as in the executor's window), so a live
+    document never queues for its content behind its agency's first publication. A fetch that
+    fails leaves its slot at once (the document waits for its retry without one).
+    """
+
+    def __init__(self, *, fetch: Callable[[Content], Awaitable[bytes]], per_agency: int) -> None:
+        if per_agency < 1:
+            raise ValueError(f"per_agency must be >= 1, got {per_agency}")
+        self._fetch = fetch
+        self._per_agency = per_agency
+        self._backfill = max(1, per_agency - per_agency // 4)
+        # Per agency of the routing file: every slot, and those backfill may take.
+        self._slots: dict[str, tuple[asyncio.Semaphore, asyncio.Semaphore]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, agency_id: str, content: Content, *, lane: Lane) -> AsyncIterator[bytes]:
+        slots = self._slots.get(agency_id)
+        if slots is None:
+            slots = self._slots[agency_id] = (
+                asyncio.Semaphore(self._per_agency),
+                asyncio.Semaphore(self._backfill),
+            )
+        every, backfill = slots
+        async with contextlib.AsyncExitStack() as held:
+            if lane is Lane.BACKFILL:
+                await held.enter_async_context(backfill)
+            await held.enter_async_context(every)
+            yield await self._fetch(content)
+
+
 class ContentFetcher:
     """``async with ContentFetcher(allowed_hosts=[...], max_bytes=...) as fetcher``.
 
     Pass ``session`` to share an ``aiohttp.ClientSession`` (then closing it is the caller's job,
     and its connector decides TLS); ``ssl_context`` (a CA bundle) applies to the session made here.
+    ``hold`` is ``fetch`` through the fetcher's ``ContentStage`` (``in_hand_per_agency``).
     """
 
     def __init__(
@@ -71,7 +117,9 @@ class ContentFetcher:
         user_agent: str = "chouette-relay",
         session: aiohttp.ClientSession | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        in_hand_per_agency: int = 8,
     ) -> None:
+        self._stage = ContentStage(fetch=self.fetch, per_agency=in_hand_per_agency)
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._allowlist = HostAllowlist(allowed_hosts)
         self._max_bytes = max_bytes
@@ -101,6 +149,12 @@ class ContentFetcher:
         session, self._session = self._session, None
         if session is not None and self._owns_session:
             await session.close()
+
+    def hold(
+        self, agency_id: str, content: Content, *, lane: Lane
+    ) -> contextlib.AbstractAsyncContextManager[bytes]:
+        """The document's bytes, held in one of its agency's slots for the block."""
+        return self._stage.hold(agency_id, content, lane=lane)
 
     async def fetch(self, content: Content) -> bytes:
         """The document's bytes, checked against ``content.sha256`` and ``content.size_bytes``."""

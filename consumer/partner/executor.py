@@ -2,15 +2,18 @@
 
 Operations on the same document run in the order they were planned (a chain per document key);
 operations on different documents run concurrently under the scheduler, at most a window of
-chains per partition (``window.py``), the rest waiting as the plan's items. An upload writes its
-intent to the changelog before calling the partner, and when a call's outcome is unknown (a retry
-after a timeout, or an intent found after a restart) the document is looked up by its reference
-before anything is uploaded again. Failure paths are in ``setbacks.py``.
+chains per partition (``window.py``), the rest waiting as the plan's items. An upload's content
+is fetched and held (``ContentStage``) before its job takes a partner slot, so a slow store delays
+only its own agency's documents. An upload writes its intent to the changelog before calling the
+partner, and when a call's outcome is unknown (a retry after a timeout, or an intent found after
+a restart) the document is looked up by its reference before anything is uploaded again. Failure
+paths are in ``setbacks.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -195,16 +198,16 @@ class OperationExecutor(DocumentSetbacks):
         if base is not None and base.sha256 == sha:
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
-        tried = _Tried(reached_partner=upload.key in self._look_first)
-        self._look_first.discard(upload.key)
-
-        async def call() -> RemoteState:
-            return await self._attempt_upload(upload, base, tried)
-
         scope = Scope.DOCUMENT if source.offset >= 0 else Scope.RELAY
-        result = await self._submit(
-            call, agency_id=upload.key.agency_id, lane=upload.lane, scope=scope, key=upload.key
-        )
+        async with contextlib.AsyncExitStack() as hand:
+            # The bytes first, in a slot of the agency's content stage held until the partner
+            # job ends: no partner slot ever waits for a download.
+            body = await self._held_content(upload, hand, scope=scope)
+            result = (
+                body
+                if isinstance(body, _Failed)
+                else await self._send_held(upload, base, body, scope)
+            )
         if isinstance(result, _Failed):
             return await self._upload_failed(upload, base, source, result)
         self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
@@ -213,8 +216,23 @@ class OperationExecutor(DocumentSetbacks):
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
 
+    async def _send_held(
+        self, upload: Upload, base: RemoteState | None, body: bytes, scope: Scope
+    ) -> RemoteState | _Failed:
+        """The upload's partner job, with its bytes in hand, through the scheduler."""
+        # A document whose state record was unreadable may be on the partner already: look first.
+        tried = _Tried(reached_partner=upload.key in self._look_first)
+        self._look_first.discard(upload.key)
+
+        async def call() -> RemoteState:
+            return await self._attempt_upload(upload, base, tried, body)
+
+        return await self._submit(
+            call, agency_id=upload.key.agency_id, lane=upload.lane, scope=scope, key=upload.key
+        )
+
     async def _attempt_upload(
-        self, upload: Upload, base: RemoteState | None, tried: _Tried
+        self, upload: Upload, base: RemoteState | None, tried: _Tried, body: bytes
     ) -> RemoteState:
         """One attempt; the scheduler calls it again after a retriable failure."""
         sha = upload.document.content.sha256
@@ -231,7 +249,6 @@ class OperationExecutor(DocumentSetbacks):
                 if found.sha256 == sha:
                     await self._writer.write(published_record(upload, found.remote_id, sha))
                     return current
-        body = await self._content.fetch(upload.document.content)
         intent = intent_record(upload)
         if current is not None:
             intent = dataclasses.replace(intent, remote_id=current.remote_id)

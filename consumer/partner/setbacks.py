@@ -9,6 +9,7 @@ it); the collaborators' protocols and ``RemoteState`` live here so both halves s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -45,7 +46,11 @@ class RecordWriter(Protocol):
 
 
 class ContentSource(Protocol):
-    async def fetch(self, content: Content) -> bytes: ...
+    """The content stage: a document's bytes, held in a slot of its agency for the block."""
+
+    def hold(
+        self, agency_id: str, content: Content, *, lane: Lane
+    ) -> contextlib.AbstractAsyncContextManager[bytes]: ...
 
 
 class DeadLetters(Protocol):
@@ -77,6 +82,7 @@ class DocumentSetbacks:
     _writer: RecordWriter
     _scheduler: Scheduler
     _partner: ChouetteCoproClient
+    _content: ContentSource
     _dead_letters: DeadLetters
     _metrics: RelayMetrics
     _retry: RetryPolicy
@@ -126,10 +132,8 @@ class DocumentSetbacks:
         """Run ``call`` through the scheduler; a failure comes back with its verdict.
 
         The scheduler retries what the partner may answer better later. A failure that is not
-        the partner's (the document store unavailable) comes back at once and this document
-        waits on its own, bounded, jittered and counted, outside the scheduler's workers, so the
-        agency's other documents flow meanwhile. Infrastructure failures are raised: they stop
-        the relay.
+        the partner's comes back at once and this document waits on its own (``_waited``).
+        Infrastructure failures are raised: they stop the relay.
         """
         attempt = 0
         while True:
@@ -140,24 +144,58 @@ class DocumentSetbacks:
                 if verdict.disposition is Disposition.FATAL:
                     raise
                 attempt += 1
-                if (
-                    verdict.disposition is not Disposition.RETRY
-                    or attempt >= self._retry.max_attempts
-                ):
+                if not await self._waited(verdict, error, key=key, attempt=attempt):
                     return _Failed(verdict, error)
-                delay = self._retry.delay(attempt, self._rng)
-                self._metrics.document_retries.labels(verdict.reason).inc()
-                log.warning(
-                    "document waits before trying again",
-                    extra={
-                        "key": key.encode().decode(),
-                        "reason": verdict.reason,
-                        "attempt": attempt,
-                        "delay_s": round(delay, 3),
-                        "error": self._partner.redact(_describe(error)),
-                    },
-                )
-                await asyncio.sleep(delay)
+
+    async def _held_content(
+        self, upload: Upload, hand: contextlib.AsyncExitStack, *, scope: Scope
+    ) -> bytes | _Failed:
+        """The upload's bytes, held in ``hand`` (a slot of its agency's content stage) until
+        the caller closes it; fetched before any partner slot is taken.
+
+        A store that cannot serve them now makes this document wait on its own (``_waited``),
+        without a slot, so the agency's other documents are fetched meanwhile.
+        """
+        agency, content = upload.key.agency_id, upload.document.content
+        attempt = 0
+        while True:
+            try:
+                held = self._content.hold(agency, content, lane=upload.lane)
+                return await hand.enter_async_context(held)
+            except Exception as error:  # classify() decides; this only routes
+                verdict = classify(error, scope)
+                if verdict.disposition is Disposition.FATAL:
+                    raise
+                attempt += 1
+                if not await self._waited(verdict, error, key=upload.key, attempt=attempt):
+                    return _Failed(verdict, error)
+
+    async def _waited(
+        self, verdict: Verdict, error: Exception, *, key: DocKey, attempt: int
+    ) -> bool:
+        """Wait before the document's next attempt after ``error``; False when there is none.
+
+        What is retriable but not for the partner to mend (the document store unavailable)
+        waits here, bounded, jittered and counted, outside the scheduler's workers and without
+        a content slot, so the agency's other documents flow meanwhile. What is final, or still
+        failing after the document's attempts, has no next attempt.
+        """
+        if verdict.disposition is not Disposition.RETRY or attempt >= self._retry.max_attempts:
+            return False
+        delay = self._retry.delay(attempt, self._rng)
+        self._metrics.document_retries.labels(verdict.reason).inc()
+        log.warning(
+            "document waits before trying again",
+            extra={
+                "key": key.encode().decode(),
+                "reason": verdict.reason,
+                "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "error": self._partner.redact(_describe(error)),
+            },
+        )
+        await asyncio.sleep(delay)
+        return True
 
     async def _upload_failed(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord, failed: _Failed

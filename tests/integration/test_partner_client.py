@@ -1,4 +1,6 @@
-"""The ChouetteCopro client against the sandbox: operations, error mapping, and key secrecy."""
+"""The ChouetteCopro client against the sandbox: operations, error mapping, and key secrecy;
+against loopback servers of its own: answers too large to read and ids that could leave the API's
+paths."""
 
 from __future__ import annotations
 
@@ -26,11 +28,14 @@ from consumer.errors import (
     PartnerParkedError,
     PartnerRejectedError,
     PartnerRetriableError,
+    RelayError,
+    RemoteIdError,
 )
+from consumer.failures import Disposition, Scope, classify
 from consumer.local.pdf import make_pdf
 from consumer.local.sandbox import Answer, RateLimit, SandboxServer, Scripted
 from consumer.partner.answers import RemoteDocument
-from consumer.partner.client import ChouetteCoproClient
+from consumer.partner.client import JSON_API, ChouetteCoproClient
 from consumer.partner.keys import ApiKeyStore
 from tests.fixtures.partner import AGENCY_A_KEY, SandboxFactory
 
@@ -562,3 +567,243 @@ async def test_a_gateway_that_gave_up_leaves_the_outcome_in_doubt(
         with pytest.raises(PartnerRetriableError) as raised:
             await upload(client)
     assert raised.value.in_doubt is in_doubt
+
+
+# -- answers beyond the size limit ---------------------------------------------------------
+
+MIB = 1024 * 1024
+HUGE_ANSWER_BYTES = 512 * MIB
+
+
+@dataclass
+class HugeAnswer:
+    """A partner that carries a create out and answers 201 with 512 MiB: blanks, then the
+    resource (valid JSON, for a client that reads it whole), streamed a MiB at a time and never
+    held; ``sent`` counts what left the server before the client hung up."""
+
+    declare_length: bool
+    sent: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resource = orjson.dumps(
+            {
+                "data": {
+                    "type": "documents",
+                    "id": "doc-000001",
+                    "attributes": {"reference": "evt-1:att-1", "title": "PV AG 2024"},
+                }
+            }
+        )
+        response = web.StreamResponse(status=201, headers={"Content-Type": JSON_API})
+        if self.declare_length:
+            response.content_length = HUGE_ANSWER_BYTES + len(resource)
+        blanks = b" " * MIB
+        try:
+            await response.prepare(request)
+            for _ in range(HUGE_ANSWER_BYTES // MIB):
+                await response.write(blanks)
+                self.sent += len(blanks)
+            await response.write(resource)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client hung up: what an answer too large to read should get
+        finally:
+            self.done.set()
+        return response
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
+async def test_a_512_mib_answer_is_not_read_whole_nor_counted_a_success(
+    declare_length: bool, observations: Observations
+) -> None:
+    partner = HugeAnswer(declare_length)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", partner.handle)
+    async with TestServer(app) as server:
+        # A timeout long enough to read it all: only the size limit may stop the client.
+        base_url = str(server.make_url("/api/v1"))
+        async with make_client(base_url, timeout_s=300, observe=observations) as client:
+            with pytest.raises(PartnerRetriableError, match="more than 4194304 bytes") as raised:
+                await upload(client)
+        await asyncio.wait_for(partner.done.wait(), timeout=60)
+
+    assert partner.sent < 64 * MIB, "the client hung up at the limit, it did not read it all"
+    assert raised.value.status == 201
+    # The partner answered: no settle wait; the retry looks the reference up before sending.
+    assert not raised.value.in_doubt
+    assert observations.calls == [("upload", "too_large")]
+
+
+async def test_a_lookup_answered_beyond_the_limit_finds_nothing_and_is_retried(
+    scripted: ScriptedPartner,
+) -> None:
+    found = {"type": "documents", "id": "doc-000001", "attributes": {"reference": "evt-1:att-1"}}
+    padding = {"type": "documents", "id": "doc-000002", "attributes": {"title": "x" * 100}}
+    scripted.status = 200
+    scripted.body = orjson.dumps({"data": [found] + [padding] * 50_000})  # about 6 MiB
+
+    async with make_client(scripted.base_url) as client:
+        with pytest.raises(PartnerRetriableError, match="more than 4194304 bytes") as raised:
+            await client.find_by_reference(
+                agency_id=AGENCY, condominium_id="c-1", reference="evt-1:att-1"
+            )
+
+    assert raised.value.status == 200
+
+
+async def test_a_refusal_beyond_the_limit_still_says_when_to_come_back(
+    scripted: ScriptedPartner, observations: Observations
+) -> None:
+    scripted.status = 429
+    scripted.headers = {"Retry-After": "7"}
+    scripted.body = b" " * (5 * MIB)
+
+    async with make_client(scripted.base_url, observe=observations) as client:
+        with pytest.raises(PartnerRetriableError) as raised:
+            await upload(client)
+
+    assert (raised.value.status, raised.value.retry_after) == (429, 7.0)
+    assert observations.calls == [("upload", "too_large")]
+
+
+# -- ids in URLs ---------------------------------------------------------------------------
+
+HOSTILE_IDS = [
+    "../../../admin/x",
+    "..",
+    ".",
+    "doc-1/../../admin",
+    "c-1/documents",
+    "doc-1?filter[condominium]=c-9",
+    "doc-1#x",
+    "%2e%2e",
+    "%2e%2e%2fadmin",
+    "doc-1%2F..",
+    "doc-1\n",
+    "",
+    "doc 1",
+    "dôc-1",
+    "d" * 65,
+]
+
+
+@dataclass
+class RecordingPartner:
+    """Answers every request as the contract's success would, and records each request's path
+    as it came on the wire; ``resource_id`` is the id its answers give."""
+
+    base_url: str = ""
+    resource_id: str = "doc-000001"
+    received: list[tuple[str, str]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.received.append((request.method, request.raw_path))
+        resource = {
+            "type": "documents",
+            "id": self.resource_id,
+            "attributes": {"reference": "evt-1:att-1", "title": "PV AG 2024"},
+        }
+        if request.method == "DELETE":
+            return web.Response(status=204)
+        if request.method == "GET":
+            return web.json_response({"data": [resource]}, content_type=JSON_API)
+        status = 201 if request.method == "POST" else 200
+        return web.json_response({"data": resource}, status=status, content_type=JSON_API)
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[RecordingPartner]:
+    partner = RecordingPartner()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", partner.handle)
+    async with TestServer(app) as server:
+        partner.base_url = str(server.make_url("/api/v1"))
+        yield partner
+
+
+@pytest.mark.parametrize("remote_id", HOSTILE_IDS)
+async def test_a_remote_id_not_of_the_contracts_form_is_never_sent(
+    recording: RecordingPartner, remote_id: str
+) -> None:
+    document, pdf = lsc_document()
+    refused: dict[str, Exception | None] = {}
+
+    async def attempt(operation: str, call: Awaitable[object]) -> None:
+        try:
+            await call
+        except RelayError as error:
+            refused[operation] = error
+        else:
+            refused[operation] = None
+
+    async with make_client(recording.base_url) as client:
+        await attempt("delete", client.delete(agency_id=AGENCY, remote_id=remote_id))
+        await attempt(
+            "update",
+            client.update(agency_id=AGENCY, remote_id=remote_id, document=document, content=pdf),
+        )
+        await attempt(
+            "upload",
+            client.upload(
+                agency_id=AGENCY, condominium_id=remote_id, document=document, content=pdf
+            ),
+        )
+        await attempt(
+            "find_by_reference",
+            client.find_by_reference(
+                agency_id=AGENCY, condominium_id=remote_id, reference="evt-1:att-1"
+            ),
+        )
+
+    assert recording.received == [], "no request is made with such an id"
+    assert {op: type(error) for op, error in refused.items()} == dict.fromkeys(
+        ("delete", "update", "upload", "find_by_reference"), RemoteIdError
+    )
+    # The document's work is parked for an operator; the partner is not blamed for it.
+    verdict = classify(refused["delete"] or Exception(), Scope.RELAY)
+    assert (verdict.disposition, verdict.reason, verdict.from_partner) == (
+        Disposition.PARK,
+        "bad_remote_id",
+        False,
+    )
+
+
+async def test_ids_of_the_contracts_form_go_into_the_apis_paths_as_they_are(
+    recording: RecordingPartner,
+) -> None:
+    document, pdf = lsc_document()
+
+    async with make_client(recording.base_url) as client:
+        await client.upload(agency_id=AGENCY, condominium_id="8841", document=document, content=pdf)
+        await client.update(
+            agency_id=AGENCY, remote_id="Doc_01.v2-x", document=document, content=pdf
+        )
+        await client.delete(agency_id=AGENCY, remote_id="a..b")
+
+    assert recording.received == [
+        ("POST", "/api/v1/condominia/8841/documents"),
+        ("PATCH", "/api/v1/documents/Doc_01.v2-x"),
+        ("DELETE", "/api/v1/documents/a..b"),
+    ]
+
+
+@pytest.mark.parametrize("remote_id", ["../../../admin/x", "doc-1/../x", "doc-1?x=1", "%2e%2e"])
+async def test_a_partner_answer_with_an_id_not_of_the_contracts_form_parks_the_document(
+    recording: RecordingPartner, remote_id: str
+) -> None:
+    recording.resource_id = remote_id
+
+    async with make_client(recording.base_url) as client:
+        with pytest.raises(PartnerParkedError, match="not in the contract") as created:
+            await upload(client)
+        with pytest.raises(PartnerParkedError, match="not in the contract") as found:
+            await client.find_by_reference(
+                agency_id=AGENCY, condominium_id="c-1", reference="evt-1:att-1"
+            )
+
+    # Never recorded, so never put into a later URL; an operator must look at the partner.
+    assert [classify(e.value).disposition for e in (created, found)] == [Disposition.PARK] * 2
+    assert [method for method, _ in recording.received] == ["POST", "GET"]

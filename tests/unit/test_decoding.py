@@ -148,7 +148,20 @@ def test_bytes_that_are_not_utf8_are_not_utf8() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", [b"", b"{", b"{'single': 'quotes'}", b"NaN", b"\xef\xbb\xbf{}", b'"\\ud800"']
+    "value",
+    [
+        b"",
+        b"{",
+        b"{'single': 'quotes'}",
+        b"NaN",
+        b"\xef\xbb\xbf{}",
+        b'"\\ud800"',
+        # Not an object at the first character, and not JSON further on: not JSON.
+        b"[not json either",
+        b"[1, 2",
+        b"12x",
+        b'"unterminated',
+    ],
 )
 def test_utf8_that_is_not_json_is_not_json(value: bytes) -> None:
     assert poison_reason(decode(value)) is PoisonReason.NOT_JSON

@@ -26,6 +26,7 @@ from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
+from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.scheduler import RetryPolicy, Scheduler
 
@@ -95,7 +96,7 @@ def executor_with(
         writer=writer,
         scheduler=scheduler,
         partner=cast(ChouetteCoproClient, Partner()),
-        content=BrokenContent(),
+        content=ContentStage(fetch=BrokenContent().fetch, per_agency=8),
         dead_letters=cast(DeadLetterSink, None),
         metrics=metrics,
         document_retry=RetryPolicy(max_attempts=2, base_seconds=0.01, cap_seconds=0.01),

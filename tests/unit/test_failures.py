@@ -39,6 +39,7 @@ from consumer.errors import (
     PartnerRejectedError,
     PartnerRetriableError,
     RelayError,
+    RemoteIdError,
 )
 from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.local.kafka import LocalKafkaError
@@ -120,6 +121,8 @@ RELAY_ERRORS: list[tuple[RelayError, Verdict]] = [
         Verdict(DEAD_LETTER, "partner_rejected", from_partner=True),
     ),
     (PartnerError("other", status=418), Verdict(PARK, "partner_refused", from_partner=True)),
+    # An id from the view, a command or the routing file that could leave the API's paths.
+    (RemoteIdError("delete: the document id '../x'"), Verdict(PARK, "bad_remote_id")),
     (ContentUnavailableError("503", reason="unavailable"), Verdict(RETRY, "content_unavailable")),
     (ContentUnavailableError("slow", reason="timeout"), Verdict(RETRY, "content_unavailable")),
     (ContentError("port 70000", reason="bad_url"), Verdict(DEAD_LETTER, "bad_url")),

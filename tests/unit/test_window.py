@@ -30,6 +30,7 @@ from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
+from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.scheduler import RateLimit, Scheduler
 
@@ -146,7 +147,7 @@ def executor_with(
         writer=writer or Changelog(),
         scheduler=scheduler,
         partner=cast(ChouetteCoproClient, partner),
-        content=Store(),
+        content=ContentStage(fetch=Store().fetch, per_agency=8),
         dead_letters=cast(DeadLetterSink, None),
         metrics=RelayMetrics.create(CollectorRegistry(), version="test"),
         window=window,
@@ -302,7 +303,7 @@ async def test_closing_a_partition_cancels_its_batches_and_empties_its_backlog(
         writer=Changelog(),
         scheduler=scheduler,
         partner=cast(ChouetteCoproClient, partner),
-        content=Store(),
+        content=ContentStage(fetch=Store().fetch, per_agency=8),
         dead_letters=cast(DeadLetterSink, None),
         metrics=RelayMetrics.create(registry, version="test"),
         window=4,
