@@ -18,8 +18,9 @@ record written. Measured:
 - the relay's own loop-lag ticks (``event_loop_tick_lag_seconds``) that fired more than 1 s late;
 - how often the group assigned partitions, and Kafka writes sent again, from the relay's log.
 The 60 s and 300 MB targets are judged at the full size only; at a smaller one they are printed
-beside it. An upload costs the relay about a millisecond of CPU, so the history mode of 100,000
-items takes minutes on a small machine whatever the runtime: its time is the upload rate's.
+beside it. An upload, its content fetched from the document store, costs the relay milliseconds
+of CPU, so the history mode of 100,000 items takes minutes whatever the runtime: its time is the
+upload rate's.
 
 Run ``python -m bench.bench_manifest [--items N] [--modes fresh history]``; ``BENCH_SCALE=0.1``
 (``make bench QUICK=1``) takes a tenth of the items. The broker is the one named by
