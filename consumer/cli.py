@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from consumer.errors import ConfigError
 from consumer.ops.cli_operator import add_operator_commands, run_operator_command
 from consumer.ops.logs import configure_logging
-from consumer.settings import Settings, load_settings
+from consumer.ops.webserver import listen_problem
+from consumer.settings import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger("consumer")
 
@@ -83,20 +84,29 @@ async def _run(settings: Settings, *, demo_documents: int = 0) -> int:
     from consumer.core.routing import load_routing  # noqa: PLC0415
     from consumer.partner.keys import ApiKeyStore  # noqa: PLC0415
 
+    # Everything that can be checked without Kafka is checked first: a mistake in a mounted file
+    # or a port in use is one line now, not a traceback after connecting and restoring.
     if settings.routing_file is None:
         raise ConfigError("CHOUETTE_RELAY_ROUTING_FILE is not set")
     routing = load_routing(settings.routing_file)
     api_keys = ApiKeyStore(settings.partner.api_keys_dir)
-    missing = sorted(set(routing.agencies) - api_keys.agencies())
-    if missing:
-        raise ConfigError(
-            f"no API key file for agencies {', '.join(missing)} in {settings.partner.api_keys_dir}"
-        )
+    api_keys.check_covers(routing.agencies)
+    settings.http.admin_token()
+    check_ops_port(settings.http.host, settings.http.port)
     log.info("effective settings", extra={"settings": settings.masked()})
-    relay = Relay(settings=settings, routing=routing, api_keys=api_keys)
+    relay = Relay(settings=settings, routing=routing, api_keys=api_keys)  # checks the CA files
     relay.install_signal_handlers()
     await relay.run()
     return 1 if relay.failure is not None else 0
+
+
+def check_ops_port(host: str, port: int) -> None:
+    """Refuse to start when the ops server could not listen, naming the setting to change."""
+    if problem := listen_problem(host, port):
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP__PORT: {problem}: stop what listens there (another relay?) or set "
+            f"{ENV_PREFIX}HTTP__PORT to a free port"
+        )
 
 
 if __name__ == "__main__":

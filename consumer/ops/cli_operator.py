@@ -17,14 +17,14 @@ import sys
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from consumer.core.commands import AgencyAction, HeldAction
-from consumer.errors import ConfigError, PartnerError
+from consumer.errors import PartnerError
 from consumer.ops.admin import Operator
 from consumer.ops.audit import run_audit
 from consumer.ops.overview import add_replica_status, gather, render
+from consumer.ops.replica import replica_audit, replica_status
 from consumer.settings import Settings
 
 
@@ -145,13 +145,15 @@ async def _status(operator: Operator, args: argparse.Namespace) -> int:
     if args.agency is not None:
         operator.check_target(args.agency)
     while True:
+        # The replicas first: a wrong URL or token is said before the slower read of Kafka.
+        replicas = [await replica_status(operator.settings, url) for url in args.replica]
         found = await gather(operator, agency=args.agency)
         # The rate is measured over the time between samples, gathering included (seconds on a
         # large cluster), not over the --watch pause alone.
         now = time.monotonic()
         elapsed, sampled_at = now - sampled_at, now
-        for url in args.replica:
-            add_replica_status(found, await _replica_status(url))
+        for status in replicas:
+            add_replica_status(found, status)
         if args.json:
             payload = {name: entry.plain() for name, entry in found.items()}
             text = orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode()
@@ -177,7 +179,13 @@ _LOCAL_AUDIT_NOTE = (
 async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: str) -> Any:
     """The audit, run here or (``--replica``) by a replica."""
     if args.replica:
-        return await _replica_audit(operator.settings, args)
+        return await replica_audit(
+            operator.settings,
+            args.replica,
+            agency=args.agency,
+            building=args.building,
+            repair=args.repair,
+        )
     operator.check_target(args.agency, args.building)
     try:
         result = await run_audit(
@@ -191,42 +199,3 @@ async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: 
         raise ValueError(f"the audit stopped, nothing was repaired: {exc}") from None
     sys.stderr.write(_LOCAL_AUDIT_NOTE)
     return result
-
-
-async def _replica_audit(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """The audit run by a replica (``GET /admin/audit`` or ``POST /admin/audit/repair``)."""
-    token = settings.http.admin_token()
-    if token is None:
-        raise ConfigError(
-            "set CHOUETTE_RELAY_HTTP__ADMIN_TOKEN_FILE to the replica's admin token file to "
-            "audit through --replica"
-        )
-    query = {"agency": args.agency, **({"building": args.building} if args.building else {})}
-    path = "/admin/audit/repair" if args.repair else "/admin/audit"
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
-    # An audit lists every document of the agency at a share of its rate: minutes, not seconds.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.request(
-            "POST" if args.repair else "GET",
-            url=args.replica.rstrip("/") + path,
-            params=query,
-            headers=headers,
-        ) as response,
-    ):
-        body: dict[str, Any] = await response.json(content_type=None)
-        if response.status >= 400:
-            raise ValueError(f"the replica refused the audit ({response.status}): {body}")
-        return body
-
-
-async def _replica_status(url: str) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url.rstrip("/") + "/status") as response,
-    ):
-        response.raise_for_status()
-        status: dict[str, Any] = await response.json()
-        return status

@@ -67,6 +67,7 @@ class OpsServer(AppServer):
             web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics),
             web.get("/status", self._status),
+            web.get("/admin/status", self._admin(self._status)),  # `status --replica`
             web.get("/admin/held", self._admin(self._list_held)),
             web.post(
                 "/admin/held/{agency}/{building}/{action:release|discard}",
