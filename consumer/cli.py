@@ -41,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="local default only: add an agency being onboarded, N documents awaiting approval",
     )
+    run.add_argument(
+        "--keep-data",
+        action="store_true",
+        help="local default only: keep the broker's data in var/local/kafka and start from it "
+        "next time (pauses, approvals and offsets survive; the demo is published once)",
+    )
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 handler.setStream(sys.stderr)
     try:
         if args.command == "run":
-            return asyncio.run(_run(settings, demo_documents=args.demo_documents))
+            return asyncio.run(
+                _run(settings, demo_documents=args.demo_documents, keep_data=args.keep_data)
+            )
         if args.command == "plan":
             from consumer.ops.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
@@ -73,13 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _run(settings: Settings, *, demo_documents: int = 0) -> int:
+async def _run(settings: Settings, *, demo_documents: int = 0, keep_data: bool = False) -> int:
     if settings.is_local:
         from consumer.local.stack import run_local  # noqa: PLC0415 - the local stack is optional
 
-        return await run_local(settings, onboarding=demo_documents)
-    if demo_documents:
-        raise ConfigError("--demo-documents is for the local default (no Kafka/partner settings)")
+        return await run_local(settings, onboarding=demo_documents, keep_data=keep_data)
+    if demo_documents or keep_data:
+        raise ConfigError(
+            "--demo-documents and --keep-data are for the local default (no Kafka/partner settings)"
+        )
     from consumer.app.relay import Relay  # noqa: PLC0415 - keeps `plan` and admin commands light
     from consumer.core.routing import load_routing  # noqa: PLC0415
     from consumer.partner.keys import ApiKeyStore  # noqa: PLC0415

@@ -207,3 +207,25 @@ async def test_an_audit_the_replica_refuses_is_said_in_words(relay_world: WorldF
         "chouette-relay: the replica refused the audit (HTTP 400): building bat-9 of agence-a "
         "is not mapped to a condominium"
     )
+
+
+def test_the_local_stack_checks_its_ops_port_before_starting_kafka(
+    tmp_path: Path, listening: int
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHOUETTE_RELAY_")}
+    env["CHOUETTE_RELAY_HTTP__PORT"] = str(listening)
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.splitlines() == [
+        f"chouette-relay: CHOUETTE_RELAY_HTTP__PORT: port {listening} on 127.0.0.1 is not free "
+        "(Address already in use): stop what listens there, or start with "
+        "CHOUETTE_RELAY_HTTP__PORT=0 (any free port; operator.env then names it $REPLICA)"
+    ]
