@@ -13,6 +13,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from consumer.errors import ConfigError
 from consumer.ops.cli_operator import add_operator_commands, run_operator_command
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Forwards LSC's documents to ChouetteCopro. Run the relay, look at what a "
         "first publication would send, or act on the relay as an operator; every operator "
         "command reads and writes Kafka, so it works from any pod.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"chouette-relay {version('chouette-relay')}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
@@ -50,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help='exit 0 when there is nothing to send ("No changes"), 3 when there is',
+    )
     add_operator_commands(commands)
     args = parser.parse_args(argv)
 
@@ -72,7 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plan":
             from consumer.ops.dryrun import print_plan  # noqa: PLC0415 - only this command needs it
 
-            return asyncio.run(print_plan(settings, agency=args.agency, as_json=args.json))
+            return asyncio.run(
+                print_plan(
+                    settings,
+                    agency=args.agency,
+                    as_json=args.json,
+                    detailed_exitcode=args.detailed_exitcode,
+                )
+            )
         return asyncio.run(run_operator_command(settings, args))
     except (ConfigError, ValueError) as exc:
         print(f"chouette-relay: {exc}", file=sys.stderr)

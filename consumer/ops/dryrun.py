@@ -169,9 +169,25 @@ async def plan_with_shares(
     return total, fingerprints, {a: tuple(shares[a]) for a in agencies}
 
 
+CHANGES_EXIT_CODE = 3
+"""``plan --detailed-exitcode``: there is something to send or record (0: no changes; 2 stays
+the CLI's "fix this setting")."""
+
+
+def has_changes(plan: DryRun) -> bool:
+    """Whether applying the newest manifests would send, withdraw or record anything."""
+    return bool(plan.uploads or plan.deletes or plan.baseline)
+
+
 def render(
     plan: DryRun, routing: RoutingTable, default_rate: float, fingerprints: dict[str, str]
 ) -> str:
+    if not has_changes(plan):
+        whose = " and ".join(sorted(fingerprints)) or "any agency"
+        return (
+            f"No changes: the newest manifests of {whose} are applied; nothing to send and "
+            "nothing to approve."
+        )
     lines = [
         f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
         f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"
@@ -215,7 +231,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -> int:
+async def print_plan(
+    settings: Settings, *, agency: str | None, as_json: bool, detailed_exitcode: bool = False
+) -> int:
+    """Print the dry run; with ``detailed_exitcode``, 0 means no changes and 3 changes."""
     if settings.routing_file is None or not settings.kafka.bootstrap_servers:
         raise ConfigError(
             "the dry run reads a real cluster: set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS and "
@@ -229,7 +248,7 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
     else:
         default_rate = settings.partner.default_rate_per_second
         sys.stdout.write(render(plan, routing, default_rate, fingerprints) + "\n")
-    return 0
+    return CHANGES_EXIT_CODE if detailed_exitcode and has_changes(plan) else 0
 
 
 def plan_json(
@@ -258,6 +277,7 @@ def plan_json(
         "upload_bytes": plan.upload_bytes,
         "baseline": plan.baseline,
         "deletes": plan.deletes,
+        "changes": has_changes(plan),
         "fingerprints": fingerprints,
     }
     if shares is not None:
