@@ -137,7 +137,7 @@ class OpsServer(AppServer):
             discard=action == "discard",
             requested_by=f"http:{request.remote or 'unknown'}",
         )
-        log.warning(
+        log.info(
             "operator command queued",
             extra={"agency": agency, "building": building, "action": action, **queued},
         )
@@ -165,7 +165,7 @@ class OpsServer(AppServer):
         queued = await self._control.operator().queue(
             action, request.match_info["agency"], requested_by=_requester(request)
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _plan(self, request: web.Request) -> web.Response:
@@ -182,7 +182,7 @@ class OpsServer(AppServer):
         queued = await self._control.operator().approve(
             request.match_info["agency"], plan, requested_by=_requester(request)
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _audit(self, request: web.Request) -> web.Response:
@@ -217,7 +217,7 @@ class OpsServer(AppServer):
             request.match_info.get("building"),
             requested_by=_requester(request),
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _list_dead_letters(self, request: web.Request) -> web.Response:
