@@ -24,19 +24,47 @@ from consumer.settings import ENV_PREFIX, Settings, load_settings
 log = logging.getLogger("consumer")
 
 
+_SETTINGS_HELP = """\
+settings:
+  Every command reads its settings from CHOUETTE_RELAY_* environment variables (groups separated
+  by __, e.g. CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS, CHOUETTE_RELAY_ROUTING_FILE,
+  CHOUETTE_RELAY_HTTP__ADMIN_TOKEN_FILE); the README's "Configuration" lists them all. With none
+  of the Kafka and partner settings, `run` starts the local stack, which writes
+  var/local/operator.env: source it (. var/local/operator.env) in another shell, and every
+  operator command reaches that stack ($REPLICA is its ops server, for --replica).
+
+exit codes: 0 done; 1 the relay stopped on a failure, or a replay was refused; 2 a setting or an
+argument to fix, or a request refused (one line says why); 3 `plan --detailed-exitcode` has
+something to send; 130 interrupted."""
+_RUN_EXAMPLES = """\
+examples:
+  chouette-relay run                          the service, on its settings
+  chouette-relay run --demo-documents 20000   the local stack, with an agency to onboard
+  chouette-relay run --keep-data              the local stack, starting where it stopped"""
+_PLAN_EXAMPLES = """\
+examples:
+  chouette-relay plan --agency agence-lyon    then: approve agence-lyon --plan FINGERPRINT
+  chouette-relay plan --detailed-exitcode     exit 0: no changes; 3: something to send"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chouette-relay",
         description="Forwards LSC's documents to ChouetteCopro. Run the relay, look at what a "
         "first publication would send, or act on the relay as an operator; every operator "
         "command reads and writes Kafka, so it works from any pod.",
+        epilog=_SETTINGS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--version", action="version", version=f"chouette-relay {version('chouette-relay')}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
-        "run", help="run the relay (local default when nothing is configured)"
+        "run",
+        help="run the relay (local default when nothing is configured)",
+        epilog=_RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "--demo-documents",
@@ -51,7 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="local default only: keep the broker's data in var/local/kafka and start from it "
         "next time (pauses, approvals and offsets survive; the demo is published once)",
     )
-    plan = commands.add_parser("plan", help="dry run of a first publication; sends nothing")
+    plan = commands.add_parser(
+        "plan",
+        help="dry run of a first publication; sends nothing",
+        epilog=_PLAN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     plan.add_argument("--agency", help="only this agency")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import getpass
 import socket
 import sys
@@ -161,6 +162,9 @@ async def _status(operator: Operator, args: argparse.Namespace) -> int:
             text = render(found, previous, elapsed)
         if args.watch:
             sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
+            if not args.json:
+                moment = dt.datetime.now().astimezone()
+                text = f"as of {moment:%H:%M:%S}, every {args.watch:g} s (Ctrl-C stops)\n\n{text}"
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
         if not args.watch:

@@ -76,3 +76,16 @@ def test_the_version_is_printed() -> None:
         check=True,
     )
     assert done.stdout.startswith("chouette-relay ")
+
+
+def test_the_help_says_where_settings_come_from_and_what_exit_codes_mean() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS" in done.stdout
+    assert ". var/local/operator.env" in done.stdout
+    assert "3 `plan --detailed-exitcode` has" in done.stdout
