@@ -236,7 +236,8 @@ async def _run_stack(
             )
             operator_env = _write_operator_env(local_dir, local, relay.ops_port)
             _say_who(holder, f"ops on http://{LOOPBACK}:{relay.ops_port}")
-            view.say(f"operator   in another terminal: . {operator_env}; chouette-relay status")
+            sourced = shlex.quote(str(operator_env))
+            view.say(f"operator   in another terminal: . {sourced}; chouette-relay status")
             if ports:
                 view.say("demo       already in the kept broker data: not published again")
             else:
