@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -128,18 +129,32 @@ async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str |
 
 
 async def plan_with_fingerprints(
-    settings: Settings, routing: RoutingTable, *, agency: str | None
+    settings: Settings,
+    routing: RoutingTable,
+    *,
+    agency: str | None,
+    views: Mapping[int, PublishedView] | None = None,
 ) -> tuple[DryRun, dict[str, str]]:
     """The dry run, and the fingerprint of each agency's part of it."""
-    total, fingerprints, _ = await plan_with_shares(settings, routing, agency=agency)
+    total, fingerprints, _ = await plan_with_shares(settings, routing, agency=agency, views=views)
     return total, fingerprints
 
 
 async def plan_with_shares(
-    settings: Settings, routing: RoutingTable, *, agency: str | None
+    settings: Settings,
+    routing: RoutingTable,
+    *,
+    agency: str | None,
+    views: Mapping[int, PublishedView] | None = None,
 ) -> tuple[DryRun, dict[str, str], dict[str, tuple[str, ...]]]:
     """The dry run, each agency's fingerprint, and the share of every input partition in it
-    (what an approve carries, so that each owning replica checks its own)."""
+    (what an approve carries, so that each owning replica checks its own).
+
+    ``views``, by partition, are the state the plan is made against when the caller has read
+    it already (``status`` counts what is published in the same views, so that published and
+    still to send add up to the same total whatever moved between two reads); otherwise each
+    partition's view is read from the state topic.
+    """
     connection = kafka_connection(settings.kafka)
     manifests = await latest_manifests(settings, connection, agency=agency)
     partitions = await topic_partitions(connection, settings.kafka.manifests_topic) or 0
@@ -148,11 +163,13 @@ async def plan_with_shares(
     found = {m.agency_id for by_building in manifests.values() for m in by_building.values()}
     agencies = sorted({agency} if agency is not None else found | set(routing.agencies))
     shares: dict[str, list[str]] = {a: [] for a in agencies}
-    state_exists = await topic_partitions(connection, settings.kafka.state_topic)
+    state_exists = views is None and await topic_partitions(connection, settings.kafka.state_topic)
     for partition in range(partitions):
         by_building = manifests.get(partition, {})
         view = PublishedView()  # no state topic yet: nothing was ever published
-        if state_exists and by_building:
+        if views is not None:
+            view = views.get(partition, view)
+        elif state_exists and by_building:
             await restore_partition(
                 connection=connection,
                 topic=settings.kafka.state_topic,
