@@ -23,7 +23,7 @@ import orjson
 from consumer.core.commands import AgencyAction, HeldAction
 from consumer.errors import PartnerError
 from consumer.ops.admin import Operator
-from consumer.ops.audit import run_audit
+from consumer.ops.audit import render_audit, run_audit
 from consumer.ops.overview import add_replica_status, gather, render
 from consumer.ops.replica import replica_audit, replica_status
 from consumer.settings import Settings
@@ -73,6 +73,9 @@ def add_operator_commands(commands: Any) -> None:
     audit.add_argument("--agency", required=True)
     audit.add_argument("--building", help="only this building")
     audit.add_argument(
+        "--json", action="store_true", help="the whole report as JSON (also when piped)"
+    )
+    audit.add_argument(
         "--repair", action="store_true", help="queue the fixes for the owning replicas"
     )
     audit.add_argument(
@@ -118,6 +121,9 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "audit":
             result = await _audit(operator, args, requested_by=who)
+            if not args.json and sys.stdout.isatty():
+                sys.stdout.write(render_audit(result) + "\n")  # --json, or piped: the JSON
+                return 0
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":
