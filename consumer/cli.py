@@ -106,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler):
                 handler.setStream(sys.stderr)
+        if settings.log_level != "DEBUG":
+            # A command that cannot reach Kafka says so in one line naming the setting; the
+            # client's own retries and errors on the way are for LOG_LEVEL=DEBUG.
+            logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         if args.command == "run":
             return asyncio.run(

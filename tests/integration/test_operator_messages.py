@@ -229,3 +229,12 @@ def test_the_local_stack_checks_its_ops_port_before_starting_kafka(
         "(Address already in use): stop what listens there, or start with "
         "CHOUETTE_RELAY_HTTP__PORT=0 (any free port; operator.env then names it $REPLICA)"
     ]
+
+
+@pytest.mark.parametrize("command", [("status",), ("pause", AGENCY), ("dead-letters",)])
+def test_an_operator_command_that_cannot_reach_kafka_says_it_in_one_line(
+    configured: dict[str, str], command: tuple[str, ...]
+) -> None:
+    configured["CHOUETTE_RELAY_KAFKA__CONNECT_TIMEOUT_S"] = "5"
+    line = _refusal(configured, *command)
+    assert line.endswith("check CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS and the network")
