@@ -31,7 +31,8 @@ from consumer.settings import Settings
 
 def add_operator_commands(commands: Any) -> None:
     """Register the operator's subcommands on ``commands`` (argparse sub-parsers)."""
-    commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    held = commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    held.add_argument("--agency", help="only this agency")
     for name, text in (
         ("release", "carry out the held withdrawals of a building"),
         ("discard", "forget the held withdrawals of a building (documents stay published)"),
@@ -87,6 +88,7 @@ def add_operator_commands(commands: Any) -> None:
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
+    letters.add_argument("--agency", help="only records keyed to this agency")
     replay = commands.add_parser(
         "replay", help="re-publish dead letters to their source topic, once each"
     )
@@ -110,7 +112,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
         if command == "status":
             return await _status(operator, args)
         if command == "held":
-            result = {"held": await operator.held()}
+            held = await operator.held()
+            result = {"held": [h for h in held if args.agency in (None, h["agency"])]}
         elif command in ("release", "discard"):
             result = await operator.queue(
                 HeldAction(command), args.agency, args.building, requested_by=who
@@ -131,10 +134,16 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
                 AgencyAction.RETRY, args.agency, args.building, requested_by=who
             )
         elif command == "dead-letters":
+            letters = await operator.dead_letters(
+                reason=args.reason, source_topic=args.source_topic
+            )
+            # The input topics are keyed "agency:building"; a record without a key has no agency.
             result = {
-                "dead_letters": await operator.dead_letters(
-                    reason=args.reason, source_topic=args.source_topic
-                )
+                "dead_letters": [
+                    letter
+                    for letter in letters
+                    if args.agency in (None, (letter["key"] or "").split(":", 1)[0])
+                ]
             }
         elif command == "replay":
             replayed = await operator.replay(args.ids, reason=args.reason, force=args.force)

@@ -107,3 +107,23 @@ async def test_the_progress_total_holds_still_while_a_first_publication_runs(
                 break
     assert len(totals) >= 2, "the publication ended before it could be watched"
     assert totals == [documents] * len(totals)
+
+
+async def test_dead_letters_of_one_agency(relay_world: WorldFactory) -> None:
+    world = await relay_world(
+        agencies={
+            "agence-a": AgencySpec(buildings={"bat-1": "c-1"}),
+            "agence-b": AgencySpec(buildings={"bat-2": "c-2"}),
+        }
+    )
+    await world.start_relay()
+    await world.publish_raw(world.documents_topic, key=b"agence-a:bat-1", value=b"[")
+    await world.publish_raw(world.documents_topic, key=b"agence-b:bat-2", value=b"{")
+
+    async def both_listed() -> bool:
+        return len((await cli(world, "dead-letters"))["dead_letters"]) == 2
+
+    await world.wait_until(both_listed, what="two dead letters")
+    shown = (await cli(world, "dead-letters", "--agency", "agence-b"))["dead_letters"]
+    assert [letter["key"] for letter in shown] == ["agence-b:bat-2"]
+    assert (await cli(world, "held", "--agency", "agence-b"))["held"] == []
