@@ -382,7 +382,9 @@ def agency_progress(
     relay: Relay, sandbox: SandboxServer, agencies: dict[str, dict[str, Any]] = AGENCIES
 ) -> list[AgencyProgress]:
     """Per agency: documents the sandbox holds and what the relay still has for it."""
-    scheduler = relay.status()["scheduler"] or {}
+    status = relay.status()
+    scheduler = status["scheduler"] or {}
+    paused = set(status["paused"])
     pending: Counter[str] = Counter(scheduler.get("running", {}))
     for queued in scheduler.get("queued", {}).values():
         pending.update(queued)
@@ -399,6 +401,7 @@ def agency_progress(
             parked=parked[agency],
             held=held[agency],
             breaker=str(breakers.get(agency, "closed")),
+            paused=agency in paused,
         )
         for agency, spec in agencies.items()
     ]

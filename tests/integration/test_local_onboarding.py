@@ -11,6 +11,7 @@ is refused and touches none of the running one's files.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,17 @@ def test_a_kept_local_stack_starts_again_where_it_stopped(tmp_path: Path) -> Non
             _operator(operator_env, tmp_path, f"chouette-relay status --agency {ONBOARDING} --json")
         )
         assert (shown[ONBOARDING]["paused"], shown[ONBOARDING]["published"]) == (True, 0)
+        _wait_for(
+            lambda: (
+                re.search(
+                    rf"\[local\] {ONBOARDING}: .*, PAUSED$",
+                    second_output.read_text(encoding="utf-8"),
+                    flags=re.MULTILINE,
+                )
+                is not None
+            ),
+            "the pause in the stack's table",
+        )
         _operator(operator_env, tmp_path, f"chouette-relay resume {ONBOARDING}")
 
         def all_published() -> bool:
