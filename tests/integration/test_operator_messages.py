@@ -203,10 +203,10 @@ async def test_an_audit_the_replica_refuses_is_said_in_words(relay_world: WorldF
         expect=2,
         http=http,
     )
-    assert err.strip() == (
-        "chouette-relay: the replica refused the audit (HTTP 400): building bat-9 of agence-a "
-        "is not mapped to a condominium"
-    )
+    [line] = err.splitlines()
+    assert line.startswith("chouette-relay: the replica refused the audit (HTTP 4")
+    assert "building bat-9" in line
+    assert "{" not in line  # words, not a dict
 
 
 def test_the_local_stack_checks_its_ops_port_before_starting_kafka(
