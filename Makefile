@@ -77,8 +77,8 @@ sbom: install ## CycloneDX SBOM of the image's dependencies (the runtime lock) i
 image-venv: ## Build the image's virtualenv as the Dockerfile does, into IMAGE_VENV (default: a temp dir)
 	sh docker/build-venv.sh . $(or $(IMAGE_VENV),$$(mktemp -d)/venv)
 
-run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo (DEMO_DOCUMENTS=N: an agency to onboard)
-	$(BIN)/chouette-relay run $(if $(DEMO_DOCUMENTS),--demo-documents $(DEMO_DOCUMENTS),)
+run: install ## Run the relay; with no Kafka/partner settings, on the local broker, sandbox and demo (DEMO_DOCUMENTS=N: an agency to onboard; KEEP=1: keep the broker's data)
+	$(BIN)/chouette-relay run $(if $(DEMO_DOCUMENTS),--demo-documents $(DEMO_DOCUMENTS),) $(if $(KEEP),--keep-data,)
 
 kafka: install ## Run the local single-node Kafka (KRaft) in the foreground
 	$(BIN)/python -m consumer.local.kafka run
@@ -106,7 +106,13 @@ typecheck: install ## mypy --strict over the package, tests and benchmarks
 bench: install ## Benchmarks, each beside its baseline (QUICK=1: a tenth of the sizes, the pure core's aside)
 	$(if $(QUICK),BENCH_SCALE=0.1 ,)$(BIN)/python -m bench
 
-plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing
+# With no Kafka settings in the environment, the plan is of the local stack of `make run`, through
+# the operator.env it writes; the plan of a real cluster needs its settings exported.
+plan: install ## Dry-run of a first publication (AGENCY=id to narrow); sends nothing. Needs the Kafka settings, or a `make run` up in this folder
+	@if [ -z "$$CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS" ] && [ -f var/local/operator.env ]; then \
+	  . var/local/operator.env; fi; \
+	if [ -z "$$CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS" ]; then \
+	  echo "make plan: no Kafka settings: start \`make run\` in this folder first, or export the CHOUETTE_RELAY_* settings of your cluster" >&2; exit 2; fi; \
 	$(BIN)/chouette-relay plan $(if $(AGENCY),--agency $(AGENCY),)
 
 k8s-check: install ## Render the k8s overlays and validate them, the alert rules and the dashboard offline

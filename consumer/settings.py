@@ -263,9 +263,16 @@ class HttpSettings(_Group):
     admin_token_file: Path | None = None
 
     def admin_token(self) -> SecretStr | None:
+        """The bearer token of the admin actions, or None when they are disabled.
+
+        A file that is missing, unreadable or empty is a ``ConfigError`` naming the variable.
+        """
         if self.admin_token_file is None:
             return None
-        token = self.admin_token_file.read_text(encoding="utf-8").strip()
+        try:
+            token = read_secret(self.admin_token_file).strip()
+        except ConfigError as exc:
+            raise ConfigError(f"{ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE: {exc}") from None
         if not token:
             raise ConfigError(
                 f"{ENV_PREFIX}HTTP__ADMIN_TOKEN_FILE: {self.admin_token_file} is empty"

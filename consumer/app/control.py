@@ -141,7 +141,7 @@ class RelayControl:
         paused = self.paused_agencies(*extra)
         if self._scheduler is not None and self._scheduler.paused != paused:
             self._scheduler.set_paused(frozenset(paused))
-            log.warning("paused agencies", extra={"agencies": sorted(paused)})
+            log.info("paused agencies", extra={"agencies": sorted(paused)})  # as asked
             for processor in self._ingest.processors.values() if self._ingest else ():
                 processor.resume()  # a resumed agency's queued work starts
         awaiting = self.awaiting_approval()

@@ -143,13 +143,17 @@ class ManifestWork:
         if kept is not None:
             for offset in kept[0].offsets:
                 self._trackers[self._manifest_topic].done(offset)
+        # Waiting is what the routing asked for, not a fault: one INFO line when the agency's
+        # first building of this partition starts waiting, its other buildings at DEBUG.
+        first = not any(agency == manifest.agency_id for agency, _ in self._awaiting)
         self._awaiting[place] = (manifest, source)
         self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
-        log.warning(
+        log.log(
+            logging.INFO if first else logging.DEBUG,
             "first publication awaits an operator's approval",
             extra={
                 "agency": manifest.agency_id,
-                "building": manifest.building_id,
+                **({} if first else {"building": manifest.building_id}),
                 "modules": sorted(modules),
                 "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
             },

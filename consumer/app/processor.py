@@ -340,12 +340,15 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
     def _carry_out(
         self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord
     ) -> None:
-        log.warning(
+        # An operator's command is the normal course of things: INFO, and no building=None for
+        # the agency-wide ones.
+        where = {"building": command.building_id} if command.building_id is not None else {}
+        log.info(
             "operator command",
             extra={
                 "command": command.command.value,
                 "agency": command.agency_id,
-                "building": command.building_id,
+                **where,
                 "partition": self.partition,
                 "requested_by": command.requested_by,
                 "documents": len(plan.operations) + len(plan.records),

@@ -8,9 +8,10 @@ fix. ``RoutingTable.decide`` is the single place where a document is forwarded, 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -200,14 +201,19 @@ class RoutingTable(_Frozen):
         """Build from the parsed TOML; raises ``ConfigError`` saying what to fix."""
         problems: list[str] = []
         unknown = sorted(set(data) - {"defaults", "agencies"})
-        problems += [f"{k}: unknown section; use [defaults] and [agencies.<id>]" for k in unknown]
+        problems += [
+            f"{k}: unknown section{_did_you_mean(k, ('defaults', 'agencies'))}; use [defaults] "
+            "and [agencies.<id>]"
+            for k in unknown
+        ]
         defaults = data.get("defaults", {})
         agencies = data.get("agencies", {})
         if not isinstance(defaults, Mapping):
             problems.append("defaults: must be a table with rate_per_second, burst and approval")
             defaults = {}
         problems += [
-            f"defaults.{name}: unknown setting; [defaults] takes rate_per_second, burst, approval"
+            f"defaults.{name}: unknown setting{_did_you_mean(name, _DEFAULTABLE)}; [defaults] "
+            "takes rate_per_second, burst, approval"
             for name in sorted(set(defaults) - set(_DEFAULTABLE))
         ]
         if not isinstance(agencies, Mapping) or not agencies:
@@ -275,8 +281,9 @@ def _explain(where: str, exc: ValidationError) -> list[str]:
             message = f"missing; {_HINTS.get(field_name, 'add it')}"
         elif kind == "extra_forbidden":
             message = (
-                "unknown setting; an agency takes modules, audiences, first_publication, "
-                "rate_per_second, burst, approval and condominia"
+                f"unknown setting{_did_you_mean(field_name, AgencyRouting.model_fields)}; an "
+                "agency takes modules, audiences, first_publication, rate_per_second, burst, "
+                "approval and condominia"
             )
         else:
             hint = _HINTS.get(field_name, error["msg"])
@@ -287,3 +294,12 @@ def _explain(where: str, exc: ValidationError) -> list[str]:
 
 def _show(value: object) -> str:
     return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean "x"?)`` for the known name closest to a misspelt one, or nothing."""
+    names = list(known)
+    # "rate" for "rate_per_second": a shortened name is too far for difflib's ratio alone
+    close = [k for k in names if k.startswith(name) or name.startswith(k)]
+    close = close or difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

@@ -30,6 +30,7 @@ class AgencyProgress:
     parked: int
     held: int
     breaker: str
+    paused: bool = False  # an operator paused the agency: nothing of it is sent
 
 
 class ProgressView:
@@ -102,6 +103,8 @@ class ProgressView:
             breaker = self._paint(breaker, _RED)
         elif breaker == "half_open":
             breaker = self._paint(breaker, _YELLOW)
+        if row.paused:
+            breaker += "  " + self._paint("PAUSED", _YELLOW)
         return f"{row.agency:<{name}}  " + "  ".join(f"{n:>7}" for n in figures) + f"  {breaker}"
 
     def _paint(self, text: str, colour: str) -> str:
@@ -145,7 +148,7 @@ class _Above:
 def _plain_row(row: AgencyProgress) -> str:
     return (
         f"{row.agency}: sandbox {row.in_sandbox}, pending {row.pending}, parked {row.parked}, "
-        f"held {row.held}, breaker {row.breaker}"
+        f"held {row.held}, breaker {row.breaker}{', PAUSED' if row.paused else ''}"
     )
 
 

@@ -16,6 +16,7 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 from aiohttp import web
@@ -66,6 +67,17 @@ class DocumentStore(AppServer):
 
     def url_of(self, name: str) -> str:
         return f"{self.base_url}/documents/{name}.pdf"
+
+    def save(self, directory: Path) -> None:
+        """Write every served file to ``directory`` (``make run KEEP=1`` serves them again)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self._files.items():
+            (directory / f"{name}.pdf").write_bytes(data)
+
+    def load(self, directory: Path) -> None:
+        """Serve again what ``save`` wrote."""
+        for path in directory.glob("*.pdf"):
+            self.add_bytes(path.name.removesuffix(".pdf"), path.read_bytes())
 
     def add_pdf(self, name: str, title: str) -> StoredPdf:
         """Generate a real PDF showing ``title`` and serve it under ``name``."""

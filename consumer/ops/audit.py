@@ -134,6 +134,51 @@ async def run_audit(
     return result
 
 
+def render_audit(report: dict[str, Any], *, shown: int = 10) -> str:
+    """An audit's report for a person: the totals, then only the condominia with findings.
+
+    The JSON lists every condominium, clean ones included (``--json``); a person wants what
+    differs, at most ``shown`` documents per condominium and kind.
+    """
+    totals: dict[str, int] = report["findings"]
+    condominia: list[dict[str, Any]] = report["condominia"]
+    ours = sum(c["relay_documents"] for c in condominia)
+    by_hand = sum(c["hand_made"] for c in condominia)
+    lines = [
+        f"{report['agency']}: {len(condominia)} condominia audited, {ours} documents published "
+        f"by the relay ({by_hand} made by hand on ChouetteCopro, never touched)"
+    ]
+    if not any(totals.values()):
+        lines.append("  no difference between ChouetteCopro and the relay's view")
+    else:
+        counts = ", ".join(f"{count} {kind}" for kind, count in totals.items())
+        lines.append(f"  differences: {counts}")
+    for condominium in condominia:
+        for kind in FindingKind:
+            found = condominium[kind.value]
+            if not found:
+                continue
+            names = ", ".join(f"{f['document_id']} ({f['building']})" for f in found[:shown])
+            more = f" and {len(found) - shown} more" if len(found) > shown else ""
+            lines.append(
+                f"  condominium {condominium['condominium']}: {len(found)} {kind.value}: "
+                f"{names}{more}"
+            )
+    requests = report["requests"]
+    paced = "through the replica's limiter" if requests["agency_limiter"] else "from here"
+    lines.append(
+        f"  requests: {requests['sent']} sent, at most {requests['per_second_at_most']:g}/s "
+        f"({requests['share_of_agency_rate']:.0%} of the agency's rate), {paced}"
+    )
+    if "repairs" in report:
+        lines.append(
+            f"  repairs queued: {len(report['repairs'])} commands; {report['repair_note']}"
+        )
+    elif any(totals.values()):
+        lines.append("  to repair: the same command with --repair")
+    return "\n".join(lines)
+
+
 _REPAIR_NOTE = (
     "unexpected copies are deleted; missing and changed documents are uploaded again from the "
     "relay's input topics, at the agency's rate; those no longer in the input (beyond retention) "

@@ -11,26 +11,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import getpass
 import socket
 import sys
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from consumer.core.commands import AgencyAction, HeldAction
-from consumer.errors import ConfigError, PartnerError
+from consumer.errors import PartnerError
 from consumer.ops.admin import Operator
-from consumer.ops.audit import run_audit
+from consumer.ops.audit import render_audit, run_audit
 from consumer.ops.overview import add_replica_status, gather, render
+from consumer.ops.replica import replica_audit, replica_status
 from consumer.settings import Settings
 
 
 def add_operator_commands(commands: Any) -> None:
     """Register the operator's subcommands on ``commands`` (argparse sub-parsers)."""
-    commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    held = commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    held.add_argument("--agency", help="only this agency")
     for name, text in (
         ("release", "carry out the held withdrawals of a building"),
         ("discard", "forget the held withdrawals of a building (documents stay published)"),
@@ -72,6 +74,9 @@ def add_operator_commands(commands: Any) -> None:
     audit.add_argument("--agency", required=True)
     audit.add_argument("--building", help="only this building")
     audit.add_argument(
+        "--json", action="store_true", help="the whole report as JSON (also when piped)"
+    )
+    audit.add_argument(
         "--repair", action="store_true", help="queue the fixes for the owning replicas"
     )
     audit.add_argument(
@@ -83,6 +88,7 @@ def add_operator_commands(commands: Any) -> None:
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
+    letters.add_argument("--agency", help="only records keyed to this agency")
     replay = commands.add_parser(
         "replay", help="re-publish dead letters to their source topic, once each"
     )
@@ -106,7 +112,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
         if command == "status":
             return await _status(operator, args)
         if command == "held":
-            result = {"held": await operator.held()}
+            held = await operator.held()
+            result = {"held": [h for h in held if args.agency in (None, h["agency"])]}
         elif command in ("release", "discard"):
             result = await operator.queue(
                 HeldAction(command), args.agency, args.building, requested_by=who
@@ -117,6 +124,9 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "audit":
             result = await _audit(operator, args, requested_by=who)
+            if not args.json and sys.stdout.isatty():
+                sys.stdout.write(render_audit(result) + "\n")  # --json, or piped: the JSON
+                return 0
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":
@@ -124,10 +134,16 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
                 AgencyAction.RETRY, args.agency, args.building, requested_by=who
             )
         elif command == "dead-letters":
+            letters = await operator.dead_letters(
+                reason=args.reason, source_topic=args.source_topic
+            )
+            # The input topics are keyed "agency:building"; a record without a key has no agency.
             result = {
-                "dead_letters": await operator.dead_letters(
-                    reason=args.reason, source_topic=args.source_topic
-                )
+                "dead_letters": [
+                    letter
+                    for letter in letters
+                    if args.agency in (None, (letter["key"] or "").split(":", 1)[0])
+                ]
             }
         elif command == "replay":
             replayed = await operator.replay(args.ids, reason=args.reason, force=args.force)
@@ -145,13 +161,15 @@ async def _status(operator: Operator, args: argparse.Namespace) -> int:
     if args.agency is not None:
         operator.check_target(args.agency)
     while True:
+        # The replicas first: a wrong URL or token is said before the slower read of Kafka.
+        replicas = [await replica_status(operator.settings, url) for url in args.replica]
         found = await gather(operator, agency=args.agency)
         # The rate is measured over the time between samples, gathering included (seconds on a
         # large cluster), not over the --watch pause alone.
         now = time.monotonic()
         elapsed, sampled_at = now - sampled_at, now
-        for url in args.replica:
-            add_replica_status(found, await _replica_status(url))
+        for status in replicas:
+            add_replica_status(found, status)
         if args.json:
             payload = {name: entry.plain() for name, entry in found.items()}
             text = orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode()
@@ -159,6 +177,9 @@ async def _status(operator: Operator, args: argparse.Namespace) -> int:
             text = render(found, previous, elapsed)
         if args.watch:
             sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
+            if not args.json:
+                moment = dt.datetime.now().astimezone()
+                text = f"as of {moment:%H:%M:%S}, every {args.watch:g} s (Ctrl-C stops)\n\n{text}"
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
         if not args.watch:
@@ -177,7 +198,13 @@ _LOCAL_AUDIT_NOTE = (
 async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: str) -> Any:
     """The audit, run here or (``--replica``) by a replica."""
     if args.replica:
-        return await _replica_audit(operator.settings, args)
+        return await replica_audit(
+            operator.settings,
+            args.replica,
+            agency=args.agency,
+            building=args.building,
+            repair=args.repair,
+        )
     operator.check_target(args.agency, args.building)
     try:
         result = await run_audit(
@@ -191,42 +218,3 @@ async def _audit(operator: Operator, args: argparse.Namespace, *, requested_by: 
         raise ValueError(f"the audit stopped, nothing was repaired: {exc}") from None
     sys.stderr.write(_LOCAL_AUDIT_NOTE)
     return result
-
-
-async def _replica_audit(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
-    """The audit run by a replica (``GET /admin/audit`` or ``POST /admin/audit/repair``)."""
-    token = settings.http.admin_token()
-    if token is None:
-        raise ConfigError(
-            "set CHOUETTE_RELAY_HTTP__ADMIN_TOKEN_FILE to the replica's admin token file to "
-            "audit through --replica"
-        )
-    query = {"agency": args.agency, **({"building": args.building} if args.building else {})}
-    path = "/admin/audit/repair" if args.repair else "/admin/audit"
-    headers = {"Authorization": f"Bearer {token.get_secret_value()}"}
-    # An audit lists every document of the agency at a share of its rate: minutes, not seconds.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.request(
-            "POST" if args.repair else "GET",
-            url=args.replica.rstrip("/") + path,
-            params=query,
-            headers=headers,
-        ) as response,
-    ):
-        body: dict[str, Any] = await response.json(content_type=None)
-        if response.status >= 400:
-            raise ValueError(f"the replica refused the audit ({response.status}): {body}")
-        return body
-
-
-async def _replica_status(url: str) -> dict[str, Any]:
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url.rstrip("/") + "/status") as response,
-    ):
-        response.raise_for_status()
-        status: dict[str, Any] = await response.json()
-        return status

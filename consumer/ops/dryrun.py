@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -128,18 +129,32 @@ async def build_plan(settings: Settings, routing: RoutingTable, *, agency: str |
 
 
 async def plan_with_fingerprints(
-    settings: Settings, routing: RoutingTable, *, agency: str | None
+    settings: Settings,
+    routing: RoutingTable,
+    *,
+    agency: str | None,
+    views: Mapping[int, PublishedView] | None = None,
 ) -> tuple[DryRun, dict[str, str]]:
     """The dry run, and the fingerprint of each agency's part of it."""
-    total, fingerprints, _ = await plan_with_shares(settings, routing, agency=agency)
+    total, fingerprints, _ = await plan_with_shares(settings, routing, agency=agency, views=views)
     return total, fingerprints
 
 
 async def plan_with_shares(
-    settings: Settings, routing: RoutingTable, *, agency: str | None
+    settings: Settings,
+    routing: RoutingTable,
+    *,
+    agency: str | None,
+    views: Mapping[int, PublishedView] | None = None,
 ) -> tuple[DryRun, dict[str, str], dict[str, tuple[str, ...]]]:
     """The dry run, each agency's fingerprint, and the share of every input partition in it
-    (what an approve carries, so that each owning replica checks its own)."""
+    (what an approve carries, so that each owning replica checks its own).
+
+    ``views``, by partition, are the state the plan is made against when the caller has read
+    it already (``status`` counts what is published in the same views, so that published and
+    still to send add up to the same total whatever moved between two reads); otherwise each
+    partition's view is read from the state topic.
+    """
     connection = kafka_connection(settings.kafka)
     manifests = await latest_manifests(settings, connection, agency=agency)
     partitions = await topic_partitions(connection, settings.kafka.manifests_topic) or 0
@@ -148,11 +163,13 @@ async def plan_with_shares(
     found = {m.agency_id for by_building in manifests.values() for m in by_building.values()}
     agencies = sorted({agency} if agency is not None else found | set(routing.agencies))
     shares: dict[str, list[str]] = {a: [] for a in agencies}
-    state_exists = await topic_partitions(connection, settings.kafka.state_topic)
+    state_exists = views is None and await topic_partitions(connection, settings.kafka.state_topic)
     for partition in range(partitions):
         by_building = manifests.get(partition, {})
         view = PublishedView()  # no state topic yet: nothing was ever published
-        if state_exists and by_building:
+        if views is not None:
+            view = views.get(partition, view)
+        elif state_exists and by_building:
             await restore_partition(
                 connection=connection,
                 topic=settings.kafka.state_topic,
@@ -169,9 +186,25 @@ async def plan_with_shares(
     return total, fingerprints, {a: tuple(shares[a]) for a in agencies}
 
 
+CHANGES_EXIT_CODE = 3
+"""``plan --detailed-exitcode``: there is something to send or record (0: no changes; 2 stays
+the CLI's "fix this setting")."""
+
+
+def has_changes(plan: DryRun) -> bool:
+    """Whether applying the newest manifests would send, withdraw or record anything."""
+    return bool(plan.uploads or plan.deletes or plan.baseline)
+
+
 def render(
     plan: DryRun, routing: RoutingTable, default_rate: float, fingerprints: dict[str, str]
 ) -> str:
+    if not has_changes(plan):
+        whose = " and ".join(sorted(fingerprints)) or "any agency"
+        return (
+            f"No changes: the newest manifests of {whose} are applied; nothing to send and "
+            "nothing to approve."
+        )
     lines = [
         f"{'agency':<20} {'building':<14} {'module':<18} {'uploads':>8} {'MiB':>9} "
         f"{'baseline':>9} {'deletes':>8} {'held':>6} {'parked':>7}"
@@ -215,7 +248,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -> int:
+async def print_plan(
+    settings: Settings, *, agency: str | None, as_json: bool, detailed_exitcode: bool = False
+) -> int:
+    """Print the dry run; with ``detailed_exitcode``, 0 means no changes and 3 changes."""
     if settings.routing_file is None or not settings.kafka.bootstrap_servers:
         raise ConfigError(
             "the dry run reads a real cluster: set CHOUETTE_RELAY_KAFKA__BOOTSTRAP_SERVERS and "
@@ -229,7 +265,7 @@ async def print_plan(settings: Settings, *, agency: str | None, as_json: bool) -
     else:
         default_rate = settings.partner.default_rate_per_second
         sys.stdout.write(render(plan, routing, default_rate, fingerprints) + "\n")
-    return 0
+    return CHANGES_EXIT_CODE if detailed_exitcode and has_changes(plan) else 0
 
 
 def plan_json(
@@ -258,6 +294,7 @@ def plan_json(
         "upload_bytes": plan.upload_bytes,
         "baseline": plan.baseline,
         "deletes": plan.deletes,
+        "changes": has_changes(plan),
         "fingerprints": fingerprints,
     }
     if shares is not None:

@@ -67,6 +67,7 @@ class OpsServer(AppServer):
             web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics),
             web.get("/status", self._status),
+            web.get("/admin/status", self._admin(self._status)),  # `status --replica`
             web.get("/admin/held", self._admin(self._list_held)),
             web.post(
                 "/admin/held/{agency}/{building}/{action:release|discard}",
@@ -136,7 +137,7 @@ class OpsServer(AppServer):
             discard=action == "discard",
             requested_by=f"http:{request.remote or 'unknown'}",
         )
-        log.warning(
+        log.info(
             "operator command queued",
             extra={"agency": agency, "building": building, "action": action, **queued},
         )
@@ -164,7 +165,7 @@ class OpsServer(AppServer):
         queued = await self._control.operator().queue(
             action, request.match_info["agency"], requested_by=_requester(request)
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _plan(self, request: web.Request) -> web.Response:
@@ -181,7 +182,7 @@ class OpsServer(AppServer):
         queued = await self._control.operator().approve(
             request.match_info["agency"], plan, requested_by=_requester(request)
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _audit(self, request: web.Request) -> web.Response:
@@ -216,7 +217,7 @@ class OpsServer(AppServer):
             request.match_info.get("building"),
             requested_by=_requester(request),
         )
-        log.warning("operator command queued", extra=queued)
+        log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)
 
     async def _list_dead_letters(self, request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from consumer.core.state import ON_PARTNER, DocStatus
 from consumer.core.view import PublishedView
 from consumer.kafka.startup import start_client
 from consumer.ops.admin import Operator
+from consumer.ops.dryrun import plan_with_fingerprints
 from consumer.ops.replay import read_dead_letters
 
 
@@ -71,7 +72,11 @@ async def gather(operator: Operator, *, agency: str | None = None) -> dict[str, 
     for view in views:
         _count_view(found, view)
     _mark_unapproved(found, routing, views)
-    plan, _ = await operator.plan(agency)
+    # Planned against the same views: a document sent meanwhile is counted once, as published
+    # or as still to send, and the total of the progress bar holds still.
+    plan, _ = await plan_with_fingerprints(
+        operator.settings, routing, agency=agency, views=dict(enumerate(views))
+    )
     for line in plan.lines:
         if (planned := found.get(line.agency_id)) is not None:
             planned.remaining += line.uploads

@@ -8,6 +8,7 @@ build the application, bind (port 0 picks a free port, read back from the runner
 from __future__ import annotations
 
 import asyncio
+import socket
 from types import TracebackType
 from typing import Self
 
@@ -64,3 +65,26 @@ class AppServer:
         if self._port is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._port
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (in use, no such address), or None.
+
+    Checked before anything slow starts, so that a port in use is said at once rather than after
+    Kafka and every partition. Port 0 (any free port) always works.
+    """
+    if port == 0:
+        return None
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host} is not an address of this machine ({exc.strerror})"
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the server will: a port left in TIME_WAIT by a stopped relay is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"port {port} on {host} is not free ({exc.strerror or exc})"
+    return None

@@ -9,6 +9,7 @@ partner message passes ``redact``, which knows every form a key takes on the wir
 from __future__ import annotations
 
 import base64
+import difflib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -136,6 +137,36 @@ class ApiKeyStore:
 
     def agencies(self) -> frozenset[str]:
         return frozenset(self._keys)
+
+    def check_covers(self, agencies: Iterable[str]) -> None:
+        """A ``ConfigError`` naming every agency without a key file, and the file meant for it.
+
+        The usual slip is a file named after the key file someone was sent (``agence-lyon.key``)
+        where the agency id alone (``agence-lyon``) is the name.
+        """
+        missing = sorted(set(agencies) - set(self._keys))
+        if not missing:
+            return
+        names = (
+            sorted(p.name for p in self._directory.iterdir() if not p.name.startswith("."))
+            if self._directory is not None and self._directory.is_dir()
+            else []
+        )
+        problems = []
+        for agency in missing:
+            problem = f"no API key file for agency {agency} in {self._directory}"
+            meant = [n for n in names if n.split(".", 1)[0] == agency] or difflib.get_close_matches(
+                agency, names, n=1
+            )
+            if meant:
+                problem += (
+                    f": {meant[0]} is there, but the file name must be the agency id alone; "
+                    f"rename it {agency} (in a Secret: --from-file={agency}=./{meant[0]})"
+                )
+            else:
+                problem += f": add a file named {agency} holding its ChouetteCopro API key"
+            problems.append(problem)
+        raise ConfigError("; ".join(problems))
 
     def get(self, agency_id: str) -> SecretStr | None:
         return self._keys.get(agency_id)

@@ -9,6 +9,7 @@ reconcile waiting for the partner) holds no other partition back.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,9 +170,12 @@ async def test_a_partition_held_at_start_holds_no_other_partition_back(
     assert documents[0]["id"] not in world.partner_references()
     assert not relay.is_ready()
     assert "0" in relay.status()["restoring"]
-    waiting = [r for r in caplog.records if r.getMessage().startswith("partition waits for")]
-    assert waiting
-    assert {getattr(r, "partition", None) for r in waiting} == {0}
+
+    def waiting() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("partition waits for")]
+
+    await world.wait_until(lambda: bool(waiting()), what="the held partition says it waits")
+    assert {getattr(r, "partition", None) for r in waiting()} == {0}
 
     gate.set()
     await world.wait_until(relay.is_ready, timeout=60, what="ready")

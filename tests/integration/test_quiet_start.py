@@ -8,6 +8,7 @@ deserves it (the demo's deliberate poison record), and no stray output such as t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -116,3 +117,39 @@ def _wait_for_text(process: subprocess.Popen[bytes], path: Path, text: str) -> N
         assert process.poll() is None, path.read_text(encoding="utf-8")[-3000:]
         assert time.monotonic() < deadline, f"no {text!r} in the output within 120 s"
         time.sleep(0.2)  # polling the child's output, with a deadline
+
+
+async def test_a_start_awaiting_approval_and_an_operator_command_are_said_once_at_info(
+    relay_world: WorldFactory, tmp_path: Path
+) -> None:
+    """Buildings waiting for approval are what the routing asked for: one INFO line for the
+    agency (per partition it has buildings on), not a warning per building; a command at INFO,
+    without ``building=None``; no rebalance line about no partitions."""
+    buildings = {f"bat-{n}": f"c-{n}" for n in range(12)}
+    world = await relay_world(
+        agencies={"agence-a": AgencySpec(buildings=buildings, approval="operator")}
+    )
+    log_path = tmp_path / "relay.log"
+    process = world.spawn_relay(log_path)
+    for building in buildings:
+        await world.publish(*world.manifest_parts("agence-a", building, [world.document()]))
+    pause = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer.cli", "pause", "agence-a", env=world.environment()
+    )
+    assert await pause.wait() == 0
+
+    def said(message: str) -> list[dict[str, Any]]:
+        return [e for e in read_output(log_path)[0] if e["msg"] == message]
+
+    await world.wait_until(lambda: len(said("operator command")) == 3, what="the pause, applied")
+    assert await stop_with_ctrl_c(world, process) == 0
+
+    entries, _ = read_output(log_path)
+    assert [e for e in entries if e["level"] in ALARMING] == []
+    waiting = said("first publication awaits an operator's approval")
+    assert 1 <= len(waiting) <= 3 < len(buildings)  # at most one per partition
+    assert {(e["level"], e["agency"]) for e in waiting} == {("info", "agence-a")}
+    commands = said("operator command")
+    assert {e["level"] for e in commands} == {"info"}
+    assert not any("building" in e for e in commands)
+    assert all(e["partitions"] for e in said("partitions revoked"))

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from consumer.app.relay import Relay
+from consumer.ops.admin import Operator
+from consumer.ops.overview import gather
 from tests.fixtures.relay import AgencySpec, WorldFactory
-from tests.integration.operator_helpers import call, cli, cli_output, token_http
+from tests.integration.operator_helpers import call, cli, cli_output, many_documents, token_http
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +82,48 @@ async def test_status_shows_progress_backlog_parked_dead_letters_and_the_pause(
     assert {k: v for k, v in overview.items() if k != "breaker"} == {
         k: v for k, v in entry.items() if k != "breaker"
     }
+
+
+async def test_the_progress_total_holds_still_while_a_first_publication_runs(
+    relay_world: WorldFactory,
+) -> None:
+    """Published and still to send are counted in one read of the state: a document sent between
+    two reads is neither lost from the total nor counted twice."""
+    documents = 240
+    world = await relay_world(
+        agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"}, rate_per_second=40, burst=1)}
+    )
+    await world.start_relay()
+    taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    listed = many_documents(world, documents)
+    await world.publish(*world.manifest_parts(AGENCY, "bat-1", listed, taken_at=taken_at))
+    totals: list[int] = []
+    async with Operator(world.settings()) as operator:
+        while True:
+            [entry] = (await gather(operator, agency=AGENCY)).values()
+            if 0 < entry.published < documents:
+                totals.append(entry.published + entry.remaining)
+            if entry.published == documents or len(totals) == 4:
+                break
+    assert len(totals) >= 2, "the publication ended before it could be watched"
+    assert totals == [documents] * len(totals)
+
+
+async def test_dead_letters_of_one_agency(relay_world: WorldFactory) -> None:
+    world = await relay_world(
+        agencies={
+            "agence-a": AgencySpec(buildings={"bat-1": "c-1"}),
+            "agence-b": AgencySpec(buildings={"bat-2": "c-2"}),
+        }
+    )
+    await world.start_relay()
+    await world.publish_raw(world.documents_topic, key=b"agence-a:bat-1", value=b"[")
+    await world.publish_raw(world.documents_topic, key=b"agence-b:bat-2", value=b"{")
+
+    async def both_listed() -> bool:
+        return len((await cli(world, "dead-letters"))["dead_letters"]) == 2
+
+    await world.wait_until(both_listed, what="two dead letters")
+    shown = (await cli(world, "dead-letters", "--agency", "agence-b"))["dead_letters"]
+    assert [letter["key"] for letter in shown] == ["agence-b:bat-2"]
+    assert (await cli(world, "held", "--agency", "agence-b"))["held"] == []

@@ -76,3 +76,26 @@ def test_elsewhere_each_change_is_one_plain_line() -> None:
         "[local] dead letters 0",
         "[local] agence-paris: sandbox 0, pending 0, parked 1, held 0, breaker open",
     ]
+
+
+def test_a_paused_agency_says_so_in_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = io.StringIO()
+    view = ProgressView(out, live=False)
+    paused = AgencyProgress("agence-lyon", 3, 5, 0, 0, "closed", paused=True)
+    view.show([paused], "dead letters 0")
+    assert out.getvalue().splitlines()[0] == (
+        "[local] agence-lyon: sandbox 3, pending 5, parked 0, held 0, breaker closed, PAUSED"
+    )
+    live = io.StringIO()
+    table = ProgressView(live, live=True)
+    table.show([paused], "dead letters 0")
+    assert screen(live.getvalue())[1].split() == [
+        "agence-lyon",
+        "3",
+        "5",
+        "0",
+        "0",
+        "closed",
+        "PAUSED",
+    ]

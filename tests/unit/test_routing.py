@@ -163,6 +163,25 @@ def test_each_mistake_names_agency_field_and_fix(fields: dict[str, Any], expecte
     assert expected in config_error(agency(**fields))
 
 
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"agencies": {"agence-lyon": {"condominiums": {}}}},
+            'agencies.agence-lyon.condominiums: unknown setting (did you mean "condominia"?)',
+        ),
+        (
+            {"agencies": {"agence-lyon": {"rate": 2}}},
+            'agencies.agence-lyon.rate: unknown setting (did you mean "rate_per_second"?)',
+        ),
+        ({"defaults": {"aproval": "auto"}}, 'defaults.aproval: unknown setting (did you mean "a'),
+        ({"agency": {}}, 'agency: unknown section (did you mean "agencies"?)'),
+    ],
+)
+def test_a_misspelt_key_is_answered_with_the_one_meant(data: dict[str, Any], expected: str) -> None:
+    assert expected in config_error(data)
+
+
 def test_missing_choices_are_asked_for_not_defaulted() -> None:
     message = config_error({"agencies": {"agence-lyon": {}}})
     assert "agencies.agence-lyon.modules: missing; list the modules to forward" in message
@@ -172,7 +191,8 @@ def test_missing_choices_are_asked_for_not_defaulted() -> None:
 def test_file_level_mistakes_are_reported_together() -> None:
     message = config_error({"agencies": {}, "defautls": {}})
     assert message.splitlines() == [
-        "routing file defautls: unknown section; use [defaults] and [agencies.<id>]",
+        'routing file defautls: unknown section (did you mean "defaults"?); use [defaults] and '
+        "[agencies.<id>]",
         "routing file agencies: no agency configured; add an [agencies.<agency-id>] table",
     ]
 

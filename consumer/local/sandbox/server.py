@@ -149,6 +149,13 @@ class SandboxServer(AppServer):
 
     # -- inspection --------------------------------------------------------------------------
 
+    def export(self) -> dict[str, Any]:
+        """The stored documents, to be restored by a later sandbox (``make run KEEP=1``)."""
+        return self._storage.export()
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        self._storage.restore(data)
+
     def documents(self, condominium_id: str | None = None) -> list[SandboxDocument]:
         """Stored documents in creation order, of one condominium or all."""
         return self._storage.documents(condominium_id)

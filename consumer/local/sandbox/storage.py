@@ -2,7 +2,7 @@
 
 Documents made through the API carry a reference; the ones a test makes "by hand" (as a user of
 the app would) do not. Counting successful creations per reference is how a duplicate upload is
-seen. Everything is in memory and gone when the sandbox stops.
+seen. Everything is in memory and gone when the sandbox stops, unless exported and restored.
 """
 
 from __future__ import annotations
@@ -92,6 +92,22 @@ class Storage:
         copy = dataclasses.replace(self._documents[remote_id], id=self.new_id())
         self._documents[copy.id] = copy
         return copy.id
+
+    # -- kept across runs (``make run KEEP=1``) --------------------------------------------------
+
+    def export(self) -> dict[str, Any]:
+        """The documents and counts, as JSON-ready data (bytes are never kept)."""
+        return {
+            "documents": [dataclasses.asdict(d) for d in self._documents.values()],
+            "creates": dict(self._creates),
+            "next_id": self._next_id,
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """What ``export`` gave, replacing what is stored."""
+        self._documents = {d["id"]: SandboxDocument(**d) for d in data["documents"]}
+        self._creates = Counter(data["creates"])
+        self._next_id = int(data["next_id"])
 
     # -- inspection ----------------------------------------------------------------------------
 
