@@ -55,6 +55,8 @@ class PlanCompletion:
         future, with no task of its own: held work costs its items, not coroutines.
         """
         held = list(offsets)
+        if plan.marks:
+            self._executor.mark(plan.marks)  # before anything below is queued behind them
         writes: list[Awaitable[object]] = []
         now: list[StateRecord] = []  # records with no work queued on their document
         deferred: list[BuildingRecord] = []

@@ -250,8 +250,12 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         if self._start_repair(command, source):
             return
         if isinstance(action, HeldAction) and command.building_id is not None:
-            settle = discard_held if action is HeldAction.DISCARD else release_held
-            plan, work_source = settle(self.view, command.agency_id, command.building_id), source
+            agency_id, building_id = command.agency_id, command.building_id
+            if action is HeldAction.DISCARD:
+                plan = discard_held(self.view, self._routing, agency_id, building_id)
+            else:
+                plan = release_held(self.view, agency_id, building_id)
+            work_source = source
         else:
             # Work the relay starts itself (parked documents sent again) has no input record to
             # dead-letter: a refusal keeps the document parked with the refusal.

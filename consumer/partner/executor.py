@@ -25,11 +25,13 @@ from consumer.core.planning.plan import (
     Operation,
     Upload,
     deleted_record,
+    held_published_record,
+    held_upload_record,
     intent_record,
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocumentRecord, StateRecord
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord
 from consumer.core.view import PublishedView
 from consumer.errors import PartnerRejectedError
 from consumer.failures import Scope
@@ -93,6 +95,10 @@ class OperationExecutor(DocumentSetbacks):
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._look_first: set[DocKey] = set()
+        # The newest upload submitted per document until it ends, and those a held manifest
+        # stopped (with its snapshot id): a hold reaches work already queued or running.
+        self._uploads: dict[DocKey, Upload] = {}
+        self._holding: dict[DocKey, tuple[Upload, str]] = {}
         self._window = Window(
             size=window,
             run=self._run,
@@ -127,6 +133,7 @@ class OperationExecutor(DocumentSetbacks):
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
+                self._uploads[operation.key] = operation
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
                     self._look_first.add(operation.key)
@@ -137,6 +144,27 @@ class OperationExecutor(DocumentSetbacks):
                 self._view.apply(deleted_record(operation))
             self._backlog[_backlog_label(entries[-1])].inc()
         return self._window.submit(entries, source=source)
+
+    def mark(self, marks: Iterable[DocumentRecord]) -> None:
+        """Hold or let go the uploads already queued (or running) for documents a held manifest
+        decides; the view shows each mark at once.
+
+        A held upload not sent yet is not sent: when its turn comes it records itself as
+        waiting, with its document (``upload_held``). One already sent (or in doubt) goes on,
+        and records itself as a held withdrawal. An ``uploading`` mark lets it go again.
+        """
+        for record in marks:
+            self._view.apply(record)
+            upload = self._uploads.get(record.key)
+            if record.status is DocStatus.UPLOAD_HELD and record.held_by and upload is not None:
+                self._holding[record.key] = (upload, record.held_by)
+            else:
+                self._holding.pop(record.key, None)
+
+    def _held_by(self, upload: Upload) -> str | None:
+        """The snapshot of the held manifest that stops ``upload``, if one does."""
+        holding = self._holding.get(upload.key)
+        return holding[1] if holding is not None and holding[0] is upload else None
 
     def write_after(self, record: StateRecord) -> Awaitable[None]:
         """Write ``record`` once the work queued on its document is done (at once if none is)."""
@@ -163,6 +191,8 @@ class OperationExecutor(DocumentSetbacks):
 
     async def cancel_all(self) -> None:
         await self._window.cancel_all()
+        self._uploads.clear()
+        self._holding.clear()
 
     def _count_finished(self, entry: Entry) -> None:
         self._backlog[_backlog_label(entry)].dec()
@@ -190,15 +220,28 @@ class OperationExecutor(DocumentSetbacks):
     async def _run_upload(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord
     ) -> RemoteState | None:
+        try:
+            return await self._run_upload_once(upload, base, source)
+        finally:
+            if self._uploads.get(upload.key) is upload:
+                del self._uploads[upload.key]
+            if self._held_by(upload) is not None:
+                del self._holding[upload.key]
+
+    async def _run_upload_once(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord
+    ) -> RemoteState | None:
         lane = upload.lane.value
         sha = upload.document.content.sha256
         if base is not None and base.sha256 == sha:
+            if (held_by := self._held_by(upload)) is not None:
+                return await self._record_held(upload, base, base, held_by)
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
         tried = _Tried(reached_partner=upload.key in self._look_first)
         self._look_first.discard(upload.key)
 
-        async def call() -> RemoteState:
+        async def call() -> RemoteState | None:
             return await self._attempt_upload(upload, base, tried)
 
         scope = Scope.DOCUMENT if source.offset >= 0 else Scope.RELAY
@@ -207,16 +250,39 @@ class OperationExecutor(DocumentSetbacks):
         )
         if isinstance(result, _Failed):
             return await self._upload_failed(upload, base, source, result)
+        held_by = self._held_by(upload)
+        if result is None or held_by is not None:
+            return await self._record_held(upload, base, result, held_by or "")
         self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
         return result
 
+    async def _record_held(
+        self, upload: Upload, base: RemoteState | None, sent: RemoteState | None, held_by: str
+    ) -> RemoteState | None:
+        """An upload a held manifest caught: not sent, it waits with its document; sent
+        already, the partner holds it and its withdrawal waits. What the partner holds is what
+        the next operation on the document builds on."""
+        if sent is None:
+            record = held_upload_record(upload, held_by)
+            outcome = "held"
+        else:
+            record = held_published_record(upload, sent.remote_id, sent.sha256, held_by)
+            outcome = "done"
+        await self._writer.write(record)
+        self._settle(upload.key, record)
+        self._metrics.operations.labels(upload.lane.value, "upload", outcome).inc()
+        return base if sent is None else sent
+
     async def _attempt_upload(
         self, upload: Upload, base: RemoteState | None, tried: _Tried
-    ) -> RemoteState:
-        """One attempt; the scheduler calls it again after a retriable failure."""
+    ) -> RemoteState | None:
+        """One attempt; the scheduler calls it again after a retriable failure. None: a held
+        manifest stopped the upload before anything of it reached the partner."""
+        if not tried.reached_partner and self._held_by(upload) is not None:
+            return None
         sha = upload.document.content.sha256
         current = None if tried.gone else base
         looked_up = tried.reached_partner and current is None

@@ -548,7 +548,7 @@ def test_the_operator_releases_or_discards_held_withdrawals() -> None:
     assert deletes(release_held(view, AGENCY, BUILDING)) == {
         "d1": Delete(key("d1"), "8841", "r-d1")
     }
-    discarded = discard_held(view, AGENCY, BUILDING)
+    discarded = discard_held(view, routing(), AGENCY, BUILDING)
     assert discarded.records == (
         dataclasses.replace(held, status=DocStatus.PUBLISHED, held_by=None),
     )

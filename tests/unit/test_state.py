@@ -18,6 +18,7 @@ from referencing import Registry, Resource
 
 from consumer.core.events import Document, Module
 from consumer.core.state import (
+    HELD,
     AgencyKey,
     AgencyRecord,
     BuildingKey,
@@ -273,9 +274,9 @@ def document_records(draw: st.DrawFn) -> DocumentRecord:
         size_bytes=document.content.size_bytes,
         remote_id=None if status is DocStatus.BASELINE else "r-1",
         condominium_id="8841",
-        held_by="snap" if status is DocStatus.DELETE_HELD else None,
+        held_by="snap" if status in HELD else None,
         parked_reason="unmapped_building" if status is DocStatus.PARKED else None,
-        document=document if status is DocStatus.PARKED else None,
+        document=document if status in (DocStatus.PARKED, DocStatus.UPLOAD_HELD) else None,
     )
 
 
