@@ -46,17 +46,24 @@ class PlanCompletion:
         raise NotImplementedError
 
     def _execute(
-        self, plan: Plan, source: SourceRecord, offsets: Iterable[tuple[str, int]]
+        self,
+        plan: Plan,
+        source: SourceRecord,
+        offsets: Iterable[tuple[str, int]],
+        *,
+        decided_by: tuple[str, str] | None = None,
     ) -> None:
         """Apply and write the plan's records, submit its operations, and release ``offsets``
         (each opened by ``begin`` when read) once all of that is acknowledged.
 
         A plan of operations alone (a document's upload, the common case) waits as its batch's
         future, with no task of its own: held work costs its items, not coroutines.
+        ``decided_by``: the building whose manifest decided the plan (a document it supersedes,
+        or one that waits for its hold); the offsets wait for that building's work too, so that
+        a crash before the manifest is recorded reads the document again with the manifest.
         """
         held = list(offsets)
-        if plan.marks:
-            self._executor.mark(plan.marks)  # before anything below is queued behind them
+        building_wide = list(self._building_work.get(decided_by, ())) if decided_by else []
         writes: list[Awaitable[object]] = []
         now: list[StateRecord] = []  # records with no work queued on their document
         deferred: list[BuildingRecord] = []
@@ -80,10 +87,13 @@ class PlanCompletion:
         if now:
             writes.append(_write_all(self._writer, now))
         batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
+        if plan.marks:
+            self._executor.mark(plan.marks)  # on the uploads queued so far, this plan's included
         completion: asyncio.Future[None]
         places = {(r.agency_id, r.building_id) for r in deferred}
-        if writes or deferred:
+        if writes or deferred or building_wide:
             earlier = [work for place in places for work in self._building_work.get(place, ())]
+            earlier += building_wide
             completion = asyncio.create_task(
                 self._complete(
                     writes, batch, deferred=deferred, offsets=held, earlier=earlier, source=source
@@ -117,7 +127,7 @@ class PlanCompletion:
             await asyncio.gather(*writes, *([batch.future] if batch else []))
         except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
             await self._set_aside(source, error)
-        if deferred and earlier:
+        if earlier:
             # Earlier work of the building (a manifest's uploads, a document's) it counted on.
             await asyncio.gather(*earlier, return_exceptions=True)
         for record in deferred:

@@ -30,7 +30,7 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
-from consumer.core.planning.plan import Lane, Plan, Upload
+from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
@@ -45,6 +45,8 @@ __all__ = ["COMMANDS", "DOCUMENTS", "MANIFESTS", "FindResend", "PartitionProcess
 log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
+DECIDED_BY_MANIFEST = frozenset({Outcome.SUPERSEDED, Outcome.WAITING})
+"""Outcomes of a document-created event that a manifest of its building decided."""
 COMMANDS = "operator-command"
 
 
@@ -217,10 +219,13 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         if isinstance(decoded, DocumentCreated):
             plan = plan_document(self.view, self._routing, decoded)
             self._count_event(kind, plan.outcome)
-            if not plan.records and not plan.operations:
+            place = (decoded.agency_id, decoded.building_id)
+            decided = plan.outcome in DECIDED_BY_MANIFEST and place in self._building_work
+            if not plan.records and not plan.operations and not decided:
                 tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
                 return
-            self._execute(plan, source, [(source.topic, source.offset)])
+            offsets = [(source.topic, source.offset)]
+            self._execute(plan, source, offsets, decided_by=place if decided else None)
             return
         # A record without a timestamp counts from its taken_at, which also survives a restart.
         await self._handle_part(decoded, source, published_at or min(decoded.taken_at, now))

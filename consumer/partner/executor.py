@@ -28,6 +28,7 @@ from consumer.core.planning.plan import (
     held_published_record,
     held_upload_record,
     intent_record,
+    partner_sha256,
     published_record,
 )
 from consumer.core.records import SourceRecord
@@ -95,10 +96,10 @@ class OperationExecutor(DocumentSetbacks):
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._look_first: set[DocKey] = set()
-        # The newest upload submitted per document until it ends, and those a held manifest
-        # stopped (with its snapshot id): a hold reaches work already queued or running.
-        self._uploads: dict[DocKey, Upload] = {}
-        self._holding: dict[DocKey, tuple[Upload, str]] = {}
+        # The uploads queued or running per document, and those a held manifest stopped (with
+        # its snapshot id): a hold reaches work already queued or running, not work planned later.
+        self._uploads: dict[DocKey, list[Upload]] = {}
+        self._holding: dict[DocKey, tuple[list[Upload], str]] = {}
         self._window = Window(
             size=window,
             run=self._run,
@@ -133,7 +134,7 @@ class OperationExecutor(DocumentSetbacks):
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
-                self._uploads[operation.key] = operation
+                self._uploads.setdefault(operation.key, []).append(operation)
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
                     self._look_first.add(operation.key)
@@ -155,16 +156,18 @@ class OperationExecutor(DocumentSetbacks):
         """
         for record in marks:
             self._view.apply(record)
-            upload = self._uploads.get(record.key)
-            if record.status is DocStatus.UPLOAD_HELD and record.held_by and upload is not None:
-                self._holding[record.key] = (upload, record.held_by)
+            uploads = self._uploads.get(record.key)
+            if record.status is DocStatus.UPLOAD_HELD and record.held_by and uploads:
+                self._holding[record.key] = (list(uploads), record.held_by)
             else:
                 self._holding.pop(record.key, None)
 
     def _held_by(self, upload: Upload) -> str | None:
         """The snapshot of the held manifest that stops ``upload``, if one does."""
         holding = self._holding.get(upload.key)
-        return holding[1] if holding is not None and holding[0] is upload else None
+        if holding is None or not any(held is upload for held in holding[0]):
+            return None
+        return holding[1]
 
     def write_after(self, record: StateRecord) -> Awaitable[None]:
         """Write ``record`` once the work queued on its document is done (at once if none is)."""
@@ -204,11 +207,7 @@ class OperationExecutor(DocumentSetbacks):
         if given:
             base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
-            sha = (
-                operation.previous.sha256
-                if isinstance(operation, Upload) and operation.previous
-                else ""
-            )
+            sha = partner_sha256(operation) if isinstance(operation, Upload) else ""
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
@@ -223,10 +222,12 @@ class OperationExecutor(DocumentSetbacks):
         try:
             return await self._run_upload_once(upload, base, source)
         finally:
-            if self._uploads.get(upload.key) is upload:
-                del self._uploads[upload.key]
-            if self._held_by(upload) is not None:
-                del self._holding[upload.key]
+            _forget(self._uploads, upload)
+            holding = self._holding.get(upload.key)
+            if holding is not None:
+                _forget({upload.key: holding[0]}, upload)
+                if not holding[0]:
+                    del self._holding[upload.key]
 
     async def _run_upload_once(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord
@@ -266,7 +267,8 @@ class OperationExecutor(DocumentSetbacks):
         already, the partner holds it and its withdrawal waits. What the partner holds is what
         the next operation on the document builds on."""
         if sent is None:
-            record = held_upload_record(upload, held_by)
+            remote_id = base.remote_id if base is not None else upload.remote_id
+            record = held_upload_record(upload, held_by, remote_id)
             outcome = "held"
         else:
             record = held_published_record(upload, sent.remote_id, sent.sha256, held_by)
@@ -369,6 +371,16 @@ class OperationExecutor(DocumentSetbacks):
         """Apply a durable outcome to the view unless a later operation on the key is queued."""
         if not self._window.has_followers(key):
             self._view.apply(record)
+
+
+def _forget(uploads: dict[DocKey, list[Upload]], upload: Upload) -> None:
+    """Take ``upload`` (this very one) out of its document's list; drop the list once empty."""
+    queued = uploads.get(upload.key)
+    if queued is None:
+        return
+    queued[:] = [other for other in queued if other is not upload]
+    if not queued:
+        del uploads[upload.key]
 
 
 def _backlog_label(entry: Entry) -> tuple[Lane, str]:

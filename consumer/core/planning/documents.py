@@ -19,6 +19,7 @@ from consumer.core.planning.plan import (
     Plan,
     Upload,
     document_record,
+    intent_record,
 )
 from consumer.core.routing import Action, Reason, RoutingTable, Verdict
 from consumer.core.state import (
@@ -179,6 +180,21 @@ def _wait(
     ``taken_at``, or the same content left as it was): the event changes nothing. Any other is
     left out of it, so it waits for the operator's decision with its document.
     """
+    if verdict.condominium_id is not None and current is not None and _queued(current):
+        # Its upload is queued or running: this version joins it, held the same way, so that
+        # it records itself once the work before it has said what the partner holds.
+        upload = upload_for(
+            key,
+            document,
+            condominium_id=verdict.condominium_id,
+            lane=Lane.LIVE,
+            seen_at=seen_at,
+            current=current,
+        )
+        mark = dataclasses.replace(
+            intent_record(upload), status=DocStatus.UPLOAD_HELD, held_by=held.snapshot_id
+        )
+        return Plan(Outcome.WAITING, (upload,), marks=(mark,))
     remote_id = condominium_id = None
     if current is not None:
         marked = current.status in HELD and current.held_by == held.snapshot_id
@@ -199,6 +215,13 @@ def _wait(
     )
     waiting = dataclasses.replace(record, held_by=held.snapshot_id, document=document)
     return Plan(Outcome.WAITING, records=(waiting,))
+
+
+def _queued(record: DocumentRecord) -> bool:
+    """Whether the view shows an upload of the document queued or running (held or not)."""
+    return record.status is DocStatus.UPLOADING or (
+        record.status is DocStatus.UPLOAD_HELD and record.document is None
+    )
 
 
 def let_go(

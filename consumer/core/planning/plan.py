@@ -82,6 +82,15 @@ class Plan:
     marks: tuple[DocumentRecord, ...] = ()
 
 
+def partner_sha256(upload: Upload) -> str:
+    """The sha256 the partner holds under ``upload.remote_id`` as far as the record it replaces
+    says ("" when unknown): a held upload's record describes the version waiting, not that one."""
+    previous = upload.previous
+    if previous is None or previous.status is DocStatus.UPLOAD_HELD:
+        return ""
+    return previous.sha256
+
+
 def document_record(
     key: DocKey,
     document: Document,
@@ -130,14 +139,15 @@ def published_record(upload: Upload, remote_id: str, sha256: str) -> DocumentRec
     return dataclasses.replace(record, sha256=sha256)
 
 
-def held_upload_record(upload: Upload, held_by: str) -> DocumentRecord:
-    """An upload a held manifest stopped before it was sent: it waits, with its document."""
+def held_upload_record(upload: Upload, held_by: str, remote_id: str | None) -> DocumentRecord:
+    """An upload a held manifest stopped before it was sent: it waits, with its document.
+    ``remote_id`` names the version the partner holds, if any (the one it would have updated)."""
     record = document_record(
         upload.key,
         upload.document,
         DocStatus.UPLOAD_HELD,
         upload.seen_at,
-        remote_id=upload.remote_id,
+        remote_id=remote_id,
         condominium_id=upload.condominium_id,
     )
     return dataclasses.replace(record, held_by=held_by, document=upload.document)
