@@ -81,6 +81,10 @@ class StalledPartner:
             )
         return batch
 
+    def queue_after(self, record: StateRecord) -> asyncio.Future[None] | None:
+        # As the real executor does: behind the work queued on the document, here for ever.
+        return self._never if any(op.key == record.key for op in self.submitted) else None
+
     def write_after(self, record: StateRecord) -> Awaitable[object]:
         # As the real executor does: behind the work queued on the document, here for ever.
         if any(op.key == record.key for op in self.submitted):

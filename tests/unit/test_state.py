@@ -26,6 +26,8 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
+    HoldDecision,
     StateDecodeError,
     StateRecord,
     Tombstone,
@@ -125,6 +127,21 @@ RECORDS = [
         first_publication_done=True,
     ),
     BuildingRecord("agence-lyon", "bat-13"),
+    BuildingRecord(
+        "agence-lyon",
+        "bat-14",
+        held=HeldManifest(
+            "3f2c1b7e-0000-4000-8000-000000000002",
+            dt.datetime(2024, 5, 6, tzinfo=dt.UTC),
+            frozenset({Module.AG, Module.CONTRATS}),
+            HoldDecision.DISCARD,
+        ),
+    ),
+    published(
+        status=DocStatus.UPLOAD_HELD,
+        held_by="3f2c1b7e-0000-4000-8000-000000000002",
+        document=a_document(),
+    ),
     Tombstone(KEY),
     Tombstone(BuildingKey("agence-lyon", "bat-12")),
 ]
@@ -133,6 +150,21 @@ RECORDS = [
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
 def test_every_record_kind_survives_the_changelog(record: StateRecord) -> None:
     assert round_trip(record) == record
+
+
+def test_a_building_record_written_before_held_manifests_were_kept_is_read() -> None:
+    value = orjson.dumps(
+        {
+            "schema_version": 1,
+            "kind": "building",
+            "manifest_taken_at": {"ag": "2024-05-06T00:00:00Z"},
+            "first_publication_done": True,
+        }
+    )
+    validate(value)
+    assert decode_state(b"agence-lyon:bat-12", value) == BuildingRecord(
+        "agence-lyon", "bat-12", {Module.AG: dt.datetime(2024, 5, 6, tzinfo=dt.UTC)}, True
+    )
 
 
 def test_keys_are_agency_building_document_and_document_ids_may_hold_colons() -> None:
