@@ -122,24 +122,28 @@ class History:
             )
         )
 
-    def snapshot(self, when: dt.datetime) -> ManifestSnapshot:
-        snapshot = ManifestSnapshot.model_validate(
-            {
+    def snapshot(self, when: dt.datetime, parts: int) -> str:
+        """A complete manifest of what LSC publishes now, in ``parts`` parts; its snapshot id."""
+        items = list(self.truth.values())
+        size = -(-len(items) // parts) if items else 0
+        chunks = [items[n * size : (n + 1) * size] for n in range(parts)] if items else [[]]
+        snapshot_id = f"00000000-0000-4000-9000-{len(self.manifests):012d}"
+        for number, chunk in enumerate(chunks, start=1):
+            part = {
                 "schema_version": 1,
                 "event_type": "manifest-snapshot",
-                "snapshot_id": f"00000000-0000-4000-9000-{len(self.manifests):012d}",
+                "snapshot_id": snapshot_id,
                 "taken_at": when.isoformat(),
                 "agency_id": AGENCY,
                 "building_id": BUILDING,
                 "modules": ["ag"],
-                "part": 1,
-                "parts": 1,
-                "item_count": len(self.truth),
-                "items": list(self.truth.values()),
+                "part": number,
+                "parts": len(chunks),
+                "item_count": len(items),
+                "items": chunk,
             }
-        )
-        self.manifests.append(snapshot)
-        return snapshot
+            self.manifests.append(ManifestSnapshot.model_validate(part))
+        return snapshot_id
 
     def expected(self, decision: HoldDecision) -> dict[str, str]:
         """Each document's reference on the partner and its sha256."""
@@ -170,7 +174,7 @@ def histories(draw: st.DrawFn) -> History:
         create() if step == "c" or not versions else change(sorted(versions))
     if first_manifest:
         when += dt.timedelta(minutes=1)
-        history.snapshot(when)  # lists everything: it withdraws nothing
+        history.snapshot(when, draw(st.integers(1, 2)))  # lists everything: withdraws nothing
         for step in draw(st.lists(st.sampled_from("cx"), max_size=3)):
             when += dt.timedelta(minutes=1)
             create() if step == "c" else change(sorted(versions))
@@ -178,7 +182,7 @@ def histories(draw: st.DrawFn) -> History:
     listed = draw(st.lists(st.sampled_from(sorted(history.truth)), unique=True))
     history.truth = {doc_id: history.truth[doc_id] for doc_id in sorted(listed)}
     when += dt.timedelta(minutes=1)
-    history.held_snapshot = history.snapshot(when).snapshot_id
+    history.held_snapshot = history.snapshot(when, draw(st.integers(1, 2)))
     # After it was taken: new documents, new versions, documents it left out published again.
     for step in draw(st.lists(st.sampled_from("cxr"), max_size=4)):
         when += dt.timedelta(minutes=1)
@@ -307,7 +311,6 @@ class Relay:
     def done(self, offsets: list[tuple[str, int]]) -> None:
         for topic, offset in offsets:
             self.open[topic].discard(offset)
-        self.commit()
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, topic: str) -> bool:
@@ -523,6 +526,8 @@ def run(history: History, schedule: list[tuple[str, int]], decision: HeldAction)
             relay.read((EVENTS, MANIFESTS, COMMANDS)[pick % 3])
         elif action == "step":
             relay.step(pick)
+        elif action == "commit":  # the periodic commit: a crash reads again what came after
+            relay.commit()
         elif action == "crash":
             relay.start()
         elif (
@@ -541,7 +546,7 @@ def run(history: History, schedule: list[tuple[str, int]], decision: HeldAction)
 
 schedules = st.lists(
     st.tuples(
-        st.sampled_from(["read", "read", "read", "step", "step", "crash", "decide"]),
+        st.sampled_from(["read", "read", "read", "step", "step", "commit", "crash", "decide"]),
         st.integers(min_value=0, max_value=30),
     ),
     max_size=60,

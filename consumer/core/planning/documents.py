@@ -37,7 +37,10 @@ from consumer.core.view import PublishedView
 
 def is_owned(record: DocumentRecord) -> bool:
     """Whether the relay put (or may have put) this document on the partner."""
-    if record.status in (DocStatus.PARKED, DocStatus.UPLOAD_HELD):
+    if record.status is DocStatus.UPLOAD_HELD:
+        # without its document: the mark of an upload queued or running, which may land yet
+        return record.remote_id is not None or record.document is None
+    if record.status is DocStatus.PARKED:
         return record.remote_id is not None
     return record.status in (DocStatus.PUBLISHED, DocStatus.DELETE_HELD, DocStatus.UPLOADING)
 
