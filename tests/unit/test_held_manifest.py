@@ -26,7 +26,7 @@ from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from consumer.core.commands import HeldAction
-from consumer.core.events import Audience, Document, DocumentCreated, ManifestSnapshot
+from consumer.core.events import Audience, Document, DocumentCreated, ManifestSnapshot, Module
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
 from consumer.core.planning.actions import discard_held, release_held
@@ -49,7 +49,6 @@ from consumer.core.state import (
     BuildingRecord,
     DocKey,
     DocStatus,
-    HoldDecision,
     StateRecord,
     Tombstone,
 )
@@ -104,10 +103,12 @@ class History:
     manifests: list[ManifestSnapshot] = field(default_factory=list)
     truth: dict[str, Document] = field(default_factory=dict)  # what LSC publishes now
     newest: dict[str, Document] = field(default_factory=dict)  # every document's last version
-    held_snapshot: str = ""
+    newest_at: dict[str, dt.datetime] = field(default_factory=dict)
+    listed: dict[dt.datetime, set[str]] = field(default_factory=dict)  # per manifest's taken_at
 
     def publish(self, doc: Document, when: dt.datetime) -> None:
         self.truth[doc.id] = self.newest[doc.id] = doc
+        self.newest_at[doc.id] = when
         self.events.append(
             DocumentCreated.model_validate(
                 {
@@ -128,6 +129,7 @@ class History:
         size = -(-len(items) // parts) if items else 0
         chunks = [items[n * size : (n + 1) * size] for n in range(parts)] if items else [[]]
         snapshot_id = f"00000000-0000-4000-9000-{len(self.manifests):012d}"
+        self.listed[when] = set(self.truth)
         for number, chunk in enumerate(chunks, start=1):
             part = {
                 "schema_version": 1,
@@ -145,10 +147,15 @@ class History:
             self.manifests.append(ManifestSnapshot.model_validate(part))
         return snapshot_id
 
-    def expected(self, decision: HoldDecision) -> dict[str, str]:
-        """Each document's reference on the partner and its sha256."""
-        kept = self.truth if decision is HoldDecision.RELEASE else self.newest
-        return {doc_id: doc.content.sha256 for doc_id, doc in kept.items()}
+    def expected(self, applied: dt.datetime | None) -> dict[str, str]:
+        """Each document's reference on the partner and its sha256, once the newest manifest
+        applied (released, or never held) is the one taken at ``applied``: what it lists and
+        what came after it was taken; every document when none is."""
+        return {
+            doc_id: doc.content.sha256
+            for doc_id, doc in self.newest.items()
+            if applied is None or doc_id in self.listed[applied] or self.newest_at[doc_id] > applied
+        }
 
 
 @st.composite
@@ -182,16 +189,26 @@ def histories(draw: st.DrawFn) -> History:
     listed = draw(st.lists(st.sampled_from(sorted(history.truth)), unique=True))
     history.truth = {doc_id: history.truth[doc_id] for doc_id in sorted(listed)}
     when += dt.timedelta(minutes=1)
-    history.held_snapshot = history.snapshot(when, draw(st.integers(1, 2)))
-    # After it was taken: new documents, new versions, documents it left out published again.
-    for step in draw(st.lists(st.sampled_from("cxr"), max_size=4)):
+    history.snapshot(when, draw(st.integers(1, 2)))
+    # After it was taken: new documents, new versions, documents it left out published again,
+    # and maybe a newer complete manifest, which replaces it as the question (held or not).
+    newer = draw(st.booleans())
+    for step in draw(st.lists(st.sampled_from("cxr"), max_size=4)) + (["m"] if newer else []):
         when += dt.timedelta(minutes=1)
         if step == "c":
             create()
+        elif step == "m":
+            published = sorted(history.truth)
+            listed = draw(st.lists(st.sampled_from(published), unique=True)) if published else []
+            history.truth = {doc_id: history.truth[doc_id] for doc_id in sorted(listed)}
+            history.snapshot(when, draw(st.integers(1, 2)))
         else:
             change(
                 sorted(history.truth) if step == "x" else sorted(set(versions) - set(history.truth))
             )
+    for step in draw(st.lists(st.sampled_from("cx"), max_size=2)) if newer else ():
+        when += dt.timedelta(minutes=1)
+        create() if step == "c" else change(sorted(history.truth))
     return history
 
 
@@ -557,15 +574,12 @@ def check(history: History, schedule: list[tuple[str, int]], decision: HeldActio
     relay = run(history, schedule, decision)
     building = relay.view.building(AGENCY, BUILDING)
     held = building.held if building is not None else None
-    discarded = (
-        held is not None
-        and held.snapshot_id == history.held_snapshot
-        and held.decision is HoldDecision.DISCARD
-    )
-    outcome = HoldDecision.DISCARD if discarded else HoldDecision.RELEASE
-    note(f"outcome: {outcome}, building record: {building}")
+    applied = building.manifest_taken_at.get(Module.AG) if building is not None else None
+    note(f"building record: {building}")
     event(f"held, then {held.decision}" if held is not None else "not held")
-    assert relay.partner.references() == history.expected(outcome)
+    if decision is HeldAction.RELEASE:
+        assert applied == max(history.listed)  # every manifest applied, the last one last
+    assert relay.partner.references() == history.expected(applied)
     assert not relay.hold_shows()
     published = {
         r.key.document_id: r.sha256
