@@ -2,16 +2,17 @@
 
 One building's history at LSC: documents created and changed, maybe a first manifest, then a
 complete manifest that leaves documents out (LSC unpublished them, or its export is truncated: the
-relay cannot tell), which the mass-deletion guard holds, then more documents. The relay reads the
-two topics in any interleaving, its partner work runs whenever it gets its turn (an upload may be
-sent and not recorded yet), it crashes anywhere (a crash keeps only the state topic and the
-committed offsets: the view is restored from the records written so far, the upload intents
-reconciled, the input read again from the commit), and the operator answers the hold with a
-release or a discard once it shows in the state topic.
+relay cannot tell), which the mass-deletion guard holds, then more documents, and maybe a newer
+complete manifest that replaces it as the question. The relay reads the two topics in any
+interleaving, manifests in parts; its partner work runs whenever it gets its turn (an upload may be
+sent and not recorded yet); it commits now and then and crashes anywhere (a crash keeps only the
+state topic and the committed offsets: the view is restored from the records written so far, the
+upload intents reconciled, the input read again from the commit); and the operator answers each
+hold (always the same way) once it shows in the state topic.
 
-At quiescence the partner holds exactly what the model says: after a release, the building as if
-the manifest had been applied when it arrived (what it lists, and what came after it was taken);
-after a discard, as if it had never come (the newest version of every document).
+At quiescence the partner holds exactly what the model says for the newest manifest applied
+(released, or never held): what it lists and what came after it was taken; every document's
+newest version when none was (a discard: as if the held manifest had never come).
 """
 
 from __future__ import annotations
