@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.plan import Plan
@@ -19,6 +20,9 @@ from consumer.core.view import PublishedView
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.setbacks import RecordWriter
 from consumer.partner.window import Batch
+
+DecidedWait = tuple[tuple[str, str], list[tuple[str, int]], asyncio.Future[Any]]
+"""A wait for a building's work: the building, the offsets it releases, the wait itself."""
 
 # A plan's records written together: one chunk's acknowledgements awaited at a time.
 WRITE_CHUNK = 500
@@ -40,6 +44,8 @@ class PlanCompletion:
     _trackers: dict[str, OffsetTracker]
     _completions: set[asyncio.Future[None]]
     _building_work: dict[tuple[str, str], set[asyncio.Future[None]]]
+    # The latest wait for a building's work: its building and offsets (_release_after_building)
+    _decided_wait: DecidedWait | None
     _on_failure: Callable[[BaseException], None]
 
     async def _set_aside(self, source: SourceRecord, error: Exception) -> None:
@@ -110,8 +116,31 @@ class PlanCompletion:
         places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
         for place in places:
             self._building_work.setdefault(place, set()).add(completion)
+            self._decided_wait = None  # work was added: a later event waits for it too
         self._completions.add(completion)
         completion.add_done_callback(self._forget_work)
+
+    def _release_after_building(
+        self, place: tuple[str, str], offsets: list[tuple[str, int]]
+    ) -> None:
+        """Release ``offsets`` (of an event a manifest decided, with nothing to do) once the
+        building's work queued now is done. Events read in a row share one wait until more
+        work is queued: re-reading a backlog behind a first publication costs no task each."""
+        wait = self._decided_wait
+        if wait is None or wait[0] != place or wait[2].done():
+            gathered = asyncio.gather(*self._building_work[place], return_exceptions=True)
+            wait = self._decided_wait = (place, [], gathered)
+            waiting = wait[1]
+
+            def release(done: asyncio.Future[list[BaseException | None]]) -> None:
+                # Work cancelled: the partition closed, and the events are read again.
+                if not done.cancelled() and not any(
+                    isinstance(outcome, asyncio.CancelledError) for outcome in done.result()
+                ):
+                    self._release(waiting)
+
+            gathered.add_done_callback(release)
+        wait[1].extend(offsets)
 
     async def _complete(
         self,

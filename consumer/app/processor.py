@@ -15,7 +15,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
 
-from consumer.app.completion import PlanCompletion
+from consumer.app.completion import DecidedWait, PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
 from consumer.app.repairs import FindResend, RepairWork
 from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
@@ -95,6 +95,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._decided_wait: DecidedWait | None = None
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
@@ -221,10 +222,13 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             self._count_event(kind, plan.outcome)
             place = (decoded.agency_id, decoded.building_id)
             decided = plan.outcome in DECIDED_BY_MANIFEST and place in self._building_work
-            if not plan.records and not plan.operations and not decided:
-                tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
-                return
             offsets = [(source.topic, source.offset)]
+            if not plan.records and not plan.operations:
+                if decided:  # released once the manifest that decided it is recorded
+                    self._release_after_building(place, offsets)
+                else:
+                    tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
+                return
             self._execute(plan, source, offsets, decided_by=place if decided else None)
             return
         # A record without a timestamp counts from its taken_at, which also survives a restart.
