@@ -52,7 +52,7 @@ from consumer.kafka.membership import leave_group
 from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
-from consumer.ops.admin import Operator, parked_entry
+from consumer.ops.admin import Operator, held_entries, parked_entry
 from consumer.ops.audit import run_audit
 from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
@@ -552,12 +552,10 @@ class Relay:
         return self._operator
 
     def held(self) -> list[dict[str, Any]]:
-        found: dict[tuple[str, str], int] = {}
-        for processor in self._ingest.processors.values() if self._ingest else ():
-            for record in processor.view.with_status(DocStatus.DELETE_HELD):
-                place = (record.key.agency_id, record.key.building_id)
-                found[place] = found.get(place, 0) + 1
-        return [{"agency": a, "building": b, "documents": n} for (a, b), n in sorted(found.items())]
+        """Per building, what waits for the decision on its held manifest: withdrawals and
+        uploads (``documents`` counts both)."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        return held_entries(record for view in views for record in view.waiting())
 
     async def settle_held(
         self, agency_id: str, building_id: str, *, discard: bool, requested_by: str

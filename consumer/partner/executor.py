@@ -28,11 +28,14 @@ from consumer.core.planning.plan import (
     Operation,
     Upload,
     deleted_record,
+    held_published_record,
+    held_upload_record,
     intent_record,
+    partner_sha256,
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocumentRecord, StateRecord
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord
 from consumer.core.view import PublishedView
 from consumer.errors import PartnerRejectedError
 from consumer.failures import Scope
@@ -96,6 +99,10 @@ class OperationExecutor(DocumentSetbacks):
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._look_first: set[DocKey] = set()
+        # The uploads queued or running per document, and those a held manifest stopped (with
+        # its snapshot id): a hold reaches work already queued or running, not work planned later.
+        self._uploads: dict[DocKey, list[Upload]] = {}
+        self._holding: dict[DocKey, tuple[list[Upload], str]] = {}
         self._window = Window(
             size=window,
             run=self._run,
@@ -130,6 +137,7 @@ class OperationExecutor(DocumentSetbacks):
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
+                self._uploads.setdefault(operation.key, []).append(operation)
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
                     self._look_first.add(operation.key)
@@ -140,6 +148,29 @@ class OperationExecutor(DocumentSetbacks):
                 self._view.apply(deleted_record(operation))
             self._backlog[_backlog_label(entries[-1])].inc()
         return self._window.submit(entries, source=source)
+
+    def mark(self, marks: Iterable[DocumentRecord]) -> None:
+        """Hold or let go the uploads already queued (or running) for documents a held manifest
+        decides; the view shows each mark at once.
+
+        A held upload not sent yet is not sent: when its turn comes it records itself as
+        waiting, with its document (``upload_held``). One already sent (or in doubt) goes on,
+        and records itself as a held withdrawal. An ``uploading`` mark lets it go again.
+        """
+        for record in marks:
+            self._view.apply(record)
+            uploads = self._uploads.get(record.key)
+            if record.status is DocStatus.UPLOAD_HELD and record.held_by and uploads:
+                self._holding[record.key] = (list(uploads), record.held_by)
+            else:
+                self._holding.pop(record.key, None)
+
+    def _held_by(self, upload: Upload) -> str | None:
+        """The snapshot of the held manifest that stops ``upload``, if one does."""
+        holding = self._holding.get(upload.key)
+        if holding is None or not any(held is upload for held in holding[0]):
+            return None
+        return holding[1]
 
     def write_after(self, record: StateRecord) -> Awaitable[None]:
         """Write ``record`` once the work queued on its document is done (at once if none is)."""
@@ -166,6 +197,8 @@ class OperationExecutor(DocumentSetbacks):
 
     async def cancel_all(self) -> None:
         await self._window.cancel_all()
+        self._uploads.clear()
+        self._holding.clear()
 
     def _count_finished(self, entry: Entry) -> None:
         self._backlog[_backlog_label(entry)].dec()
@@ -177,11 +210,7 @@ class OperationExecutor(DocumentSetbacks):
         if given:
             base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
-            sha = (
-                operation.previous.sha256
-                if isinstance(operation, Upload) and operation.previous
-                else ""
-            )
+            sha = partner_sha256(operation) if isinstance(operation, Upload) else ""
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
@@ -193,11 +222,29 @@ class OperationExecutor(DocumentSetbacks):
     async def _run_upload(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord
     ) -> RemoteState | None:
+        try:
+            return await self._run_upload_once(upload, base, source)
+        finally:
+            _forget(self._uploads, upload)
+            holding = self._holding.get(upload.key)
+            if holding is not None:
+                _forget({upload.key: holding[0]}, upload)
+                if not holding[0]:
+                    del self._holding[upload.key]
+
+    async def _run_upload_once(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord
+    ) -> RemoteState | None:
         lane = upload.lane.value
         sha = upload.document.content.sha256
         if base is not None and base.sha256 == sha:
+            if (held_by := self._held_by(upload)) is not None:
+                return await self._record_held(upload, base, base, held_by)
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
+        if (held_by := self._held_by(upload)) is not None and upload.key not in self._look_first:
+            # Stopped before its bytes are fetched: nothing of it reached the partner.
+            return await self._record_held(upload, base, None, held_by)
         scope = Scope.DOCUMENT if source.offset >= 0 else Scope.RELAY
         async with contextlib.AsyncExitStack() as hand:
             # The bytes first, in a slot of the agency's content stage held until the partner
@@ -210,6 +257,9 @@ class OperationExecutor(DocumentSetbacks):
             )
         if isinstance(result, _Failed):
             return await self._upload_failed(upload, base, source, result)
+        held_by = self._held_by(upload)
+        if result is None or held_by is not None:
+            return await self._record_held(upload, base, result, held_by or "")
         self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
@@ -218,23 +268,44 @@ class OperationExecutor(DocumentSetbacks):
 
     async def _send_held(
         self, upload: Upload, base: RemoteState | None, body: bytes, scope: Scope
-    ) -> RemoteState | _Failed:
+    ) -> RemoteState | _Failed | None:
         """The upload's partner job, with its bytes in hand, through the scheduler."""
         # A document whose state record was unreadable may be on the partner already: look first.
         tried = _Tried(reached_partner=upload.key in self._look_first)
         self._look_first.discard(upload.key)
 
-        async def call() -> RemoteState:
+        async def call() -> RemoteState | None:
             return await self._attempt_upload(upload, base, tried, body)
 
         return await self._submit(
             call, agency_id=upload.key.agency_id, lane=upload.lane, scope=scope, key=upload.key
         )
 
+    async def _record_held(
+        self, upload: Upload, base: RemoteState | None, sent: RemoteState | None, held_by: str
+    ) -> RemoteState | None:
+        """An upload a held manifest caught: not sent, it waits with its document; sent
+        already, the partner holds it and its withdrawal waits. What the partner holds is what
+        the next operation on the document builds on."""
+        if sent is None:
+            remote_id = base.remote_id if base is not None else upload.remote_id
+            record = held_upload_record(upload, held_by, remote_id)
+            outcome = "held"
+        else:
+            record = held_published_record(upload, sent.remote_id, sent.sha256, held_by)
+            outcome = "done"
+        await self._writer.write(record)
+        self._settle(upload.key, record)
+        self._metrics.operations.labels(upload.lane.value, "upload", outcome).inc()
+        return base if sent is None else sent
+
     async def _attempt_upload(
         self, upload: Upload, base: RemoteState | None, tried: _Tried, body: bytes
-    ) -> RemoteState:
-        """One attempt; the scheduler calls it again after a retriable failure."""
+    ) -> RemoteState | None:
+        """One attempt; the scheduler calls it again after a retriable failure. None: a held
+        manifest stopped the upload before anything of it reached the partner."""
+        if not tried.reached_partner and self._held_by(upload) is not None:
+            return None
         sha = upload.document.content.sha256
         current = None if tried.gone else base
         looked_up = tried.reached_partner and current is None
@@ -320,6 +391,16 @@ class OperationExecutor(DocumentSetbacks):
         """Apply a durable outcome to the view unless a later operation on the key is queued."""
         if not self._window.has_followers(key):
             self._view.apply(record)
+
+
+def _forget(uploads: dict[DocKey, list[Upload]], upload: Upload) -> None:
+    """Take ``upload`` (this very one) out of its document's list; drop the list once empty."""
+    queued = uploads.get(upload.key)
+    if queued is None:
+        return
+    queued[:] = [other for other in queued if other is not upload]
+    if not queued:
+        del uploads[upload.key]
 
 
 def _backlog_label(entry: Entry) -> tuple[Lane, str]:
