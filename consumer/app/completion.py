@@ -17,8 +17,7 @@ from consumer.core.planning.plan import Plan
 from consumer.core.records import SourceRecord
 from consumer.core.state import BuildingRecord, StateRecord
 from consumer.core.view import PublishedView
-from consumer.partner.executor import OperationExecutor
-from consumer.partner.setbacks import RecordWriter
+from consumer.partner.executor import OperationExecutor, RecordWriter
 from consumer.partner.window import Batch
 
 DecidedWait = tuple[tuple[str, str], list[tuple[str, int]], asyncio.Future[Any]]

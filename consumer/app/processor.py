@@ -46,8 +46,7 @@ from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
-from consumer.partner.executor import OperationExecutor
-from consumer.partner.setbacks import RecordWriter
+from consumer.partner.executor import OperationExecutor, RecordWriter
 
 __all__ = [
     "COMMANDS",
