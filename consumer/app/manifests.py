@@ -24,9 +24,10 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.first_publication import unapproved_modules
 from consumer.core.planning.manifests import plan_manifest
-from consumer.core.planning.plan import Lane, Plan, Upload
+from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
+from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
@@ -131,6 +132,21 @@ class ManifestWork:
             },
         )
         self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+        if plan.outcome is Outcome.HELD:
+            held = self.view.held(agency, manifest.building_id)
+            uploads = sum(record.status is DocStatus.UPLOAD_HELD for record in held)
+            log.warning(
+                "manifest held: what it would withdraw or keep unpublished waits for an operator",
+                extra={
+                    "agency": agency,
+                    "building": manifest.building_id,
+                    "snapshot_id": manifest.snapshot_id,
+                    "withdrawals": len(held) - uploads,
+                    "uploads": uploads,
+                    "hint": f"chouette-relay held, then release or discard {agency} "
+                    f"{manifest.building_id}",
+                },
+            )
 
     def _await_approval(
         self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]

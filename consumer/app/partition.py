@@ -18,9 +18,8 @@ from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.client import ChouetteCoproClient
-from consumer.partner.executor import OperationExecutor
+from consumer.partner.executor import ContentSource, OperationExecutor, RecordWriter
 from consumer.partner.scheduler import RetryPolicy, Scheduler
-from consumer.partner.setbacks import ContentSource, RecordWriter
 from consumer.settings import Settings
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from consumer.app.completion import PlanCompletion
+from consumer.app.completion import DecidedWait, PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
 from consumer.app.repairs import FindResend, RepairWork
 from consumer.core.commands import (
@@ -39,15 +39,14 @@ from consumer.core.manifest import (
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
-from consumer.core.planning.plan import Lane, Plan, Upload
+from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
-from consumer.partner.executor import OperationExecutor
-from consumer.partner.setbacks import RecordWriter
+from consumer.partner.executor import OperationExecutor, RecordWriter
 
 __all__ = [
     "COMMANDS",
@@ -61,6 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DOCUMENTS = "document-created"
+DECIDED_BY_MANIFEST = frozenset({Outcome.SUPERSEDED, Outcome.WAITING})
+"""Outcomes of a document-created event that a manifest of its building decided."""
 COMMANDS = "operator-command"
 CARRIED_OUT = "carried_out"  # commands_total's outcome besides the refusals and dead_lettered
 UNREADABLE = "unreadable"  # commands_total's kind of a command record that is not one
@@ -125,6 +126,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
+        self._decided_wait: DecidedWait | None = None
         self._manifest_topic = topics[MANIFESTS]
         # The time of the manifest stream: the newest record time read from it (never ahead of
         # the clock). Expiry counts in it while older records are still to be read.
@@ -253,10 +255,16 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         if isinstance(decoded, DocumentCreated):
             plan = plan_document(self.view, self._routing, decoded)
             self._count_event(kind, plan.outcome)
+            place = (decoded.agency_id, decoded.building_id)
+            decided = plan.outcome in DECIDED_BY_MANIFEST and place in self._building_work
+            offsets = [(source.topic, source.offset)]
             if not plan.records and not plan.operations:
-                tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
+                if decided:  # released once the manifest that decided it is recorded
+                    self._release_after_building(place, offsets)
+                else:
+                    tracker.done(source.offset)  # nothing to wait for (a filtered document, say)
                 return
-            self._execute(plan, source, [(source.topic, source.offset)])
+            self._execute(plan, source, offsets, decided_by=place if decided else None)
             return
         # A record without a timestamp counts from its taken_at, which also survives a restart.
         await self._handle_part(decoded, source, published_at or min(decoded.taken_at, now))
@@ -304,8 +312,12 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         if self._start_repair(command, source):
             return
         if isinstance(action, HeldAction) and command.building_id is not None:
-            settle = discard_held if action is HeldAction.DISCARD else release_held
-            plan, work_source = settle(self.view, command.agency_id, command.building_id), source
+            agency_id, building_id = command.agency_id, command.building_id
+            if action is HeldAction.DISCARD:
+                plan = discard_held(self.view, self._routing, agency_id, building_id)
+            else:
+                plan = release_held(self.view, agency_id, building_id)
+            work_source = source
         else:
             # Work the relay starts itself (parked documents sent again) has no input record to
             # dead-letter: a refusal keeps the document parked with the refusal.

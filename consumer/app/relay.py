@@ -3,8 +3,9 @@
 Resources start in dependency order (producer, partner client, scheduler, consumer, ops server)
 and stop in reverse. One ``TaskGroup`` owns the long-running loops. SIGTERM and SIGINT only set an
 event; the shutdown path drains in-flight work within the drain timeout, commits, and leaves the
-consumer group. Kept whole (about 340 lines): building and wiring read in one place;
-its control surface and its group membership are the halves in ``control`` and ``membership``.
+consumer group. ``Relay`` is also what the ops server and the CLI act on: its status, the
+paused agencies, held and parked documents, the audit, the gauges derived from the views, and
+leaving the consumer group. One class, kept whole: building, wiring and control read in one place.
 """
 
 from __future__ import annotations
@@ -12,26 +13,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
 from collections.abc import Mapping
+from importlib.metadata import version
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumer.app.clients import _kafka_clients, _stop_within
-from consumer.app.control import RELAY_VERSION, RelayControl
-from consumer.app.membership import GroupMember
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.partition import partition_processor
-from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
+from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, REFUSALS_KEPT, PartitionProcessor
 from consumer.core.audit import Resend
+from consumer.core.commands import AgencyAction, HeldAction
 from consumer.core.guard import DeletionGuard
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus
 from consumer.core.view import PublishedView
-from consumer.errors import KafkaUnavailableError
+from consumer.errors import ConfigError, KafkaUnavailableError
 from consumer.failures import classify
 from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.changelog import (
@@ -45,10 +48,12 @@ from consumer.kafka.changelog import (
 from consumer.kafka.connection import kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
+from consumer.kafka.membership import leave_group
 from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
-from consumer.ops.admin import Operator
+from consumer.ops.admin import Operator, held_entries, parked_entry
+from consumer.ops.audit import run_audit
 from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
 from consumer.partner.breaker import BreakerPolicy
@@ -70,7 +75,27 @@ RECONCILE_NOTICE_S = 60.0
 UNREADABLE_SHOWN = 100
 
 
-class Relay(RelayControl, GroupMember):
+RELAY_VERSION = version("chouette-relay")
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(v) for v in value)
+    return value
+
+
+LEAVE_GROUP_TIMEOUT_S = 5.0  # best effort: the session timeout ends the membership anyway
+
+
+class Relay:
     """The running service: what the ops server and the CLI act on."""
 
     def __init__(self, *, settings: Settings, routing: RoutingTable, api_keys: ApiKeyStore) -> None:
@@ -384,3 +409,213 @@ class Relay(RelayControl, GroupMember):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+
+    # -- control surface -----------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return self._ingest is not None and self._ingest.ready
+
+    def status(self) -> dict[str, Any]:
+        ingest = self._ingest
+        processors = ingest.processors if ingest else {}
+        partitions = {
+            str(p): {
+                "documents": proc.view.size,
+                "by_status": {s.value: n for s, n in proc.view.counts().items()},
+                "pending_operations": proc.pending_operations,
+                "pending_by_lane": dict(
+                    zip(("live", "backfill"), proc.pending_by_lane, strict=True)
+                ),
+                "held_operations": proc.held_operations,
+                "reading_paused": ingest is not None and ingest.reading_paused(p),
+                "committable": proc.committable(),
+                "paused": sorted(proc.view.paused_agencies()),
+            }
+            for p, proc in sorted(processors.items())
+        }
+        snapshot = self._scheduler.snapshot() if self._scheduler else None
+        return {
+            "version": RELAY_VERSION,
+            "ready": self.is_ready(),
+            "restoring": {str(p): r for p, r in self._restoring.items()},
+            "over_budget": ingest is not None and ingest.over_budget,
+            # State records restore skipped (the newest of each partition's; all are logged).
+            "unreadable_state_records": [
+                dataclasses.asdict(record)
+                for p in sorted(self._unreadable)
+                if p in processors
+                for record in self._unreadable[p]
+            ],
+            "partitions": partitions,
+            "scheduler": _plain(snapshot),
+            "agencies": sorted(self.routing.agencies),
+            "paused": sorted(self.paused_agencies()),
+            "awaiting_approval": self.awaiting_approval(),
+            "held": self.held(),
+            "parked": self.parked(),
+            "refused_commands": self.refused_commands(),
+        }
+
+    def refused_commands(self) -> dict[str, Any]:
+        """Commands this replica's partitions refused: how many, and the newest first."""
+        processors = list(self._ingest.processors.values()) if self._ingest else []
+        refused = sorted(
+            (entry for processor in processors for entry in processor.refused),
+            key=lambda entry: entry.at,
+            reverse=True,
+        )[:REFUSALS_KEPT]
+        return {
+            "total": sum(processor.refused_total for processor in processors),
+            "newest": [
+                {
+                    "at": entry.at.isoformat(),
+                    "partition": entry.partition,
+                    "command": entry.command.command.value,
+                    "agency": entry.command.agency_id,
+                    "building": entry.command.building_id,
+                    "reason": entry.refusal.value,
+                    "requested_by": entry.command.requested_by,
+                    "requested_at": entry.command.requested_at.isoformat(),
+                }
+                for entry in refused
+            ],
+        }
+
+    def parked(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Documents parked until an operator fixes something, with why (at most ``limit``)."""
+        found: list[dict[str, Any]] = []
+        for processor in self._ingest.processors.values() if self._ingest else ():
+            for record in processor.view.parked():
+                if len(found) >= limit:
+                    return found
+                found.append(parked_entry(record))
+        return found
+
+    def awaiting_approval(self) -> dict[str, list[str]]:
+        """Buildings whose first publication waits for an operator's approval, by agency."""
+        found: dict[str, list[str]] = {}
+        for processor in self._ingest.processors.values() if self._ingest else ():
+            for agency, buildings in processor.awaiting_approval().items():
+                found.setdefault(agency, []).extend(buildings)
+        return {agency: sorted(buildings) for agency, buildings in sorted(found.items())}
+
+    def paused_agencies(self, *extra: PublishedView) -> set[str]:
+        """Agencies paused in the view of any partition this replica owns."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        return set().union(*(view.paused_agencies() for view in [*views, *extra]))
+
+    def sync_controls(self, *extra: PublishedView) -> None:
+        """Hand the agencies paused in the owned views to the scheduler and the gauge."""
+        paused = self.paused_agencies(*extra)
+        if self._scheduler is not None and self._scheduler.paused != paused:
+            self._scheduler.set_paused(frozenset(paused))
+            log.info("paused agencies", extra={"agencies": sorted(paused)})  # as asked
+            for processor in self._ingest.processors.values() if self._ingest else ():
+                processor.resume()  # a resumed agency's queued work starts
+        awaiting = self.awaiting_approval()
+        # One series per agency of the routing file: a record of any other agency in a view
+        # (written before replicas refused unknown agencies) adds none.
+        for agency_id in self.routing.agencies:
+            self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+            waiting = len(awaiting.get(agency_id, ()))
+            self.metrics.awaiting_approval.labels(agency_id).set(waiting)
+
+    def _on_command(self, action: AgencyAction) -> None:
+        if action is not AgencyAction.RETRY:
+            self.sync_controls()
+            return
+        # Parked for credentials: the fix may be a rotated key in the mounted Secret's files.
+        try:
+            self.api_keys.reload()
+        except ConfigError as exc:
+            log.error("API keys not reloaded", extra={"error": str(exc)})  # noqa: TRY400 - no traceback needed
+
+    async def audit(
+        self, agency_id: str, *, building_id: str | None, repair: bool, requested_by: str
+    ) -> dict[str, Any]:
+        """The audit (the CLI's implementation), its findings kept in a gauge."""
+        report = await run_audit(
+            self.operator(),
+            agency_id,
+            building_id=building_id,
+            repair=repair,
+            requested_by=requested_by,
+            scheduler=self._scheduler,  # the audit's requests count against the agency's rate
+        )
+        for kind, count in report["findings"].items():
+            self.metrics.audit_findings.labels(agency_id, kind).set(count)
+        return report
+
+    def operator(self) -> Operator:
+        """The operator's actions, on this relay's producer (the same ones the CLI runs)."""
+        if self._operator is None:
+            raise RuntimeError("the relay is not running")
+        return self._operator
+
+    def held(self) -> list[dict[str, Any]]:
+        """Per building, what waits for the decision on its held manifest: withdrawals and
+        uploads (``documents`` counts both)."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        return held_entries(record for view in views for record in view.waiting())
+
+    async def settle_held(
+        self, agency_id: str, building_id: str, *, discard: bool, requested_by: str
+    ) -> dict[str, Any]:
+        """Queue an operator command; the replica owning the building carries it out."""
+        action = HeldAction.DISCARD if discard else HeldAction.RELEASE
+        queued = await self.operator().queue(
+            action, agency_id, building_id, requested_by=requested_by
+        )
+        [written] = queued["partitions"]
+        return {"partition": written["partition"], "offset": written["offset"]}
+
+    def refresh_gauges(self) -> None:
+        self.sync_controls()  # also forgets the pauses of partitions this replica gave up
+        m = self.metrics
+        processors = list(self._ingest.processors.values()) if self._ingest else []
+        by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)
+        held: dict[str, int] = dict.fromkeys(self.routing.agencies, 0)
+        parked: dict[str, int] = {}
+        for processor in processors:
+            for status, count in processor.view.counts().items():
+                by_status[status.value] = by_status.get(status.value, 0) + count
+            for record in processor.view.with_status(DocStatus.DELETE_HELD):
+                held[record.key.agency_id] = held.get(record.key.agency_id, 0) + 1
+            for record in processor.view.parked():
+                reason = (record.parked_reason or "unknown").split(":", 1)[0]
+                parked[reason] = parked.get(reason, 0) + 1
+        for name, count in by_status.items():
+            m.state_documents.labels(name).set(count)
+        for agency, count in held.items():
+            m.held_deletions.labels(agency).set(count)
+        m.parked_documents.clear()
+        for reason, count in parked.items():
+            m.parked_documents.labels(reason).set(count)
+        if self._scheduler is not None:
+            snapshot = self._scheduler.snapshot()
+            for lane, age in snapshot.oldest_pending_seconds.items():
+                m.oldest_pending.labels(lane.value).set(age or 0.0)
+
+    def _share_rates(self, owned: set[int], *, partitions: int) -> None:
+        """Each agency's rate is the partner's for its key, across replicas: this replica sends
+        at the part of it its input partitions are of all (at most the rate, whatever the
+        number of replicas; an agency whose buildings sit on one replica's partitions gets less)."""
+        share = len(owned) / partitions
+        if self._scheduler is None or not owned or share == self._scheduler.rate_share:
+            return
+        self._scheduler.set_rate_share(share)
+        self.metrics.rate_share.set(share)
+        log.info("partner rates shared", extra={"share": round(share, 4), "partitions": len(owned)})
+
+    async def _leave_group(self) -> None:
+        """A static member that stops cleanly leaves, so that its partitions need not wait."""
+        kafka = self.settings.kafka
+        if kafka.group_instance_id is None or not kafka.leave_group_on_stop:
+            return
+        if not self.stopping.is_set() or self.failure is not None:
+            return  # a failing relay keeps its membership: the same pod comes back
+        await leave_group(
+            self.connection,
+            group_id=kafka.group_id,
+            instance_id=kafka.group_instance_id,
+            timeout_s=LEAVE_GROUP_TIMEOUT_S,
+        )

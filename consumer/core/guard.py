@@ -4,9 +4,10 @@ A truncated export or an empty snapshot looks exactly like a building whose docu
 withdrawn. The guard tells them apart by size: withdrawals are held, not carried out, when they
 would remove more than ``max_share`` of the building's published documents in the manifest's
 modules *and* at least ``min_count`` documents (so that small buildings can still be tidied), or
-whenever a manifest listing nothing at all would remove anything. Held withdrawals stay visible
-(status ``delete_held``) until an operator releases or discards them, or a later manifest lists
-the documents again.
+whenever a manifest listing nothing at all would remove anything. A held manifest decides its
+whole building: what it would withdraw (``delete_held``) or keep unpublished (``upload_held``)
+waits until an operator releases or discards it, or a newer manifest replaces it
+(``planning/manifests.py``, ``planning/actions.py``).
 """
 
 from __future__ import annotations

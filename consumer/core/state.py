@@ -109,10 +109,46 @@ class DocStatus(StrEnum):
     # partner, kept until a newer manifest leaves it out, so that an older manifest or event,
     # read late or read again after a crash, cannot bring it back
     FILTERED = "filtered"
+    # A held manifest would keep it unpublished (created before its taken_at, not listed): not
+    # sent until an operator decides. The record keeps the document, which a discard sends; a
+    # ``remote_id`` names an earlier version on the partner, which a release withdraws.
+    UPLOAD_HELD = "upload_held"
 
 
 ON_PARTNER = frozenset({DocStatus.PUBLISHED, DocStatus.DELETE_HELD})
 """Statuses of documents the relay published and the partner holds."""
+
+HELD = frozenset({DocStatus.DELETE_HELD, DocStatus.UPLOAD_HELD})
+"""Statuses of documents that wait for an operator's decision on a held manifest."""
+
+
+class HoldDecision(StrEnum):
+    RELEASE = "release"  # the manifest is applied as if it had not been held
+    DISCARD = "discard"  # the manifest is dropped as if it had never come
+
+
+@dataclass(frozen=True, slots=True)
+class HeldManifest:
+    """The complete manifest of a building that the mass-deletion guard holds: the question.
+
+    While ``decision`` is None, the documents it would decide (withdraw, or keep unpublished)
+    wait with ``held_by`` set to ``snapshot_id``; documents it lists flow. Once decided, it is
+    kept until a newer manifest, so that the manifest read again after a crash is decided, not
+    asked again.
+    """
+
+    snapshot_id: str
+    taken_at: dt.datetime
+    modules: frozenset[Module]
+    decision: HoldDecision | None = None
+
+    def decides(self, module: Module, occurred_at: dt.datetime) -> bool:
+        """Whether an undecided hold decides a version of ``module`` seen at ``occurred_at``."""
+        return (
+            self.decision is None
+            and module in self.modules
+            and to_epoch_us(occurred_at) <= to_epoch_us(self.taken_at)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +156,10 @@ class DocumentRecord:
     """What the relay knows about one document.
 
     ``seen_at`` is the ``occurred_at`` of the document-created event or the ``taken_at`` of the
-    manifest that listed it. ``document`` is kept for parked records only, so that they can be
-    retried once an operator fixes the configuration; everything else is redone from the input,
-    which is read again from the last committed offset.
+    manifest that listed it. ``document`` is kept for parked and ``upload_held`` records only, so
+    that they can be sent once an operator fixes the configuration or discards the held
+    manifest; everything else is redone from the input, which is read again from the last
+    committed offset.
     """
 
     key: DocKey
@@ -141,12 +178,14 @@ class DocumentRecord:
 
 @dataclass(frozen=True, slots=True)
 class BuildingRecord:
-    """Per building: the ``taken_at`` of the newest complete manifest applied, per module."""
+    """Per building: the ``taken_at`` of the newest complete manifest applied, per module, and
+    the manifest the guard holds (or held, with the operator's decision)."""
 
     agency_id: str
     building_id: str
     manifest_taken_at: Mapping[Module, dt.datetime] = field(default_factory=dict)
     first_publication_done: bool = False
+    held: HeldManifest | None = None
 
     @property
     def key(self) -> BuildingKey:

@@ -22,6 +22,8 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
+    HoldDecision,
     StateDecodeError,
     StateRecord,
     Tombstone,
@@ -67,6 +69,7 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
                 for module, taken_at in sorted(record.manifest_taken_at.items())
             },
             "first_publication_done": record.first_publication_done,
+            "held": None if record.held is None else _held_value(record.held),
         }
         return record.key.encode(), orjson.dumps(value)
     compact = compact_document(record)
@@ -88,6 +91,33 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
         "document": None if record.document is None else as_json(record.document),
     }
     return record.key.encode(), orjson.dumps(value)
+
+
+def _held_value(held: HeldManifest) -> dict[str, Any]:
+    return {
+        "snapshot_id": held.snapshot_id,
+        "taken_at": _timestamp(held.taken_at),
+        "modules": sorted(str(module) for module in held.modules),
+        "decision": None if held.decision is None else str(held.decision),
+    }
+
+
+def _held_manifest(value: object) -> HeldManifest | None:
+    """A building record's held manifest; records written before holds were kept have none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("held is not an object")
+    snapshot_id = _string(value, "snapshot_id")
+    if not snapshot_id:
+        raise ValueError("held has no snapshot_id")
+    decision = _string(value, "decision")
+    return HeldManifest(
+        snapshot_id=snapshot_id,
+        taken_at=_parse_timestamp(value["taken_at"]),
+        modules=frozenset(Module(module) for module in value["modules"]),
+        decision=None if decision is None else HoldDecision(decision),
+    )
 
 
 def decode_state(key: bytes, value: bytes | None) -> StateRecord:
@@ -151,6 +181,7 @@ def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -
                 Module(module): _parse_timestamp(taken_at) for module, taken_at in taken.items()
             },
             first_publication_done=first_done,
+            held=_held_manifest(data.get("held")),
         )
     if kind == "document" and isinstance(key, DocKey):
         size = data["size_bytes"]

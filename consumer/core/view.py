@@ -145,14 +145,21 @@ class PublishedView(ViewStorage):
         return self.with_status(DocStatus.UPLOADING)
 
     def held(self, agency_id: str, building_id: str) -> list[DocumentRecord]:
-        """The withdrawals the mass-deletion guard holds for one building."""
+        """What waits for the decision on one building's held manifest: its withdrawals
+        (``delete_held``) and its uploads (``upload_held``)."""
         return [
             record
-            for key in list(self._tracked[DocStatus.DELETE_HELD])
+            for status in (DocStatus.DELETE_HELD, DocStatus.UPLOAD_HELD)
+            for key in list(self._tracked[status])
             if key.agency_id == agency_id
             and key.building_id == building_id
             and (record := self.document(key)) is not None
         ]
+
+    def waiting(self) -> Iterator[DocumentRecord]:
+        """Every document that waits for a decision on a held manifest, of every building."""
+        for status in (DocStatus.DELETE_HELD, DocStatus.UPLOAD_HELD):
+            yield from self.with_status(status)
 
     def counts(self) -> Mapping[DocStatus, int]:
         return dict(self._counts)

@@ -51,7 +51,7 @@ from consumer.core.state_compact import (
 
 _STATUS_BY_VALUE = {status.value: status for status in DocStatus}
 _MODULE_BY_VALUE = {module.value: module for module in Module}
-_TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD)
+_TRACKED = (DocStatus.PARKED, DocStatus.UPLOADING, DocStatus.DELETE_HELD, DocStatus.UPLOAD_HELD)
 _PUBLISHED = COMPACT_STATUS_CODES[DocStatus.PUBLISHED]
 # Statuses whose compact records restore stores directly; tracked ones take the general path.
 _STORED_AS_READ = frozenset(

@@ -208,15 +208,11 @@ class Operator:
         return views
 
     async def held(self) -> list[dict[str, Any]]:
-        """Every building with withdrawals held by the mass-deletion guard."""
-        found: Counter[tuple[str, str, str]] = Counter()
-        for view in await self.views():
-            for record in view.with_status(DocStatus.DELETE_HELD):
-                found[(record.key.agency_id, record.key.building_id, record.held_by or "")] += 1
-        return [
-            {"agency": agency, "building": building, "snapshot_id": snapshot, "documents": count}
-            for (agency, building, snapshot), count in sorted(found.items())
-        ]
+        """Every building whose manifest the mass-deletion guard holds, with what waits."""
+        views = await self.views()
+        return held_entries(
+            (record for view in views for record in view.waiting()), by_snapshot=True
+        )
 
     async def parked(self, agency_id: str | None = None) -> list[dict[str, Any]]:
         """Every parked document (of one agency, if given) with the reason it waits."""
@@ -309,6 +305,31 @@ def _check_reason(reason: str) -> None:
     if reason not in DEAD_LETTER_REASONS:
         known = ", ".join(sorted(DEAD_LETTER_REASONS))
         raise ValueError(f"{reason!r} is not a dead-letter reason; one of {known}")
+
+
+def held_entries(
+    waiting: Iterable[DocumentRecord], *, by_snapshot: bool = False
+) -> list[dict[str, Any]]:
+    """Per building (and held snapshot), what waits for the operator's decision: held
+    withdrawals and uploads, ``documents`` counting both."""
+    found: dict[tuple[str, str, str], Counter[DocStatus]] = {}
+    for record in waiting:
+        snapshot = (record.held_by or "") if by_snapshot else ""
+        place = (record.key.agency_id, record.key.building_id, snapshot)
+        found.setdefault(place, Counter())[record.status] += 1
+    entries = []
+    for (agency, building, snapshot), counts in sorted(found.items()):
+        withdrawals, uploads = counts[DocStatus.DELETE_HELD], counts[DocStatus.UPLOAD_HELD]
+        entry: dict[str, Any] = {"agency": agency, "building": building}
+        if by_snapshot:
+            entry["snapshot_id"] = snapshot
+        entry |= {
+            "documents": withdrawals + uploads,
+            "withdrawals": withdrawals,
+            "uploads": uploads,
+        }
+        entries.append(entry)
+    return entries
 
 
 def parked_entry(record: DocumentRecord) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The operator's subcommands of ``chouette-relay``: list what waits for an operator, and act on it.
 
-``held``/``release``/``discard`` (withdrawals held by the mass-deletion guard), ``pause``/``resume``
+``held``/``release``/``discard`` (manifests held by the mass-deletion guard), ``pause``/``resume``
 (stop and restart everything sent for one agency), ``approve`` (start a first publication whose
 plan an operator has read), ``parked``/``retry`` (documents waiting for a configuration fix) and
 ``dead-letters``/``replay``. Each runs ``consumer.ops.admin.Operator``, the same implementation as
@@ -31,11 +31,17 @@ from consumer.settings import Settings
 
 def add_operator_commands(commands: Any) -> None:
     """Register the operator's subcommands on ``commands`` (argparse sub-parsers)."""
-    held = commands.add_parser("held", help="list withdrawals held by the mass-deletion guard")
+    held = commands.add_parser(
+        "held", help="list what waits for a decision on a held manifest (withdrawals, uploads)"
+    )
     held.add_argument("--agency", help="only this agency")
     for name, text in (
-        ("release", "carry out the held withdrawals of a building"),
-        ("discard", "forget the held withdrawals of a building (documents stay published)"),
+        ("release", "apply the held manifest of a building, as if applied when it arrived"),
+        (
+            "discard",
+            "drop the held manifest of a building (published documents stay, waiting "
+            "ones are sent)",
+        ),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("agency")

@@ -6,8 +6,10 @@ chains per partition (``window.py``), the rest waiting as the plan's items. An u
 is fetched and held (``ContentStage``) before its job takes a partner slot, so a slow store delays
 only its own agency's documents. An upload writes its intent to the changelog before calling the
 partner, and when a call's outcome is unknown (a retry after a timeout, or an intent found after
-a restart) the document is looked up by its reference before anything is uploaded again. Failure
-paths are in ``setbacks.py``.
+a restart) the document is looked up by its reference before anything is uploaded again. Its
+failure paths are here too, in one class: a document's own retries, parking, dead-lettering. The
+protocols of what it is given (``RecordWriter``, ``ContentSource``, ``DeadLetters``) are declared
+here, and the composition root passes the real objects.
 """
 
 from __future__ import annotations
@@ -18,36 +20,32 @@ import dataclasses
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from consumer.core.events import Content
 from consumer.core.planning.plan import (
     Delete,
     Lane,
     Operation,
     Upload,
     deleted_record,
+    held_published_record,
+    held_upload_record,
     intent_record,
+    partner_sha256,
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocumentRecord, StateRecord
+from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
-from consumer.errors import PartnerRejectedError
-from consumer.failures import Scope
+from consumer.errors import ContentError, PartnerRejectedError
+from consumer.failures import Disposition, Scope, Verdict, classify
 from consumer.metrics import RelayMetrics
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
-from consumer.partner.setbacks import (
-    ContentSource,
-    DeadLetters,
-    DocumentSetbacks,
-    RecordWriter,
-    RemoteState,
-    _Failed,
-)
 from consumer.partner.window import Batch, Entry, Window, Withdrawal, entry_lane, entry_operation
 
 log = logging.getLogger(__name__)
@@ -69,7 +67,55 @@ class _Tried:
     gone: bool = False  # an update found the document deleted by hand: it was created anew
 
 
-class OperationExecutor(DocumentSetbacks):
+class RecordWriter(Protocol):
+    """Writes state records: ``write`` waits for room and the acknowledgement; ``submit``
+    queues one and returns the future of its acknowledgement; ``room`` waits until the queue
+    has room (back-pressure for those that only submit)."""
+
+    async def write(self, record: StateRecord) -> None: ...
+
+    def submit(self, record: StateRecord) -> asyncio.Future[None]: ...
+
+    async def room(self) -> None: ...
+
+
+class ContentSource(Protocol):
+    """The content stage: a document's bytes, held in a slot of its agency for the block."""
+
+    def hold(
+        self, agency_id: str, content: Content, *, lane: Lane
+    ) -> contextlib.AbstractAsyncContextManager[bytes]: ...
+
+
+class DeadLetters(Protocol):
+    """Where rejected input goes; the composition root passes the Kafka dead-letter sink."""
+
+    async def send(self, source: SourceRecord, *, reason: str, detail: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """Work that ended without success, and what ``classify`` says about it."""
+
+    verdict: Verdict
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteState:
+    """What the partner holds for one document, as far as the relay knows."""
+
+    remote_id: str
+    sha256: str
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ContentError):
+        return f"{error.reason}: {error}"
+    return str(error) or type(error).__name__
+
+
+class OperationExecutor:
     """Runs the partner operations of one partition and keeps its view in step with the results."""
 
     def __init__(
@@ -96,6 +142,10 @@ class OperationExecutor(DocumentSetbacks):
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._look_first: set[DocKey] = set()
+        # The uploads queued or running per document, and those a held manifest stopped (with
+        # its snapshot id): a hold reaches work already queued or running, not work planned later.
+        self._uploads: dict[DocKey, list[Upload]] = {}
+        self._holding: dict[DocKey, tuple[list[Upload], str]] = {}
         self._window = Window(
             size=window,
             run=self._run,
@@ -130,6 +180,7 @@ class OperationExecutor(DocumentSetbacks):
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
+                self._uploads.setdefault(operation.key, []).append(operation)
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
                     self._look_first.add(operation.key)
@@ -140,6 +191,29 @@ class OperationExecutor(DocumentSetbacks):
                 self._view.apply(deleted_record(operation))
             self._backlog[_backlog_label(entries[-1])].inc()
         return self._window.submit(entries, source=source)
+
+    def mark(self, marks: Iterable[DocumentRecord]) -> None:
+        """Hold or let go the uploads already queued (or running) for documents a held manifest
+        decides; the view shows each mark at once.
+
+        A held upload not sent yet is not sent: when its turn comes it records itself as
+        waiting, with its document (``upload_held``). One already sent (or in doubt) goes on,
+        and records itself as a held withdrawal. An ``uploading`` mark lets it go again.
+        """
+        for record in marks:
+            self._view.apply(record)
+            uploads = self._uploads.get(record.key)
+            if record.status is DocStatus.UPLOAD_HELD and record.held_by and uploads:
+                self._holding[record.key] = (list(uploads), record.held_by)
+            else:
+                self._holding.pop(record.key, None)
+
+    def _held_by(self, upload: Upload) -> str | None:
+        """The snapshot of the held manifest that stops ``upload``, if one does."""
+        holding = self._holding.get(upload.key)
+        if holding is None or not any(held is upload for held in holding[0]):
+            return None
+        return holding[1]
 
     def write_after(self, record: StateRecord) -> Awaitable[None]:
         """Write ``record`` once the work queued on its document is done (at once if none is)."""
@@ -166,6 +240,8 @@ class OperationExecutor(DocumentSetbacks):
 
     async def cancel_all(self) -> None:
         await self._window.cancel_all()
+        self._uploads.clear()
+        self._holding.clear()
 
     def _count_finished(self, entry: Entry) -> None:
         self._backlog[_backlog_label(entry)].dec()
@@ -177,11 +253,7 @@ class OperationExecutor(DocumentSetbacks):
         if given:
             base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
-            sha = (
-                operation.previous.sha256
-                if isinstance(operation, Upload) and operation.previous
-                else ""
-            )
+            sha = partner_sha256(operation) if isinstance(operation, Upload) else ""
             base = RemoteState(operation.remote_id, sha)
         else:
             base = None
@@ -193,11 +265,29 @@ class OperationExecutor(DocumentSetbacks):
     async def _run_upload(
         self, upload: Upload, base: RemoteState | None, source: SourceRecord
     ) -> RemoteState | None:
+        try:
+            return await self._run_upload_once(upload, base, source)
+        finally:
+            _forget(self._uploads, upload)
+            holding = self._holding.get(upload.key)
+            if holding is not None:
+                _forget({upload.key: holding[0]}, upload)
+                if not holding[0]:
+                    del self._holding[upload.key]
+
+    async def _run_upload_once(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord
+    ) -> RemoteState | None:
         lane = upload.lane.value
         sha = upload.document.content.sha256
         if base is not None and base.sha256 == sha:
+            if (held_by := self._held_by(upload)) is not None:
+                return await self._record_held(upload, base, base, held_by)
             self._metrics.operations.labels(lane, "upload", "skipped").inc()
             return base
+        if (held_by := self._held_by(upload)) is not None and upload.key not in self._look_first:
+            # Stopped before its bytes are fetched: nothing of it reached the partner.
+            return await self._record_held(upload, base, None, held_by)
         scope = Scope.DOCUMENT if source.offset >= 0 else Scope.RELAY
         async with contextlib.AsyncExitStack() as hand:
             # The bytes first, in a slot of the agency's content stage held until the partner
@@ -210,6 +300,9 @@ class OperationExecutor(DocumentSetbacks):
             )
         if isinstance(result, _Failed):
             return await self._upload_failed(upload, base, source, result)
+        held_by = self._held_by(upload)
+        if result is None or held_by is not None:
+            return await self._record_held(upload, base, result, held_by or "")
         self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
@@ -218,23 +311,44 @@ class OperationExecutor(DocumentSetbacks):
 
     async def _send_held(
         self, upload: Upload, base: RemoteState | None, body: bytes, scope: Scope
-    ) -> RemoteState | _Failed:
+    ) -> RemoteState | _Failed | None:
         """The upload's partner job, with its bytes in hand, through the scheduler."""
         # A document whose state record was unreadable may be on the partner already: look first.
         tried = _Tried(reached_partner=upload.key in self._look_first)
         self._look_first.discard(upload.key)
 
-        async def call() -> RemoteState:
+        async def call() -> RemoteState | None:
             return await self._attempt_upload(upload, base, tried, body)
 
         return await self._submit(
             call, agency_id=upload.key.agency_id, lane=upload.lane, scope=scope, key=upload.key
         )
 
+    async def _record_held(
+        self, upload: Upload, base: RemoteState | None, sent: RemoteState | None, held_by: str
+    ) -> RemoteState | None:
+        """An upload a held manifest caught: not sent, it waits with its document; sent
+        already, the partner holds it and its withdrawal waits. What the partner holds is what
+        the next operation on the document builds on."""
+        if sent is None:
+            remote_id = base.remote_id if base is not None else upload.remote_id
+            record = held_upload_record(upload, held_by, remote_id)
+            outcome = "held"
+        else:
+            record = held_published_record(upload, sent.remote_id, sent.sha256, held_by)
+            outcome = "done"
+        await self._writer.write(record)
+        self._settle(upload.key, record)
+        self._metrics.operations.labels(upload.lane.value, "upload", outcome).inc()
+        return base if sent is None else sent
+
     async def _attempt_upload(
         self, upload: Upload, base: RemoteState | None, tried: _Tried, body: bytes
-    ) -> RemoteState:
-        """One attempt; the scheduler calls it again after a retriable failure."""
+    ) -> RemoteState | None:
+        """One attempt; the scheduler calls it again after a retriable failure. None: a held
+        manifest stopped the upload before anything of it reached the partner."""
+        if not tried.reached_partner and self._held_by(upload) is not None:
+            return None
         sha = upload.document.content.sha256
         current = None if tried.gone else base
         looked_up = tried.reached_partner and current is None
@@ -320,6 +434,209 @@ class OperationExecutor(DocumentSetbacks):
         """Apply a durable outcome to the view unless a later operation on the key is queued."""
         if not self._window.has_followers(key):
             self._view.apply(record)
+
+    async def _one_copy(self, upload: Upload, found: list[RemoteDocument]) -> RemoteDocument | None:
+        """The copy to keep of those a lookup found, the others withdrawn.
+
+        Copies come from a request the relay thought lost that the partner carried out later
+        than ``PARTNER__IN_DOUBT_SETTLE_S``. They carry the relay's reference, so they are the
+        relay's own: the one with this upload's content stays (else the first), each other one
+        is withdrawn, a request with a token of its own.
+        """
+        if len(found) < 2:
+            return found[0] if found else None
+        sha = upload.document.content.sha256
+        keep = next((copy for copy in found if copy.sha256 == sha), found[0])
+        agency = upload.key.agency_id
+        for copy in found:
+            if copy is keep:
+                continue
+            await self._scheduler.take_token(agency)
+            await self._partner.delete(agency_id=agency, remote_id=copy.remote_id)
+            self._metrics.operations.labels(upload.lane.value, "delete", "duplicate").inc()
+            log.warning(
+                "withdrew a second copy of a document",
+                extra={
+                    "key": upload.key.encode().decode(),
+                    "kept": keep.remote_id,
+                    "withdrawn": copy.remote_id,
+                },
+            )
+        return keep
+
+    async def _submit(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        agency_id: str,
+        lane: Lane,
+        scope: Scope,
+        key: DocKey,
+    ) -> T | _Failed:
+        """Run ``call`` through the scheduler; a failure comes back with its verdict.
+
+        The scheduler retries what the partner may answer better later. A failure that is not
+        the partner's comes back at once and this document waits on its own (``_waited``).
+        Infrastructure failures are raised: they stop the relay.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._scheduler.submit(call, agency_id=agency_id, lane=lane)
+            except Exception as error:  # classify() decides; this only routes
+                verdict = classify(error, scope)
+                if verdict.disposition is Disposition.FATAL:
+                    raise
+                attempt += 1
+                if not await self._waited(verdict, error, key=key, attempt=attempt):
+                    return _Failed(verdict, error)
+
+    async def _held_content(
+        self, upload: Upload, hand: contextlib.AsyncExitStack, *, scope: Scope
+    ) -> bytes | _Failed:
+        """The upload's bytes, held in ``hand`` (a slot of its agency's content stage) until
+        the caller closes it; fetched before any partner slot is taken.
+
+        A store that cannot serve them now makes this document wait on its own (``_waited``),
+        without a slot, so the agency's other documents are fetched meanwhile.
+        """
+        agency, content = upload.key.agency_id, upload.document.content
+        attempt = 0
+        while True:
+            try:
+                held = self._content.hold(agency, content, lane=upload.lane)
+                return await hand.enter_async_context(held)
+            except Exception as error:  # classify() decides; this only routes
+                verdict = classify(error, scope)
+                if verdict.disposition is Disposition.FATAL:
+                    raise
+                attempt += 1
+                if not await self._waited(verdict, error, key=upload.key, attempt=attempt):
+                    return _Failed(verdict, error)
+
+    async def _waited(
+        self, verdict: Verdict, error: Exception, *, key: DocKey, attempt: int
+    ) -> bool:
+        """Wait before the document's next attempt after ``error``; False when there is none.
+
+        What is retriable but not for the partner to mend (the document store unavailable)
+        waits here, bounded, jittered and counted, outside the scheduler's workers and without
+        a content slot, so the agency's other documents flow meanwhile. What is final, or still
+        failing after the document's attempts, has no next attempt.
+        """
+        if verdict.disposition is not Disposition.RETRY or attempt >= self._retry.max_attempts:
+            return False
+        delay = self._retry.delay(attempt, self._rng)
+        self._metrics.document_retries.labels(verdict.reason).inc()
+        log.warning(
+            "document waits before trying again",
+            extra={
+                "key": key.encode().decode(),
+                "reason": verdict.reason,
+                "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "error": self._partner.redact(_describe(error)),
+            },
+        )
+        await asyncio.sleep(delay)
+        return True
+
+    async def _upload_failed(
+        self, upload: Upload, base: RemoteState | None, source: SourceRecord, failed: _Failed
+    ) -> RemoteState | None:
+        """Dead-letter the input that can never work, or park the document for an operator."""
+        verdict = failed.verdict
+        detail = self._explain(failed, upload.key)
+        if verdict.disposition is not Disposition.DEAD_LETTER:
+            # Parked, or still unavailable once its own retries are spent.
+            return await self._park(upload, base, f"{verdict.reason}: {detail}")
+        await self._dead_letters.send(
+            source, reason=verdict.reason, detail=f"document {upload.key.document_id}: {detail}"
+        )
+        await self._writer.write(self._revert(upload, base))
+        self._settle(upload.key, self._revert(upload, base))
+        self._metrics.operations.labels(upload.lane.value, "upload", "dead_lettered").inc()
+        return base
+
+    def _explain(self, failed: _Failed, key: DocKey) -> str:
+        """The failure's redacted detail; an unforeseen one is logged with its traceback."""
+        detail = self._partner.redact(_describe(failed.error))
+        if not failed.verdict.expected:
+            self._metrics.unexpected_errors.labels("document").inc()
+            log.error(
+                "unexpected error in a document's work; the document is parked",
+                exc_info=failed.error,
+                extra={"key": key.encode().decode(), "reason": failed.verdict.reason},
+            )
+        return detail
+
+    async def _park(self, upload: Upload, base: RemoteState | None, why: str) -> RemoteState | None:
+        """Keep the document (whole) until an operator fixes what stops it; counted and logged."""
+        parked = dataclasses.replace(
+            intent_record(upload),
+            status=DocStatus.PARKED,
+            parked_reason=why,
+            document=upload.document,
+            remote_id=base.remote_id if base else None,
+        )
+        await self._writer.write(parked)
+        self._settle(upload.key, parked)
+        self._metrics.operations.labels(upload.lane.value, "upload", "parked").inc()
+        log.error("document parked", extra={"key": upload.key.encode().decode(), "why": why})
+        return base
+
+    async def _park_withdrawal(
+        self,
+        delete: Delete,
+        base: RemoteState,
+        withdrawn: DocumentRecord | None,
+        failed: _Failed,
+    ) -> None:
+        """A withdrawal the partner refuses waits for an operator; the manifest goes on.
+
+        The parked record names the partner's document (``remote_id``) and carries no document:
+        retrying parked work withdraws it (``planning.actions.retry_parked``).
+        """
+        why = f"{failed.verdict.reason}: {self._explain(failed, delete.key)}"
+        key = delete.key.encode().decode()
+        if withdrawn is None:  # never planned so; kept loud rather than guessed
+            log.error("withdrawal refused and nothing to park", extra={"key": key, "why": why})
+            return
+        parked = dataclasses.replace(
+            withdrawn,
+            status=DocStatus.PARKED,
+            sha256=base.sha256 or withdrawn.sha256,
+            remote_id=base.remote_id,
+            condominium_id=delete.condominium_id or withdrawn.condominium_id,
+            held_by=None,
+            parked_reason=why,
+            document=None,
+        )
+        await self._writer.write(parked)
+        self._settle(delete.key, parked)
+        self._metrics.operations.labels(Lane.LIVE.value, "delete", "parked").inc()
+        log.error("withdrawal parked", extra={"key": key, "why": why})
+
+    def _revert(self, upload: Upload, base: RemoteState | None) -> StateRecord:
+        """The record that describes the partner's state after a refused upload: unchanged."""
+        if base is None:
+            return Tombstone(upload.key)
+        return dataclasses.replace(
+            intent_record(upload),
+            status=DocStatus.PUBLISHED,
+            remote_id=base.remote_id,
+            sha256=base.sha256,
+        )
+
+
+def _forget(uploads: dict[DocKey, list[Upload]], upload: Upload) -> None:
+    """Take ``upload`` (this very one) out of its document's list; drop the list once empty."""
+    queued = uploads.get(upload.key)
+    if queued is None:
+        return
+    queued[:] = [other for other in queued if other is not upload]
+    if not queued:
+        del uploads[upload.key]
 
 
 def _backlog_label(entry: Entry) -> tuple[Lane, str]:

@@ -19,8 +19,8 @@ from consumer.core.state import DocStatus, DocumentRecord, StateRecord, Tombston
 from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.partner.client import ChouetteCoproClient
+from consumer.partner.executor import RecordWriter
 from consumer.partner.scheduler import Lane, Scheduler
-from consumer.partner.setbacks import RecordWriter
 
 log = logging.getLogger(__name__)
 

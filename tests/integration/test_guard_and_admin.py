@@ -61,7 +61,15 @@ def _references(documents: list[Json]) -> dict[str, str]:
 
 
 def _held(building: str, documents: int) -> list[dict[str, Any]]:
-    return [{"agency": AGENCY, "building": building, "documents": documents}]
+    return [
+        {
+            "agency": AGENCY,
+            "building": building,
+            "documents": documents,
+            "withdrawals": documents,
+            "uploads": 0,
+        }
+    ]
 
 
 async def _publish_building(

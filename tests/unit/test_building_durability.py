@@ -278,3 +278,24 @@ WITHOUT_IT = record(
         "items": [OTHER],
     },
 )
+
+
+async def test_an_event_a_pending_manifest_decided_stays_uncommitted_until_it_is_recorded() -> None:
+    changelog = RecordingChangelog()
+    earlier = CREATED - dt.timedelta(minutes=20)  # an earlier manifest: no first publication
+    changelog.records.append(BuildingRecord(AGENCY, BUILDING, {Module.AG: earlier}, True))
+    view = restored(changelog)
+    partner = StalledPartner(view, changelog)
+    first = processor(view, partner, changelog)
+    await first.handle(MANIFEST)  # lists the document: its upload, stalled
+    created_before = dict(orjson.loads(DOCUMENT_CREATED.value or b"{}"))
+    other = {**DOCUMENT, "id": "pv-ag-2024:1"}  # created before the snapshot, not listed
+    created_before |= {"event_id": "5d0f7c1e-1111-4f57-9a8e-3f1d2c4b5a69", "document": other}
+    left_out = record("docs", 7, created_before)
+    await first.handle(left_out)  # decided by the manifest: not published
+    await settle()
+
+    # Had its offset been released, a relay dying now would never publish it, whatever the
+    # manifest read again decides (the guard may hold it, and a discard then sends the document).
+    assert first.committable() == {"docs": 7, "manifests": 9}
+    assert [op.key.document_id for op in partner.submitted] == [DOCUMENT["id"]]

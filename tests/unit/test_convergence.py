@@ -279,9 +279,12 @@ class Relay:
             if not result.complete.items:
                 assert not any(isinstance(op, Delete) for op in plan.operations)
             self.run(plan)
-            building = self.view.building(part.agency_id, part.building_id)
-            for module, taken_at in (building.manifest_taken_at if building else {}).items():
-                self.cut_over.setdefault((part.building_id, module), taken_at)
+            self.note_cut_over(part.building_id)
+
+    def note_cut_over(self, building_id: str) -> None:
+        building = self.view.building(AGENCY, building_id)
+        for module, taken_at in (building.manifest_taken_at if building else {}).items():
+            self.cut_over.setdefault((building_id, module), taken_at)
 
     def run(self, plan: Plan) -> None:
         for record in plan.records:
@@ -311,8 +314,9 @@ def replay(lsc: Lsc, order: list[bool], first_publication: str, guard: DeletionG
             relay.read_event(item)
         elif isinstance(item, ManifestSnapshot):
             relay.read_part(item)
-    for building in BUILDINGS:  # the operator looks at held withdrawals and releases them
+    for building in BUILDINGS:  # the operator looks at held manifests and releases them
         relay.run(release_held(relay.view, AGENCY, building))
+        relay.note_cut_over(building)
     return relay
 
 

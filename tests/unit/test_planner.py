@@ -36,6 +36,8 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
+    HoldDecision,
     Tombstone,
 )
 from consumer.core.view import PublishedView
@@ -551,7 +553,7 @@ def test_the_operator_releases_or_discards_held_withdrawals() -> None:
     assert deletes(release_held(view, AGENCY, BUILDING)) == {
         "d1": Delete(key("d1"), "8841", "r-d1")
     }
-    discarded = discard_held(view, AGENCY, BUILDING)
+    discarded = discard_held(view, routing(), AGENCY, BUILDING)
     assert discarded.records == (
         dataclasses.replace(held, status=DocStatus.PUBLISHED, held_by=None),
     )
@@ -671,3 +673,90 @@ def test_an_approval_covers_its_modules_and_a_module_enabled_later_waits_again()
     view.apply(BuildingRecord(AGENCY, BUILDING, {Module.AG: at(-5), Module.CONTRATS: at(-5)}, True))
     later = manifest(at(10), doc("a"), doc("c", module="contrats"))
     assert unapproved_modules(view, table, later, plan_manifest(view, table, later, GUARD)) == set()
+
+
+# -- a held manifest: the building's question ------------------------------------------------------
+
+
+def held_building(taken_at: dt.datetime, snapshot_id: str) -> BuildingRecord:
+    question = HeldManifest(snapshot_id, taken_at, frozenset({Module.AG, Module.CONTRATS}))
+    return BuildingRecord(AGENCY, BUILDING, {}, first_publication_done=False, held=question)
+
+
+def test_a_held_manifest_decides_nothing_yet_and_its_withdrawals_and_queued_uploads_wait() -> None:
+    sent, queued, kept = doc("d1"), doc("d2"), doc("d3")
+    view = view_of(
+        published(sent, at(1)),
+        published(queued, at(2), status=DocStatus.UPLOADING, remote_id=None),
+        published(kept, at(3)),
+    )
+    empty = manifest(at(10))
+    plan = plan_manifest(view, routing(), empty, GUARD)
+    assert plan.outcome is Outcome.HELD
+    assert plan.operations == ()
+    assert statuses(plan) == {"d1": DocStatus.DELETE_HELD, "d3": DocStatus.DELETE_HELD}
+    # the queued upload is held where it waits: the executor records what it becomes
+    assert [(m.key.document_id, m.status, m.held_by) for m in plan.marks] == [
+        ("d2", DocStatus.UPLOAD_HELD, empty.snapshot_id)
+    ]
+    [building] = [r for r in plan.records if isinstance(r, BuildingRecord)]
+    assert building.manifest_taken_at == {}  # undecided: later events are not superseded
+    assert building.held == HeldManifest(
+        empty.snapshot_id, at(10), frozenset({Module.AG, Module.CONTRATS})
+    )
+
+
+def test_a_live_document_the_held_manifest_decides_waits_with_its_content() -> None:
+    view = view_of(held_building(at(10), "snap"))
+    before, after = doc("d1"), doc("d2")
+    waiting = plan_document(view, routing(), created(before, at(5)))
+    assert waiting.outcome is Outcome.WAITING
+    [record] = waiting.records
+    assert isinstance(record, DocumentRecord)
+    assert (record.status, record.held_by, record.document) == (
+        DocStatus.UPLOAD_HELD,
+        "snap",
+        before,
+    )
+    assert plan_document(view, routing(), created(after, at(11))).outcome is Outcome.UPLOAD
+
+
+def test_discard_sends_what_waited_and_release_decides_the_building() -> None:
+    waiting = dataclasses.replace(
+        published(doc("d1"), at(5), status=DocStatus.UPLOAD_HELD, remote_id=None),
+        held_by="snap",
+        document=doc("d1"),
+    )
+    held = published(doc("d2"), at(4), status=DocStatus.DELETE_HELD, held_by="snap")
+    view = view_of(held_building(at(10), "snap"), waiting, held)
+
+    discarded = discard_held(view, routing(), AGENCY, BUILDING)
+    assert set(uploads(discarded)) == {"d1"}
+    assert statuses(discarded) == {"d2": DocStatus.PUBLISHED}
+    [building] = [r for r in discarded.records if isinstance(r, BuildingRecord)]
+    assert building.held is not None
+    assert building.held.decision is HoldDecision.DISCARD
+    assert building.manifest_taken_at == {}
+
+    released = release_held(view, AGENCY, BUILDING)
+    assert set(deletes(released)) == {"d2"}
+    assert statuses(released) == {"d1": DocStatus.FILTERED}  # never sent, decided at taken_at
+    [building] = [r for r in released.records if isinstance(r, BuildingRecord)]
+    assert building.held is not None
+    assert building.held.decision is HoldDecision.RELEASE
+    assert building.manifest_taken_at == dict.fromkeys((Module.AG, Module.CONTRATS), at(10))
+
+
+def test_a_newer_manifest_replaces_the_held_one_and_an_older_one_is_stale() -> None:
+    held = published(doc("d1"), at(4), status=DocStatus.DELETE_HELD, held_by="snap")
+    other = published(doc("d2"), at(4), status=DocStatus.DELETE_HELD, held_by="snap")
+    view = view_of(held_building(at(10), "snap"), held, other)
+    assert plan_manifest(view, routing(), manifest(at(9), doc("d1")), GUARD).outcome is (
+        Outcome.STALE
+    )
+    newer = plan_manifest(view, routing(), manifest(at(11), doc("d1")), GUARD)
+    assert newer.outcome is Outcome.APPLIED
+    assert statuses(newer) == {"d1": DocStatus.PUBLISHED}  # listed again: wanted after all
+    assert set(deletes(newer)) == {"d2"}
+    [building] = [r for r in newer.records if isinstance(r, BuildingRecord)]
+    assert building.held is None

@@ -27,8 +27,7 @@ from consumer.core.state import StateRecord
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
-from consumer.partner.executor import OperationExecutor
-from consumer.partner.setbacks import RecordWriter
+from consumer.partner.executor import OperationExecutor, RecordWriter
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}

@@ -19,6 +19,7 @@ from referencing import Registry, Resource
 
 from consumer.core.events import Document, Module
 from consumer.core.state import (
+    HELD,
     AgencyKey,
     AgencyRecord,
     BuildingKey,
@@ -26,6 +27,8 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
+    HoldDecision,
     StateDecodeError,
     StateRecord,
     Tombstone,
@@ -126,6 +129,21 @@ RECORDS = [
         first_publication_done=True,
     ),
     BuildingRecord("agence-lyon", "bat-13"),
+    BuildingRecord(
+        "agence-lyon",
+        "bat-14",
+        held=HeldManifest(
+            "3f2c1b7e-0000-4000-8000-000000000002",
+            dt.datetime(2024, 5, 6, tzinfo=dt.UTC),
+            frozenset({Module.AG, Module.CONTRATS}),
+            HoldDecision.DISCARD,
+        ),
+    ),
+    published(
+        status=DocStatus.UPLOAD_HELD,
+        held_by="3f2c1b7e-0000-4000-8000-000000000002",
+        document=a_document(),
+    ),
     Tombstone(KEY),
     Tombstone(BuildingKey("agence-lyon", "bat-12")),
 ]
@@ -134,6 +152,21 @@ RECORDS = [
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
 def test_every_record_kind_survives_the_changelog(record: StateRecord) -> None:
     assert round_trip(record) == record
+
+
+def test_a_building_record_written_before_held_manifests_were_kept_is_read() -> None:
+    value = orjson.dumps(
+        {
+            "schema_version": 1,
+            "kind": "building",
+            "manifest_taken_at": {"ag": "2024-05-06T00:00:00Z"},
+            "first_publication_done": True,
+        }
+    )
+    validate(value)
+    assert decode_state(b"agence-lyon:bat-12", value) == BuildingRecord(
+        "agence-lyon", "bat-12", {Module.AG: dt.datetime(2024, 5, 6, tzinfo=dt.UTC)}, True
+    )
 
 
 def test_keys_are_agency_building_document_and_document_ids_may_hold_colons() -> None:
@@ -275,9 +308,9 @@ def document_records(draw: st.DrawFn) -> DocumentRecord:
         size_bytes=document.content.size_bytes,
         remote_id=None if status is DocStatus.BASELINE else "r-1",
         condominium_id="8841",
-        held_by="snap" if status is DocStatus.DELETE_HELD else None,
+        held_by="snap" if status in HELD else None,
         parked_reason="unmapped_building" if status is DocStatus.PARKED else None,
-        document=document if status is DocStatus.PARKED else None,
+        document=document if status in (DocStatus.PARKED, DocStatus.UPLOAD_HELD) else None,
     )
 
 

@@ -101,6 +101,7 @@ def test_counts_follow_status_changes() -> None:
         DocStatus.DELETE_HELD: 1,
         DocStatus.PARKED: 0,
         DocStatus.FILTERED: 0,
+        DocStatus.UPLOAD_HELD: 0,
     }
     assert view.held_count == 1
     assert view.size == 4

@@ -19,12 +19,15 @@ from consumer.core.planning.plan import (
     Plan,
     Upload,
     document_record,
+    intent_record,
 )
 from consumer.core.routing import Action, Reason, RoutingTable, Verdict
 from consumer.core.state import (
+    HELD,
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
     StateRecord,
     Tombstone,
     to_epoch_us,
@@ -34,6 +37,9 @@ from consumer.core.view import PublishedView
 
 def is_owned(record: DocumentRecord) -> bool:
     """Whether the relay put (or may have put) this document on the partner."""
+    if record.status is DocStatus.UPLOAD_HELD:
+        # without its document: the mark of an upload queued or running, which may land yet
+        return record.remote_id is not None or record.document is None
     if record.status is DocStatus.PARKED:
         return record.remote_id is not None
     return record.status in (DocStatus.PUBLISHED, DocStatus.DELETE_HELD, DocStatus.UPLOADING)
@@ -120,7 +126,9 @@ def upload_for(
     return Upload(key, document, condominium_id, lane, seen_at, None, current)
 
 
-def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCreated) -> Plan:
+def plan_document(  # noqa: PLR0911 - one return per rule, in the order they apply
+    view: PublishedView, routing: RoutingTable, event: DocumentCreated
+) -> Plan:
     """The live lane: one document-created event."""
     document = event.document
     key = DocKey(event.agency_id, event.building_id, document.id)
@@ -135,6 +143,9 @@ def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCre
     verdict = routing.decide(event.agency_id, event.building_id, document)
     if verdict.action is Action.FILTER:
         return _filtered(key, document, verdict, event.occurred_at, current)
+    held = building.held if building else None
+    if held is not None and held.decides(document.module, event.occurred_at):
+        return _wait(key, document, verdict, event.occurred_at, current=current, held=held)
     if (
         current is not None
         and current.status in SETTLED
@@ -155,6 +166,98 @@ def plan_document(view: PublishedView, routing: RoutingTable, event: DocumentCre
         current=current,
     )
     return Plan(Outcome.UPLOAD, (upload,))
+
+
+def _wait(
+    key: DocKey,
+    document: Document,
+    verdict: Verdict,
+    seen_at: dt.datetime,
+    *,
+    current: DocumentRecord | None,
+    held: HeldManifest,
+) -> Plan:
+    """A version the held manifest decides: created before it was taken.
+
+    A document it lists was reconciled by the manifest's own plan (a version seen at its
+    ``taken_at``, or the same content left as it was): the event changes nothing. Any other is
+    left out of it, so it waits for the operator's decision with its document.
+    """
+    if verdict.condominium_id is not None and current is not None and _queued(current):
+        # Its upload is queued or running: this version joins it, held the same way, so that
+        # it records itself once the work before it has said what the partner holds.
+        upload = upload_for(
+            key,
+            document,
+            condominium_id=verdict.condominium_id,
+            lane=Lane.LIVE,
+            seen_at=seen_at,
+            current=current,
+        )
+        mark = dataclasses.replace(
+            intent_record(upload), status=DocStatus.UPLOAD_HELD, held_by=held.snapshot_id
+        )
+        return Plan(Outcome.WAITING, (upload,), marks=(mark,))
+    remote_id = condominium_id = None
+    if current is not None:
+        marked = current.status in HELD and current.held_by == held.snapshot_id
+        same = current.sha256 == document.content.sha256
+        if same and not marked and current.status in SETTLED:
+            return Plan(Outcome.UNCHANGED)
+        if same and marked and (current.status is DocStatus.DELETE_HELD or current.document):
+            return Plan(Outcome.WAITING)  # this very version waits already
+        if is_owned(current):
+            remote_id, condominium_id = current.remote_id, current.condominium_id
+    record = document_record(
+        key,
+        document,
+        DocStatus.UPLOAD_HELD,
+        seen_at,
+        remote_id=remote_id,
+        condominium_id=condominium_id or verdict.condominium_id,
+    )
+    waiting = dataclasses.replace(record, held_by=held.snapshot_id, document=document)
+    return Plan(Outcome.WAITING, records=(waiting,))
+
+
+def _queued(record: DocumentRecord) -> bool:
+    """Whether the view shows an upload of the document queued or running (held or not)."""
+    return record.status is DocStatus.UPLOADING or (
+        record.status is DocStatus.UPLOAD_HELD and record.document is None
+    )
+
+
+def let_go(
+    record: DocumentRecord, routing: RoutingTable
+) -> tuple[list[Operation], list[StateRecord], list[DocumentRecord]]:
+    """A document that waited for a held manifest no longer waits (the manifest is discarded,
+    or a newer one leaves the document's module alone): it goes as if the hold had never been.
+
+    Operations, records and marks (see ``Plan``): a held withdrawal stands published again, a
+    held upload is sent, and an upload still queued when the hold began is let go.
+    """
+    if record.status is DocStatus.DELETE_HELD:
+        return [], [unhold(record)], []
+    document = record.document
+    if document is None:
+        # the mark of an upload still queued: the upload itself carries the document
+        return [], [], [dataclasses.replace(record, status=DocStatus.UPLOADING, held_by=None)]
+    key = record.key
+    verdict = routing.decide(key.agency_id, key.building_id, document)
+    if verdict.action is Action.FILTER:
+        operations, records = unroute(record)
+        return operations, records, []
+    if verdict.condominium_id is None:
+        return [], park(key, document, verdict, record.seen_at, record), []
+    upload = upload_for(
+        key,
+        document,
+        condominium_id=verdict.condominium_id,
+        lane=Lane.LIVE,
+        seen_at=record.seen_at,
+        current=record,
+    )
+    return [upload], [], []
 
 
 def _filtered(

@@ -2,7 +2,9 @@
 
 Listed documents are uploaded, left alone or recorded as baseline (a first publication whose mode
 does not send them); documents of covered modules seen before the snapshot and absent from it are
-withdrawn, unless the mass-deletion guard holds them. Uploads go to the backfill lane.
+withdrawn. Uploads go to the backfill lane. When the mass-deletion guard holds the manifest, the
+documents it lists still flow, and those it would withdraw or keep unpublished wait for the
+operator's decision (``actions.py``): the building record keeps the manifest as its question.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from consumer.core.planning.documents import (
     AUDIENCE_REASONS,
     SETTLED,
     is_owned,
+    let_go,
     park,
     unhold,
     unroute,
@@ -30,6 +33,8 @@ from consumer.core.state import (
     DocKey,
     DocStatus,
     DocumentRecord,
+    HeldManifest,
+    HoldDecision,
     StateRecord,
     Tombstone,
     to_epoch_us,
@@ -48,16 +53,41 @@ class _ManifestPlanner:
         self.manifest = manifest
         self.taken_us = to_epoch_us(manifest.taken_at)
         building = view.building(manifest.agency_id, manifest.building_id)
+        self.building = building
         self.decided = dict(building.manifest_taken_at) if building is not None else {}
+        held = building.held if building is not None else None
+        # The undecided question of another snapshot: a manifest no newer than it is stale for
+        # its modules, a newer one replaces it.
+        self.question = (
+            held
+            if held is not None
+            and held.decision is None
+            and held.snapshot_id != manifest.snapshot_id
+            else None
+        )
+        question = self.question
         self.covered = {
             module
             for module in manifest.modules
-            if module not in self.decided or to_epoch_us(self.decided[module]) < self.taken_us
+            if (module not in self.decided or to_epoch_us(self.decided[module]) < self.taken_us)
+            and not (
+                question is not None
+                and module in question.modules
+                and to_epoch_us(question.taken_at) >= self.taken_us
+            )
         }
+        # This very manifest, held before and discarded by the operator (read again after a
+        # crash): what it lists flows, it decides nothing else.
+        self.discarded = (
+            held is not None
+            and held.snapshot_id == manifest.snapshot_id
+            and held.decision is HoldDecision.DISCARD
+        )
         agency = routing.agency(manifest.agency_id)
         self.first_publication = agency.first_publication if agency is not None else None
         self.operations: list[Operation] = []
         self.records: list[StateRecord] = []
+        self.marks: list[DocumentRecord] = []
 
     def listed(self, document: Document) -> None:
         """One item of the manifest, in a module it covers."""
@@ -128,22 +158,66 @@ class _ManifestPlanner:
             and not self.first_publication.sends(document.document_date)
         )
 
-    def withdrawals(self) -> list[DocumentRecord]:
+    def left_out(self) -> list[DocumentRecord]:
         """Documents of covered modules seen before the snapshot and absent from it."""
         manifest = self.manifest
-        withdrawn = []
-        for record in self.view.seen_before(
-            manifest.agency_id,
-            manifest.building_id,
-            manifest.taken_at,
-            modules=self.covered,
-            excluding={document.id for document in manifest.items},
-        ):
+        return list(
+            self.view.seen_before(
+                manifest.agency_id,
+                manifest.building_id,
+                manifest.taken_at,
+                modules=self.covered,
+                excluding={document.id for document in manifest.items},
+            )
+        )
+
+    def withdraw(self, left: list[DocumentRecord]) -> None:
+        """The manifest applied: what the relay sent is withdrawn, the rest forgotten."""
+        for record in left:
             if is_owned(record):
-                withdrawn.append(record)
+                self.operations.append(withdrawal(record, self.manifest.taken_at))
             else:
                 self.records.append(Tombstone(record.key))  # baseline, parked, filtered: not sent
-        return withdrawn
+
+    def hold(self, left: list[DocumentRecord]) -> None:
+        """The manifest held: what it would decide waits, marked with its snapshot.
+
+        A published document's withdrawal is held; an upload still queued is held too (its mark
+        stops it before it is sent, and it then records itself as waiting, with its document).
+        Documents not on the partner and not being sent (baseline, parked, filtered) stay as
+        they are: the partner holds none of them whatever the decision.
+        """
+        snapshot_id = self.manifest.snapshot_id
+        for record in left:
+            if record.held_by == snapshot_id:
+                continue
+            if record.status in (DocStatus.PUBLISHED, DocStatus.DELETE_HELD):
+                held = dataclasses.replace(
+                    record, status=DocStatus.DELETE_HELD, held_by=snapshot_id
+                )
+                self.records.append(held)
+            elif record.status is DocStatus.UPLOADING or (
+                record.status is DocStatus.UPLOAD_HELD and record.document is None
+            ):
+                mark = dataclasses.replace(
+                    record, status=DocStatus.UPLOAD_HELD, held_by=snapshot_id
+                )
+                self.marks.append(mark)
+            elif record.status is DocStatus.UPLOAD_HELD:
+                self.records.append(dataclasses.replace(record, held_by=snapshot_id))
+
+    def let_go_outside(self) -> None:
+        """A newer manifest replaces the question: what waited for it in modules this one does
+        not cover goes as if the held manifest had been discarded."""
+        question, manifest = self.question, self.manifest
+        if question is None:
+            return
+        for record in self.view.held(manifest.agency_id, manifest.building_id):
+            if record.held_by == question.snapshot_id and record.module not in self.covered:
+                operations, records, marks = let_go(record, self.routing)
+                self.operations += operations
+                self.records += records
+                self.marks += marks
 
 
 def plan_manifest(
@@ -156,29 +230,47 @@ def plan_manifest(
     listed = {d.id: d for d in manifest.items if d.module in planner.covered}
     for document in listed.values():
         planner.listed(document)
-    withdrawn = planner.withdrawals()
+    if planner.discarded:
+        return Plan(Outcome.DISCARDED, tuple(planner.operations), tuple(planner.records))
+    left = planner.left_out()
+    deleting = sum(1 for record in left if is_owned(record))
     published = view.published_count(manifest.agency_id, manifest.building_id, planner.covered)
-    outcome = Outcome.APPLIED
-    if guard.holds(deleting=len(withdrawn), published=published, listed=len(listed)):
-        outcome = Outcome.HELD
-        planner.records += [
-            dataclasses.replace(record, status=DocStatus.DELETE_HELD, held_by=manifest.snapshot_id)
-            for record in withdrawn
-            if record.status in (DocStatus.PUBLISHED, DocStatus.DELETE_HELD)
-            and record.held_by != manifest.snapshot_id
-        ]
-    else:
-        planner.operations += [withdrawal(record, manifest.taken_at) for record in withdrawn]
     # Only modules the relay serves for this agency are "decided": one that is enabled later (or
     # an agency added to the routing later) then gets its first publication, in its own mode,
     # instead of being taken as already published.
     agency = routing.agency(manifest.agency_id)
     served = planner.covered & agency.modules if agency is not None else set()
-    if served:
-        decided = planner.decided | dict.fromkeys(served, manifest.taken_at)
+    outcome = Outcome.APPLIED
+    building = planner.building
+    if guard.holds(deleting=deleting, published=published, listed=len(listed)):
+        outcome = Outcome.HELD
+        planner.hold(left)
+        # Nothing is decided yet: the manifest is the building's question until an operator
+        # answers it (``actions.py``), or a newer manifest replaces it.
+        question = HeldManifest(manifest.snapshot_id, manifest.taken_at, frozenset(planner.covered))
+        first_done = building.first_publication_done if building is not None else False
         planner.records.append(
-            BuildingRecord(manifest.agency_id, manifest.building_id, decided, True)
+            BuildingRecord(
+                manifest.agency_id, manifest.building_id, planner.decided, first_done, question
+            )
         )
-    elif not planner.operations and not planner.records:
-        outcome = Outcome.UNSERVED
-    return Plan(outcome, tuple(planner.operations), tuple(planner.records))
+    else:
+        planner.withdraw(left)
+        if served:
+            decided = planner.decided | dict.fromkeys(served, manifest.taken_at)
+            # A decided hold stays while it is newer (its manifest read again stays decided).
+            held = building.held if building is not None else None
+            kept = (
+                held
+                if held is not None
+                and held.decision is not None
+                and to_epoch_us(held.taken_at) > planner.taken_us
+                else None
+            )
+            planner.records.append(
+                BuildingRecord(manifest.agency_id, manifest.building_id, decided, True, kept)
+            )
+        elif not planner.operations and not planner.records:
+            outcome = Outcome.UNSERVED
+    planner.let_go_outside()
+    return Plan(outcome, tuple(planner.operations), tuple(planner.records), tuple(planner.marks))

@@ -29,7 +29,8 @@ class Outcome(StrEnum):
     FILTERED = "filtered"  # routing never sends it (a published version is withdrawn)
     PARKED = "parked"  # waits for an operator (unmapped building)
     APPLIED = "applied"  # a manifest reconciled its building
-    HELD = "held"  # ... and the guard held its withdrawals
+    HELD = "held"  # ... and the guard held it: what it would decide waits for an operator
+    WAITING = "waiting"  # a document a held manifest would keep unpublished waits with it
     UNSERVED = "unserved"  # a manifest of an agency or modules the relay does not serve
     RELEASED = "released"
     DISCARDED = "discarded"
@@ -70,9 +71,24 @@ Operation = Upload | Delete
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """What one input (or operator action) does: ``records`` are applied to the view and
+    written, ``operations`` go to the partner. ``marks`` are applied to the view only: they hold
+    (``upload_held``) or let go (``uploading``) an upload already queued for the document, whose
+    own records then say what it became (held before it was sent, or sent already)."""
+
     outcome: Outcome
     operations: tuple[Operation, ...] = ()
     records: tuple[StateRecord, ...] = ()
+    marks: tuple[DocumentRecord, ...] = ()
+
+
+def partner_sha256(upload: Upload) -> str:
+    """The sha256 the partner holds under ``upload.remote_id`` as far as the record it replaces
+    says ("" when unknown): a held upload's record describes the version waiting, not that one."""
+    previous = upload.previous
+    if previous is None or previous.status is DocStatus.UPLOAD_HELD:
+        return ""
+    return previous.sha256
 
 
 def document_record(
@@ -121,6 +137,28 @@ def published_record(upload: Upload, remote_id: str, sha256: str) -> DocumentRec
         condominium_id=upload.condominium_id,
     )
     return dataclasses.replace(record, sha256=sha256)
+
+
+def held_upload_record(upload: Upload, held_by: str, remote_id: str | None) -> DocumentRecord:
+    """An upload a held manifest stopped before it was sent: it waits, with its document.
+    ``remote_id`` names the version the partner holds, if any (the one it would have updated)."""
+    record = document_record(
+        upload.key,
+        upload.document,
+        DocStatus.UPLOAD_HELD,
+        upload.seen_at,
+        remote_id=remote_id,
+        condominium_id=upload.condominium_id,
+    )
+    return dataclasses.replace(record, held_by=held_by, document=upload.document)
+
+
+def held_published_record(
+    upload: Upload, remote_id: str, sha256: str, held_by: str
+) -> DocumentRecord:
+    """An upload a held manifest caught already sent: on the partner, its withdrawal held."""
+    record = published_record(upload, remote_id, sha256)
+    return dataclasses.replace(record, status=DocStatus.DELETE_HELD, held_by=held_by)
 
 
 def deleted_record(delete: Delete) -> StateRecord:
