@@ -35,6 +35,7 @@ from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.scheduler import RateLimit, RetryPolicy, Scheduler
+from tests.writers import WritesAtOnce
 
 AGENCY = "agence-a"
 PDF = b"%PDF-1.4 contrat"
@@ -84,18 +85,12 @@ async def partner() -> AsyncIterator[tuple[Partner, str]]:
         yield server_side, str(server.make_url("/api/v1"))
 
 
-class Changelog:
+class Changelog(WritesAtOnce):
     def __init__(self) -> None:
         self.records: list[StateRecord] = []
 
     async def write(self, record: StateRecord) -> None:
         self.records.append(record)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 async def fetch(content: Content) -> bytes:

@@ -49,6 +49,7 @@ from consumer.partner.ratelimit import RateLimit
 from consumer.partner.reconcile import reconcile_partition
 from consumer.partner.scheduler import RetryPolicy, Scheduler
 from consumer.settings import PartnerSettings, Settings
+from tests.writers import WritesAtOnce
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ class Acknowledged(NamedTuple):
     value: bytes | None
 
 
-class MemoryChangelog:
+class MemoryChangelog(WritesAtOnce):
     """The state topic: a record is acknowledged once written; a crash keeps only those."""
 
     def __init__(self) -> None:
@@ -74,12 +75,6 @@ class MemoryChangelog:
     async def write(self, record: StateRecord) -> None:
         await asyncio.sleep(0)  # the broker's acknowledgement comes later than the call
         self.records.append(Acknowledged(*encode_state(record)))
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class DeadLetterList:

@@ -38,6 +38,7 @@ from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.window import Batch
+from tests.writers import WritesAtOnce
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}
@@ -46,7 +47,7 @@ CREATED = CLOCK - dt.timedelta(minutes=10)
 TAKEN = CLOCK - dt.timedelta(minutes=5)
 
 
-class RecordingChangelog:
+class RecordingChangelog(WritesAtOnce):
     """Keeps what is written, in order: what a relay started after a crash would restore."""
 
     def __init__(self) -> None:
@@ -54,12 +55,6 @@ class RecordingChangelog:
 
     async def write(self, record: StateRecord) -> None:
         self.records.append(record)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class StalledPartner:

@@ -41,6 +41,7 @@ from consumer.metrics import RelayMetrics
 from consumer.ops.admin import Operator, UnknownTargetError
 from consumer.partner.executor import OperationExecutor
 from consumer.settings import KafkaSettings, Settings
+from tests.writers import WritesAtOnce
 
 NOW = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}
@@ -87,19 +88,13 @@ def test_the_replica_refuses_what_its_routing_file_does_not_know(
     assert refusal(ROUTING, command(action, agency, building)) is expected
 
 
-class RecordingChangelog:
+class RecordingChangelog(WritesAtOnce):
     def __init__(self) -> None:
         self.written: list[StateRecord] = []
 
     async def write(self, record: StateRecord) -> None:
         await asyncio.sleep(0)
         self.written.append(record)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class NothingQueued:

@@ -30,20 +30,15 @@ from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.scheduler import RateLimit, Scheduler
+from tests.writers import WritesAtOnce
 
 SOURCE = SourceRecord("documents", 0, 7, 0, b"a:b", b"{}", ())
 UNLIMITED = RateLimit(rate_per_second=1e9, burst=1_000_000)
 SLOW_HOST = "slow.lsc.example"
 
 
-class Changelog:
+class Changelog(WritesAtOnce):
     async def write(self, record: StateRecord) -> None:
-        return None
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
         return None
 
 

@@ -7,7 +7,6 @@ written is raised, to stop the relay. Partner and content stand-ins, a real sche
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
@@ -29,12 +28,13 @@ from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.scheduler import RetryPolicy, Scheduler
+from tests.writers import WritesAtOnce
 
 KEY = DocKey("agence-a", "bat-1", "doc-1")
 SOURCE = SourceRecord("docs", 0, 3, 0, b"agence-a:bat-1", b"{}", ())
 
 
-class Changelog:
+class Changelog(WritesAtOnce):
     def __init__(self, *, broken: bool = False) -> None:
         self.records: list[StateRecord] = []
         self.broken = broken
@@ -43,12 +43,6 @@ class Changelog:
         if self.broken:
             raise KafkaTimeoutError("state topic unreachable")
         self.records.append(record)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class BrokenContent:

@@ -28,23 +28,18 @@ from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor, RecordWriter
+from tests.writers import WritesAtOnce
 
 AGENCY, BUILDING = "agence-a", "bat-1"
 TOPICS = {DOCUMENTS: "docs", MANIFESTS: "manifests", COMMANDS: "commands"}
 
 
-class BrokenChangelog:
+class BrokenChangelog(WritesAtOnce):
     """A changelog whose writes fail the way an unreachable broker does, retries spent."""
 
     async def write(self, record: StateRecord) -> None:
         await asyncio.sleep(0)
         raise KafkaTimeoutError("changelog unreachable")
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class RecordingDeadLetters:
@@ -55,15 +50,9 @@ class RecordingDeadLetters:
         self.sent.append((source, reason, detail))
 
 
-class NoChangelog:
+class NoChangelog(WritesAtOnce):
     async def write(self, record: StateRecord) -> None:
         raise AssertionError("nothing to write")
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 def unmapped_document_event() -> bytes:
@@ -302,15 +291,9 @@ async def test_a_record_whose_planning_fails_unexpectedly_is_dead_lettered_and_r
     assert logged[0].exc_info is not None  # with its traceback
 
 
-class AcceptingChangelog:
+class AcceptingChangelog(WritesAtOnce):
     async def write(self, record: StateRecord) -> None:
         await asyncio.sleep(0)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 async def test_every_record_of_a_fetch_is_handled_and_counted_even_after_a_poison_one() -> None:

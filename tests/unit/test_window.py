@@ -33,23 +33,18 @@ from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentStage
 from consumer.partner.executor import OperationExecutor
 from consumer.partner.scheduler import RateLimit, Scheduler
+from tests.writers import WritesAtOnce
 
 SOURCE = SourceRecord("manifests", 0, 7, 0, b"a:b", b"{}", ())
 UNLIMITED = RateLimit(rate_per_second=1e9, burst=1_000_000)
 
 
-class Changelog:
+class Changelog(WritesAtOnce):
     async def write(self, record: StateRecord) -> None:
         return None
 
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
 
-    async def room(self) -> None:
-        return None
-
-
-class WrittenInOrder:
+class WrittenInOrder(WritesAtOnce):
     """The changelog as a list: what a relay started after a crash would restore, in order."""
 
     def __init__(self) -> None:
@@ -57,12 +52,6 @@ class WrittenInOrder:
 
     async def write(self, record: StateRecord) -> None:
         self.records.append(record)
-
-    def submit(self, record: StateRecord) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.write(record))
-
-    async def room(self) -> None:
-        return None
 
 
 class Store:
