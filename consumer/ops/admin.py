@@ -242,7 +242,7 @@ class Operator:
             for letter in letters
             if reason in (None, letter.reason) and source_topic in (None, letter.source_topic)
         ]
-        replayed = await replayed_already(self.connection, chosen) if chosen else {}
+        replayed = (await replayed_already(self.connection, chosen)).replayed_at if chosen else {}
         return [letter.listing(replayed.get(letter.id)) for letter in chosen]
 
     async def replay(
