@@ -41,6 +41,9 @@ def _kafka_clients(
         partition_assignment_strategy=(RangePartitionAssignor,),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # A replay of a dead letter is a transaction (consumer/ops/replay.py): one fenced by a
+        # concurrent replay of the same record is aborted, and never read.
+        isolation_level="read_committed",
         max_poll_records=s.kafka.max_poll_records,
         session_timeout_ms=s.kafka.session_timeout_ms,
         fetch_max_bytes=max(s.kafka.max_value_bytes * 4, 52_428_800),

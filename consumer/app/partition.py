@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from consumer.app.processor import FindResend, PartitionProcessor
+from consumer.app.processor import FindCopies, FindResend, PartitionProcessor
 from consumer.core.commands import AgencyAction
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
@@ -40,6 +40,7 @@ def partition_processor(
     on_failure: Callable[[BaseException], None],
     on_command: Callable[[AgencyAction], None] = lambda _: None,
     find_resend: FindResend | None = None,
+    find_copies: FindCopies | None = None,
 ) -> PartitionProcessor:
     """The processor of ``partition`` over its restored ``view``."""
     s = settings
@@ -79,5 +80,6 @@ def partition_processor(
         max_clock_skew=dt.timedelta(seconds=s.manifest.max_clock_skew_s),
         on_command=on_command,
         find_resend=find_resend,
+        find_copies=find_copies,
         command_key=None if command_key is None else command_key.get_secret_value().encode(),
     )

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from consumer.app.completion import DecidedWait, PlanCompletion
 from consumer.app.manifests import MANIFESTS, ManifestWork
-from consumer.app.repairs import FindResend, RepairWork
+from consumer.app.repairs import FindCopies, FindResend, RepairWork
 from consumer.core.commands import (
     AgencyAction,
     HeldAction,
@@ -52,6 +52,7 @@ __all__ = [
     "COMMANDS",
     "DOCUMENTS",
     "MANIFESTS",
+    "FindCopies",
     "FindResend",
     "PartitionProcessor",
     "RefusedCommand",
@@ -99,6 +100,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         max_clock_skew: dt.timedelta = dt.timedelta(minutes=5),
         on_command: Callable[[AgencyAction], None] = lambda _: None,
         find_resend: FindResend | None = None,
+        find_copies: FindCopies | None = None,
         command_key: bytes | None = None,
     ) -> None:
         self.partition = partition
@@ -120,6 +122,7 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
         # applied) or reloads the API keys (before parked documents are sent again).
         self._on_command = on_command
         self._find_resend = find_resend
+        self._find_copies = find_copies  # a repair's findings, looked up on the partner
         # With a key, only commands signed with it are carried out (the commands topic may be
         # written by producers that operators do not control).
         self._command_key = command_key

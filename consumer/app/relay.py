@@ -56,9 +56,11 @@ from consumer.ops.admin import Operator, held_entries, parked_entry
 from consumer.ops.audit import run_audit
 from consumer.ops.looplag import watch_loop_lag
 from consumer.ops.opshttp import OpsServer
+from consumer.partner.answers import RemoteDocument
 from consumer.partner.breaker import BreakerPolicy
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentFetcher
+from consumer.partner.copies import find_copies
 from consumer.partner.keys import ApiKeyStore
 from consumer.partner.reconcile import reconcile_partition
 from consumer.partner.scheduler import RetryPolicy, Scheduler
@@ -341,6 +343,7 @@ class Relay:
             on_failure=self._fail,
             on_command=self._on_command,
             find_resend=functools.partial(self._find_resend, partition),
+            find_copies=functools.partial(self._find_copies, scheduler, partner),
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
         # intents above are only looked up, which sends nothing.)
@@ -365,6 +368,23 @@ class Relay:
             place=place,
             wanted=wanted,
             max_value_bytes=self.settings.kafka.max_value_bytes,
+        )
+
+    async def _find_copies(
+        self,
+        scheduler: Scheduler,
+        partner: ChouetteCoproClient,
+        agency_id: str,
+        condominium_id: str,
+        references: frozenset[str],
+    ) -> Mapping[str, list[RemoteDocument]]:
+        """A repair's references as the partner holds them, looked up at the agency's pace."""
+        return await find_copies(
+            scheduler=scheduler,
+            partner=partner,
+            agency_id=agency_id,
+            condominium_id=condominium_id,
+            references=references,
         )
 
     async def _check_topics(self) -> TopicLayout:

@@ -1,8 +1,11 @@
-"""A partition's repairs: an audit's missing and changed documents, read again from the input.
+"""A partition's repairs: an audit's findings checked with the partner, then settled.
 
-A repair command that needs documents' content runs in a task of its own: it reads the partition's
-input again (``consumer/kafka/resend.py``, given as ``FindResend``) up to where the processor's
-reading stands, then plans the repair (``consumer/core/audit.py``) against the view as it is then.
+A repair command runs in a task of its own. It carries what to check, not what to delete: the
+task looks each finding's reference up on the partner (``consumer/partner/copies.py``, given as
+``FindCopies``), reads the partition's input again for the missing and changed documents the
+partner bears out (``consumer/kafka/resend.py``, given as ``FindResend``) up to where the
+processor's reading stands, then plans the repair (``consumer/core/audit.py``) against the view
+as it is then.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from consumer.core.audit import Resend, to_resend
+from consumer.core.audit import Copies, Resend, to_resend
 from consumer.core.commands import AgencyAction, OperatorCommand
 from consumer.core.controls import plan_agency_command
 from consumer.core.offsets import OffsetTracker
@@ -28,6 +31,10 @@ FindResend = Callable[
 ]
 """Reads the partition's input again up to the given offsets, for a repair's documents."""
 
+FindCopies = Callable[[str, str, frozenset[str]], Awaitable[Copies]]
+"""Looks references up on the partner (agency, condominium, references): each one's copies, a
+reference that could not be looked up left out."""
+
 _INPUT_KINDS = ("document-created", "manifest-snapshot")
 
 
@@ -41,6 +48,7 @@ class RepairWork:
     _completions: set[asyncio.Future[None]]
     _on_failure: Callable[[BaseException], None]
     _find_resend: FindResend | None
+    _find_copies: FindCopies | None
 
     def _carry_out(
         self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord
@@ -51,38 +59,41 @@ class RepairWork:
         raise NotImplementedError
 
     def _start_repair(self, command: OperatorCommand, source: SourceRecord) -> bool:
-        """Start the repair in a task if it needs the input; False if it does not."""
-        if not self._needs_input(command):
+        """Start a repair in a task; False if ``command`` is not one."""
+        if command.command is not AgencyAction.REPAIR or command.building_id is None:
             return False
-        # Reading the partition again takes a while: the other records and partitions go on
-        # meanwhile, the command's offset stays open until its work is done.
+        # Asking the partner and reading the partition again take a while: the other records
+        # and partitions go on meanwhile, the command's offset stays open until its work is done.
         task = asyncio.create_task(self._repair(command, source))
         self._completions.add(task)
         task.add_done_callback(self._completions.discard)
         return True
 
-    def _needs_input(self, command: OperatorCommand) -> bool:
-        """A repair with missing or changed documents, which the input may still describe."""
-        return (
-            command.command is AgencyAction.REPAIR
-            and command.building_id is not None
-            and self._find_resend is not None
-            and bool(to_resend(command.findings))
-        )
-
     async def _repair(self, command: OperatorCommand, source: SourceRecord) -> None:
         try:
-            resend = await self._resend_for(command)
+            copies = await self._copies_for(command)
+            resend = await self._resend_for(command, copies)
         except Exception as error:  # noqa: BLE001 - the relay stops; its restart repairs again
             self._on_failure(error)  # the command's offset stays uncommitted
             return
-        plan = plan_agency_command(self.view, self._routing, command, resend)
+        plan = plan_agency_command(self.view, self._routing, command, resend, copies)
         self._carry_out(command, plan, self._admin_source(command.command), source)
 
-    async def _resend_for(self, command: OperatorCommand) -> Mapping[str, Resend]:
+    async def _copies_for(self, command: OperatorCommand) -> Copies:
+        """The partner's copies of each reference the findings name, in the building's
+        condominium; without a way to ask (or a condominium) nothing is confirmed."""
+        config = self._routing.agency(command.agency_id)
+        building = command.building_id
+        condominium = config.condominia.get(building) if config and building else None
+        if self._find_copies is None or condominium is None:
+            return {}
+        references = frozenset(f.document_id for f in command.findings)
+        return await self._find_copies(command.agency_id, condominium, references)
+
+    async def _resend_for(self, command: OperatorCommand, copies: Copies) -> Mapping[str, Resend]:
         """A repair's missing and changed documents, as the input still describes them."""
-        wanted = to_resend(command.findings)
-        if self._find_resend is None or command.building_id is None:
+        wanted = to_resend(command.findings, copies)
+        if self._find_resend is None or command.building_id is None or not wanted:
             return {}
         until = {
             topic: (kind, self._trackers[topic].next_to_read)

@@ -3,15 +3,16 @@
 Pure: the partner's documents come in as values (anything with ``remote_id``, ``reference`` and
 ``sha256``), and the documents to send again as the events they were read from, so the comparison
 and the repair plan are tested without HTTP or Kafka. Fetching the partner's list and sending
-repair commands is the ops surface's part (``consumer/ops/audit.py``); reading the input again is
-the Kafka edge's (``consumer/kafka/resend.py``).
+repair commands is the ops surface's part (``consumer/ops/audit.py``); looking a repair's findings
+up again is the partner edge's (``consumer/partner/copies.py``), and reading the input again the
+Kafka edge's (``consumer/kafka/resend.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,11 +109,40 @@ class Resend:
     from_manifest: bool
 
 
-def to_resend(findings: Iterable[Finding]) -> frozenset[str]:
-    """The document ids whose content a repair needs: the missing and the changed ones."""
-    return frozenset(
-        f.document_id for f in findings if f.kind in (FindingKind.MISSING, FindingKind.CHANGED)
+Copies = Mapping[str, Sequence[HeldDocument]]
+"""The partner's copies of each reference, as the owning replica looked them up; a reference it
+could not look up is absent, and its findings are not confirmed."""
+
+
+def to_resend(findings: Iterable[Finding], copies: Copies) -> frozenset[str]:
+    """The document ids whose content a repair needs: the missing and the changed ones that the
+    partner's ``copies`` bear out."""
+    return frozenset(f.document_id for f in findings if _borne_out(f, copies))
+
+
+def _copy_named(finding: Finding, copies: Copies) -> HeldDocument | None:
+    """The copy ``finding`` names, if the lookup of its reference found it with that reference."""
+    return next(
+        (
+            copy
+            for copy in copies.get(finding.document_id, ())
+            if copy.remote_id == finding.remote_id and copy.reference == finding.document_id
+        ),
+        None,
     )
+
+
+def _borne_out(finding: Finding, copies: Copies) -> bool:
+    """Whether the partner's answer bears a missing or changed ``finding`` out: no copy with its
+    remote id, or that copy with another sha256 than the view's."""
+    if finding.document_id not in copies:
+        return False  # not asked: nothing is known
+    held = _copy_named(finding, copies)
+    if finding.kind is FindingKind.MISSING:
+        return held is None
+    if finding.kind is FindingKind.CHANGED:
+        return held is not None and held.sha256 not in (None, finding.view_sha256)
+    return False
 
 
 def keep_newest(
@@ -151,14 +181,20 @@ def plan_repair(
     condominium_id: str | None,
     findings: Iterable[Finding],
     *,
+    copies: Copies,
     resend: Mapping[str, Resend] | None = None,
 ) -> Plan:
-    """What the owning replica does with an audit's findings, each checked again first.
+    """What the owning replica does with an audit's findings, each checked again first: against
+    the partner's ``copies`` of its reference (looked up by the replica itself) and the view.
 
-    A missing or changed document found in ``resend`` (read again from the relay's input) is
-    uploaded again on the backfill lane: created anew, or updated in place of the copy whose file
-    was replaced. One no longer in the input (beyond its retention) is forgotten, or takes the
-    partner's sha256, so that LSC's next manifest of the building sends it again.
+    A finding names what to check, never what to delete. A copy is withdrawn only when the
+    lookup found it carrying the relay's reference and the view does not hold it (the view's
+    record of that document has another remote id, or the view does not know the reference); a
+    document without the relay's reference is never touched. A missing or changed document found
+    in ``resend`` (read again from the relay's input) is uploaded again on the backfill lane:
+    created anew, or updated in place of the copy whose file was replaced. One no longer in the
+    input (beyond its retention) is forgotten, or takes the partner's sha256, so that LSC's next
+    manifest of the building sends it again.
     """
     resend = resend or {}
     operations: list[Operation] = []
@@ -167,20 +203,28 @@ def plan_repair(
         key = DocKey(agency_id, building_id, finding.document_id)
         current = view.document(key)
         if finding.kind is FindingKind.UNEXPECTED:
+            held = _copy_named(finding, copies)
+            if held is None:
+                continue  # not a copy of the relay's on the partner (gone, or never one)
             if current is not None and (
-                current.remote_id == finding.remote_id or current.status is DocStatus.UPLOADING
+                current.remote_id == held.remote_id or current.status is DocStatus.UPLOADING
             ):
                 continue  # the view knows it by now, or an upload of it is under way
             # A copy the view does not know (a duplicate, or one the view forgot): withdraw that
             # copy only. Its operation goes under a key of its own (no LSC document id starts
             # with "~"), so it neither waits behind nor changes the document's own record.
-            copy = DocKey(agency_id, building_id, f"~copy:{finding.remote_id}")
-            operations.append(Delete(copy, condominium_id, finding.remote_id))
+            copy = DocKey(agency_id, building_id, f"~copy:{held.remote_id}")
+            operations.append(Delete(copy, condominium_id, held.remote_id))
             continue
         if current is None or current.status not in ON_PARTNER:
             continue
         if current.remote_id != finding.remote_id or current.sha256 != finding.view_sha256:
             continue  # settled meanwhile
+        if not _borne_out(finding, copies):
+            continue  # the partner holds the view's copy as the view records it
+        partner_sha256 = None
+        if (held := _copy_named(finding, copies)) is not None:
+            partner_sha256 = held.sha256
         source = resend.get(finding.document_id)
         condominium = condominium_id or current.condominium_id
         if source is not None and condominium is not None:
@@ -189,7 +233,7 @@ def plan_repair(
                 # The copy holds the partner's file: an update compared with the view's sha256
                 # would be skipped as already sent.
                 remote_id = finding.remote_id
-                previous = dataclasses.replace(current, sha256=finding.partner_sha256 or "")
+                previous = dataclasses.replace(current, sha256=partner_sha256 or "")
             upload = Upload(
                 key,
                 source.document,
@@ -202,6 +246,6 @@ def plan_repair(
             operations.append(upload)
         elif finding.kind is FindingKind.MISSING:
             records.append(Tombstone(key))
-        elif finding.partner_sha256 is not None:
-            records.append(dataclasses.replace(current, sha256=finding.partner_sha256))
+        elif partner_sha256 is not None:
+            records.append(dataclasses.replace(current, sha256=partner_sha256))
     return Plan(Outcome.APPLIED, tuple(operations), tuple(records))

@@ -7,7 +7,7 @@ computes then (``approval_refusal``); neither leaves a record. Pause, resume and
 the agency record of the partition (the relay then hands the paused agencies to the scheduler,
 and applies the first publications an approval releases); retry sends the partition's parked
 documents of the agency (or of one building) again; repair settles an audit's findings for one
-building (``consumer.core.audit``).
+building, each finding checked with the partner first (``consumer.core.audit``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from consumer.core.audit import Resend, plan_repair
+from consumer.core.audit import Copies, Resend, plan_repair
 from consumer.core.commands import AgencyAction, OperatorCommand, Refusal
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import CompleteManifest
@@ -73,14 +73,25 @@ def plan_agency_command(
     routing: RoutingTable,
     command: OperatorCommand,
     resend: Mapping[str, Resend] | None = None,
+    copies: Copies | None = None,
 ) -> Plan:
-    """The records and operations ``command`` causes in this partition; ``resend`` holds what a
-    repair found again of its missing and changed documents in the partition's input."""
+    """The records and operations ``command`` causes in this partition. For a repair, ``copies``
+    holds what the partner answered when the replica looked each finding's reference up (a
+    finding it could not check is left alone), and ``resend`` what the partition's input still
+    describes of its missing and changed documents."""
     agency, building, action = command.agency_id, command.building_id, command.command
     if action is AgencyAction.REPAIR and building is not None:
         config = routing.agency(agency)
         condominium = config.condominia.get(building) if config is not None else None
-        return plan_repair(view, agency, building, condominium, command.findings, resend=resend)
+        return plan_repair(
+            view,
+            agency,
+            building,
+            condominium,
+            command.findings,
+            copies=copies or {},
+            resend=resend,
+        )
     if action is AgencyAction.RETRY:
         plan = retry_parked(view, routing)
 

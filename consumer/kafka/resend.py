@@ -43,6 +43,7 @@ async def find_resend(
         **connection.options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",  # as the relay reads it: no aborted replay
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await start_client(reader, connection)

@@ -28,7 +28,7 @@ from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.kafka.commands import send_command
 from consumer.kafka.connection import KafkaConnection, kafka_connection
 from consumer.kafka.startup import start_client
-from consumer.ops.replay import read_dead_letters, replay
+from consumer.ops.replay import read_dead_letters, replay, replayed_already
 from consumer.settings import Settings
 
 Action = HeldAction | AgencyAction
@@ -233,11 +233,13 @@ class Operator:
         if reason is not None:
             _check_reason(reason)
         letters = await read_dead_letters(self.connection, self.settings.kafka.dead_letter_topic)
-        return [
-            letter.listing()
+        chosen = [
+            letter
             for letter in letters
             if reason in (None, letter.reason) and source_topic in (None, letter.source_topic)
         ]
+        replayed = (await replayed_already(self.connection, chosen)).replayed_at if chosen else {}
+        return [letter.listing(replayed.get(letter.id)) for letter in chosen]
 
     async def replay(
         self, ids: list[str], *, reason: str | None = None, force: bool = False
@@ -266,7 +268,7 @@ class Operator:
         found = {letter.id for letter in chosen}
         unfixable = [] if force else [c for c in chosen if c.reason in NO_REPLAY_FIXES]
         chosen = [letter for letter in chosen if letter not in unfixable]
-        results = await replay(self.connection, await self.producer(), chosen, force=force)
+        results = await replay(self.connection, chosen, force=force)
         results += [
             {
                 "id": letter.id,

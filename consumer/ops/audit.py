@@ -4,14 +4,15 @@ Per condominium, the partner's documents that carry a reference (the relay's; ha
 none and are never looked at again) are compared with the view's documents of every building
 mapped to that condominium: **missing** (the view says published, the partner does not hold it),
 **unexpected** (the partner holds it, the view does not know that document id) and **changed**
-(different sha256). A repair is an operator command per building, carried out by the replica that
-owns it after checking each finding against its current view: an unexpected document is deleted
-and a missing or changed one uploaded again through the scheduler, from its newest record in the
-replica's input partition; one beyond the input's retention is forgotten (a changed one takes the
-partner's sha256), so that LSC's next manifest sends it again like any delta. The list requests
-are paced: never more than ``AUDIT__RATE_SHARE`` of the agency's rate, and on a replica each also
-takes one of the agency's own tokens, so uploads and the audit together stay within the agency's
-rate.
+(different sha256). A repair is an operator command per building: it carries what to check, not
+what to delete. The replica that owns the building looks each finding's reference up on the partner
+again and checks the answer against its current view: an unexpected copy is deleted only when it
+carries the relay's reference and the view does not hold it, and a missing or changed document the
+partner bears out is uploaded again through the scheduler, from its newest record in the replica's
+input partition; one beyond the input's retention is forgotten (a changed one takes the partner's
+sha256), so that LSC's next manifest sends it again like any delta. The list requests are paced:
+never more than ``AUDIT__RATE_SHARE`` of the agency's rate, and on a replica each also takes one of
+the agency's own tokens, so uploads and the audit together stay within the agency's rate.
 """
 
 from __future__ import annotations
@@ -180,7 +181,9 @@ def render_audit(report: dict[str, Any], *, shown: int = 10) -> str:
 
 
 _REPAIR_NOTE = (
-    "unexpected copies are deleted; missing and changed documents are uploaded again from the "
+    "the owning replicas look each finding up on ChouetteCopro again and act only on what it "
+    "bears out: unexpected copies with the relay's reference that their view does not hold are "
+    "deleted; missing and changed documents are uploaded again from the "
     "relay's input topics, at the agency's rate; those no longer in the input (beyond retention) "
     "are forgotten until LSC's next manifest of their building, and the owning replica logs "
     "their ids ('repair: documents no longer in the input are forgotten ...')"

@@ -52,6 +52,7 @@ async def latest_manifests(
         **connection.options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",  # as the relay reads it: no aborted replay
         fetch_max_bytes=max(settings.kafka.max_value_bytes * 4, 52_428_800),
         max_partition_fetch_bytes=max(settings.kafka.max_value_bytes * 2, 1_048_576),
     )

@@ -157,6 +157,7 @@ async def _uncommitted_by_agency(operator: Operator, topic: str) -> Counter[str]
         group_id=operator.settings.kafka.group_id,  # read its commits; never joins or commits
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",  # as the relay reads it: no aborted replay
     )
     await start_client(reader, operator.connection)
     counts: Counter[str] = Counter()

@@ -9,10 +9,15 @@ one changes nothing on the partner (the view knows the document is published).
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.ops import replay as replay_module
+from consumer.ops.admin import Operator
 from consumer.ops.replay import REPLAY_HEADER
 from consumer.settings import ContentSettings
 from tests.fixtures.relay import AgencySpec, RelayWorld, WorldFactory
@@ -25,6 +30,30 @@ AGENCY = "agence-a"
 
 async def _letters(world: RelayWorld, reason: str) -> list[dict[str, Any]]:
     return [d for d in await world.dead_letters() if d["reason"] == reason]
+
+
+async def _copies_read(world: RelayWorld, letter: dict[str, Any]) -> list[Any]:
+    """The copies of ``letter`` in its source partition, as the relay reads it."""
+    source = letter["source"]
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=world.bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    await reader.start()
+    try:
+        tp = TopicPartition(source["topic"], source["partition"])
+        reader.assign([tp])
+        end = (await reader.end_offsets([tp]))[tp]
+        reader.seek(tp, source["offset"] + 1)
+        found = []
+        while await reader.position(tp) < end:
+            for record in (await reader.getmany(tp, timeout_ms=500)).get(tp, []):
+                if (REPLAY_HEADER, letter["id"].encode()) in record.headers:
+                    found.append(record)
+        return found
+    finally:
+        await reader.stop()
 
 
 async def test_a_dead_letter_is_replayed_once_after_the_fix_and_processed_once(
@@ -162,3 +191,51 @@ async def test_a_replay_refused_again_is_listed_as_a_replay_of_the_first_dead_le
     again = await cli(world, "replay", "--reason", "not_json", expect=1)
     assert [r["id"] for r in again["replayed"]] == [first["id"]]
     assert await dead_lettered(2)
+
+
+async def test_two_concurrent_replays_of_a_dead_letter_write_one_copy(
+    relay_world: WorldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay(content=ContentSettings(allowed_hosts=("cdn.lsc",)))
+    document = world.document()
+    await world.publish(world.document_created(AGENCY, "bat-1", document))
+
+    async def dead_lettered() -> bool:
+        return bool(await _letters(world, "content_rejected"))
+
+    await world.wait_until(dead_lettered, what="a dead letter")
+    await world.stop_relay(relay)
+    await world.start_relay()  # the allowlist fixed
+    [letter] = (await cli(world, "dead-letters"))["dead_letters"]
+    assert (letter["replayed"], letter["replayed_at"]) == (False, None)
+
+    # The race at its worst: each run has looked for an earlier copy before either writes one.
+    both_looked = asyncio.Barrier(2)
+    look = replay_module.replayed_already
+
+    async def look_then_wait(*args: Any, **kwargs: Any) -> Any:
+        found = await look(*args, **kwargs)
+        await both_looked.wait()
+        return found
+
+    monkeypatch.setattr(replay_module, "replayed_already", look_then_wait)
+
+    async def run() -> list[dict[str, Any]]:
+        async with Operator(world.settings()) as operator:
+            return await operator.replay([letter["id"]])
+
+    runs = await asyncio.wait_for(asyncio.gather(run(), run()), timeout=60)
+    monkeypatch.undo()
+
+    assert sorted(report[0]["outcome"] for report in runs) == ["refused", "replayed"]
+    [copy] = await _copies_read(world, letter)
+    await world.wait_until(
+        lambda: world.partner_references("c-1") == {document["id"]: document["content"]["sha256"]},
+        what="the replayed document on the partner",
+    )
+    assert world.sandbox.create_count(document["id"]) == 1
+    [listed] = (await cli(world, "dead-letters"))["dead_letters"]
+    assert listed["replayed"] is True
+    replayed_at = dt.datetime.fromisoformat(listed["replayed_at"])
+    assert replayed_at == dt.datetime.fromtimestamp(copy.timestamp / 1000, dt.UTC)

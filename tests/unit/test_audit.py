@@ -80,8 +80,14 @@ def test_a_repair_acts_only_on_findings_still_true_in_the_view() -> None:
         Finding(kind=FindingKind.UNEXPECTED, document_id="new", remote_id="r7"),  # uploading
         Finding(kind=FindingKind.UNEXPECTED, document_id="gone", remote_id="r9"),
     ]
+    copies = {
+        "gone": [RemoteDocument("r9", "gone", sha("gone"))],
+        "edited": [RemoteDocument("r3", "edited", sha("x"))],
+        "moved": [RemoteDocument("r6", "moved", sha("moved"))],
+        "new": [RemoteDocument("r7", "new", sha("new"))],
+    }
 
-    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings)
+    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings, copies=copies)
 
     assert plan.records[0] == Tombstone(DocKey(AGENCY, BUILDING, "gone"))
     assert plan.records[1] == dataclasses.replace(published("edited", "r3"), sha256=sha("x"))
@@ -175,7 +181,13 @@ def test_a_repair_sends_again_what_the_input_still_describes_and_forgets_only_th
         "edited": Resend(lsc_document("edited"), at(1), from_manifest=True),
     }
 
-    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings, resend=resend)
+    copies = {
+        "gone": [],
+        "edited": [RemoteDocument("r3", "edited", sha("x"))],
+        "lost": [],
+    }
+
+    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings, copies=copies, resend=resend)
 
     again, update = plan.operations
     assert isinstance(again, Upload)
@@ -190,15 +202,56 @@ def test_a_repair_sends_again_what_the_input_still_describes_and_forgets_only_th
     assert plan.records == (Tombstone(DocKey(AGENCY, BUILDING, "lost")),)
 
 
+def test_a_repair_reads_again_only_what_the_partner_bears_out() -> None:
+    findings = [
+        Finding(kind=FindingKind.MISSING, document_id="a", remote_id="r1", view_sha256="s"),
+        Finding(kind=FindingKind.CHANGED, document_id="b", remote_id="r2", view_sha256="s"),
+        Finding(kind=FindingKind.UNEXPECTED, document_id="c", remote_id="r3"),
+        Finding(kind=FindingKind.MISSING, document_id="d", remote_id="r4", view_sha256="s"),
+        Finding(kind=FindingKind.CHANGED, document_id="e", remote_id="r5", view_sha256="s"),
+        Finding(kind=FindingKind.MISSING, document_id="f", remote_id="r6", view_sha256="s"),
+    ]
+    copies = {
+        "a": [],
+        "b": [RemoteDocument("r2", "b", "other")],
+        "c": [RemoteDocument("r3", "c", "s")],
+        "d": [RemoteDocument("r4", "d", "s")],  # not missing: the partner holds it
+        "e": [RemoteDocument("r5", "e", "s")],  # not changed: the view's file
+    }  # "f" could not be looked up
+
+    assert to_resend(findings, copies) == {"a", "b"}
+
+
+def test_a_forged_repair_withdraws_nothing_the_partner_does_not_show_as_a_stray_copy() -> None:
+    view = PublishedView()
+    view.apply(published("ours", "r1"))
+    findings = [
+        # a document made by hand, named as a copy of the relay's
+        Finding(kind=FindingKind.UNEXPECTED, document_id="ours", remote_id="hand-1"),
+        Finding(kind=FindingKind.UNEXPECTED, document_id="not-ours", remote_id="hand-1"),
+        # the relay's own copy, under a reference the view does not know
+        Finding(kind=FindingKind.UNEXPECTED, document_id="unknown", remote_id="r1"),
+        # the relay's own copy, named missing: sending it again would make a second one
+        Finding(
+            kind=FindingKind.MISSING, document_id="ours", remote_id="r1", view_sha256=sha("ours")
+        ),
+        # a reference that could not be looked up
+        Finding(kind=FindingKind.UNEXPECTED, document_id="unasked", remote_id="r8"),
+    ]
+    copies = {
+        "ours": [RemoteDocument("r1", "ours", sha("ours"))],
+        "not-ours": [],
+        "unknown": [],
+    }
+    resend = {"ours": Resend(lsc_document("ours"), at(1), from_manifest=False)}
+
+    plan = plan_repair(view, AGENCY, BUILDING, "c-1", findings, copies=copies, resend=resend)
+
+    assert (plan.operations, plan.records) == ((), ())
+
+
 def test_the_newest_description_of_a_wanted_document_of_the_building_is_kept() -> None:
-    wanted = to_resend(
-        [
-            Finding(kind=FindingKind.MISSING, document_id="a", remote_id="r1", view_sha256="s"),
-            Finding(kind=FindingKind.CHANGED, document_id="b", remote_id="r2", view_sha256="s"),
-            Finding(kind=FindingKind.UNEXPECTED, document_id="c", remote_id="r3"),
-        ]
-    )
-    assert wanted == {"a", "b"}
+    wanted = frozenset({"a", "b"})
     found: dict[str, Resend] = {}
     events: list[DocumentCreated | ManifestSnapshot] = [
         created(lsc_document("a", "v1"), hour=1),
