@@ -86,14 +86,19 @@ kafka: install ## Run the local single-node Kafka (KRaft) in the foreground
 sandbox: install ## Run the ChouetteCopro sandbox alone in the foreground (demo account)
 	$(BIN)/python -m consumer.local.sandbox
 
-test: install lint typecheck ## The whole suite: lint, type check, unit and integration tests
-	$(BIN)/pytest -q
+# The suite's files run on TEST_WORKERS processes (most integration tests wait on the broker and
+# the loopback servers, not the CPU), all against one local broker; TEST_WORKERS=0 runs them in
+# this process alone.
+TEST_WORKERS ?= 3
+
+test: install lint typecheck ## The whole suite: lint, type check, unit and integration tests (TEST_WORKERS=3)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install ## Unit tests only (no broker)
 	$(BIN)/pytest -q tests/unit
 
-test-integration: install ## Integration tests (real local Kafka, loopback HTTP servers)
-	$(BIN)/pytest -q tests/integration
+test-integration: install ## Integration tests (real local Kafka, loopback HTTP servers; TEST_WORKERS=3)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests/integration
 
 lint: install ## ruff lint and format check, and the import layering contracts (lint-imports)
 	$(BIN)/ruff check .

@@ -3,8 +3,8 @@
 The relay runs as a child process (``chouette-relay run``) against the real broker, so that its
 memory is its own and its health endpoint is probed from outside its event loop. A manifest part
 of 100,000 empty items (about 1 MB) is refused at its first violation: it is dead-lettered once,
-``/livez`` answers within a second all along, the process grows by far less than 300 MB, and the
-building's next manifest is applied.
+``/livez`` answers within a second (never three probes in a row missed), the process grows by
+far less than 300 MB, and the building's next manifest is applied.
 """
 
 from __future__ import annotations
@@ -75,6 +75,15 @@ async def _probe_livez(url: str, missed: list[int], done: asyncio.Event) -> None
             await asyncio.sleep(0.1)  # the probing cadence, as Kubernetes' periodSeconds
 
 
+def _longest_run(probes: list[int]) -> int:
+    """The most consecutive probe numbers in ``probes`` (sorted)."""
+    longest, run, previous = 0, 0, None
+    for probe in probes:
+        run = run + 1 if previous is not None and probe == previous + 1 else 1
+        longest, previous = max(longest, run), probe
+    return longest
+
+
 async def _ready(world: RelayWorld, port: int) -> None:
     async with aiohttp.ClientSession() as session:
         url = f"http://127.0.0.1:{port}/readyz"
@@ -119,7 +128,10 @@ async def test_a_manifest_of_100000_empty_items_is_dead_lettered_once_and_the_re
         await probing
     peak = _memory(process)["VmHWM"]
 
-    assert missed == [], "/livez did not answer within a second"
+    # A probe may miss once on a loaded machine for reasons of its own; three in a row is what
+    # makes Kubernetes restart the pod (failureThreshold), and a relay blocked by the record
+    # misses every probe for seconds.
+    assert _longest_run(missed) < 3, f"/livez did not answer within a second: probes {missed}"
     (dead_letter,) = await world.dead_letters()
     assert dead_letter["reason"] == PoisonReason.SCHEMA_VIOLATION.value
     assert dead_letter["detail"] == "items[0].id: required but missing"
