@@ -5,21 +5,22 @@ offset trackers of both input topics and the executor. ``handle`` only plans and
 offset of a record becomes committable when every state record and partner operation it caused
 is acknowledged. It is also where the clock meets the pure core: events dated beyond the clock
 plus the allowed skew are dead-lettered, and incomplete snapshots expire by their records' time.
-Its manifest half is in ``manifests.py``, the completion of a plan's work in ``completion.py``.
+One class: its manifests (parts assembled, applied, held for approval, expired), the completion of
+a plan's work (records, operations, the building record last, then the offsets) and repairs (a
+task of their own that checks each finding on the partner) read in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
-from consumer.app.completion import DecidedWait, PlanCompletion
-from consumer.app.manifests import MANIFESTS, ManifestWork
-from consumer.app.repairs import FindCopies, FindResend, RepairWork
+from consumer.core.audit import Copies, Resend, to_resend
 from consumer.core.commands import (
     AgencyAction,
     HeldAction,
@@ -29,24 +30,31 @@ from consumer.core.commands import (
     mac_refusal,
 )
 from consumer.core.controls import CONTROLS, approval_refusal, plan_agency_command, refusal
-from consumer.core.decoding import Poison, decode_record
-from consumer.core.events import DocumentCreated
+from consumer.core.deadletter import ProcessingReason
+from consumer.core.decoding import Poison, claimed_snapshot, decode_record
+from consumer.core.events import DocumentCreated, ManifestSnapshot
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import (
+    AssemblyOutcome,
     CompleteManifest,
+    DroppedSnapshot,
     ManifestAssembler,
 )
 from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
+from consumer.core.planning.first_publication import unapproved_modules
+from consumer.core.planning.manifests import plan_manifest
 from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
+from consumer.core.state import BuildingRecord, DocStatus, StateRecord
 from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor, RecordWriter
+from consumer.partner.window import Batch
 
 __all__ = [
     "COMMANDS",
@@ -78,7 +86,74 @@ class RefusedCommand(NamedTuple):
     refusal: Refusal
 
 
-class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
+DecidedWait = tuple[tuple[str, str], list[tuple[str, int]], asyncio.Future[Any]]
+
+"""A wait for a building's work: the building, the offsets it releases, the wait itself."""
+
+# A plan's records written together: one chunk's acknowledgements awaited at a time.
+WRITE_CHUNK = 500
+
+
+async def _write_all(writer: RecordWriter, records: list[StateRecord]) -> None:
+    """Write ``records`` in order, a chunk at a time: a plan of any size (a 100,000-item
+    manifest) costs one chunk of waiting writes, not a task per record."""
+    for start in range(0, len(records), WRITE_CHUNK):
+        await asyncio.gather(*(writer.write(r) for r in records[start : start + WRITE_CHUNK]))
+
+
+def _all_of(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+    """One future that ends when all of ``futures`` have (failed as the first failure)."""
+    gathered = asyncio.gather(*futures)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(all_done: asyncio.Future[list[None]]) -> None:
+        if done.done():
+            return
+        if all_done.cancelled():
+            done.cancel()
+        elif (error := all_done.exception()) is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+    gathered.add_done_callback(finish)
+    return done
+
+
+MANIFESTS = "manifest-snapshot"
+
+_REFUSED_PARTS = {
+    AssemblyOutcome.TOO_LARGE: (
+        ProcessingReason.MANIFEST_TOO_LARGE,
+        "the snapshot declares more items than CHOUETTE_RELAY_MANIFEST__MAX_PENDING_ITEMS allows"
+        " to hold while it is assembled",
+    ),
+    AssemblyOutcome.INCONSISTENT: (
+        ProcessingReason.INCONSISTENT_PARTS,
+        "the part contradicts the parts of its snapshot already read (header, or the same part"
+        " number with other items); the snapshot is dropped",
+    ),
+}
+
+"""Assembly outcomes that make the part itself a dead letter."""
+
+
+FindResend = Callable[
+    [Mapping[str, tuple[str, int]], tuple[str, str], frozenset[str]],
+    Awaitable[Mapping[str, Resend]],
+]
+
+"""Reads the partition's input again up to the given offsets, for a repair's documents."""
+
+FindCopies = Callable[[str, str, frozenset[str]], Awaitable[Copies]]
+
+"""Looks references up on the partner (agency, condominium, references): each one's copies, a
+reference that could not be looked up left out."""
+
+_INPUT_KINDS = ("document-created", "manifest-snapshot")
+
+
+class PartitionProcessor:
     """Everything the relay does for input partition number ``partition``."""
 
     def __init__(
@@ -388,6 +463,395 @@ class PartitionProcessor(PlanCompletion, ManifestWork, RepairWork):
             value=None,
             headers=(),
         )
+
+    def _execute(
+        self,
+        plan: Plan,
+        source: SourceRecord,
+        offsets: Iterable[tuple[str, int]],
+        *,
+        decided_by: tuple[str, str] | None = None,
+    ) -> None:
+        """Apply and write the plan's records, submit its operations, and release ``offsets``
+        (each opened by ``begin`` when read) once all of that is acknowledged.
+
+        A plan of operations alone (a document's upload, the common case) waits as its batch's
+        future, with no task of its own: held work costs its items, not coroutines.
+        ``decided_by``: the building whose manifest decided the plan (a document it supersedes,
+        or one that waits for its hold); the offsets wait for that building's work too, so that
+        a crash before the manifest is recorded reads the document again with the manifest.
+        """
+        held = list(offsets)
+        building_wide = list(self._building_work.get(decided_by, ())) if decided_by else []
+        writes, now, deferred = self._apply_records(plan)
+        if (
+            now
+            and not (writes or deferred or building_wide or plan.operations or plan.marks)
+            and len(now) <= WRITE_CHUNK
+        ):
+            self._write_alone(now, held, source)
+            return
+        if now:
+            writes.append(_write_all(self._writer, now))
+        batch = self._executor.submit(plan.operations, source=source) if plan.operations else None
+        if plan.marks:
+            self._executor.mark(plan.marks)  # on the uploads queued so far, this plan's included
+        completion: asyncio.Future[None]
+        places = {(r.agency_id, r.building_id) for r in deferred}
+        if writes or deferred or building_wide:
+            earlier = [work for place in places for work in self._building_work.get(place, ())]
+            earlier += building_wide
+            completion = asyncio.create_task(
+                self._complete(
+                    writes, batch, deferred=deferred, offsets=held, earlier=earlier, source=source
+                )
+            )
+            completion.add_done_callback(self._forget_completion)
+        elif batch is not None:
+            completion = batch.future
+            completion.add_done_callback(functools.partial(self._batch_done, held, source))
+        else:
+            for topic, offset in held:
+                self._trackers[topic].done(offset)
+            return
+        places |= {(op.key.agency_id, op.key.building_id) for op in plan.operations}
+        for place in places:
+            self._building_work.setdefault(place, set()).add(completion)
+            self._decided_wait = None  # work was added: a later event waits for it too
+        self._completions.add(completion)
+        completion.add_done_callback(self._forget_work)
+
+    def _release_after_building(
+        self, place: tuple[str, str], offsets: list[tuple[str, int]]
+    ) -> None:
+        """Release ``offsets`` (of an event a manifest decided, with nothing to do) once the
+        building's work queued now is done. Events read in a row share one wait until more
+        work is queued: re-reading a backlog behind a first publication costs no task each."""
+        wait = self._decided_wait
+        if wait is None or wait[0] != place or wait[2].done():
+            gathered = asyncio.gather(*self._building_work[place], return_exceptions=True)
+            wait = self._decided_wait = (place, [], gathered)
+            waiting = wait[1]
+
+            def release(done: asyncio.Future[list[BaseException | None]]) -> None:
+                # Work cancelled: the partition closed, and the events are read again.
+                if not done.cancelled() and not any(
+                    isinstance(outcome, asyncio.CancelledError) for outcome in done.result()
+                ):
+                    self._release(waiting)
+
+            gathered.add_done_callback(release)
+        wait[1].extend(offsets)
+
+    def _apply_records(
+        self, plan: Plan
+    ) -> tuple[list[Awaitable[object]], list[StateRecord], list[BuildingRecord]]:
+        """Apply ``plan``'s records to the view and sort their writes: queued behind their
+        document's work, to write at once, or deferred (a building record)."""
+        writes: list[Awaitable[object]] = []
+        now: list[StateRecord] = []  # records with no work queued on their document
+        deferred: list[BuildingRecord] = []
+        for record in plan.records:
+            self.view.apply(record)
+            if isinstance(record, BuildingRecord) and (
+                plan.operations or self._building_work.get((record.agency_id, record.building_id))
+            ):
+                # "This manifest is applied" becomes durable only once the operations it counted
+                # on are: its own, and those already queued for the building (the view shows them
+                # done). A crash before that reads the manifest again instead of judging it
+                # stale, and the events behind those operations are not judged decided by it.
+                deferred.append(record)
+            else:
+                # Behind the work already queued on its document, if any: in that order on disk.
+                queued = self._executor.queue_after(record)
+                if queued is None:
+                    now.append(record)
+                else:
+                    writes.append(queued)
+        return writes, now, deferred
+
+    def _write_alone(
+        self, records: list[StateRecord], offsets: list[tuple[str, int]], source: SourceRecord
+    ) -> None:
+        """The common plan of ingest (a document's record, nothing to send or wait for): its
+        records' acknowledgements are its completion, with no task of its own."""
+        submitted = [self._writer.submit(record) for record in records]
+        written = submitted[0] if len(submitted) == 1 else _all_of(submitted)
+        written.add_done_callback(functools.partial(self._batch_done, offsets, source))
+        self._completions.add(written)
+        written.add_done_callback(self._forget_work)
+
+    async def _complete(
+        self,
+        writes: list[Awaitable[object]],
+        batch: Batch | None,
+        *,
+        deferred: list[BuildingRecord],
+        offsets: list[tuple[str, int]],
+        earlier: list[asyncio.Future[None]],
+        source: SourceRecord,
+    ) -> None:
+        try:
+            await asyncio.gather(*writes, *([batch.future] if batch else []))
+        except Exception as error:  # noqa: BLE001 - classify() decides; fatal is raised again
+            await self._set_aside(source, error)
+        if earlier:
+            # Earlier work of the building (a manifest's uploads, a document's) it counted on.
+            await asyncio.gather(*earlier, return_exceptions=True)
+        for record in deferred:
+            await self._writer.write(record)
+        self._release(offsets)
+
+    def _batch_done(
+        self, offsets: list[tuple[str, int]], source: SourceRecord, done: asyncio.Future[None]
+    ) -> None:
+        """A plan of operations alone ended: release its offsets, or set its record aside."""
+        if done.cancelled():
+            return  # the partition closed: its offsets stay open and are read again
+        error = done.exception()
+        if error is None:
+            self._release(offsets)
+            return
+        aside = asyncio.create_task(self._aside_and_release(source, error, offsets))
+        self._completions.add(aside)
+        aside.add_done_callback(self._forget_completion)
+        aside.add_done_callback(self._forget_work)
+
+    async def _aside_and_release(
+        self, source: SourceRecord, error: BaseException, offsets: list[tuple[str, int]]
+    ) -> None:
+        if not isinstance(error, Exception):
+            raise error
+        await self._set_aside(source, error)
+        self._release(offsets)
+
+    def _release(self, offsets: list[tuple[str, int]]) -> None:
+        for topic, offset in offsets:
+            self._trackers[topic].done(offset)
+
+    def _forget_completion(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Only infrastructure gets here (the changelog unreachable): the work would hold its
+            # offsets forever, so stop instead and let the restart redo it from the commit.
+            self._on_failure(error)
+
+    def _forget_work(self, work: asyncio.Future[None]) -> None:
+        self._completions.discard(work)
+        for place, pending in list(self._building_work.items()):
+            pending.discard(work)
+            if not pending:
+                del self._building_work[place]
+
+    def resume(self) -> None:
+        """The paused agencies changed: start the work that may run now."""
+        self._executor.resume()
+
+    async def close(self) -> None:
+        """Stop this partition's work; unfinished offsets stay uncommitted and are read again."""
+        await self._executor.cancel_all()
+        for task in list(self._completions):
+            task.cancel()
+        await asyncio.gather(*self._completions, return_exceptions=True)
+
+    async def _handle_part(
+        self, part: ManifestSnapshot, source: SourceRecord, published_at: dt.datetime
+    ) -> None:
+        result = self._assembler.add(part, offset=source.offset, now=published_at)
+        self._metrics.manifests.labels(result.outcome).inc()
+        refused = _REFUSED_PARTS.get(result.outcome)
+        if refused is not None:
+            # Input that can never work: kept with its bytes, not only counted.
+            reason, detail = refused
+            await self._dead_letters.send(
+                source,
+                reason=reason.value,
+                detail=f"snapshot {part.snapshot_id} part {part.part} of {part.parts}: {detail}",
+            )
+        for dropped in result.dropped:
+            self._report_dropped(dropped, counted=dropped.reason is result.outcome)
+        for offset in result.released:
+            self._trackers[source.topic].done(offset)
+        if result.complete is not None:
+            self.apply_manifest(result.complete, source)
+
+    def _abandon_snapshot(self, source: SourceRecord, at: dt.datetime) -> None:
+        """A dead-lettered part's snapshot can never complete: let its siblings go now."""
+        snapshot = claimed_snapshot(source.key, source.value)
+        if snapshot is None:
+            return
+        result = self._assembler.abandon(snapshot, now=at)
+        for dropped in result.dropped:
+            self._report_dropped(dropped, counted=False)
+        for offset in result.released:
+            self._trackers[source.topic].done(offset)
+
+    def _report_dropped(self, dropped: DroppedSnapshot, *, counted: bool) -> None:
+        if not counted:
+            self._metrics.manifests.labels(dropped.reason).inc()
+        log.warning(
+            "manifest snapshot dropped without effect",
+            extra={
+                "reason": dropped.reason.value,
+                "agency": dropped.agency_id,
+                "building": dropped.building_id,
+                "snapshot_id": dropped.snapshot_id,
+                "parts_received": dropped.parts_received,
+                "parts": dropped.parts,
+                "offsets": list(dropped.offsets),
+                "partition": self.partition,
+            },
+        )
+
+    def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
+        plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+        waiting = unapproved_modules(self.view, self._routing, manifest, plan)
+        if waiting:
+            self._await_approval(manifest, source, waiting)
+            return
+        self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
+        agency = manifest.agency_id
+        backfill = sum(
+            1 for op in plan.operations if isinstance(op, Upload) and op.lane is Lane.BACKFILL
+        )
+        if backfill:
+            self._metrics.first_publication_planned.labels(agency).inc(backfill)
+        log.info(
+            "manifest applied",
+            extra={
+                "agency": agency,
+                "building": manifest.building_id,
+                "snapshot_id": manifest.snapshot_id,
+                "outcome": plan.outcome,
+                "operations": len(plan.operations),
+                "records": len(plan.records),
+            },
+        )
+        self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+        if plan.outcome is Outcome.HELD:
+            held = self.view.held(agency, manifest.building_id)
+            uploads = sum(record.status is DocStatus.UPLOAD_HELD for record in held)
+            log.warning(
+                "manifest held: what it would withdraw or keep unpublished waits for an operator",
+                extra={
+                    "agency": agency,
+                    "building": manifest.building_id,
+                    "snapshot_id": manifest.snapshot_id,
+                    "withdrawals": len(held) - uploads,
+                    "uploads": uploads,
+                    "hint": f"chouette-relay held, then release or discard {agency} "
+                    f"{manifest.building_id}",
+                },
+            )
+
+    def _await_approval(
+        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
+    ) -> None:
+        """Keep the newest such manifest of the building; a superseded one is done."""
+        place = (manifest.agency_id, manifest.building_id)
+        kept = self._awaiting.get(place)
+        if kept is not None and kept[0].taken_at > manifest.taken_at:
+            manifest, source, kept = kept[0], kept[1], (manifest, source)
+        if kept is not None:
+            for offset in kept[0].offsets:
+                self._trackers[self._manifest_topic].done(offset)
+        # Waiting is what the routing asked for, not a fault: one INFO line when the agency's
+        # first building of this partition starts waiting, its other buildings at DEBUG.
+        first = not any(agency == manifest.agency_id for agency, _ in self._awaiting)
+        self._awaiting[place] = (manifest, source)
+        self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "first publication awaits an operator's approval",
+            extra={
+                "agency": manifest.agency_id,
+                **({} if first else {"building": manifest.building_id}),
+                "modules": sorted(modules),
+                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
+            },
+        )
+
+    def expire(self, *, caught_up: bool) -> None:
+        """Drop incomplete snapshots past their deadline; they never delete anything.
+
+        Expiry counts from the time their first part was published, so a restart does not reset
+        it. Once the manifest partition is read to its end (``caught_up``), time is the clock:
+        an orphan part expires though no record follows it. Before that it is the newest record
+        time read, so that a backlog older than the expiry does not expire snapshots whose last
+        parts are only a few records further.
+        """
+        now = self._clock() if caught_up else self._manifest_time
+        if now is None:
+            return
+        for expired in self._assembler.expire(now):
+            self._metrics.manifests.labels("expired").inc()
+            log.warning(
+                "incomplete manifest expired",
+                extra={
+                    "agency": expired.agency_id,
+                    "building": expired.building_id,
+                    "snapshot_id": expired.snapshot_id,
+                    "parts_received": expired.parts_received,
+                    "parts": expired.parts,
+                    "offsets": list(expired.offsets),
+                    "partition": self.partition,
+                },
+            )
+            for offset in expired.offsets:
+                self._trackers[self._manifest_topic].done(offset)
+
+    def _start_repair(self, command: OperatorCommand, source: SourceRecord) -> bool:
+        """Start a repair in a task; False if ``command`` is not one."""
+        if command.command is not AgencyAction.REPAIR or command.building_id is None:
+            return False
+        # Asking the partner and reading the partition again take a while: the other records
+        # and partitions go on meanwhile, the command's offset stays open until its work is done.
+        task = asyncio.create_task(self._repair(command, source))
+        self._completions.add(task)
+        task.add_done_callback(self._completions.discard)
+        return True
+
+    async def _repair(self, command: OperatorCommand, source: SourceRecord) -> None:
+        try:
+            copies = await self._copies_for(command)
+            resend = await self._resend_for(command, copies)
+        except Exception as error:  # noqa: BLE001 - the relay stops; its restart repairs again
+            self._on_failure(error)  # the command's offset stays uncommitted
+            return
+        plan = plan_agency_command(self.view, self._routing, command, resend, copies)
+        self._carry_out(command, plan, self._admin_source(command.command), source)
+
+    async def _copies_for(self, command: OperatorCommand) -> Copies:
+        """The partner's copies of each reference the findings name, in the building's
+        condominium; without a way to ask (or a condominium) nothing is confirmed."""
+        config = self._routing.agency(command.agency_id)
+        building = command.building_id
+        condominium = config.condominia.get(building) if config and building else None
+        if self._find_copies is None or condominium is None:
+            return {}
+        references = frozenset(f.document_id for f in command.findings)
+        return await self._find_copies(command.agency_id, condominium, references)
+
+    async def _resend_for(self, command: OperatorCommand, copies: Copies) -> Mapping[str, Resend]:
+        """A repair's missing and changed documents, as the input still describes them."""
+        wanted = to_resend(command.findings, copies)
+        if self._find_resend is None or command.building_id is None or not wanted:
+            return {}
+        until = {
+            topic: (kind, self._trackers[topic].next_to_read)
+            for topic, kind in self._kinds.items()
+            if kind in _INPUT_KINDS
+        }
+        found = await self._find_resend(until, (command.agency_id, command.building_id), wanted)
+        if len(found) < len(wanted):
+            log.warning(
+                "repair: documents no longer in the input are forgotten until LSC sends them again",
+                extra={
+                    "agency": command.agency_id,
+                    "building": command.building_id,
+                    "forgotten": sorted(wanted - found.keys()),
+                },
+            )
+        return found
 
 
 def _record_time(source: SourceRecord, now: dt.datetime) -> dt.datetime | None:
