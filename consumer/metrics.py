@@ -46,6 +46,8 @@ class RelayMetrics:
     rate_share: Gauge
     first_publication_planned: Counter
     first_publication_done: Counter
+    publication_planned: Gauge
+    publication_done: Gauge
     commits: Counter
     agency_paused: Gauge
     awaiting_approval: Gauge
@@ -200,6 +202,20 @@ class RelayMetrics:
             first_publication_done=Counter(
                 name("first_publication_done_operations"),
                 "Backfill operations finished, by agency.",
+                ["agency"],
+                registry=registry,
+            ),
+            publication_planned=Gauge(
+                name("first_publication_planned_documents"),
+                "Documents of each agency on the partner or being sent, in this replica's views: "
+                "the total of a first publication's progress, as status shows it.",
+                ["agency"],
+                registry=registry,
+            ),
+            publication_done=Gauge(
+                name("first_publication_done_documents"),
+                "Documents of each agency on the partner, in this replica's views: the done part "
+                "of a first publication's progress, as status shows it.",
                 ["agency"],
                 registry=registry,
             ),

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from typing import Any
 
@@ -607,6 +607,10 @@ class Relay:
             m.state_documents.labels(name).set(count)
         for agency, count in held.items():
             m.held_deletions.labels(agency).set(count)
+        views = [processor.view for processor in processors]
+        for agency, (done, planned) in _publication_progress(views, self.routing.agencies).items():
+            m.publication_done.labels(agency).set(done)
+            m.publication_planned.labels(agency).set(planned)
         m.parked_documents.clear()
         for reason, count in parked.items():
             m.parked_documents.labels(reason).set(count)
@@ -639,3 +643,21 @@ class Relay:
             instance_id=kafka.group_instance_id,
             timeout_s=LEAVE_GROUP_TIMEOUT_S,
         )
+
+
+def _publication_progress(
+    views: Iterable[PublishedView], agencies: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """Status's progress of each agency in these views: documents on the partner, out of those
+    and the ones being sent (applying a manifest marks its uploads as being sent at once). Read
+    from the views, it holds across restarts and whenever the first publication began."""
+    done = dict.fromkeys(agencies, 0)
+    sending = dict.fromkeys(agencies, 0)
+    for view in views:
+        for agency, count in view.on_partner_by_agency().items():
+            if agency in done:
+                done[agency] += count
+        for record in view.with_status(DocStatus.UPLOADING):
+            if record.key.agency_id in sending:
+                sending[record.key.agency_id] += 1
+    return {agency: (count, count + sending[agency]) for agency, count in done.items()}
