@@ -109,7 +109,9 @@ class Relay:
         self._partner_tls = https_context(settings.partner.ca_file, "PARTNER__CA_FILE")
         self._content_tls = https_context(settings.content.ca_file, "CONTENT__CA_FILE")
         self.registry = CollectorRegistry()
-        self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
+        self.metrics = RelayMetrics.create(
+            self.registry, version=RELAY_VERSION, agencies=routing.agencies
+        )
         self.metrics.rate_share.set(1.0)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
@@ -594,7 +596,7 @@ class Relay:
         processors = list(self._ingest.processors.values()) if self._ingest else []
         by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)
         held: dict[str, int] = dict.fromkeys(self.routing.agencies, 0)
-        parked: dict[str, int] = {}
+        parked: dict[tuple[str, str], int] = {}
         for processor in processors:
             for status, count in processor.view.counts().items():
                 by_status[status.value] = by_status.get(status.value, 0) + count
@@ -602,7 +604,8 @@ class Relay:
                 held[record.key.agency_id] = held.get(record.key.agency_id, 0) + 1
             for record in processor.view.parked():
                 reason = (record.parked_reason or "unknown").split(":", 1)[0]
-                parked[reason] = parked.get(reason, 0) + 1
+                labels = m.agency_label(record.key.agency_id), reason
+                parked[labels] = parked.get(labels, 0) + 1
         for name, count in by_status.items():
             m.state_documents.labels(name).set(count)
         for agency, count in held.items():
@@ -612,8 +615,8 @@ class Relay:
             m.publication_done.labels(agency).set(done)
             m.publication_planned.labels(agency).set(planned)
         m.parked_documents.clear()
-        for reason, count in parked.items():
-            m.parked_documents.labels(reason).set(count)
+        for (agency, reason), count in parked.items():
+            m.parked_documents.labels(agency, reason).set(count)
         if self._scheduler is not None:
             snapshot = self._scheduler.snapshot()
             for lane, age in snapshot.oldest_pending_seconds.items():

@@ -83,8 +83,12 @@ async def busy_relay(world: RelayWorld) -> Relay:
     )
 
     async def counted() -> bool:
-        dead = await metric(relay, "chouette_relay_dead_letters_total", reason="not_json")
-        held = await metric(relay, "chouette_relay_parked_documents", reason="unmapped_building")
+        dead = await metric(
+            relay, "chouette_relay_dead_letters_total", agency=AGENCY, reason="not_json"
+        )
+        held = await metric(
+            relay, "chouette_relay_parked_documents", agency=AGENCY, reason="unmapped_building"
+        )
         return dead == held == 1
 
     await world.wait_until(counted, what="the dead letter and the parked document counted")
