@@ -269,3 +269,19 @@ async def test_the_progress_gauges_carry_what_status_shows_during_a_first_public
             return shown == (done, planned) and 0 < entry.published < documents == planned
 
         await world.wait_until(gauges_show_status, what="the gauges showing status's progress")
+
+
+async def test_a_dead_letter_of_an_agency_the_routing_does_not_name_counts_as_unknown(
+    relay_world: WorldFactory,
+) -> None:
+    """The agency label keeps to the routing's agencies: a key naming any other cannot add one."""
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    await world.publish_raw(world.documents_topic, key=b"agence-z:bat-1", value=b"{not json")
+
+    async def counted() -> bool:
+        name = "chouette_relay_dead_letters_total"
+        return await metric(relay, name, agency="unknown", reason="not_json") == 1
+
+    await world.wait_until(counted, what="the dead letter counted under unknown")
+    assert "agence-z" not in await ops_get(relay, "/metrics")
