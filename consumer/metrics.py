@@ -8,6 +8,7 @@ reasons, configured agencies, assigned partitions): never a document or building
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -16,6 +17,9 @@ from consumer.core.commands import AgencyAction, HeldAction, Refusal
 from consumer.core.deadletter import DEAD_LETTER_REASONS
 
 PREFIX = "chouette_relay"
+# The agency label of what belongs to no agency of the routing (a key that names none, or an
+# agency since removed): the label keeps to the configured agencies and this one value.
+UNKNOWN_AGENCY = "unknown"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -46,6 +50,8 @@ class RelayMetrics:
     rate_share: Gauge
     first_publication_planned: Counter
     first_publication_done: Counter
+    publication_planned: Gauge
+    publication_done: Gauge
     commits: Counter
     agency_paused: Gauge
     awaiting_approval: Gauge
@@ -56,9 +62,12 @@ class RelayMetrics:
     last_commit: Gauge
     event_loop_lag: Gauge
     event_loop_tick_lag: Histogram
+    agencies: frozenset[str]
 
     @classmethod
-    def create(cls, registry: CollectorRegistry, *, version: str) -> RelayMetrics:
+    def create(
+        cls, registry: CollectorRegistry, *, version: str, agencies: Iterable[str] = ()
+    ) -> RelayMetrics:
         def name(short: str) -> str:
             return f"{PREFIX}_{short}"
 
@@ -72,8 +81,9 @@ class RelayMetrics:
             ),
             dead_letters=Counter(
                 name("dead_letters"),
-                "Input records sent to the dead-letter topic, by reason.",
-                ["reason"],
+                "Input records sent to the dead-letter topic, by agency (of the record's key, "
+                f"{UNKNOWN_AGENCY!r} when the routing has none such) and reason.",
+                ["agency", "reason"],
                 registry=registry,
             ),
             manifests=Counter(
@@ -152,8 +162,8 @@ class RelayMetrics:
             ),
             parked_documents=Gauge(
                 name("parked_documents"),
-                "Documents parked until an operator fixes configuration, by reason.",
-                ["reason"],
+                "Documents parked until an operator fixes configuration, by agency and reason.",
+                ["agency", "reason"],
                 registry=registry,
             ),
             state_documents=Gauge(
@@ -200,6 +210,20 @@ class RelayMetrics:
             first_publication_done=Counter(
                 name("first_publication_done_operations"),
                 "Backfill operations finished, by agency.",
+                ["agency"],
+                registry=registry,
+            ),
+            publication_planned=Gauge(
+                name("first_publication_planned_documents"),
+                "Documents of each agency on the partner or being sent, in this replica's views: "
+                "the total of a first publication's progress, as status shows it.",
+                ["agency"],
+                registry=registry,
+            ),
+            publication_done=Gauge(
+                name("first_publication_done_documents"),
+                "Documents of each agency on the partner, in this replica's views: the done part "
+                "of a first publication's progress, as status shows it.",
                 ["agency"],
                 registry=registry,
             ),
@@ -263,11 +287,13 @@ class RelayMetrics:
                 buckets=_LOOP_LAG_BUCKETS,
                 registry=registry,
             ),
+            agencies=frozenset(agencies),
         )
         metrics.build_info.info({"version": version, "python": platform.python_version()})
         # Known label values start at 0 so that increase() sees the first event after a restart.
-        for reason in DEAD_LETTER_REASONS:
-            metrics.dead_letters.labels(reason)
+        for agency in (*metrics.agencies, UNKNOWN_AGENCY):
+            for reason in DEAD_LETTER_REASONS:
+                metrics.dead_letters.labels(agency, reason)
         metrics.manifests.labels("expired")
         for operation in ("changelog", "dead_letter", "commit"):
             metrics.kafka_retries.labels(operation)
@@ -289,3 +315,8 @@ class RelayMetrics:
         # A relay that never commits is stalled from its start, not since 1970.
         metrics.last_commit.set_to_current_time()
         return metrics
+
+    def agency_label(self, agency_id: str | None) -> str:
+        """The agency label for ``agency_id``: itself when the routing names it, else
+        ``UNKNOWN_AGENCY`` (what comes from outside never widens the label's set)."""
+        return agency_id if agency_id in self.agencies else UNKNOWN_AGENCY

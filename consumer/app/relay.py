@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from typing import Any
 
@@ -109,7 +109,9 @@ class Relay:
         self._partner_tls = https_context(settings.partner.ca_file, "PARTNER__CA_FILE")
         self._content_tls = https_context(settings.content.ca_file, "CONTENT__CA_FILE")
         self.registry = CollectorRegistry()
-        self.metrics = RelayMetrics.create(self.registry, version=RELAY_VERSION)
+        self.metrics = RelayMetrics.create(
+            self.registry, version=RELAY_VERSION, agencies=routing.agencies
+        )
         self.metrics.rate_share.set(1.0)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
@@ -594,7 +596,7 @@ class Relay:
         processors = list(self._ingest.processors.values()) if self._ingest else []
         by_status: dict[str, int] = dict.fromkeys((s.value for s in DocStatus), 0)
         held: dict[str, int] = dict.fromkeys(self.routing.agencies, 0)
-        parked: dict[str, int] = {}
+        parked: dict[tuple[str, str], int] = {}
         for processor in processors:
             for status, count in processor.view.counts().items():
                 by_status[status.value] = by_status.get(status.value, 0) + count
@@ -602,14 +604,19 @@ class Relay:
                 held[record.key.agency_id] = held.get(record.key.agency_id, 0) + 1
             for record in processor.view.parked():
                 reason = (record.parked_reason or "unknown").split(":", 1)[0]
-                parked[reason] = parked.get(reason, 0) + 1
+                labels = m.agency_label(record.key.agency_id), reason
+                parked[labels] = parked.get(labels, 0) + 1
         for name, count in by_status.items():
             m.state_documents.labels(name).set(count)
         for agency, count in held.items():
             m.held_deletions.labels(agency).set(count)
+        views = [processor.view for processor in processors]
+        for agency, (done, planned) in _publication_progress(views, self.routing.agencies).items():
+            m.publication_done.labels(agency).set(done)
+            m.publication_planned.labels(agency).set(planned)
         m.parked_documents.clear()
-        for reason, count in parked.items():
-            m.parked_documents.labels(reason).set(count)
+        for (agency, reason), count in parked.items():
+            m.parked_documents.labels(agency, reason).set(count)
         if self._scheduler is not None:
             snapshot = self._scheduler.snapshot()
             for lane, age in snapshot.oldest_pending_seconds.items():
@@ -639,3 +646,21 @@ class Relay:
             instance_id=kafka.group_instance_id,
             timeout_s=LEAVE_GROUP_TIMEOUT_S,
         )
+
+
+def _publication_progress(
+    views: Iterable[PublishedView], agencies: Iterable[str]
+) -> dict[str, tuple[int, int]]:
+    """Status's progress of each agency in these views: documents on the partner, out of those
+    and the ones being sent (applying a manifest marks its uploads as being sent at once). Read
+    from the views, it holds across restarts and whenever the first publication began."""
+    done = dict.fromkeys(agencies, 0)
+    sending = dict.fromkeys(agencies, 0)
+    for view in views:
+        for agency, count in view.on_partner_by_agency().items():
+            if agency in done:
+                done[agency] += count
+        for record in view.with_status(DocStatus.UPLOADING):
+            if record.key.agency_id in sending:
+                sending[record.key.agency_id] += 1
+    return {agency: (count, count + sending[agency]) for agency, count in done.items()}

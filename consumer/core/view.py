@@ -176,6 +176,13 @@ class PublishedView(ViewStorage):
         """Number of documents in the view."""
         return sum(self._counts.values())
 
+    def on_partner_by_agency(self) -> dict[str, int]:
+        """Documents the partner holds from the relay, by agency, counted without a scan."""
+        found: dict[str, int] = {}
+        for (agency_id, _), building in list(self._buildings.items()):
+            found[agency_id] = found.get(agency_id, 0) + sum(building.on_partner)
+        return found
+
     def published_count(self, agency_id: str, building_id: str, modules: Iterable[Module]) -> int:
         """Documents of these modules that the relay published and the partner holds."""
         building = self._buildings.get((agency_id, building_id))

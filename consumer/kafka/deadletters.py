@@ -209,7 +209,8 @@ class DeadLetterSink:
             what=f"a dead letter for dead-letter topic {self._topic!r}",
             operation="dead_letter",
         )
-        self._metrics.dead_letters.labels(reason).inc()
+        agency = (source.key or b"").decode("utf-8", "replace").split(":", 1)[0]
+        self._metrics.dead_letters.labels(self._metrics.agency_label(agency), reason).inc()
         log.warning(
             "dead-lettered input record",
             extra={

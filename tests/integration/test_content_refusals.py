@@ -185,7 +185,9 @@ async def test_refused_content_is_dead_lettered_with_its_cause_and_the_building_
     assert store.request_count(store_name(off_allowlist)) == 0  # never contacted
     assert store.request_count(store_name(declared_too_large)) == 0  # never downloaded
     assert store.request_count(store_name(body_too_large)) == 1
-    rejected = await metric(relay, "chouette_relay_dead_letters_total", reason="content_rejected")
+    rejected = await metric(
+        relay, "chouette_relay_dead_letters_total", agency=AGENCY, reason="content_rejected"
+    )
     assert rejected == len(refused)
 
 

@@ -120,6 +120,9 @@ async def test_a_url_the_http_stack_cannot_parse_is_dead_lettered_and_the_relay_
     [letter] = await world.dead_letters()
     assert letter["reason"] == "bad_url"
     assert orjson.loads(base64.b64decode(letter["record"]["value_base64"])) == events[0]
-    assert await metric(relay, "chouette_relay_dead_letters_total", reason="bad_url") == 1.0
+    assert (
+        await metric(relay, "chouette_relay_dead_letters_total", agency=AGENCY, reason="bad_url")
+        == 1.0
+    )
     assert relay.failure is None
     assert relay.parked() == []

@@ -92,7 +92,10 @@ async def test_a_poison_record_read_again_after_a_sigkill_is_dead_lettered_once(
     listed = (await cli(world, "dead-letters"))["dead_letters"]
     assert [d["id"] for d in listed] == [f"{t}/{p}/{o}" for t, p, o in found]
     # The restarted relay counts the one record it dead-lettered, not the one read again.
-    assert await scraped(port, "chouette_relay_dead_letters_total", reason="not_json") == 1
+    assert (
+        await scraped(port, "chouette_relay_dead_letters_total", agency=AGENCY, reason="not_json")
+        == 1
+    )
     assert second.poll() is None
     assert "Traceback" not in log_path.read_text(encoding="utf-8", errors="replace")
 

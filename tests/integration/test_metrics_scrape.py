@@ -11,6 +11,7 @@ alert relies on.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.app.relay import Relay
+from consumer.ops.admin import Operator
+from consumer.ops.overview import gather
 from tests.fixtures.relay import (
     AgencySpec,
     RelayWorld,
@@ -30,7 +33,7 @@ from tests.fixtures.relay import (
     ops_get,
     uncommitted_records,
 )
-from tests.integration.operator_helpers import call, token_http
+from tests.integration.operator_helpers import call, cli, many_documents, token_http
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +83,12 @@ async def busy_relay(world: RelayWorld) -> Relay:
     )
 
     async def counted() -> bool:
-        dead = await metric(relay, "chouette_relay_dead_letters_total", reason="not_json")
-        held = await metric(relay, "chouette_relay_parked_documents", reason="unmapped_building")
+        dead = await metric(
+            relay, "chouette_relay_dead_letters_total", agency=AGENCY, reason="not_json"
+        )
+        held = await metric(
+            relay, "chouette_relay_parked_documents", agency=AGENCY, reason="unmapped_building"
+        )
         return dead == held == 1
 
     await world.wait_until(counted, what="the dead letter and the parked document counted")
@@ -226,3 +233,55 @@ async def test_a_held_event_loop_shows_on_metrics_as_a_late_tick(
         return await over_a_second() >= before + 1
 
     await world.wait_until(counted, what="a tick counted more than a second late")
+
+
+async def test_the_progress_gauges_carry_what_status_shows_during_a_first_publication(
+    relay_world: WorldFactory,
+) -> None:
+    """Done of planned comes from gauges, not from counters over a range: a dashboard shows the
+    progress ``status`` shows, whenever the first publication began. A pause mid-way holds it
+    still so that both can be read."""
+    documents = 120
+    world = await relay_world(
+        agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"}, rate_per_second=10, burst=1)}
+    )
+    relay = await world.start_relay()
+    taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    listed = many_documents(world, documents)
+    await world.publish(*world.manifest_parts(AGENCY, "bat-1", listed, taken_at=taken_at))
+    await world.wait_until(
+        lambda: len(world.partner_references("c-1")) >= 5, what="the first publication under way"
+    )
+    await cli(world, "pause", AGENCY)
+    await world.wait_until(lambda: relay.status()["paused"] == [AGENCY], what="the pause")
+
+    async with Operator(world.settings()) as operator:
+
+        async def gauges_show_status() -> bool:
+            [entry] = (await gather(operator, agency=AGENCY)).values()
+            done = await metric(
+                relay, "chouette_relay_first_publication_done_documents", agency=AGENCY
+            )
+            planned = await metric(
+                relay, "chouette_relay_first_publication_planned_documents", agency=AGENCY
+            )
+            shown = (entry.published, entry.published + entry.remaining)
+            return shown == (done, planned) and 0 < entry.published < documents == planned
+
+        await world.wait_until(gauges_show_status, what="the gauges showing status's progress")
+
+
+async def test_a_dead_letter_of_an_agency_the_routing_does_not_name_counts_as_unknown(
+    relay_world: WorldFactory,
+) -> None:
+    """The agency label keeps to the routing's agencies: a key naming any other cannot add one."""
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    await world.publish_raw(world.documents_topic, key=b"agence-z:bat-1", value=b"{not json")
+
+    async def counted() -> bool:
+        name = "chouette_relay_dead_letters_total"
+        return await metric(relay, name, agency="unknown", reason="not_json") == 1
+
+    await world.wait_until(counted, what="the dead letter counted under unknown")
+    assert "agence-z" not in await ops_get(relay, "/metrics")

@@ -86,7 +86,9 @@ async def _running_until(world: RelayWorld, relay: Relay, condition: Any, what: 
 
 
 def _dead_letter_count(relay: Relay, reason: str) -> float:
-    value = relay.registry.get_sample_value("chouette_relay_dead_letters_total", {"reason": reason})
+    value = relay.registry.get_sample_value(
+        "chouette_relay_dead_letters_total", {"agency": AGENCY, "reason": reason}
+    )
     return value or 0.0
 
 

@@ -15,7 +15,7 @@ from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.connection import KafkaConnection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.local.kafka import free_port
-from consumer.metrics import RelayMetrics
+from consumer.metrics import UNKNOWN_AGENCY, RelayMetrics
 
 
 class Producer:
@@ -33,7 +33,7 @@ class Producer:
 
 async def test_a_dead_letter_is_written_when_the_topic_cannot_be_read() -> None:
     registry = CollectorRegistry()
-    metrics = RelayMetrics.create(registry, version="test")
+    metrics = RelayMetrics.create(registry, version="test", agencies=["a"])
     nobody = f"127.0.0.1:{free_port()}"
     producer = Producer()
     async with DeadLetterSink(
@@ -51,13 +51,20 @@ async def test_a_dead_letter_is_written_when_the_topic_cannot_be_read() -> None:
             "lsc.document-created.v1", 2, 41, 1_714_986_902_000, b"a:b", b"{not json", ()
         )
         await sink.send(source, reason="not_json", detail="not JSON")
+        stranger = source._replace(offset=42, key=b"nobody-knows:b")
+        await sink.send(stranger, reason="not_json", detail="not JSON")
 
-    [sent] = producer.sent
+    sent, _ = producer.sent
     assert orjson.loads(sent["value"])["source"] == {
         "topic": "lsc.document-created.v1",
         "partition": 2,
         "offset": 41,
         "timestamp_ms": 1_714_986_902_000,
     }
-    counted = registry.get_sample_value("chouette_relay_dead_letters_total", {"reason": "not_json"})
-    assert counted == 1
+
+    def counted(agency: str) -> float | None:
+        labels = {"agency": agency, "reason": "not_json"}
+        return registry.get_sample_value("chouette_relay_dead_letters_total", labels)
+
+    # Under the agency of its key, or under one fixed value when the routing has no such agency.
+    assert (counted("a"), counted(UNKNOWN_AGENCY)) == (1, 1)

@@ -123,6 +123,21 @@ def test_published_count_is_per_building_and_module_and_includes_held() -> None:
     assert view.published_count("agence-lyon", "bat-12", [Module.AG]) == 1
 
 
+def test_on_partner_by_agency_counts_every_building_of_an_agency_and_follows_changes() -> None:
+    other = DocKey("agence-nice", "bat-1", "n1")
+    view = view_of(
+        record("d1"),
+        record("d2", status=DocStatus.DELETE_HELD, held_by="snap-1"),
+        record("d3", status=DocStatus.UPLOADING, remote_id=None),
+        record("d4", building="bat-13"),
+        record("n1", key=other),
+    )
+    assert view.on_partner_by_agency() == {"agence-lyon": 3, "agence-nice": 1}
+    view.apply(record("d3"))  # the upload went through
+    view.apply(Tombstone(other))
+    assert view.on_partner_by_agency() == {"agence-lyon": 4}
+
+
 def test_documents_of_a_building_and_work_that_needs_attention() -> None:
     document = msgspec.convert(
         {
