@@ -156,12 +156,20 @@ class Operator:
                 f"{plan!r} is not a plan fingerprint: give the hexadecimal one that "
                 f"chouette-relay plan --agency {agency_id} prints"
             )
-        _, fingerprints, shares = await self.plan_with_shares(agency_id)
+        dry_run, fingerprints, shares = await self.plan_with_shares(agency_id)
         current = fingerprints[agency_id]
         if current != plan:
+            # A typo and a plan that changed since it was shown look alike from here: the summary
+            # comes before the fingerprint, so the one approved is the one read.
+            lines = [line for line in dry_run.lines if line.agency_id == agency_id]
+            uploads = sum(line.uploads for line in lines)
+            size = sum(line.upload_bytes for line in lines) / 1048576
+            deletes = sum(line.deletes for line in lines)
             raise PlanChangedError(
-                f"the plan of {agency_id} is now {current}, not {plan}: it changed since it was "
-                f"shown; look at it again with chouette-relay plan --agency {agency_id}"
+                f"{plan} does not match the plan of {agency_id}, which is now {uploads} uploads "
+                f"({size:.1f} MiB) and {deletes} withdrawals in {len(lines)} building modules; "
+                f"to approve that plan: chouette-relay approve {agency_id} --plan {current} "
+                f"(the full plan: chouette-relay plan --agency {agency_id})"
             )
         return await self.queue(
             AgencyAction.APPROVE,

@@ -16,6 +16,7 @@ import getpass
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -57,6 +58,7 @@ def add_operator_commands(commands: Any) -> None:
     approve.add_argument("agency")
     approve.add_argument("--plan", required=True, help="the fingerprint the plan printed")
     parked = commands.add_parser("parked", help="list parked documents and why they wait")
+    parked.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     parked.add_argument("--agency", help="only this agency")
     retry = commands.add_parser("retry", help="send parked documents again after a fix")
     retry.add_argument("agency")
@@ -130,9 +132,6 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "audit":
             result = await _audit(operator, args, requested_by=who)
-            if not args.json and sys.stdout.isatty():
-                sys.stdout.write(render_audit(result) + "\n")  # --json, or piped: the JSON
-                return 0
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
         elif command == "retry":
@@ -157,8 +156,40 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             code = 1 if any(r["outcome"] != "replayed" for r in replayed) else 0
         else:
             raise ValueError(f"unknown command {command}")
-    sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    _print(command, args, result)
     return code
+
+
+def _print(command: str, args: argparse.Namespace, result: Any) -> None:
+    """The readable form on a terminal, for a command that has one; with --json, or piped: JSON."""
+    readable = _READABLE.get(command)
+    if readable is not None and not args.json and sys.stdout.isatty():
+        sys.stdout.write(readable(result) + "\n")
+    else:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _render_parked(result: dict[str, Any]) -> str:
+    """One line per parked document, by building, with the reason it waits."""
+    parked: list[dict[str, Any]] = result["parked"]
+    if not parked:
+        return "No parked documents."
+    lines = [
+        f"{'agency':<20} {'building':<14} {'module':<18} {'operation':<9} {'document':<24} reason"
+    ]
+    lines += [
+        f"{p['agency']:<20} {p['building']:<14} {p['module']:<18} {p['operation']:<9} "
+        f"{p['document']:<24} {p['reason']}"
+        for p in parked
+    ]
+    lines.append(
+        f"\n{len(parked)} parked; send them again after a fix: chouette-relay retry AGENCY"
+    )
+    return "\n".join(lines)
+
+
+# The commands with a readable form on a terminal, and how each is shown.
+_READABLE: dict[str, Callable[[Any], str]] = {"audit": render_audit, "parked": _render_parked}
 
 
 async def _status(operator: Operator, args: argparse.Namespace) -> int:

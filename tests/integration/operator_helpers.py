@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import pty
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,40 @@ async def cli(world: RelayWorld, *args: str, expect: int = 0, **settings: Any) -
     ``settings`` overriding groups of it)."""
     out, _ = await cli_output(world, *args, expect=expect, **settings)
     return orjson.loads(out)
+
+
+async def cli_terminal(world: RelayWorld, *args: str) -> str:
+    """What ``chouette-relay ARGS`` shows on a terminal (a pseudo-terminal as its output)."""
+    leader, follower = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            *args,
+            env=world.environment(),
+            stdout=follower,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(follower)
+        follower = -1
+        chunks: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                chunk = await loop.run_in_executor(None, os.read, leader, 65536)
+            except OSError:  # EIO: the command exited and closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=120)
+        assert process.returncode == 0, err.decode()
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 async def cli_output(

@@ -10,6 +10,7 @@ the current plan starts it, and every document is then sent once.
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
@@ -81,7 +82,15 @@ async def test_an_approval_is_refused_once_the_plan_changed_and_the_current_one_
     )
 
     _, refusal = await cli_output(world, "approve", NEW, "--plan", old_plan, expect=2)
-    assert "changed since it was shown" in refusal
+    assert f"{old_plan} does not match the plan of {NEW}" in refusal
+    assert "changed since" not in refusal
+    # What would be approved is read before the fingerprint to copy, and agrees with the plan.
+    summary, _, to_copy = refusal.partition("to approve that plan")
+    shown_now, _ = await cli_output(world, "plan", "--agency", NEW)
+    uploads = re.search(rf"^{NEW}: (\d+ uploads) ", shown_now, re.MULTILINE)
+    assert uploads is not None
+    assert f"which is now {uploads[1]} " in summary
+    assert f"chouette-relay approve {NEW} --plan " in to_copy
     status, body = await call(
         relay, "POST", f"/admin/agencies/{NEW}/approve", token=True, body={"plan": old_plan}
     )

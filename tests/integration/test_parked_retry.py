@@ -12,7 +12,7 @@ import pytest
 
 from consumer.app.relay import Relay
 from tests.fixtures.relay import AgencySpec, Json, WorldFactory
-from tests.integration.operator_helpers import call, cli, cli_output, token_http
+from tests.integration.operator_helpers import call, cli, cli_output, cli_terminal, token_http
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,12 @@ async def test_parked_documents_are_listed_and_retried_per_building_then_per_age
     }
     assert all(p["reason"].startswith("partner_refused: ") for p in listed), listed
     assert all(p["title"].startswith("Document") for p in listed)
+    # On a terminal: a line per document, with the reason it waits.
+    shown = await cli_terminal(world, "parked", "--agency", AGENCY)
+    rows = [line for line in shown.splitlines() if line.startswith(f"{AGENCY} ")]
+    assert sorted(row.split()[1] for row in rows) == ["bat-2"] * 3 + ["bat-3"] * 3
+    assert all("partner_refused: " in row for row in rows)
+    assert "6 parked; send them again after a fix: chouette-relay retry AGENCY" in shown
     _, err = await cli_output(world, "parked", "--agency", "agence-z", expect=2)
     assert "agency agence-z is not in the routing file; did you mean agence-a?" in err
     status, body = await call(relay, "GET", f"/admin/parked?agency={AGENCY}", token=True)
