@@ -232,8 +232,9 @@ class RelayMetrics:
             ),
             agency_paused=Gauge(
                 name("agency_paused"),
-                "1 while an operator has paused an agency: nothing of it is sent, its work waits.",
-                ["agency"],
+                "1 while an operator has paused an agency in this scope (live_and_backfill: "
+                "nothing of it is sent; backfill: its first publication waits).",
+                ["agency", "scope"],
                 registry=registry,
             ),
             awaiting_approval=Gauge(

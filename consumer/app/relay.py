@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 # Not ready when the broker has not answered for this long (or 5 commit intervals if longer).
 READINESS_WINDOW_S = 10.0
+# The values of the paused gauge's scope label: a whole pause, or the first publication alone.
+PAUSE_SCOPES = ("live_and_backfill", "backfill")
 # How often a partition whose upload intents wait for the partner says so.
 RECONCILE_NOTICE_S = 60.0
 # Unreadable state records kept per partition for /status (all are logged and counted).
@@ -115,7 +117,8 @@ class Relay:
         self.metrics.rate_share.set(1.0)
         for agency_id in routing.agencies:
             self.metrics.circuit_open.labels(agency_id).set(0)
-            self.metrics.agency_paused.labels(agency_id).set(0)
+            for scope in PAUSE_SCOPES:
+                self.metrics.agency_paused.labels(agency_id, scope).set(0)
             self.metrics.awaiting_approval.labels(agency_id).set(0)
         self.stopping = asyncio.Event()
         self.ops_port: int | None = None
@@ -451,6 +454,7 @@ class Relay:
                 "reading_paused": ingest is not None and ingest.reading_paused(p),
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),
+                "backfill_paused": sorted(proc.view.backfill_paused_agencies()),
             }
             for p, proc in sorted(processors.items())
         }
@@ -471,6 +475,7 @@ class Relay:
             "scheduler": _plain(snapshot),
             "agencies": sorted(self.routing.agencies),
             "paused": sorted(self.paused_agencies()),
+            "backfill_paused": sorted(self.backfill_paused_agencies()),
             "awaiting_approval": self.awaiting_approval(),
             "held": self.held(),
             "parked": self.parked(),
@@ -525,19 +530,34 @@ class Relay:
         views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
         return set().union(*(view.paused_agencies() for view in [*views, *extra]))
 
+    def backfill_paused_agencies(self, *extra: PublishedView) -> set[str]:
+        """Agencies whose first publication alone is paused in a view this replica owns."""
+        views = [p.view for p in self._ingest.processors.values()] if self._ingest else []
+        found = (view.backfill_paused_agencies() for view in [*views, *extra])
+        return set().union(*found) - self.paused_agencies(*extra)
+
     def sync_controls(self, *extra: PublishedView) -> None:
         """Hand the agencies paused in the owned views to the scheduler and the gauge."""
         paused = self.paused_agencies(*extra)
-        if self._scheduler is not None and self._scheduler.paused != paused:
-            self._scheduler.set_paused(frozenset(paused))
-            log.info("paused agencies", extra={"agencies": sorted(paused)})  # as asked
+        backfill_paused = self.backfill_paused_agencies(*extra)
+        scheduler = self._scheduler
+        if scheduler is not None and (
+            scheduler.paused != paused or scheduler.backfill_paused != backfill_paused
+        ):
+            scheduler.set_paused(frozenset(paused), backfill_only=frozenset(backfill_paused))
+            log.info(
+                "paused agencies",
+                extra={"agencies": sorted(paused), "backfill_only": sorted(backfill_paused)},
+            )  # as asked
             for processor in self._ingest.processors.values() if self._ingest else ():
                 processor.resume()  # a resumed agency's queued work starts
         awaiting = self.awaiting_approval()
         # One series per agency of the routing file: a record of any other agency in a view
         # (written before replicas refused unknown agencies) adds none.
         for agency_id in self.routing.agencies:
-            self.metrics.agency_paused.labels(agency_id).set(1 if agency_id in paused else 0)
+            gauge = self.metrics.agency_paused
+            gauge.labels(agency_id, "live_and_backfill").set(1 if agency_id in paused else 0)
+            gauge.labels(agency_id, "backfill").set(1 if agency_id in backfill_paused else 0)
             waiting = len(awaiting.get(agency_id, ()))
             self.metrics.awaiting_approval.labels(agency_id).set(waiting)
 

@@ -85,6 +85,7 @@ class OperatorCommand(BaseModel):
     # owning replica checks its own against the plan it computes when the approval arrives
     plan_shares: tuple[_Share, ...] = ()
     findings: tuple[Finding, ...] = ()  # repair only
+    backfill_only: bool = False  # pause only: the first publication waits, live documents go on
     requested_at: dt.datetime
     requested_by: Annotated[str, StringConstraints(max_length=200)] = "unknown"
 
@@ -103,6 +104,8 @@ class OperatorCommand(BaseModel):
             raise ValueError("plan shares go with approve only")
         if len(self.plan_shares) > 4096:
             raise ValueError("more plan shares than a topic has partitions")
+        if self.backfill_only and self.command is not AgencyAction.PAUSE:
+            raise ValueError("backfill_only goes with pause only")
         if self.findings and self.command is not AgencyAction.REPAIR:
             raise ValueError("findings go with repair only")
         return self

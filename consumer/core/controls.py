@@ -116,5 +116,11 @@ def plan_agency_command(
         modules = frozenset(config.modules) if config is not None else frozenset()
         record = dataclasses.replace(record, approved_plan=command.plan, approved_modules=modules)
     else:
-        record = dataclasses.replace(record, paused=action is AgencyAction.PAUSE)
+        # A pause sets its own scope and clears the other; resume ends either.
+        pausing = action is AgencyAction.PAUSE
+        record = dataclasses.replace(
+            record,
+            paused=pausing and not command.backfill_only,
+            backfill_paused=pausing and command.backfill_only,
+        )
     return Plan(Outcome.APPLIED, records=(record,))

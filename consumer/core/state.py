@@ -197,12 +197,14 @@ class AgencyRecord:
     """Operator controls of one agency, written to every partition that learns them.
 
     ``paused``: nothing of the agency is sent (its work waits, offsets stay uncommitted).
+    ``backfill_paused``: its first publication (the backfill lane) waits; live documents go on.
     ``approved_plan``: the fingerprint of the first-publication plan an operator approved, for
     ``approved_modules`` (a module enabled later is a new first publication, approved anew).
     """
 
     agency_id: str
     paused: bool = False
+    backfill_paused: bool = False
     changed_by: str = ""
     changed_at: dt.datetime | None = None
     approved_plan: str | None = None

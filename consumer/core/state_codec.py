@@ -54,6 +54,7 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
             "schema_version": SCHEMA_VERSION,
             "kind": "agency",
             "paused": record.paused,
+            "backfill_paused": record.backfill_paused,
             "changed_by": record.changed_by,
             "changed_at": None if record.changed_at is None else _timestamp(record.changed_at),
             "approved_plan": record.approved_plan,
@@ -158,10 +159,14 @@ def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -
         paused = data["paused"]
         if not isinstance(paused, bool):
             raise TypeError("paused is not a boolean")
+        backfill_paused = data.get("backfill_paused", False)  # absent from older records
+        if not isinstance(backfill_paused, bool):
+            raise TypeError("backfill_paused is not a boolean")
         changed_at = data["changed_at"]
         return AgencyRecord(
             agency_id=key.agency_id,
             paused=paused,
+            backfill_paused=backfill_paused,
             changed_by=_string(data, "changed_by") or "",
             changed_at=None if changed_at is None else _parse_timestamp(changed_at),
             approved_plan=_string(data, "approved_plan"),

@@ -75,6 +75,10 @@ class PublishedView(ViewStorage):
     def paused_agencies(self) -> set[str]:
         return {agency for agency, record in self._agencies.items() if record.paused}
 
+    def backfill_paused_agencies(self) -> set[str]:
+        """Agencies whose first publication alone an operator paused (live documents go on)."""
+        return {agency for agency, record in self._agencies.items() if record.backfill_paused}
+
     def building(self, agency_id: str, building_id: str) -> BuildingRecord | None:
         building = self._buildings.get((agency_id, building_id))
         return None if building is None else building.record

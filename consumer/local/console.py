@@ -31,6 +31,7 @@ class AgencyProgress:
     held: int
     breaker: str
     paused: bool = False  # an operator paused the agency: nothing of it is sent
+    backfill_paused: bool = False  # only its first publication waits (pause --backfill-only)
 
 
 class ProgressView:
@@ -105,6 +106,8 @@ class ProgressView:
             breaker = self._paint(breaker, _YELLOW)
         if row.paused:
             breaker += "  " + self._paint("PAUSED", _YELLOW)
+        elif row.backfill_paused:
+            breaker += "  " + self._paint("PAUSED (backfill)", _YELLOW)
         return f"{row.agency:<{name}}  " + "  ".join(f"{n:>7}" for n in figures) + f"  {breaker}"
 
     def _paint(self, text: str, colour: str) -> str:
@@ -148,8 +151,14 @@ class _Above:
 def _plain_row(row: AgencyProgress) -> str:
     return (
         f"{row.agency}: sandbox {row.in_sandbox}, pending {row.pending}, parked {row.parked}, "
-        f"held {row.held}, breaker {row.breaker}{', PAUSED' if row.paused else ''}"
+        f"held {row.held}, breaker {row.breaker}{_pause_note(row)}"
     )
+
+
+def _pause_note(row: AgencyProgress) -> str:
+    if row.paused:
+        return ", PAUSED"
+    return ", PAUSED (backfill)" if row.backfill_paused else ""
 
 
 def _clip(line: str, width: int) -> str:

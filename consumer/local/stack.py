@@ -385,6 +385,7 @@ def agency_progress(
     status = relay.status()
     scheduler = status["scheduler"] or {}
     paused = set(status["paused"])
+    backfill_paused = set(status["backfill_paused"])
     pending: Counter[str] = Counter(scheduler.get("running", {}))
     for queued in scheduler.get("queued", {}).values():
         pending.update(queued)
@@ -402,6 +403,7 @@ def agency_progress(
             held=held[agency],
             breaker=str(breakers.get(agency, "closed")),
             paused=agency in paused,
+            backfill_paused=agency in backfill_paused,
         )
         for agency, spec in agencies.items()
     ]

@@ -96,6 +96,7 @@ class Operator:
         plan: str | None = None,
         plan_shares: tuple[str, ...] = (),
         findings: tuple[Finding, ...] = (),
+        backfill_only: bool = False,
     ) -> dict[str, Any]:
         """Write one command; the replicas owning the building (or every partition of the
         agency) carry it out in order with the input. Raises ``ValueError`` on a bad request,
@@ -107,6 +108,7 @@ class Operator:
             plan=plan,
             plan_shares=plan_shares,
             findings=findings,
+            backfill_only=backfill_only,
             requested_at=dt.datetime.now(dt.UTC),
             requested_by=requested_by,
         )
@@ -125,6 +127,8 @@ class Operator:
             queued["plan"] = plan
         if findings:
             queued["findings"] = len(findings)
+        if backfill_only:
+            queued["scope"] = "backfill"
         queued["partitions"] = [{"partition": p, "offset": o} for p, o in written]
         return queued
 

@@ -47,11 +47,18 @@ def add_operator_commands(commands: Any) -> None:
         command = commands.add_parser(name, help=text)
         command.add_argument("agency")
         command.add_argument("building")
-    for name, text in (
-        ("pause", "send nothing more for an agency (its work waits; survives restarts)"),
-        ("resume", "send what waited for a paused agency"),
-    ):
-        commands.add_parser(name, help=text).add_argument("agency")
+    pause = commands.add_parser(
+        "pause", help="send nothing more for an agency (its work waits; survives restarts)"
+    )
+    pause.add_argument("agency")
+    pause.add_argument(
+        "--backfill-only",
+        action="store_true",
+        help="pause only its first publication; its live documents keep flowing",
+    )
+    commands.add_parser(
+        "resume", help="send what waited for a paused agency (either pause)"
+    ).add_argument("agency")
     approve = commands.add_parser(
         "approve", help="start an agency's first publication, as the plan showed it"
     )
@@ -127,7 +134,12 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
                 HeldAction(command), args.agency, args.building, requested_by=who
             )
         elif command in ("pause", "resume"):
-            result = await operator.queue(AgencyAction(command), args.agency, requested_by=who)
+            result = await operator.queue(
+                AgencyAction(command),
+                args.agency,
+                requested_by=who,
+                backfill_only=getattr(args, "backfill_only", False),
+            )
         elif command == "approve":
             result = await operator.approve(args.agency, args.plan, requested_by=who)
         elif command == "audit":

@@ -162,8 +162,17 @@ class OpsServer(AppServer):
 
     async def _agency(self, request: web.Request) -> web.Response:
         action = AgencyAction(request.match_info["action"])
+        # ?scope=backfill pauses the first publication alone; live documents keep flowing.
+        scope = request.query.get("scope", "live_and_backfill")
+        if scope not in ("live_and_backfill", "backfill"):
+            raise ValueError("scope is live_and_backfill or backfill")
+        if scope == "backfill" and action is not AgencyAction.PAUSE:
+            raise ValueError("a scope goes with pause only: resume ends either")
         queued = await self._control.operator().queue(
-            action, request.match_info["agency"], requested_by=_requester(request)
+            action,
+            request.match_info["agency"],
+            requested_by=_requester(request),
+            backfill_only=scope == "backfill",
         )
         log.info("operator command queued", extra=queued)
         return web.json_response(queued, status=202)

@@ -32,6 +32,7 @@ class AgencyOverview:
 
     agency: str
     paused: bool = False
+    backfill_paused: bool = False  # only the first publication waits; live documents go on
     published: int = 0
     published_bytes: int = 0
     remaining: int = 0  # uploads being sent, and those the newest manifests would still send
@@ -102,6 +103,7 @@ def _count_view(found: dict[str, AgencyOverview], view: PublishedView) -> None:
     for name, entry in found.items():
         controls = view.agency(name)
         entry.paused = entry.paused or bool(controls and controls.paused)
+        entry.backfill_paused = entry.backfill_paused or bool(controls and controls.backfill_paused)
     for building in view.buildings():
         counted = found.get(building.agency_id)
         if counted is None:
@@ -196,7 +198,7 @@ def render(
     """A readable view per agency; with an earlier sample, the rate measured since."""
     blocks = []
     for name, entry in sorted(found.items()):
-        lines = [f"{name}{'  (PAUSED: nothing is sent)' if entry.paused else ''}"]
+        lines = [f"{name}{_pause_note(entry)}"]
         total = entry.published + entry.remaining
         total_bytes = entry.published_bytes + entry.remaining_bytes
         lines.append(
@@ -224,12 +226,21 @@ def render(
     return "\n\n".join(blocks)
 
 
+def _pause_note(entry: AgencyOverview) -> str:
+    if entry.paused:
+        return "  (PAUSED: nothing is sent)"
+    if entry.backfill_paused:
+        return "  (PAUSED, backfill only: live documents are sent)"
+    return ""
+
+
 def _pace(entry: AgencyOverview, measured: float | None) -> str:
     """How fast the first publication goes and how long it has left, or why it does not go."""
     if not entry.remaining:
         return "done"
-    if entry.paused:
-        return f"paused: nothing is sent until chouette-relay resume {entry.agency}"
+    if entry.paused or entry.backfill_paused:
+        what = "nothing is sent" if entry.paused else "its first publication waits"
+        return f"paused: {what} until chouette-relay resume {entry.agency}"
     if entry.unapproved:
         return f"waits for approval (chouette-relay plan --agency {entry.agency})"
     at_rate = _duration(entry.remaining / entry.rate_per_second)

@@ -151,6 +151,7 @@ class OperationExecutor:
             run=self._run,
             paused=lambda: scheduler.paused,
             finished=self._count_finished,
+            backfill_paused=lambda: scheduler.backfill_paused,
         )
         self._backlog = {
             (lane, kind): metrics.backlog.labels(lane.value, kind)

@@ -91,6 +91,7 @@ class SchedulerSnapshot:
     oldest_pending_seconds: dict[Lane, float | None]  # age of the oldest unfinished job
     breakers: dict[str, BreakerState]  # every agency seen so far
     paused: frozenset[str] = frozenset()  # agencies an operator paused: nothing of theirs starts
+    backfill_paused: frozenset[str] = frozenset()  # only their backfill lane waits
 
 
 class Scheduler:
@@ -133,6 +134,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused: frozenset[str] = frozenset()
+        self._backfill_paused: frozenset[str] = frozenset()
         self._rate_share = 1.0
 
         self._concurrency = concurrency
@@ -207,15 +209,23 @@ class Scheduler:
                 return
             await asyncio.sleep(max(agency.bucket.available_at(now) - now, 0.001))
 
-    def set_paused(self, agencies: frozenset[str]) -> None:
+    def set_paused(
+        self, agencies: frozenset[str], *, backfill_only: frozenset[str] = frozenset()
+    ) -> None:
         """The agencies an operator paused: their jobs stay queued and none of them starts
-        (attempts already running finish) until the agency is no longer in the set."""
+        (attempts already running finish) until the agency is no longer in the set. For the
+        agencies in ``backfill_only`` only the backfill lane waits."""
         self._paused = frozenset(agencies)
+        self._backfill_paused = frozenset(backfill_only)
         self._wake()
 
     @property
     def paused(self) -> frozenset[str]:
         return self._paused
+
+    @property
+    def backfill_paused(self) -> frozenset[str]:
+        return self._backfill_paused
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 - says if it drained
         """Wait until every submitted job is finished; False if ``timeout`` seconds pass first."""
@@ -369,6 +379,7 @@ class Scheduler:
             oldest_pending_seconds=oldest,
             breakers={name: a.breaker.state(now) for name, a in self._agencies.items()},
             paused=self._paused,
+            backfill_paused=self._backfill_paused,
         )
 
     async def _next_job(self) -> Job:
@@ -406,7 +417,9 @@ class Scheduler:
                     del rotation[name]
                     continue
                 index: int | None = 0
-                if name in self._paused:
+                if name in self._paused or (
+                    lane is Lane.BACKFILL and name in self._backfill_paused
+                ):
                     index = _first_ungated(queue)
                 if index is None:
                     continue  # only paused work: resuming wakes the workers

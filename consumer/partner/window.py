@@ -112,6 +112,7 @@ class Window:
         run: Runner,
         paused: Callable[[], frozenset[str]],
         finished: Callable[[Entry], None],
+        backfill_paused: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         if size < 1:
             raise ValueError(f"the window needs room for one chain at least, got {size}")
@@ -119,6 +120,7 @@ class Window:
         self._backfill_size = max(1, size - max(1, size // 4))
         self._run = run
         self._paused = paused
+        self._backfill_paused = backfill_paused
         self._finished = finished
         # Per lane, agencies with queued runs in turn order (dicts keep insertion order).
         self._queues: dict[Lane, dict[str, deque[_Run]]] = {lane: {} for lane in _LANES}
@@ -133,10 +135,12 @@ class Window:
         """Operations not finished, of the agencies paused (``paused``) or of the others, in
         ``lane`` or in both."""
         stopped = self._paused()
+        backfill_stopped = stopped | self._backfill_paused()
         return sum(
             n
             for (agency, in_lane), n in self._pending.items()
-            if (agency in stopped) is paused and lane in (None, in_lane)
+            if (agency in (backfill_stopped if in_lane is Lane.BACKFILL else stopped)) is paused
+            and lane in (None, in_lane)
         )
 
     def has_followers(self, key: DocKey) -> bool:
@@ -181,10 +185,15 @@ class Window:
     def pump(self) -> None:
         """Start chains while there is room; called after a submit, a chain's end, a resume."""
         paused = self._paused()
-        running = sum(n for a, n in self._room.running.items() if a not in paused)
-        backfill = sum(n for a, n in self._room.backfill.items() if a not in paused)
+        backfill_paused = paused | self._backfill_paused()
+        # Chains held by a pause wait in the scheduler and take no room from the others.
+        backfill = sum(n for a, n in self._room.backfill.items() if a not in backfill_paused)
+        held = sum(n for a, n in self._room.backfill.items() if a in backfill_paused - paused)
+        running = sum(n for a, n in self._room.running.items() if a not in paused) - held
         while running < self._size:
-            picked = self._take(paused, backfill_room=backfill < self._backfill_size)
+            picked = self._take(
+                paused, backfill_paused, backfill_room=backfill < self._backfill_size
+            )
             if picked is None:
                 return
             lane, entry, batch = picked
@@ -218,18 +227,19 @@ class Window:
         self._pending.clear()
 
     def _take(
-        self, paused: frozenset[str], *, backfill_room: bool
+        self, paused: frozenset[str], backfill_paused: frozenset[str], *, backfill_room: bool
     ) -> tuple[Lane, Entry, Batch] | None:
         for lane in _LANES:
             if lane is Lane.BACKFILL and not backfill_room:
                 return None
             turns = self._queues[lane]
+            stopped = backfill_paused if lane is Lane.BACKFILL else paused
             # The agency running the fewest chains goes next (the earliest in turn on a tie):
             # round turns alone would fill the window with the slowest agency's work, which
             # leaves it slowest, and starve an agency whose partner answers faster.
             running = self._room.running
             agency = min(
-                (a for a in turns if a not in paused),  # paused: held as items until resumed
+                (a for a in turns if a not in stopped),  # paused: held as items until resumed
                 key=lambda a: running.get(a, 0),
                 default=None,
             )

@@ -8,9 +8,15 @@ import orjson
 import pytest
 
 from consumer.core.commands import AgencyAction, HeldAction, OperatorCommand, decode_command
+from consumer.core.controls import plan_agency_command
 from consumer.core.decoding import Poison, PoisonReason
+from consumer.core.routing import RoutingTable
+from consumer.core.view import PublishedView
 
 NOW = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+ROUTING = RoutingTable.from_mapping(
+    {"agencies": {"agence-a": {"modules": ["ag"], "first_publication": "fresh"}}}
+)
 
 
 def _wire(command: OperatorCommand) -> bytes:
@@ -58,3 +64,39 @@ def test_held_actions_still_name_their_building() -> None:
         command=HeldAction.RELEASE, agency_id="agence-a", building_id="bat-1", requested_at=NOW
     )
     assert decode_command(b"agence-a:bat-1", _wire(release)) == release
+
+
+def test_backfill_only_goes_with_pause_alone() -> None:
+    pause = OperatorCommand(
+        command=AgencyAction.PAUSE, agency_id="agence-a", backfill_only=True, requested_at=NOW
+    )
+    assert decode_command(pause.key, _wire(pause)) == pause
+    value = orjson.dumps(
+        {"command": "resume", "agency_id": "agence-a", "backfill_only": True, "requested_at": NOW}
+    )
+    refused = decode_command(b"agence-a", value)
+    assert isinstance(refused, Poison)
+    assert "backfill_only goes with pause only" in refused.detail
+
+
+def _control(view: PublishedView, action: AgencyAction, *, backfill_only: bool = False) -> None:
+    command = OperatorCommand(
+        command=action, agency_id="agence-a", backfill_only=backfill_only, requested_at=NOW
+    )
+    for record in plan_agency_command(view, ROUTING, command).records:
+        view.apply(record)
+
+
+def test_a_pause_sets_its_scope_and_resume_ends_either() -> None:
+    view = PublishedView()
+    _control(view, AgencyAction.PAUSE, backfill_only=True)
+    assert (view.paused_agencies(), view.backfill_paused_agencies()) == (set(), {"agence-a"})
+
+    _control(view, AgencyAction.PAUSE)  # widened to live and backfill together
+    assert (view.paused_agencies(), view.backfill_paused_agencies()) == ({"agence-a"}, set())
+
+    _control(view, AgencyAction.PAUSE, backfill_only=True)  # narrowed: live documents go again
+    assert (view.paused_agencies(), view.backfill_paused_agencies()) == (set(), {"agence-a"})
+
+    _control(view, AgencyAction.RESUME)
+    assert (view.paused_agencies(), view.backfill_paused_agencies()) == (set(), set())

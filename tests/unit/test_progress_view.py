@@ -99,3 +99,14 @@ def test_a_paused_agency_says_so_in_its_row(monkeypatch: pytest.MonkeyPatch) -> 
         "closed",
         "PAUSED",
     ]
+
+
+def test_a_backfill_only_pause_says_its_scope_in_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    paused = AgencyProgress("agence-lyon", 3, 5, 0, 0, "closed", backfill_paused=True)
+    out = io.StringIO()
+    ProgressView(out, live=False).show([paused], "dead letters 0")
+    assert out.getvalue().splitlines()[0].endswith("breaker closed, PAUSED (backfill)")
+    live = io.StringIO()
+    ProgressView(live, live=True).show([paused], "dead letters 0")
+    assert screen(live.getvalue())[1].split()[-2:] == ["PAUSED", "(backfill)"]

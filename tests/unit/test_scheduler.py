@@ -640,3 +640,23 @@ async def test_a_lookup_that_sends_nothing_goes_while_its_agency_is_paused(
         assert upload.attempts == []
         scheduler.set_paused(frozenset())
         assert await all_done([waiting]) == ["upload"]
+
+
+async def test_a_backfill_only_pause_holds_the_backfill_lane_while_live_jobs_go(
+    make_scheduler: MakeScheduler,
+) -> None:
+    backfill = [Job(f"backfill-{i}") for i in range(4)]
+    live = [Job(f"live-{i}") for i in range(4)]
+    scheduler = make_scheduler(concurrency=2)
+    scheduler.set_paused(frozenset(), backfill_only=frozenset({"a"}))
+    async with scheduler:
+        waiting = [scheduler.submit(job, agency_id="a", lane=Lane.BACKFILL) for job in backfill]
+        sent = [scheduler.submit(job, agency_id="a", lane=Lane.LIVE) for job in live]
+        assert sorted(await all_done(sent)) == sorted(job.name for job in live)
+        assert all(job.attempts == [] for job in backfill)
+        assert not any(future.done() for future in waiting)
+        assert scheduler.snapshot().backfill_paused == {"a"}
+
+        scheduler.set_paused(frozenset())
+
+        assert sorted(await all_done(waiting)) == sorted(job.name for job in backfill)

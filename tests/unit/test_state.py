@@ -342,3 +342,18 @@ def test_agency_controls_round_trip_match_the_schema_and_reach_the_view() -> Non
     assert view.paused_agencies() == set()
     view.apply(Tombstone(AgencyKey("agence-lyon")))
     assert view.agency("agence-lyon") is None
+
+
+def test_a_backfill_only_pause_round_trips_and_an_older_agency_record_reads_as_not_paused() -> None:
+    backfill_paused = AgencyRecord("agence-lyon", backfill_paused=True, changed_by="cli:ops@host")
+    assert round_trip(backfill_paused) == backfill_paused
+    view = PublishedView()
+    view.apply_encoded(*encode_state(backfill_paused))
+    assert (view.paused_agencies(), view.backfill_paused_agencies()) == (set(), {"agence-lyon"})
+
+    key, value = encode_state(AgencyRecord("agence-lyon", paused=True))
+    assert value is not None
+    older = orjson.loads(value)
+    del older["backfill_paused"]  # written before a pause had a scope
+    validate(orjson.dumps(older))
+    assert decode_state(key, orjson.dumps(older)) == AgencyRecord("agence-lyon", paused=True)

@@ -36,6 +36,15 @@ def test_a_paused_agency_says_it_is_paused_not_a_time_left() -> None:
     assert _pace_line(paused) == "paused: nothing is sent until chouette-relay resume agence-a"
 
 
+def test_a_backfill_only_pause_says_the_first_publication_waits() -> None:
+    paused = replace(SENDING, backfill_paused=True)
+    assert _pace_line(paused) == (
+        "paused: its first publication waits until chouette-relay resume agence-a"
+    )
+    header = render({paused.agency: paused}, None, None).splitlines()[0]
+    assert header == "agence-a  (PAUSED, backfill only: live documents are sent)"
+
+
 def test_an_unapproved_first_publication_says_it_waits_for_approval() -> None:
     waiting = replace(SENDING, published=0, published_bytes=0, unapproved=True)
     assert _pace_line(waiting) == "waits for approval (chouette-relay plan --agency agence-a)"

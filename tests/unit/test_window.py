@@ -307,3 +307,25 @@ async def test_closing_a_partition_cancels_its_batches_and_empties_its_backlog(
         "chouette_relay_backlog_operations", {"lane": "backfill", "operation": "upload"}
     )
     assert (backlog, executor.pending) == (0.0, 0)
+
+
+async def test_a_backfill_only_pause_holds_the_backfill_and_leaves_room_for_live_work(
+    scheduler: Scheduler,
+) -> None:
+    partner = Partner()
+    executor = executor_with(scheduler, partner, window=2)
+    scheduler.set_paused(frozenset(), backfill_only=frozenset({"a"}))
+    executor.resume()
+    backfill = executor.submit([upload("a", n) for n in range(30)], source=SOURCE)
+    live = executor.submit([upload("a", 100 + n, lane=Lane.LIVE) for n in range(10)], source=SOURCE)
+
+    await live.future  # the held backfill took no room from the agency's live documents
+    assert (executor.pending, executor.held) == (0, 30)
+    assert not backfill.future.done()
+    assert sorted(call[0] for call in partner.calls) == sorted(f"doc-{100 + n}" for n in range(10))
+
+    scheduler.set_paused(frozenset())
+    executor.resume()
+    await backfill.future
+    assert (executor.pending, executor.held) == (0, 0)
+    assert len(partner.calls) == 40
