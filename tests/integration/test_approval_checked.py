@@ -30,12 +30,8 @@ def _references(documents: list[Json]) -> dict[str, str]:
 
 
 def _counted(relay: Relay, kind: str, outcome: str) -> float:
-    return sum(
-        sample.value
-        for family in relay.metrics.commands.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.labels == {"kind": kind, "outcome": outcome}
-    )
+    labels = {"kind": kind, "outcome": outcome}
+    return relay.registry.get_sample_value("chouette_relay_commands_total", labels) or 0.0
 
 
 def _manifests_awaiting(relay: Relay) -> float:

@@ -28,12 +28,8 @@ MAC_HEADER = "chouette-relay-mac"
 
 
 def _counted(relay: Relay, kind: str, outcome: str) -> float:
-    return sum(
-        sample.value
-        for family in relay.metrics.commands.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.labels == {"kind": kind, "outcome": outcome}
-    )
+    labels = {"kind": kind, "outcome": outcome}
+    return relay.registry.get_sample_value("chouette_relay_commands_total", labels) or 0.0
 
 
 def _commands_read(relay: Relay) -> float:
