@@ -19,13 +19,13 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from msgspec.structs import force_setattr
 
 from consumer.core.patterns import (
-    BASE64_PATTERN,
     DOCUMENT_ID_PATTERN,
     IDENTIFIER_PATTERN,
     SHA256_PATTERN,
     TIMESTAMP_PATTERN,
     URL_MATCHER,
     UUID_PATTERN,
+    is_base64,
 )
 
 MAX_SAFE_INTEGER: Final = 2**53 - 1
@@ -89,7 +89,8 @@ Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
 DocumentId = Annotated[str, Meta(pattern=DOCUMENT_ID_PATTERN)]
 Sha256Hex = Annotated[str, Meta(pattern=SHA256_PATTERN)]
 Label = Annotated[str, Meta(min_length=1, max_length=500, pattern=r"\S")]
-Base64 = Annotated[str, Meta(min_length=4, pattern=BASE64_PATTERN)]
+# BASE64_PATTERN, checked by ``Content`` itself (``is_base64``): the same meaning, a fifth the time
+Base64 = Annotated[str, Meta(min_length=4)]
 
 if TYPE_CHECKING:
     # What readers see. msgspec reads what the contract allows at run time: JSON Schema calls 12.0
@@ -150,6 +151,8 @@ class Content(_Frozen, frozen=True):
     inline_base64: Base64 | UnsetType = UNSET
 
     def __post_init__(self) -> None:
+        if self.inline_base64 is not UNSET and not is_base64(self.inline_base64):
+            raise FieldViolationError("inline_base64", "Expected standard base64 with padding")
         if (self.url is UNSET) == (self.inline_base64 is UNSET):
             raise ValueError("Expected exactly one of `url` and `inline_base64`")
         if self.url is not UNSET and not fetchable(self.url):

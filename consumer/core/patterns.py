@@ -1,7 +1,8 @@
 """The patterns of the LSC event contract: identifiers, URLs, dates, as the JSON Schemas write them.
 
 ``schemas/`` holds the same strings (a test compares them), and the event structs check them with
-Python's ``re``; only the URL's is also written in a second form, ``URL_MATCHER``, for speed.
+Python's ``re``; the URL's is also written in a second form, ``URL_MATCHER``, and base64 is checked
+without a regular expression (``is_base64``), both for speed.
 """
 
 from __future__ import annotations
@@ -63,3 +64,22 @@ URL_MATCHER: Final = (
     f"(?:/(?:{_PATH_CHARS}++|{_ESCAPE})*+)*+"
     f"(?:\\?(?:{_QUERY_CHARS}++|{_ESCAPE})*+)?(?:#(?:{_QUERY_CHARS}++|{_ESCAPE})*+)?\\Z"
 )
+
+
+_BASE64_PADDING: Final = "="
+
+
+def is_base64(text: str) -> bool:
+    """Whether ``text`` matches ``BASE64_PATTERN``, checked in C loops rather than by ``re``.
+
+    The pattern's groups of four cost Python's engine about 5 us on a small PDF's inline content,
+    most of a document-created event's decoding. Same meaning: a length that is a multiple of 4,
+    letters, digits, '+' and '/', then at most two '=' at the end (tests hold the two equal).
+    """
+    if len(text) % 4 or not text.isascii():
+        return False
+    body = text.rstrip(_BASE64_PADDING)
+    if len(text) - len(body) > 2:
+        return False
+    letters = body.replace("+", "").replace("/", "")
+    return not letters or letters.isalnum()

@@ -7,6 +7,7 @@ the pattern accepts is one the HTTP stack parses and can resolve.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from consumer.core import events, patterns
+from consumer.core.decoding import decode_record
+from consumer.core.poison import Poison
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -40,12 +43,14 @@ PATTERNS: dict[str, tuple[str, Callable[[str], bool]]] = {
     "document_id": (patterns.DOCUMENT_ID_PATTERN, partial(_model_accepts, events.DocumentId)),
     "sha256": (patterns.SHA256_PATTERN, partial(_model_accepts, events.Sha256Hex)),
     "url": (patterns.URL_PATTERN, events.fetchable),
+    "base64": (patterns.BASE64_PATTERN, patterns.is_base64),
 }
 SEEDS = {
     "identifier": "agence-lyon",
     "document_id": "0b9f:12",
     "sha256": "a" * 64,
     "url": "https://lsc.example/doc.pdf",
+    "base64": "JVBERi0xLjQK+/8=",
 }
 
 
@@ -125,3 +130,55 @@ def test_every_url_the_contract_accepts_is_one_the_http_stack_can_fetch(url: str
     # or too long, and nothing in it fails to decode.
     parsed.host.encode("idna")
     assert parsed.raw_host == parsed.host.lower() or parsed.raw_host == parsed.host
+
+
+_BASE64_CORNERS = ["=", "+", "/", "A", "z", "9", "\n", " ", "é", "-", "_", "\x00"]
+
+
+@given(st.lists(st.sampled_from(_BASE64_CORNERS), max_size=12).map("".join))
+def test_base64_is_checked_as_the_pattern_says(value: str) -> None:
+    assert patterns.is_base64(value) == (re.search(patterns.BASE64_PATTERN, value) is not None)
+
+
+@given(st.binary(max_size=64))
+def test_every_encoding_of_bytes_is_base64_and_one_character_less_is_not(raw: bytes) -> None:
+    encoded = base64.b64encode(raw).decode()
+    assert patterns.is_base64(encoded)
+    if encoded:
+        assert not patterns.is_base64(encoded[:-1])
+
+
+def test_a_document_whose_inline_content_is_not_base64_is_refused_naming_the_field() -> None:
+    value = {
+        "schema_version": 1,
+        "event_type": "document-created",
+        "event_id": "00000000-0000-0000-0000-000000000001",
+        "occurred_at": "2025-06-01T00:00:00Z",
+        "agency_id": "agence-a",
+        "building_id": "bat-1",
+        "document": {
+            "id": "doc-1",
+            "module": "ag",
+            "category": "AG",
+            "title": "Convocation",
+            "document_date": "2025-05-01",
+            "audience": "building",
+            "content": {
+                "media_type": "application/pdf",
+                "size_bytes": 3,
+                "sha256": "a" * 64,
+                "inline_base64": "JVBE=i0x",
+            },
+        },
+    }
+    refused = decode_record(
+        topic_kind="document-created",
+        key=b"agence-a:bat-1",
+        value=json.dumps(value).encode(),
+        headers=[("schema_version", b"1"), ("event_type", b"document-created")],
+        max_value_bytes=1_048_576,
+    )
+    assert isinstance(refused, Poison)
+    assert refused.detail == (
+        "document.content.inline_base64: Expected standard base64 with padding"
+    )
