@@ -15,6 +15,8 @@ nothing is sent to the partner. Both sides build their Kafka clients as the rela
     is committable;
 (c) ``decode_record`` and ``plan_document`` alone on the same events in memory: what (b) would
     cost with no Kafka, no task and no state write.
+The whole process runs with the relay's garbage-collector policy (``consumer.app.heap``), as the
+service does from its start: (a) and (b) alike.
 Target: (b) handles at least 0.5 of the events per CPU second that (a) does. Each round runs (a),
 (b) and (c) in turn and prints events per CPU second of each, and the ratio: the machine may be
 shared, so CPU time (this process's own) compares where wall time does not.
@@ -46,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from bench.common import SCALE_VARIABLE, delete_topics, on_a_broker, scale
 from consumer.app.clients import _kafka_clients
+from consumer.app.heap import tune_collector
 from consumer.app.partition import partition_processor
 from consumer.app.processor import DOCUMENTS, MANIFESTS, PartitionProcessor
 from consumer.core.decoding import decode_record
@@ -394,6 +397,7 @@ def _totals(counter: Counter) -> dict[str, float]:
 
 
 async def bench(bootstrap: str, *, events: int, rounds: int) -> None:
+    tune_collector()
     suffix = uuid.uuid4().hex[:10]
     topics = Topics(
         documents=f"bench.document-created.{suffix}",

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from consumer.app.clients import _kafka_clients, _stop_within
+from consumer.app.heap import keep_restored, tune_collector
 from consumer.app.observers import MetricsObserver, rate_limits
 from consumer.app.partition import partition_processor
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, REFUSALS_KEPT, PartitionProcessor
@@ -141,6 +142,7 @@ class Relay:
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
+        tune_collector()
         layout = await self._check_topics()
         log.info("topics checked", extra={"partitions": layout.input_partitions})
         producer, consumer = _kafka_clients(s, self.connection)
@@ -304,6 +306,7 @@ class Relay:
             on_unreadable=skip,
         )
         self.metrics.restore_records.inc(applied)
+        keep_restored()
         settling = asyncio.ensure_future(
             reconcile_partition(
                 view=view,

@@ -85,8 +85,23 @@ def pack_compact(
     return COMPACT_HEAD.pack(*head) + tail
 
 
+# The record packed last and its form: the view and the changelog writer pack the same record one
+# after the other, and a record is immutable (held here, its identity cannot be reused).
+_last_packed: tuple[DocumentRecord | None, bytes | None] = (None, None)
+
+
 def compact_document(record: DocumentRecord) -> bytes | None:
     """The compact form of ``record``, or None when it keeps the JSON form."""
+    global _last_packed  # noqa: PLW0603 - a one-record memo of a pure function
+    last, packed = _last_packed
+    if record is last:
+        return packed
+    packed = _pack(record)
+    _last_packed = (record, packed)
+    return packed
+
+
+def _pack(record: DocumentRecord) -> bytes | None:
     status = COMPACT_STATUS_CODES.get(record.status)
     if status is None or record.document is not None or record.parked_reason is not None:
         return None

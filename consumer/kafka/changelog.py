@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from consumer.core.state import StateDecodeError, StateRecord
 from consumer.core.state_codec import encode_state
@@ -276,44 +277,51 @@ class ChangelogWriter:
             self._room.set()
 
     async def _send(self, chunk: list[_Queued]) -> None:
-        """Send ``chunk`` and await its acknowledgements together; what failed for a transient
-        reason is sent again, one record at a time and in order, as ``BrokerWatch.deliver``
-        does. A record's own refusal (too large) fails that record only."""
-        deliveries: list[asyncio.Future[object] | None] = []
-        for entry in chunk:
-            try:
-                deliveries.append(
-                    await self._producer.send(
-                        self._topic, value=entry.value, key=entry.key, partition=self._partition
-                    )
-                )
-            except KafkaError as error:
-                if error.retriable or isinstance(error, KafkaTimeoutError):
-                    break  # the buffer stayed full or the broker is away: the rest one by one
-                _fail(entry, error)
-                deliveries.append(None)
-        sent = [delivery for delivery in deliveries if delivery is not None]
+        """Send ``chunk`` as a few record batches (as many as the producer's batch size needs)
+        and await their acknowledgements together; what failed is sent again one record at a
+        time and in order, as ``BrokerWatch.deliver`` does, so that a record's own refusal (too
+        large) fails that record only."""
+        sent: list[tuple[asyncio.Future[object], list[_Queued]]] = []
+        members: list[_Queued] = []
+        batch = self._producer.create_batch()
+        try:
+            for entry in chunk:
+                if batch.append(key=entry.key, value=entry.value, timestamp=None) is None:
+                    sent.append((await self._send_batch(batch), members))
+                    batch, members = self._producer.create_batch(), []
+                    batch.append(key=entry.key, value=entry.value, timestamp=None)
+                members.append(entry)
+            if members:
+                sent.append((await self._send_batch(batch), members))
+        except KafkaError:
+            # The producer's buffer stayed full, the broker is away, or the producer refused a
+            # batch: the rest go one by one, where a record's own refusal is its own.
+            pass
         if sent:
             # Not cancelled on timeout: aiokafka may still deliver them.
-            await asyncio.wait(sent, timeout=self._watch.unavailable_timeout_s)
+            await asyncio.wait(
+                [delivery for delivery, _ in sent], timeout=self._watch.unavailable_timeout_s
+            )
+        acknowledged = {
+            id(entry)
+            for delivery, batch_members in sent
+            if delivery.done() and not delivery.cancelled() and delivery.exception() is None
+            for entry in batch_members
+        }
         again = False
-        for index, entry in enumerate(chunk):
-            if entry.done.done():
+        for entry in chunk:
+            if entry.done.done() or (not again and id(entry) in acknowledged):
                 continue
-            delivery = deliveries[index] if index < len(deliveries) else None
-            if not again and delivery is not None and delivery.done():
-                refused = delivery.exception()
-                if refused is None:
-                    continue
-                if not isinstance(refused, KafkaError) or not (
-                    refused.retriable or isinstance(refused, KafkaTimeoutError)
-                ):
-                    _fail(entry, refused)
-                    continue
-            # Unacknowledged, or a transient failure: from here on, one by one, in order.
+            # Unacknowledged, or its batch failed: from here on, one by one, in order.
             again = True
             await self._deliver_one(entry)
         self._watch.touch()
+
+    async def _send_batch(self, batch: BatchBuilder) -> asyncio.Future[object]:
+        delivery: asyncio.Future[object] = await self._producer.send_batch(
+            batch, self._topic, partition=self._partition
+        )
+        return delivery
 
     async def _deliver_one(self, entry: _Queued) -> None:
         async def send() -> Awaitable[object]:
