@@ -17,8 +17,8 @@ import datetime as dt
 import functools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 from consumer.core.audit import Copies, Resend, to_resend
 from consumer.core.commands import (
@@ -44,8 +44,8 @@ from consumer.core.offsets import OffsetTracker
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
 from consumer.core.planning.first_publication import unapproved_modules
-from consumer.core.planning.manifests import plan_manifest
-from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
+from consumer.core.planning.manifests import plan_manifest_in_steps
+from consumer.core.planning.plan import Lane, Outcome, Plan, Upload, run_to_end
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import BuildingRecord, DocStatus, StateRecord
@@ -92,6 +92,25 @@ DecidedWait = tuple[tuple[str, str], list[tuple[str, int]], asyncio.Future[Any]]
 
 # A plan's records written together: one chunk's acknowledgements awaited at a time.
 WRITE_CHUNK = 500
+# A plan's records applied to the view between two pauses of a large plan (about 10 ms).
+APPLY_STEP = 5_000
+
+_Applied = tuple[list[Awaitable[object]], list[StateRecord], list[BuildingRecord]]
+"""A plan's records applied to the view, their writes sorted: queued behind their document's
+work, to write at once, deferred (building records)."""
+
+_T = TypeVar("_T")
+
+
+async def _in_steps(steps: Generator[None, None, _T]) -> _T:
+    """Run ``steps`` to its end, letting the event loop run other work at each pause."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            result: _T = finished.value
+            return result
+        await asyncio.sleep(0)
 
 
 async def _write_all(writer: RecordWriter, records: list[StateRecord]) -> None:
@@ -407,7 +426,7 @@ class PartitionProcessor:
         if action is AgencyAction.APPROVE:
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
-                self.apply_manifest(manifest, held_source)
+                await self.apply_manifest(manifest, held_source)
 
     def _refuse(self, command: OperatorCommand, refused: Refusal, now: dt.datetime) -> None:
         """A command this replica's view does not allow: one log line, a count, nothing else
@@ -471,9 +490,11 @@ class PartitionProcessor:
         offsets: Iterable[tuple[str, int]],
         *,
         decided_by: tuple[str, str] | None = None,
+        applied: _Applied | None = None,
     ) -> None:
         """Apply and write the plan's records, submit its operations, and release ``offsets``
-        (each opened by ``begin`` when read) once all of that is acknowledged.
+        (each opened by ``begin`` when read) once all of that is acknowledged. ``applied``: the
+        plan's records applied already, in steps (``_apply_records_in_steps``).
 
         A plan of operations alone (a document's upload, the common case) waits as its batch's
         future, with no task of its own: held work costs its items, not coroutines.
@@ -483,7 +504,7 @@ class PartitionProcessor:
         """
         held = list(offsets)
         building_wide = list(self._building_work.get(decided_by, ())) if decided_by else []
-        writes, now, deferred = self._apply_records(plan)
+        writes, now, deferred = applied or run_to_end(self._apply_records_in_steps(plan))
         if (
             now
             and not (writes or deferred or building_wide or plan.operations or plan.marks)
@@ -543,15 +564,16 @@ class PartitionProcessor:
             gathered.add_done_callback(release)
         wait[1].extend(offsets)
 
-    def _apply_records(
-        self, plan: Plan
-    ) -> tuple[list[Awaitable[object]], list[StateRecord], list[BuildingRecord]]:
+    def _apply_records_in_steps(self, plan: Plan) -> Generator[None, None, _Applied]:
         """Apply ``plan``'s records to the view and sort their writes: queued behind their
-        document's work, to write at once, or deferred (a building record)."""
+        document's work, to write at once, or deferred (a building record). Pauses (``yield``)
+        after every ``APPLY_STEP`` records; the sorted writes are the return value."""
         writes: list[Awaitable[object]] = []
         now: list[StateRecord] = []  # records with no work queued on their document
         deferred: list[BuildingRecord] = []
-        for record in plan.records:
+        for number, record in enumerate(plan.records, start=1):
+            if number % APPLY_STEP == 0:
+                yield
             self.view.apply(record)
             if isinstance(record, BuildingRecord) and (
                 plan.operations or self._building_work.get((record.agency_id, record.building_id))
@@ -672,7 +694,7 @@ class PartitionProcessor:
         for offset in result.released:
             self._trackers[source.topic].done(offset)
         if result.complete is not None:
-            self.apply_manifest(result.complete, source)
+            await self.apply_manifest(result.complete, source)
 
     def _abandon_snapshot(self, source: SourceRecord, at: dt.datetime) -> None:
         """A dead-lettered part's snapshot can never complete: let its siblings go now."""
@@ -702,8 +724,13 @@ class PartitionProcessor:
             },
         )
 
-    def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
-        plan = plan_manifest(self.view, self._routing, manifest, self._guard)
+    async def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
+        """Plan and carry out a complete manifest, a step of its documents at a time: the event
+        loop (``/livez``, the other partitions) runs between the steps of a large one, while this
+        partition's next record waits for it."""
+        plan = await _in_steps(
+            plan_manifest_in_steps(self.view, self._routing, manifest, self._guard)
+        )
         waiting = unapproved_modules(self.view, self._routing, manifest, plan)
         if waiting:
             self._await_approval(manifest, source, waiting)
@@ -726,7 +753,9 @@ class PartitionProcessor:
                 "records": len(plan.records),
             },
         )
-        self._execute(plan, source, [(self._manifest_topic, o) for o in manifest.offsets])
+        applied = await _in_steps(self._apply_records_in_steps(plan))
+        offsets = [(self._manifest_topic, o) for o in manifest.offsets]
+        self._execute(plan, source, offsets, applied=applied)
         if plan.outcome is Outcome.HELD:
             held = self.view.held(agency, manifest.building_id)
             uploads = sum(record.status is DocStatus.UPLOAD_HELD for record in held)

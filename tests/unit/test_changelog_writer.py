@@ -125,9 +125,7 @@ async def test_writes_beyond_the_bound_wait_for_room_instead_of_filling_the_prod
     assert producer.most <= 20  # one chunk in the producer at a time
 
 
-async def test_a_record_the_broker_refuses_fails_alone_and_the_others_of_its_batch_are_written() -> (
-    None
-):
+async def test_a_record_the_broker_refuses_fails_alone_the_rest_of_its_batch_is_written() -> None:
     records = [_record(f"doc-{n}") for n in range(10)]
     too_large = encode_state(records[3])[0]
     producer = FakeProducer(batch_room=4, refused=frozenset({too_large}))

@@ -26,7 +26,7 @@ from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
 from consumer.core.planning.actions import release_held, retry_parked
 from consumer.core.planning.documents import plan_document
-from consumer.core.planning.manifests import plan_manifest
+from consumer.core.planning.manifests import plan_manifest, plan_manifest_in_steps
 from consumer.core.planning.plan import (
     Delete,
     Plan,
@@ -34,6 +34,7 @@ from consumer.core.planning.plan import (
     deleted_record,
     intent_record,
     published_record,
+    run_to_end,
 )
 from consumer.core.routing import Action, RoutingTable
 from consumer.core.state import DocKey, DocStatus
@@ -276,6 +277,11 @@ class Relay:
         result = self.assembler.add(part, offset=self.offset, now=READ_AT)
         if result.complete is not None:
             plan = plan_manifest(self.view, self.routing, result.complete, self.guard)
+            # Planned in steps (the relay pauses between them on a large manifest): the same plan.
+            stepped = plan_manifest_in_steps(
+                self.view, self.routing, result.complete, self.guard, step=1
+            )
+            assert run_to_end(stepped) == plan
             if not result.complete.items:
                 assert not any(isinstance(op, Delete) for op in plan.operations)
             self.run(plan)

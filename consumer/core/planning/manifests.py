@@ -10,6 +10,7 @@ operator's decision (``actions.py``): the building record keeps the manifest as 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator
 
 from consumer.core.events import Document
 from consumer.core.guard import DeletionGuard
@@ -26,7 +27,14 @@ from consumer.core.planning.documents import (
     withdraw,
     withdrawal,
 )
-from consumer.core.planning.plan import Lane, Operation, Outcome, Plan, document_record
+from consumer.core.planning.plan import (
+    Lane,
+    Operation,
+    Outcome,
+    Plan,
+    document_record,
+    run_to_end,
+)
 from consumer.core.routing import Action, RoutingTable, Verdict
 from consumer.core.state import (
     BuildingRecord,
@@ -220,16 +228,37 @@ class _ManifestPlanner:
                 self.marks += marks
 
 
+# Listed documents planned between two pauses of ``plan_manifest_in_steps`` (about 10 ms).
+PLANNING_STEP = 2_000
+
+
 def plan_manifest(
     view: PublishedView, routing: RoutingTable, manifest: CompleteManifest, guard: DeletionGuard
 ) -> Plan:
     """Reconcile one building with a complete manifest (uploads go to the backfill lane)."""
+    return run_to_end(plan_manifest_in_steps(view, routing, manifest, guard))
+
+
+def plan_manifest_in_steps(
+    view: PublishedView,
+    routing: RoutingTable,
+    manifest: CompleteManifest,
+    guard: DeletionGuard,
+    *,
+    step: int = PLANNING_STEP,
+) -> Generator[None, None, Plan]:
+    """``plan_manifest``, pausing (``yield``) after every ``step`` listed documents, so that a
+    caller on an event loop lets other work run between the steps of a large manifest; the plan
+    is the generator's return value. The view must change only by the records of partner
+    outcomes meanwhile (as between any two records): the plan reads each document once."""
     planner = _ManifestPlanner(view, routing, manifest)
     if not planner.covered:
         return Plan(Outcome.STALE)
     listed = {d.id: d for d in manifest.items if d.module in planner.covered}
-    for document in listed.values():
+    for number, document in enumerate(listed.values(), start=1):
         planner.listed(document)
+        if number % step == 0:
+            yield
     if planner.discarded:
         return Plan(Outcome.DISCARDED, tuple(planner.operations), tuple(planner.records))
     left = planner.left_out()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Generator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from consumer.core.events import Document
 from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
@@ -164,3 +166,17 @@ def held_published_record(
 def deleted_record(delete: Delete) -> StateRecord:
     """Written once the partner acknowledged a withdrawal."""
     return delete.leaves if delete.leaves is not None else Tombstone(delete.key)
+
+
+_T = TypeVar("_T")
+
+
+def run_to_end(steps: Generator[None, None, _T]) -> _T:
+    """The value of a planning done in steps (a generator that pauses with ``yield`` so that a
+    caller on an event loop can let other work run), run to its end at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            result: _T = finished.value
+            return result
