@@ -313,6 +313,8 @@ class Relay:
                 scheduler=scheduler,
                 partner=partner,
                 not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+                # Nothing of a paused first publication reaches the partner, not even a lookup.
+                deferred=view.backfill_paused_agencies(),
             )
         )
         try:
@@ -353,7 +355,8 @@ class Relay:
             find_copies=functools.partial(self._find_copies, scheduler, partner),
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
-        # intents above are only looked up, which sends nothing.)
+        # intents above are only looked up, which sends nothing, those of a paused first
+        # publication not even that.)
         self.sync_controls(view)
         retried = processor.retry_parked()
         if retried:
