@@ -258,9 +258,9 @@ class PartitionProcessor:
         found: dict[str, int] = {}
         for (agency, _), keys in self._awaiting_uploads.items():
             for key in keys:
-                record = self.view.document(key)
-                if record is None or (
-                    record.status not in ON_PARTNER and record.status is not DocStatus.UPLOADING
+                brief = self.view.brief(key)  # every few seconds, for every document: the cheap one
+                if brief is None or (
+                    brief.status not in ON_PARTNER and brief.status is not DocStatus.UPLOADING
                 ):
                     found[agency] = found.get(agency, 0) + 1
         return found
