@@ -215,8 +215,9 @@ class RelayMetrics:
             ),
             publication_planned=Gauge(
                 name("first_publication_planned_documents"),
-                "Documents of each agency on the partner or being sent, in this replica's views: "
-                "the total of a first publication's progress, as status shows it.",
+                "Documents of each agency on the partner, being sent, or that manifests awaiting "
+                "approval would send, in this replica's partitions: the total of a first "
+                "publication's progress, as status shows it.",
                 ["agency"],
                 registry=registry,
             ),

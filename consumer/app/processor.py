@@ -48,7 +48,7 @@ from consumer.core.planning.manifests import plan_manifest_in_steps
 from consumer.core.planning.plan import Lane, Outcome, Plan, Upload, run_to_end
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
-from consumer.core.state import BuildingRecord, DocStatus, StateRecord
+from consumer.core.state import ON_PARTNER, BuildingRecord, DocKey, DocStatus, StateRecord
 from consumer.core.view import PublishedView
 from consumer.failures import Disposition, Scope, classify
 from consumer.kafka.deadletters import DeadLetterSink
@@ -231,6 +231,12 @@ class PartitionProcessor:
         # First publications that send history, waiting for an operator's approval; their
         # offsets stay uncommitted, so a restart reads them again (and holds them again).
         self._awaiting: dict[tuple[str, str], tuple[CompleteManifest, SourceRecord]] = {}
+        # What each of them would upload once approved: the planned total counts it from the
+        # first manifest on, so the progress's denominator does not grow with the approval.
+        self._awaiting_uploads: dict[tuple[str, str], tuple[DocKey, ...]] = {}
+        # Whether the manifest partition was read to its end at the last look (housekeeping's):
+        # what awaits approval is then known, not half read.
+        self.manifests_caught_up = False
         # Events counted per (kind, outcome) while a fetch is handled, added to the counter after
         # it: the hot path counts every record, the counter's lock once per fetch.
         self._uncounted: dict[tuple[str, str], int] = {}
@@ -263,6 +269,19 @@ class PartitionProcessor:
         found: dict[str, list[str]] = {}
         for agency, building in sorted(self._awaiting):
             found.setdefault(agency, []).append(building)
+        return found
+
+    def awaiting_uploads(self) -> dict[str, int]:
+        """Per agency, the documents the manifests awaiting approval would upload that are
+        neither on the partner nor being sent (those are counted as done or sending already)."""
+        found: dict[str, int] = {}
+        for (agency, _), keys in self._awaiting_uploads.items():
+            for key in keys:
+                brief = self.view.brief(key)  # every few seconds, for every document: the cheap one
+                if brief is None or (
+                    brief.status not in ON_PARTNER and brief.status is not DocStatus.UPLOADING
+                ):
+                    found[agency] = found.get(agency, 0) + 1
         return found
 
     def committable(self) -> dict[str, int]:
@@ -426,6 +445,7 @@ class PartitionProcessor:
         if action is AgencyAction.APPROVE:
             for place in [p for p in self._awaiting if p[0] == command.agency_id]:
                 manifest, held_source = self._awaiting.pop(place)
+                self._awaiting_uploads.pop(place, None)
                 await self.apply_manifest(manifest, held_source)
 
     def _refuse(self, command: OperatorCommand, refused: Refusal, now: dt.datetime) -> None:
@@ -733,7 +753,8 @@ class PartitionProcessor:
         )
         waiting = unapproved_modules(self.view, self._routing, manifest, plan)
         if waiting:
-            self._await_approval(manifest, source, waiting)
+            sends = tuple(op.key for op in plan.operations if isinstance(op, Upload))
+            self._await_approval(manifest, source, waiting, sends)
             return
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
@@ -773,29 +794,33 @@ class PartitionProcessor:
             )
 
     def _await_approval(
-        self, manifest: CompleteManifest, source: SourceRecord, modules: set[str]
+        self,
+        manifest: CompleteManifest,
+        source: SourceRecord,
+        modules: set[str],
+        uploads: tuple[DocKey, ...],
     ) -> None:
         """Keep the newest such manifest of the building; a superseded one is done."""
         place = (manifest.agency_id, manifest.building_id)
         kept = self._awaiting.get(place)
         if kept is not None and kept[0].taken_at > manifest.taken_at:
             manifest, source, kept = kept[0], kept[1], (manifest, source)
+        else:
+            self._awaiting_uploads[place] = uploads
         if kept is not None:
             for offset in kept[0].offsets:
                 self._trackers[self._manifest_topic].done(offset)
-        # Waiting is what the routing asked for, not a fault: one INFO line when the agency's
-        # first building of this partition starts waiting, its other buildings at DEBUG.
-        first = not any(agency == manifest.agency_id for agency, _ in self._awaiting)
         self._awaiting[place] = (manifest, source)
         self._metrics.events.labels(MANIFESTS, "awaiting_approval").inc()
-        log.log(
-            logging.INFO if first else logging.DEBUG,
-            "first publication awaits an operator's approval",
+        # Waiting is what the routing asked for, not a fault: the replica says it once per
+        # agency at INFO when what awaits is known (the relay's summary), each building at DEBUG.
+        log.debug(
+            "building's first publication awaits an operator's approval",
             extra={
                 "agency": manifest.agency_id,
-                **({} if first else {"building": manifest.building_id}),
+                "building": manifest.building_id,
                 "modules": sorted(modules),
-                "hint": f"chouette-relay plan --agency {manifest.agency_id}, then approve",
+                "uploads": len(uploads),
             },
         )
 
@@ -808,6 +833,7 @@ class PartitionProcessor:
         time read, so that a backlog older than the expiry does not expire snapshots whose last
         parts are only a few records further.
         """
+        self.manifests_caught_up = caught_up
         now = self._clock() if caught_up else self._manifest_time
         if now is None:
             return

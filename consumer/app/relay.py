@@ -129,6 +129,8 @@ class Relay:
         self._producer: AIOKafkaProducer | None = None
         self._operator: Operator | None = None
         self._restoring: dict[int, float] = {}
+        # Agencies whose waiting first publication this replica has said (once while it waits).
+        self._announced: set[str] = set()
         self._unreadable: dict[int, collections.deque[UnreadableRecord]] = {}
         self._guard = DeletionGuard(
             max_share=settings.guard.max_delete_share, min_count=settings.guard.min_deletes
@@ -314,6 +316,8 @@ class Relay:
                 scheduler=scheduler,
                 partner=partner,
                 not_before=newest + s.partner.timeout_s + s.partner.in_doubt_settle_s,
+                # Nothing of a paused first publication reaches the partner, not even a lookup.
+                deferred=view.backfill_paused_agencies(),
             )
         )
         try:
@@ -354,7 +358,8 @@ class Relay:
             find_copies=functools.partial(self._find_copies, scheduler, partner),
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
-        # intents above are only looked up, which sends nothing.)
+        # intents above are only looked up, which sends nothing, those of a paused first
+        # publication not even that.)
         self.sync_controls(view)
         retried = processor.retry_parked()
         if retried:
@@ -548,10 +553,20 @@ class Relay:
             scheduler.paused != paused or scheduler.backfill_paused != backfill_paused
         ):
             scheduler.set_paused(frozenset(paused), backfill_only=frozenset(backfill_paused))
-            log.info(
-                "paused agencies",
-                extra={"agencies": sorted(paused), "backfill_only": sorted(backfill_paused)},
-            )  # as asked
+            if paused or backfill_paused:
+                log.info(  # as asked; an empty list is left out
+                    "paused agencies",
+                    extra={
+                        name: sorted(agencies)
+                        for name, agencies in (
+                            ("agencies", paused),
+                            ("backfill_only", backfill_paused),
+                        )
+                        if agencies
+                    },
+                )
+            else:
+                log.info("no agency paused")
             for processor in self._ingest.processors.values() if self._ingest else ():
                 processor.resume()  # a resumed agency's queued work starts
         awaiting = self.awaiting_approval()
@@ -634,9 +649,14 @@ class Relay:
         for agency, count in held.items():
             m.held_deletions.labels(agency).set(count)
         views = [processor.view for processor in processors]
-        for agency, (done, planned) in _publication_progress(views, self.routing.agencies).items():
+        awaiting: collections.Counter[str] = collections.Counter()
+        for processor in processors:
+            awaiting.update(processor.awaiting_uploads())
+        progress = _publication_progress(views, self.routing.agencies, awaiting)
+        for agency, (done, planned) in progress.items():
             m.publication_done.labels(agency).set(done)
             m.publication_planned.labels(agency).set(planned)
+        self._announce_awaiting(awaiting)
         m.parked_documents.clear()
         for (agency, reason), count in parked.items():
             m.parked_documents.labels(agency, reason).set(count)
@@ -644,6 +664,32 @@ class Relay:
             snapshot = self._scheduler.snapshot()
             for lane, age in snapshot.oldest_pending_seconds.items():
                 m.oldest_pending.labels(lane.value).set(age or 0.0)
+
+    def _announce_awaiting(self, planned: Mapping[str, int]) -> None:
+        """One INFO line per agency whose first publication awaits approval, across the
+        partitions this replica owns, once they are restored and their manifests read to the
+        end (so that the line counts what waits, not what was read so far); again only after it
+        stopped waiting (approved) and waits anew."""
+        awaiting = self.awaiting_approval()
+        self._announced &= set(awaiting)
+        ingest = self._ingest
+        if ingest is None or not ingest.ready:
+            return
+        if not all(processor.manifests_caught_up for processor in ingest.processors.values()):
+            return
+        for agency, buildings in awaiting.items():
+            if agency in self._announced:
+                continue
+            self._announced.add(agency)
+            log.info(
+                "first publication awaits an operator's approval",
+                extra={
+                    "agency": agency,
+                    "buildings": len(buildings),
+                    "documents": planned.get(agency, 0),
+                    "hint": f"chouette-relay plan --agency {agency}, then approve",
+                },
+            )
 
     def _share_rates(self, owned: set[int], *, partitions: int) -> None:
         """Each agency's rate is the partner's for its key, across replicas: this replica sends
@@ -672,13 +718,15 @@ class Relay:
 
 
 def _publication_progress(
-    views: Iterable[PublishedView], agencies: Iterable[str]
+    views: Iterable[PublishedView], agencies: Iterable[str], awaiting: Mapping[str, int]
 ) -> dict[str, tuple[int, int]]:
-    """Status's progress of each agency in these views: documents on the partner, out of those
-    and the ones being sent (applying a manifest marks its uploads as being sent at once). Read
-    from the views, it holds across restarts and whenever the first publication began."""
+    """Status's progress of each agency in these views: documents on the partner, out of those,
+    the ones being sent (applying a manifest marks its uploads as being sent at once) and those
+    that manifests awaiting approval would send (``awaiting``), so the planned total is known
+    from the first manifest and does not grow with the approval. Read from the views and the
+    manifests read again, it holds across restarts and whenever the first publication began."""
     done = dict.fromkeys(agencies, 0)
-    sending = dict.fromkeys(agencies, 0)
+    sending = {agency: awaiting.get(agency, 0) for agency in done}
     for view in views:
         for agency, count in view.on_partner_by_agency().items():
             if agency in done:

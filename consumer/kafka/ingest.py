@@ -137,7 +137,10 @@ class Ingest(Generic[P]):
             self._starting[partition] = None
             self._spawn(partition)
         self._rebalancing = False
-        log.info("partitions assigned", extra={"partitions": sorted(partitions)})
+        if partitions:
+            log.info("partitions assigned", extra={"partitions": sorted(partitions)})
+        else:
+            log.info("no partition assigned: more replicas than input partitions")
 
     def _spawn(self, partition: int) -> None:
         """Start ``partition`` under the loop's task group; before the loop runs, it does."""

@@ -222,9 +222,20 @@ class Operator:
     async def held(self) -> list[dict[str, Any]]:
         """Every building whose manifest the mass-deletion guard holds, with what waits."""
         views = await self.views()
-        return held_entries(
+        entries = held_entries(
             (record for view in views for record in view.waiting()), by_snapshot=True
         )
+        # Since when it waits: the taken_at of the manifest held (its snapshot_id, the question).
+        taken_at: dict[str, str] = {}
+        for view in views:
+            for place in view.buildings():
+                building = view.building(place.agency_id, place.building_id)
+                if building is not None and building.held is not None:
+                    held = building.held
+                    taken_at[held.snapshot_id] = held.taken_at.isoformat()
+        for entry in entries:
+            entry["since"] = taken_at.get(entry["snapshot_id"])
+        return entries
 
     async def parked(self, agency_id: str | None = None) -> list[dict[str, Any]]:
         """Every parked document (of one agency, if given) with the reason it waits."""

@@ -4,7 +4,8 @@
 (stop and restart everything sent for one agency), ``approve`` (start a first publication whose
 plan an operator has read), ``parked``/``retry`` (documents waiting for a configuration fix) and
 ``dead-letters``/``replay``. Each runs ``consumer.ops.admin.Operator``, the same implementation as
-the admin HTTP endpoints, and prints JSON.
+the admin HTTP endpoints. Those that list or queue something print a readable form on a
+terminal and JSON with ``--json`` or when piped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import getpass
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,7 @@ def add_operator_commands(commands: Any) -> None:
         "held", help="list what waits for a decision on a held manifest (withdrawals, uploads)"
     )
     held.add_argument("--agency", help="only this agency")
+    held.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     for name, text in (
         ("release", "apply the held manifest of a building, as if applied when it arrived"),
         (
@@ -64,6 +67,9 @@ def add_operator_commands(commands: Any) -> None:
     )
     approve.add_argument("agency")
     approve.add_argument("--plan", required=True, help="the fingerprint the plan printed")
+    approve.add_argument(
+        "--json", action="store_true", help="what was queued, as JSON (also when piped)"
+    )
     parked = commands.add_parser("parked", help="list parked documents and why they wait")
     parked.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     parked.add_argument("--agency", help="only this agency")
@@ -104,6 +110,7 @@ def add_operator_commands(commands: Any) -> None:
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
     letters.add_argument("--agency", help="only records keyed to this agency")
+    letters.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     replay = commands.add_parser(
         "replay", help="re-publish dead letters to their source topic, once each"
     )
@@ -113,7 +120,7 @@ def add_operator_commands(commands: Any) -> None:
 
 
 async def run_operator_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Run one operator subcommand and print its result as JSON; 1 if a replay was refused.
+    """Run one operator subcommand and print its result; 1 if a replay was refused.
 
     An agency or building the routing file does not know raises ``UnknownTargetError`` (a
     ``ValueError``: the command line exits 2 with the closest known names), before anything is
@@ -200,8 +207,94 @@ def _render_parked(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_held(result: dict[str, Any]) -> str:
+    """Per building, what its held manifest keeps waiting and the two answers an operator has."""
+    held: list[dict[str, Any]] = result["held"]
+    if not held:
+        return "No held manifests: nothing waits for a decision."
+    blocks = []
+    for entry in held:
+        agency, building = entry["agency"], entry["building"]
+        withdrawals, uploads = entry["withdrawals"], entry["uploads"]
+        since = _moment(entry.get("since"))
+        blocks.append(
+            f"{agency} {building}: manifest {entry['snapshot_id']} held since {since}\n"
+            f"  waits     {entry['documents']} documents: {withdrawals} withdrawals, "
+            f"{uploads} uploads\n"
+            f"  release   chouette-relay release {agency} {building}   (apply it: withdraw "
+            f"{withdrawals}, keep {uploads} unpublished)\n"
+            f"  discard   chouette-relay discard {agency} {building}   (drop it: keep the "
+            f"{withdrawals} published, send the {uploads})"
+        )
+    withdrawals = sum(entry["withdrawals"] for entry in held)
+    uploads = sum(entry["uploads"] for entry in held)
+    blocks.append(
+        f"held manifests: {len(held)}; {withdrawals} withdrawals and {uploads} uploads wait"
+    )
+    return "\n\n".join(blocks)
+
+
+def _render_dead_letters(result: dict[str, Any], *, detail_width: int = 60) -> str:
+    """One line per dead letter (when, where from, why, replayed or not), then a count by
+    reason."""
+    letters: list[dict[str, Any]] = result["dead_letters"]
+    if not letters:
+        return "No dead letters."
+    lines = [
+        f"{'failed at':<20} {'id (topic/partition/offset)':<40} {'reason':<22} "
+        f"{'replayed':<20} detail"
+    ]
+    for letter in letters:
+        replayed = _moment(letter["replayed_at"]) if letter["replayed"] else "no"
+        detail = " ".join(str(letter["detail"]).split())
+        if len(detail) > detail_width:
+            detail = detail[: detail_width - 3] + "..."
+        lines.append(
+            f"{_moment(letter['failed_at']):<20} {letter['id']:<40} {letter['reason']:<22} "
+            f"{replayed:<20} {detail}"
+        )
+    reasons = Counter(letter["reason"] for letter in letters)
+    summary = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+    waiting = sum(not letter["replayed"] for letter in letters)
+    lines.append(
+        f"\ndead letters: {len(letters)} ({summary}), {waiting} not replayed; once the cause "
+        "is fixed: chouette-relay replay ID... or --reason REASON"
+    )
+    return "\n".join(lines)
+
+
+def _render_approve(result: dict[str, Any]) -> str:
+    """What the approve queued, in words."""
+    agency = result["agency"]
+    partitions = len(result["partitions"])
+    return (
+        f"Queued: the first publication of {agency} starts as plan {result['plan']} showed it. "
+        f"The replicas owning its {partitions} partitions each check their share of the plan "
+        f"again and refuse it if it changed; follow it with chouette-relay status --agency {agency}"
+    )
+
+
+def _moment(text: str | None) -> str:
+    """An ISO time as a person reads it, in UTC to the second."""
+    if not text:
+        return "unknown"
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC)
+    return f"{moment:%Y-%m-%d %H:%M:%S}"
+
+
 # The commands with a readable form on a terminal, and how each is shown.
-_READABLE: dict[str, Callable[[Any], str]] = {"audit": render_audit, "parked": _render_parked}
+_READABLE: dict[str, Callable[[Any], str]] = {
+    "approve": _render_approve,
+    "audit": render_audit,
+    "dead-letters": _render_dead_letters,
+    "held": _render_held,
+    "parked": _render_parked,
+}
 
 
 async def _status(operator: Operator, args: argparse.Namespace) -> int:

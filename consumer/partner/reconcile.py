@@ -6,6 +6,12 @@ up on the partner by its reference: found means published (with the sha256 the p
 absent means never uploaded (the intent is removed and the input, read again, uploads it once).
 A request the stopped relay had sent may still be carried out for a while: the lookups wait until
 the partner is surely done with it.
+
+An agency whose first publication an operator paused (``pause --backfill-only``) has nothing of
+its backfill reach the partner, lookups included, while its live documents flow: its intents are
+not looked up now but forgotten as unknown, as an unreadable state record is. The input, read
+again, plans each such upload anew; its first attempt looks the document up before sending,
+in the upload's own lane, so a backfill's waits for the resume and a live one's goes at once.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 
 from consumer.core.state import DocStatus, DocumentRecord, StateRecord, Tombstone
 from consumer.core.view import PublishedView
@@ -32,8 +39,13 @@ async def reconcile_partition(
     scheduler: Scheduler,
     partner: ChouetteCoproClient,
     not_before: float = 0.0,
+    deferred: Collection[str] = (),
 ) -> int:
     """Settle every intent of ``view`` with the partner; returns how many were settled.
+
+    The intents of the agencies in ``deferred`` (first publication paused) are forgotten as
+    unknown instead, in the view only (the state topic keeps them until the upload is done):
+    their next upload looks first.
 
     ``not_before`` (seconds since the epoch): an upload the stopped relay sent may still be
     carried out until then (its timeout, then ``PARTNER__IN_DOUBT_SETTLE_S``), and a lookup
@@ -42,12 +54,23 @@ async def reconcile_partition(
     intents = list(view.with_status(DocStatus.UPLOADING))
     if not intents:
         return 0
+    later = [intent for intent in intents if intent.key.agency_id in deferred]
     if (wait := not_before - time.time()) > 0:
         log.info(
             "waiting for uploads in doubt to settle",
             extra={"intents": len(intents), "seconds": round(wait, 1)},
         )
         await asyncio.sleep(wait)
+    if later:
+        for intent in later:
+            view.forget_unreadable(intent.key.encode())  # unknown: the next upload looks first
+        log.info(
+            "upload intents of paused first publications looked up when their upload goes",
+            extra={"intents": len(later), "agencies": sorted({i.key.agency_id for i in later})},
+        )
+        intents = [intent for intent in intents if intent.key.agency_id not in deferred]
+        if not intents:
+            return 0
 
     async def settle(intent: DocumentRecord) -> None:
         async def look_up() -> StateRecord:

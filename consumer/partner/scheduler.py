@@ -68,7 +68,7 @@ class Job:
     submitted_at: float
     failures: int = 0  # retriable failures in the current round
     queued: bool = True  # counted in its agency's queued count (waiting, not running)
-    gated: bool = True  # waits while its agency is paused (lookups that send nothing do not)
+    gated: bool = True  # waits while its agency is paused (live lookups that send nothing do not)
 
 
 @dataclass(eq=False, slots=True)
@@ -99,8 +99,8 @@ class Scheduler:
 
     It keeps the queued jobs of every agency per lane and rotates between agencies (live before
     backfill, which may use every worker but one; a job goes only when its agency's breaker
-    allows it, its token bucket has a token, and no operator paused its agency unless it sends
-    nothing), and runs the attempts.
+    allows it, its token bucket has a token, and no operator paused its agency unless it is a
+    live-lane job that sends nothing), and runs the attempts.
     """
 
     def __init__(
@@ -179,8 +179,9 @@ class Scheduler:
     ) -> asyncio.Future[T]:
         """Queue a job; cancelling the returned future before the job starts withdraws it.
 
-        ``gated=False`` is for a job that sends nothing (a lookup): it goes even while its agency
-        is paused, still within the agency's rate and breaker.
+        ``gated=False`` is for a job that sends nothing (a lookup): in the live lane it goes even
+        while its agency is paused, still within the agency's rate and breaker. Nothing of the
+        backfill lane goes while a pause covers it (either pause), lookups included.
         """
         if self._closed:
             raise RuntimeError("the scheduler is closed")
@@ -213,8 +214,8 @@ class Scheduler:
         self, agencies: frozenset[str], *, backfill_only: frozenset[str] = frozenset()
     ) -> None:
         """The agencies an operator paused: their jobs stay queued and none of them starts
-        (attempts already running finish) until the agency is no longer in the set. For the
-        agencies in ``backfill_only`` only the backfill lane waits."""
+        (attempts already running finish; live lookups go) until the agency is no longer in the
+        set. For the agencies in ``backfill_only`` only the backfill lane waits, whole."""
         self._paused = frozenset(agencies)
         self._backfill_paused = frozenset(backfill_only)
         self._wake()
@@ -417,9 +418,14 @@ class Scheduler:
                     del rotation[name]
                     continue
                 index: int | None = 0
-                if name in self._paused or (
-                    lane is Lane.BACKFILL and name in self._backfill_paused
+                if lane is Lane.BACKFILL and (
+                    name in self._paused or name in self._backfill_paused
                 ):
+                    # Nothing of a paused backfill reaches the partner, not even a lookup: the
+                    # lookups that go while an agency is paused (a restart's reconcile, a
+                    # repair's, an audit's) are live-lane jobs.
+                    index = None
+                elif name in self._paused:
                     index = _first_ungated(queue)
                 if index is None:
                     continue  # only paused work: resuming wakes the workers

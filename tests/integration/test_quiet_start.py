@@ -122,34 +122,51 @@ def _wait_for_text(process: subprocess.Popen[bytes], path: Path, text: str) -> N
 async def test_a_start_awaiting_approval_and_an_operator_command_are_said_once_at_info(
     relay_world: WorldFactory, tmp_path: Path
 ) -> None:
-    """Buildings waiting for approval are what the routing asked for: one INFO line for the
-    agency (per partition it has buildings on), not a warning per building; a command at INFO,
-    without ``building=None``; no rebalance line about no partitions."""
-    buildings = {f"bat-{n}": f"c-{n}" for n in range(12)}
+    """Buildings waiting for approval are what the routing asked for: one INFO line per agency
+    across every partition the replica owns, with what waits (buildings, documents), not a line
+    per building or per partition; a command at INFO, without ``building=None``; no line about
+    no partitions."""
+    waiting = {
+        "agence-a": {f"bat-{n}": f"c-{n}" for n in range(12)},
+        "agence-b": {f"imm-{n}": f"d-{n}" for n in range(5)},
+    }
     world = await relay_world(
-        agencies={"agence-a": AgencySpec(buildings=buildings, approval="operator")}
+        agencies={
+            agency: AgencySpec(buildings=buildings, approval="operator")
+            for agency, buildings in waiting.items()
+        },
+        partitions=4,
     )
+    # Read at the start, from the uncommitted input, as after a restart.
+    for agency, buildings in waiting.items():
+        for building in buildings:
+            documents = [world.document(), world.document()]
+            await world.publish(*world.manifest_parts(agency, building, documents))
     log_path = tmp_path / "relay.log"
     process = world.spawn_relay(log_path)
-    for building in buildings:
-        await world.publish(*world.manifest_parts("agence-a", building, [world.document()]))
-    pause = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.cli", "pause", "agence-a", env=world.environment()
-    )
-    assert await pause.wait() == 0
 
     def said(message: str) -> list[dict[str, Any]]:
         return [e for e in read_output(log_path)[0] if e["msg"] == message]
 
-    await world.wait_until(lambda: len(said("operator command")) == 3, what="the pause, applied")
+    def announced() -> bool:
+        return len(said("first publication awaits an operator's approval")) == len(waiting)
+
+    await world.wait_until(announced, timeout=60, what="the agencies' waiting, said")
+    pause = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer.cli", "pause", "agence-a", env=world.environment()
+    )
+    assert await pause.wait() == 0
+    await world.wait_until(lambda: len(said("operator command")) == 4, what="the pause, applied")
     assert await stop_with_ctrl_c(world, process) == 0
 
     entries, _ = read_output(log_path)
     assert [e for e in entries if e["level"] in ALARMING] == []
-    waiting = said("first publication awaits an operator's approval")
-    assert 1 <= len(waiting) <= 3 < len(buildings)  # at most one per partition
-    assert {(e["level"], e["agency"]) for e in waiting} == {("info", "agence-a")}
+    lines = said("first publication awaits an operator's approval")
+    assert sorted((e["level"], e["agency"], e["buildings"], e["documents"]) for e in lines) == [
+        ("info", "agence-a", 12, 24),
+        ("info", "agence-b", 5, 10),
+    ]
     commands = said("operator command")
     assert {e["level"] for e in commands} == {"info"}
     assert not any("building" in e for e in commands)
-    assert all(e["partitions"] for e in said("partitions revoked"))
+    assert not [e for e in entries if any(v == [] for v in e.values())]

@@ -660,3 +660,30 @@ async def test_a_backfill_only_pause_holds_the_backfill_lane_while_live_jobs_go(
         scheduler.set_paused(frozenset())
 
         assert sorted(await all_done(waiting)) == sorted(job.name for job in backfill)
+
+
+async def test_a_backfill_pause_holds_the_backfill_lane_s_lookups_too(
+    make_scheduler: MakeScheduler,
+) -> None:
+    """A lookup of the backfill lane goes neither under a backfill-only pause nor under a full
+    one; one of the live lane goes under either."""
+    scheduler = make_scheduler(concurrency=2)
+    scheduler.set_paused(frozenset({"b"}), backfill_only=frozenset({"a"}))
+    held = {agency: Job(f"backfill-lookup-{agency}") for agency in ("a", "b")}
+    live = {agency: Job(f"live-lookup-{agency}") for agency in ("a", "b")}
+    async with scheduler:
+        waiting = [
+            scheduler.submit(job, agency_id=agency, lane=Lane.BACKFILL, gated=False)
+            for agency, job in held.items()
+        ]
+        sent = [
+            scheduler.submit(job, agency_id=agency, lane=Lane.LIVE, gated=False)
+            for agency, job in live.items()
+        ]
+        assert sorted(await all_done(sent)) == ["live-lookup-a", "live-lookup-b"]
+        assert all(job.attempts == [] for job in held.values())
+        assert not any(future.done() for future in waiting)
+
+        scheduler.set_paused(frozenset())
+
+        assert sorted(await all_done(waiting)) == ["backfill-lookup-a", "backfill-lookup-b"]
