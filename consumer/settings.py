@@ -75,6 +75,14 @@ class KafkaSettings(_Group):
         "partition, before the partitions holding them pause (they resume under half): the "
         "replica's memory budget for queued work, about 1 kB each (200 MB by default).",
     )
+    max_pending_inline_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1_048_576,
+        description="Inline content (base64) of the uploads waiting in the whole replica, paused "
+        "agencies' included, before the partitions holding them pause (they resume under half): "
+        "a document's inline PDF may be up to KAFKA__MAX_VALUE_BYTES, which the per-operation "
+        "budget does not see.",
+    )
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     unavailable_timeout_s: float = Field(
         default=300.0,

@@ -256,6 +256,11 @@ class PartitionProcessor:
         return self._executor.pending_in(Lane.LIVE), self._executor.pending_in(Lane.BACKFILL)
 
     @property
+    def pending_inline_bytes(self) -> int:
+        """Inline content held by its queued uploads, paused agencies' included."""
+        return self._executor.inline_bytes
+
+    @property
     def held_operations(self) -> int:
         """Operations of paused agencies, waiting with their offsets uncommitted."""
         return self._executor.held

@@ -223,6 +223,7 @@ class Relay:
                 max_records=s.kafka.max_poll_records,
                 max_pending=(s.kafka.max_pending_live, s.kafka.max_pending_backfill),
                 max_pending_total=s.kafka.max_pending_total,
+                max_pending_inline_bytes=s.kafka.max_pending_inline_bytes,
                 watch=watch,
                 probe=consumer.topics,
                 on_unavailable=self._fail,
@@ -459,6 +460,7 @@ class Relay:
                     zip(("live", "backfill"), proc.pending_by_lane, strict=True)
                 ),
                 "held_operations": proc.held_operations,
+                "pending_inline_bytes": proc.pending_inline_bytes,
                 "reading_paused": ingest is not None and ingest.reading_paused(p),
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),

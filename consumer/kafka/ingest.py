@@ -39,6 +39,9 @@ class PartitionWork(Protocol):
     def pending_by_lane(self) -> tuple[int, int]: ...
 
     @property
+    def pending_inline_bytes(self) -> int: ...
+
+    @property
     def manifests_topic(self) -> str: ...
 
     def committable(self) -> dict[str, int]: ...
@@ -81,6 +84,7 @@ class Ingest(Generic[P]):
         on_unavailable: Callable[[BaseException], None],
         max_pending: tuple[int, int] = (20_000, 100_000),
         max_pending_total: int = 200_000,
+        max_pending_inline_bytes: int = 256 * 1024 * 1024,
         on_assignment: Callable[[set[int]], None] = lambda owned: None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -94,6 +98,7 @@ class Ingest(Generic[P]):
         self._max_records = max_records
         self._max_live, self._max_backfill = max_pending
         self._max_total = max_pending_total
+        self._max_inline = max_pending_inline_bytes
         self._watch = watch
         self._probe = probe
         self._on_unavailable = on_unavailable
@@ -108,7 +113,9 @@ class Ingest(Generic[P]):
         self._tasks: asyncio.TaskGroup | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._consuming = False
-        self._over_budget = False  # the replica's queued work reached max_pending_total
+        # The replica's queued work reached max_pending_total, or its inline content
+        # max_pending_inline_bytes.
+        self._over_budget = False
         # True until the group assigned partitions (possibly none), and again while it rebalances.
         self._rebalancing = True
         self._stopping = asyncio.Event()
@@ -307,7 +314,8 @@ class Ingest(Generic[P]):
 
     @property
     def over_budget(self) -> bool:
-        """Whether the replica's queued work reached ``max_pending_total`` (``/status``)."""
+        """Whether the replica's queued work reached ``max_pending_total`` or its queued inline
+        content ``max_pending_inline_bytes`` (``/status``)."""
         return self._over_budget
 
     def reading_paused(self, partition: int) -> bool:
@@ -322,17 +330,22 @@ class Ingest(Generic[P]):
 
         Over them, one budget for the replica: while the work of every partition together
         reaches ``max_pending_total``, the partitions that hold some are paused too (those with
-        none keep reading); they resume once the total is under half of it.
+        none keep reading); they resume once the total is under half of it. The inline content
+        of queued uploads has a budget of its own, ``max_pending_inline_bytes`` (a document's
+        PDF may come inline, up to a record's size): paused agencies' uploads count there, since
+        they hold their bytes as long as they wait.
         """
         pending = {p: processor.pending_by_lane for p, processor in self.processors.items()}
+        inline = {p: processor.pending_inline_bytes for p, processor in self.processors.items()}
         total = sum(live + backfill for live, backfill in pending.values())
-        if total >= self._max_total:
+        inline_total = sum(inline.values())
+        if total >= self._max_total or inline_total >= self._max_inline:
             self._over_budget = True
-        elif total < self._max_total // 2:
+        elif total < self._max_total // 2 and inline_total < self._max_inline // 2:
             self._over_budget = False
         for partition, (live, backfill) in pending.items():
             tps = [TopicPartition(topic, partition) for topic in self._topics]
-            holds_work = live + backfill > 0
+            holds_work = live + backfill > 0 or inline[partition] > 0
             if (
                 live >= self._max_live
                 or backfill >= self._max_backfill

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from msgspec import UNSET
+
 from consumer.core.events import Content
 from consumer.core.planning.plan import (
     Delete,
@@ -145,6 +147,7 @@ class OperationExecutor:
         # The uploads queued or running per document, and those a held manifest stopped (with
         # its snapshot id): a hold reaches work already queued or running, not work planned later.
         self._uploads: dict[DocKey, list[Upload]] = {}
+        self._inline_bytes = 0  # inline content of the uploads the window holds
         self._holding: dict[DocKey, tuple[list[Upload], str]] = {}
         self._window = Window(
             size=window,
@@ -173,6 +176,12 @@ class OperationExecutor:
         """Operations of paused agencies: queued items, waited for by nothing until resumed."""
         return self._window.pending(paused=True)
 
+    @property
+    def inline_bytes(self) -> int:
+        """Inline content (base64 text) held by the uploads queued or running, paused agencies'
+        included: the memory a backlog of large inline PDFs takes."""
+        return self._inline_bytes
+
     def submit(self, operations: Iterable[Operation], *, source: SourceRecord) -> Batch:
         """Queue ``operations`` (each behind earlier work on its document); ``Batch.future``
         completes once they all ended. The view shows their intended state at once, so the
@@ -181,6 +190,7 @@ class OperationExecutor:
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
+                self._inline_bytes += _inline_size(operation)
                 self._uploads.setdefault(operation.key, []).append(operation)
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
@@ -245,7 +255,10 @@ class OperationExecutor:
         self._holding.clear()
 
     def _count_finished(self, entry: Entry) -> None:
+        """The window ended ``entry`` (carried out, failed, or dropped): its backlog shrinks."""
         self._backlog[_backlog_label(entry)].dec()
+        if isinstance(entry, Upload):
+            self._inline_bytes -= _inline_size(entry)
 
     async def _run(
         self, entry: Entry, source: SourceRecord, given: bool, previous: object
@@ -628,6 +641,11 @@ class OperationExecutor:
             remote_id=base.remote_id,
             sha256=base.sha256,
         )
+
+
+def _inline_size(upload: Upload) -> int:
+    inline = upload.document.content.inline_base64
+    return 0 if inline is UNSET else len(inline)
 
 
 def _forget(uploads: dict[DocKey, list[Upload]], upload: Upload) -> None:
