@@ -451,6 +451,7 @@ class Relay:
                     zip(("live", "backfill"), proc.pending_by_lane, strict=True)
                 ),
                 "held_operations": proc.held_operations,
+                "late_copy_checks_owed": proc.late_copy_checks_owed,
                 "reading_paused": ingest is not None and ingest.reading_paused(p),
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),

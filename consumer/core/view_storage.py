@@ -102,6 +102,9 @@ class ViewStorage:
         # Documents whose newest state record could not be read: their state is unknown, so an
         # upload of one looks it up on the partner by reference first, as after a lost intent.
         self._unknown: set[DocKey] = set()
+        # Documents that owe late-copy checks (their records keep the JSON form): few, and only
+        # for minutes, so kept by key rather than found by a scan.
+        self._late_checks: dict[DocKey, None] = {}
 
     # -- changes ---------------------------------------------------------------------------------
     def apply(self, record: StateRecord) -> None:
@@ -249,6 +252,7 @@ class ViewStorage:
                 or data["schema_version"] != SCHEMA_VERSION
                 or data["document"] is not None
                 or data["parked_reason"] is not None
+                or data.get("late_copy_checks") is not None
             ):
                 return None
             status = COMPACT_STATUS_CODES[_STATUS_BY_VALUE[data["status"]]]
@@ -287,6 +291,8 @@ class ViewStorage:
         tracked = self._tracked.get(status)
         if tracked is not None:
             tracked[key] = None
+        if isinstance(stored, DocumentRecord) and stored.late_copy_checks is not None:
+            self._late_checks[key] = None
 
     def _remove(self, key: DocKey) -> None:
         if self._unknown:
@@ -308,6 +314,8 @@ class ViewStorage:
         tracked = self._tracked.get(status)
         if tracked is not None:
             tracked.pop(key, None)
+        if self._late_checks:
+            self._late_checks.pop(key, None)
 
     def _building_for(self, agency_id: str, building_id: str) -> PackedBuilding:
         place = (agency_id, building_id)
