@@ -99,8 +99,8 @@ class ViewStorage:
         self._counts = dict.fromkeys(DocStatus, 0)
         self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
         self._agencies: dict[str, AgencyRecord] = {}
-        # Documents whose newest state record could not be read: their state is unknown, so an
-        # upload of one looks it up on the partner by reference first, as after a lost intent.
+        # Documents whose newest state record could not be read, or whose create is in doubt:
+        # their state is unknown, so an upload of one looks it up on the partner first.
         self._unknown: set[DocKey] = set()
         # Documents that owe late-copy checks (their records keep the JSON form): few, and only
         # for minutes, so kept by key rather than found by a scan.
@@ -228,8 +228,15 @@ class ViewStorage:
                 building.record = None
                 self._drop_if_empty((named.agency_id, named.building_id), building)
 
+    def doubt(self, key: DocKey) -> None:
+        """The partner may hold ``key`` although no record says so (a create a stopped relay
+        sent, which a lookup did not find yet): it becomes unknown until a record of it is
+        applied, so that its next upload looks it up first."""
+        self._unknown.add(key)
+
     def is_unknown(self, key: DocKey) -> bool:
-        """Whether ``key``'s newest state record was unreadable (nothing readable came since)."""
+        """Whether ``key``'s newest state record was unreadable, or a create of it is in doubt
+        (``doubt``), and nothing readable came since."""
         return key in self._unknown
 
     def _restore_other(self, key: bytes | None, value: bytes | None) -> None:

@@ -102,3 +102,45 @@ async def test_a_create_carried_out_late_after_a_restart_leaves_one_copy(
     )
     assert duplicate == 1.0
     assert await world.dead_letters() == []
+
+
+async def test_a_create_a_killed_relay_sent_carried_out_after_the_restart_leaves_one_copy(
+    relay_world: WorldFactory, tmp_path: Path
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    # The relay is killed as soon as the create is sent; its successor's lookup (once the
+    # create's timeout and the settle time have passed) finds nothing and sends the document,
+    # and only then does the partner carry out the first create.
+    world.sandbox.script("POST", Scripted(Answer.LATE, delay_s=16.0))
+    partner = PartnerSettings(
+        **{
+            **world.settings().partner.model_dump(),
+            "timeout_s": 2.0,
+            "in_doubt_settle_s": 1.0,
+            "late_copy_checks_s": (2.0, 4.0, 10.0, 20.0),
+        }
+    )
+    process = world.spawn_relay(tmp_path / "relay.log", partner=partner)
+    document = world.document(title="Contrat d'assurance")
+
+    await world.publish(world.document_created(AGENCY, "bat-1", document))
+    await world.wait_until(lambda: world.sandbox.in_flight == 1, what="the create sent")
+    world.kill(process)
+
+    relay = await world.start_relay(partner=partner)
+    await world.wait_until(
+        lambda: len(copies(world, document)) == 1 and world.sandbox.in_flight == 1,
+        timeout=60,
+        what="the document sent by the successor, the first create still in flight",
+    )
+    (sent,) = copies(world, document)
+    await world.wait_until(lambda: world.sandbox.in_flight == 0, timeout=60, what="the late create")
+
+    async def one_copy_left() -> bool:
+        found = await metric(relay, "chouette_relay_late_copy_checks_total", outcome="found")
+        return found == 1.0 and len(copies(world, document)) == 1
+
+    await world.wait_until(one_copy_left, timeout=60, what="the late copy withdrawn")
+    assert copies(world, document) == [sent]
+    assert world.sandbox.create_count(document["id"]) == 2
+    assert await world.dead_letters() == []

@@ -275,3 +275,11 @@ async def test_a_restored_view_owing_checks_makes_them_and_withdraws_the_late_co
         {"lane": "live", "operation": "delete", "outcome": "duplicate"},
     )
     assert duplicate == 1.0
+
+
+def test_a_document_whose_create_is_in_doubt_is_unknown_until_a_record_of_it_is_applied() -> None:
+    view = PublishedView()
+    view.doubt(KEY)
+    assert view.is_unknown(KEY)  # its next upload looks it up first
+    view.apply(published(status=DocStatus.UPLOADING, remote_id=None))
+    assert not view.is_unknown(KEY)
