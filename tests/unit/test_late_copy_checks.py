@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from consumer.core.events import Module
+from consumer.core.events import Content, Document, Module
+from consumer.core.planning.plan import Lane, Upload
+from consumer.core.records import SourceRecord
 from consumer.core.state import (
     DocKey,
     DocStatus,
@@ -35,6 +38,7 @@ from consumer.core.state_compact import COMPACT_FORM
 from consumer.core.view import PublishedView
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
+from consumer.partner import executor as executor_module
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.content import ContentStage
@@ -202,20 +206,28 @@ class Partner:
         self.late_after = late_after
         self.lookups = 0
         self.withdrawn: list[str] = []
-        self.done = asyncio.Event()
+        self.calls: list[str] = []
 
     async def find_all_by_reference(
         self, *, agency_id: str, condominium_id: str, reference: str
     ) -> list[RemoteDocument]:
         assert (agency_id, condominium_id, reference) == ("agence-a", "c-1", KEY.document_id)
         self.lookups += 1
+        self.calls.append("lookup")
         if self.lookups == self.late_after:
             self.copies.insert(0, RemoteDocument("doc-1", KEY.document_id, published().sha256))
         return list(self.copies)
 
     async def delete(self, *, agency_id: str, remote_id: str) -> None:
         self.withdrawn.append(remote_id)
+        self.calls.append(f"delete {remote_id}")
         self.copies = [c for c in self.copies if c.remote_id != remote_id]
+
+    async def update(
+        self, *, agency_id: str, remote_id: str, document: Document, content: bytes
+    ) -> RemoteDocument:
+        self.calls.append(f"update {remote_id}")
+        return RemoteDocument(remote_id, document.id, document.content.sha256)
 
     def redact(self, text: str) -> str:
         return text
@@ -283,3 +295,87 @@ def test_a_document_whose_create_is_in_doubt_is_unknown_until_a_record_of_it_is_
     assert view.is_unknown(KEY)  # its next upload looks it up first
     view.apply(published(status=DocStatus.UPLOADING, remote_id=None))
     assert not view.is_unknown(KEY)
+
+
+async def test_a_check_due_while_its_document_has_work_waits_for_it_and_survives_its_record(
+    scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "CHECK_BUSY_DELAY_S", 0.01)
+    view = PublishedView()
+    view.apply(published(late_copy_checks=LateCopyChecks(SENT_AGAIN, 1)))
+    released = asyncio.Event()
+
+    async def fetch(_: Content) -> bytes:
+        await released.wait()  # the new version's upload stays in the window meanwhile
+        return b"v2"
+
+    partner, writer = Partner(late_after=1), Changelog()
+    executor = OperationExecutor(
+        view=view,
+        writer=writer,
+        scheduler=scheduler,
+        partner=cast(ChouetteCoproClient, partner),
+        content=ContentStage(fetch=fetch, per_agency=1),
+        dead_letters=cast(DeadLetterSink, None),
+        metrics=RelayMetrics.create(CollectorRegistry(), version="test"),
+        late_copy_checks=(60.0,),
+        clock=lambda: SENT_AGAIN + dt.timedelta(hours=1),  # due at once
+    )
+    assert executor.schedule_late_copy_checks() == 1  # due at the loop's next turn
+    new_version = _upload(b"v2", remote_id="doc-2")
+    batch = executor.submit([new_version], source=SourceRecord("docs", 0, 7, 0, None, None, ()))
+    for _ in range(20):
+        await asyncio.sleep(0)  # the check's timer fires, and finds the upload queued
+    released.set()
+    await batch.future
+    deadline = asyncio.get_running_loop().time() + 10
+    while executor.late_copy_checks_owed or executor.pending:
+        assert asyncio.get_running_loop().time() < deadline, "the check was not made"
+        await asyncio.sleep(0.01)
+
+    assert partner.calls == ["update doc-2", "lookup", "delete doc-1"]
+    sha = hashlib.sha256(b"v2").hexdigest()
+    documents = [r for r in writer.records if isinstance(r, DocumentRecord)]
+    # The upload's outcome still owes the check (a crash then would not lose it); the check's
+    # own record owes nothing more, and the view holds the new version.
+    assert [(r.status, r.sha256, r.late_copy_checks) for r in documents][-2:] == [
+        (DocStatus.PUBLISHED, sha, LateCopyChecks(SENT_AGAIN, 1)),
+        (DocStatus.PUBLISHED, sha, None),
+    ]
+    current = view.document(KEY)
+    assert current is not None
+    assert (current.status, current.remote_id, current.sha256) == (
+        DocStatus.PUBLISHED,
+        "doc-2",
+        sha,
+    )
+    assert current.late_copy_checks is None
+
+
+def _upload(data: bytes, *, remote_id: str) -> Upload:
+    document = msgspec.convert(
+        {
+            "id": KEY.document_id,
+            "module": "ag",
+            "category": "PV",
+            "title": "PV AG",
+            "document_date": "2026-03-01",
+            "audience": "building",
+            "content": {
+                "media_type": "application/pdf",
+                "size_bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "url": "https://lsc.example/d.pdf",
+            },
+        },
+        type=Document,
+    )
+    return Upload(
+        KEY,
+        document,
+        "c-1",
+        Lane.LIVE,
+        dt.datetime(2026, 3, 4, tzinfo=dt.UTC),
+        remote_id=remote_id,
+        previous=published(),
+    )
