@@ -38,6 +38,7 @@ class RelayMetrics:
     partner_latency: Histogram
     partner_retries: Counter
     document_retries: Counter
+    late_copy_checks: Counter
     unexpected_errors: Counter
     circuit_open: Gauge
     held_deletions: Gauge
@@ -140,6 +141,13 @@ class RelayMetrics:
                 "Documents waiting on their own after a failure that is not the partner's "
                 "(the document store unavailable), by reason.",
                 ["reason"],
+                registry=registry,
+            ),
+            late_copy_checks=Counter(
+                name("late_copy_checks"),
+                "Lookups of a document sent again after an in-doubt create, made to find a copy "
+                "the partner created late: found (a second copy withdrawn), clean, failed.",
+                ["outcome"],
                 registry=registry,
             ),
             unexpected_errors=Counter(
@@ -312,6 +320,8 @@ class RelayMetrics:
         for outcome in (Refusal.PLAN_CHANGED, Refusal.PLAN_UNCHECKED):
             metrics.commands.labels(AgencyAction.APPROVE.value, outcome)
         metrics.commands.labels("unreadable", "dead_lettered")
+        for outcome in ("found", "clean", "failed"):
+            metrics.late_copy_checks.labels(outcome)
         for scope in ("document", "record"):
             metrics.unexpected_errors.labels(scope)
         # A relay that never commits is stalled from its start, not since 1970.

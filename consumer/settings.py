@@ -9,6 +9,7 @@ the variable and what to fix.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -180,6 +181,14 @@ class PartnerSettings(_Group):
         "gateway's 502 or 504), how long ChouetteCopro may still carry it out: the document is "
         "looked up by reference, and sent again, only after that.",
     )
+    late_copy_checks_s: tuple[float, ...] = Field(
+        default=(60.0, 120.0, 240.0, 600.0),
+        max_length=16,
+        description="When a document was sent again because a lookup after an in-doubt create "
+        "found nothing, the times (seconds after it was sent again, increasing) at which it is "
+        "looked up again, and any second copy the partner made of the first create withdrawn; "
+        "a copy made later than the last is left for an audit. Empty: never looked up again.",
+    )
     concurrency: int = Field(default=8, ge=1, le=256)
     window_per_partition: int = Field(
         default=64,
@@ -199,6 +208,17 @@ class PartnerSettings(_Group):
     ca_file: Path | None = Field(
         default=None, description="PEM CA bundle trusted for ChouetteCopro, besides the system's."
     )
+
+    @field_validator("late_copy_checks_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < seconds <= 86_400 for seconds in value):
+            raise ValueError("each time must be above 0 and at most 86400 seconds (a day)")
+        if any(later <= earlier for earlier, later in itertools.pairwise(value)):
+            raise ValueError(
+                f"the times must increase, e.g. [60, 120, 240, 600]; got {list(value)}"
+            )
+        return value
 
     @field_validator("base_url")
     @classmethod

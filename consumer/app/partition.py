@@ -59,7 +59,11 @@ def partition_processor(
             cap_seconds=max(s.content.unavailable_backoff_s, 300.0),
         ),
         window=s.partner.window_per_partition,
+        late_copy_checks=s.partner.late_copy_checks_s,
+        on_failure=on_failure,
     )
+    # Due only once this returns: the caller learns the paused agencies before any runs.
+    executor.schedule_late_copy_checks()
     return PartitionProcessor(
         partition=partition,
         topics=topics,

@@ -261,6 +261,11 @@ class PartitionProcessor:
         return self._executor.inline_bytes
 
     @property
+    def late_copy_checks_owed(self) -> int:
+        """Documents sent again after an in-doubt create that will be looked up again."""
+        return self._executor.late_copy_checks_owed
+
+    @property
     def held_operations(self) -> int:
         """Operations of paused agencies, waiting with their offsets uncommitted."""
         return self._executor.held

@@ -461,6 +461,7 @@ class Relay:
                 ),
                 "held_operations": proc.held_operations,
                 "pending_inline_bytes": proc.pending_inline_bytes,
+                "late_copy_checks_owed": proc.late_copy_checks_owed,
                 "reading_paused": ingest is not None and ingest.reading_paused(p),
                 "committable": proc.committable(),
                 "paused": sorted(proc.view.paused_agencies()),

@@ -10,7 +10,7 @@ drift.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -152,6 +152,36 @@ class HeldManifest:
 
 
 @dataclass(frozen=True, slots=True)
+class LateCopyChecks:
+    """The lookups still owed to a document that was sent again after an in-doubt create.
+
+    A create that got no answer may be carried out by the partner later than the relay waited
+    (``PARTNER__IN_DOUBT_SETTLE_S``); a lookup found nothing then, and the document was sent
+    again at ``since``. The relay looks it up by reference again at each offset of its schedule
+    (``PARTNER__LATE_COPY_CHECKS_S``, seconds after ``since``) and withdraws any second copy;
+    ``left`` is how many of those lookups have not been made yet.
+    """
+
+    since: dt.datetime
+    left: int
+
+    def due_at(self, schedule: Sequence[float]) -> dt.datetime | None:
+        """When the next lookup is due under ``schedule``; None when none is left.
+
+        The lookups left are the last ``left`` of the schedule: a schedule shortened since the
+        record was written owes at most all of its own, one lengthened the ones at its end.
+        """
+        if self.left < 1 or not schedule:
+            return None
+        index = max(0, len(schedule) - self.left)
+        return self.since + dt.timedelta(seconds=schedule[index])
+
+    def after_one(self) -> LateCopyChecks | None:
+        """What is owed once the next lookup was made; None when it was the last."""
+        return LateCopyChecks(self.since, self.left - 1) if self.left > 1 else None
+
+
+@dataclass(frozen=True, slots=True)
 class DocumentRecord:
     """What the relay knows about one document.
 
@@ -159,7 +189,9 @@ class DocumentRecord:
     manifest that listed it. ``document`` is kept for parked and ``upload_held`` records only, so
     that they can be sent once an operator fixes the configuration or discards the held
     manifest; everything else is redone from the input, which is read again from the last
-    committed offset.
+    committed offset. ``late_copy_checks``: the lookups still owed after the document was sent
+    again following an in-doubt create (rare, and only for minutes: such records keep the JSON
+    form).
     """
 
     key: DocKey
@@ -174,6 +206,7 @@ class DocumentRecord:
     held_by: str | None = None
     parked_reason: str | None = None
     document: Document | None = None
+    late_copy_checks: LateCopyChecks | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from consumer.core.state import (
     DocumentRecord,
     HeldManifest,
     HoldDecision,
+    LateCopyChecks,
     StateDecodeError,
     StateRecord,
     Tombstone,
@@ -91,6 +92,11 @@ def encode_state(record: StateRecord) -> tuple[bytes, bytes | None]:
         "parked_reason": record.parked_reason,
         "document": None if record.document is None else as_json(record.document),
     }
+    if record.late_copy_checks is not None:  # absent otherwise, as in records written before
+        value["late_copy_checks"] = {
+            "since": _timestamp(record.late_copy_checks.since),
+            "left": record.late_copy_checks.left,
+        }
     return record.key.encode(), orjson.dumps(value)
 
 
@@ -119,6 +125,18 @@ def _held_manifest(value: object) -> HeldManifest | None:
         modules=frozenset(Module(module) for module in value["modules"]),
         decision=None if decision is None else HoldDecision(decision),
     )
+
+
+def _late_copy_checks(value: object) -> LateCopyChecks | None:
+    """A document record's late-copy checks; records written before they were kept have none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("late_copy_checks is not an object")
+    left = value["left"]
+    if not isinstance(left, int) or isinstance(left, bool) or left < 1:
+        raise ValueError("late_copy_checks.left is not a positive integer")
+    return LateCopyChecks(since=_parse_timestamp(value["since"]), left=left)
 
 
 def decode_state(key: bytes, value: bytes | None) -> StateRecord:
@@ -209,6 +227,7 @@ def _decode_value(key: DocKey | BuildingKey | AgencyKey, data: dict[str, Any]) -
             held_by=_string(data, "held_by"),
             parked_reason=_string(data, "parked_reason"),
             document=None if document is None else read_document(orjson.dumps(document)),
+            late_copy_checks=_late_copy_checks(data.get("late_copy_checks")),
         )
     raise ValueError(f"kind {kind!r} does not fit a {type(key).__name__}")
 

@@ -2,7 +2,8 @@
 
 Document records without a full document are written this way (about 70 bytes: raw sha256,
 times as integers, codes, then the ids), and the published view stores the very same bytes, so
-that restoring a record is checking it and keeping it. Parked records keep the JSON form.
+that restoring a record is checking it and keeping it. Parked records, and the few that owe
+late-copy checks, keep the JSON form.
 """
 
 from __future__ import annotations
@@ -103,7 +104,12 @@ def compact_document(record: DocumentRecord) -> bytes | None:
 
 def _pack(record: DocumentRecord) -> bytes | None:
     status = COMPACT_STATUS_CODES.get(record.status)
-    if status is None or record.document is not None or record.parked_reason is not None:
+    if (
+        status is None
+        or record.document is not None
+        or record.parked_reason is not None
+        or record.late_copy_checks is not None
+    ):
         return None
     return pack_compact(
         record.sha256,

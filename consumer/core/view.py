@@ -141,6 +141,14 @@ class PublishedView(ViewStorage):
                 if record.status is status:
                     yield record
 
+    def late_copy_checks(self) -> Iterator[DocumentRecord]:
+        """Documents that owe late-copy checks (``DocumentRecord.late_copy_checks``): what a
+        restarted relay schedules again."""
+        for key in list(self._late_checks):
+            record = self.document(key)
+            if record is not None:
+                yield record
+
     def parked(self) -> Iterator[DocumentRecord]:
         return self.with_status(DocStatus.PARKED)
 

@@ -99,9 +99,12 @@ class ViewStorage:
         self._counts = dict.fromkeys(DocStatus, 0)
         self._tracked: dict[DocStatus, dict[DocKey, None]] = {s: {} for s in _TRACKED}
         self._agencies: dict[str, AgencyRecord] = {}
-        # Documents whose newest state record could not be read: their state is unknown, so an
-        # upload of one looks it up on the partner by reference first, as after a lost intent.
+        # Documents whose newest state record could not be read, or whose create is in doubt:
+        # their state is unknown, so an upload of one looks it up on the partner first.
         self._unknown: set[DocKey] = set()
+        # Documents that owe late-copy checks (their records keep the JSON form): few, and only
+        # for minutes, so kept by key rather than found by a scan.
+        self._late_checks: dict[DocKey, None] = {}
 
     # -- changes ---------------------------------------------------------------------------------
     def apply(self, record: StateRecord) -> None:
@@ -225,8 +228,15 @@ class ViewStorage:
                 building.record = None
                 self._drop_if_empty((named.agency_id, named.building_id), building)
 
+    def doubt(self, key: DocKey) -> None:
+        """The partner may hold ``key`` although no record says so (a create a stopped relay
+        sent, which a lookup did not find yet): it becomes unknown until a record of it is
+        applied, so that its next upload looks it up first."""
+        self._unknown.add(key)
+
     def is_unknown(self, key: DocKey) -> bool:
-        """Whether ``key``'s newest state record was unreadable (nothing readable came since)."""
+        """Whether ``key``'s newest state record was unreadable, or a create of it is in doubt
+        (``doubt``), and nothing readable came since."""
         return key in self._unknown
 
     def _restore_other(self, key: bytes | None, value: bytes | None) -> None:
@@ -249,6 +259,7 @@ class ViewStorage:
                 or data["schema_version"] != SCHEMA_VERSION
                 or data["document"] is not None
                 or data["parked_reason"] is not None
+                or data.get("late_copy_checks") is not None
             ):
                 return None
             status = COMPACT_STATUS_CODES[_STATUS_BY_VALUE[data["status"]]]
@@ -287,6 +298,8 @@ class ViewStorage:
         tracked = self._tracked.get(status)
         if tracked is not None:
             tracked[key] = None
+        if isinstance(stored, DocumentRecord) and stored.late_copy_checks is not None:
+            self._late_checks[key] = None
 
     def _remove(self, key: DocKey) -> None:
         if self._unknown:
@@ -308,6 +321,8 @@ class ViewStorage:
         tracked = self._tracked.get(status)
         if tracked is not None:
             tracked.pop(key, None)
+        if self._late_checks:
+            self._late_checks.pop(key, None)
 
     def _building_for(self, agency_id: str, building_id: str) -> PackedBuilding:
         place = (agency_id, building_id)

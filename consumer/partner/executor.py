@@ -6,10 +6,13 @@ chains per partition (``window.py``), the rest waiting as the plan's items. An u
 is fetched and held (``ContentStage``) before its job takes a partner slot, so a slow store delays
 only its own agency's documents. An upload writes its intent to the changelog before calling the
 partner, and when a call's outcome is unknown (a retry after a timeout, or an intent found after
-a restart) the document is looked up by its reference before anything is uploaded again. Its
-failure paths are here too, in one class: a document's own retries, parking, dead-lettering. The
-protocols of what it is given (``RecordWriter``, ``ContentSource``, ``DeadLetters``) are declared
-here, and the composition root passes the real objects.
+a restart) the document is looked up by its reference before anything is uploaded again. A
+document sent again because that lookup found nothing owes late-copy checks: the partner may
+still carry the first create out, so the document is looked up again on a schedule that its state
+record keeps across restarts, and a second copy is withdrawn. Its failure paths are here too, in
+one class: a document's own retries, parking, dead-lettering. The protocols of what it is given
+(``RecordWriter``, ``ContentSource``, ``DeadLetters``) are declared here, and the composition
+root passes the real objects.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -40,7 +44,14 @@ from consumer.core.planning.plan import (
     published_record,
 )
 from consumer.core.records import SourceRecord
-from consumer.core.state import DocKey, DocStatus, DocumentRecord, StateRecord, Tombstone
+from consumer.core.state import (
+    DocKey,
+    DocStatus,
+    DocumentRecord,
+    LateCopyChecks,
+    StateRecord,
+    Tombstone,
+)
 from consumer.core.view import PublishedView
 from consumer.errors import ContentError, PartnerRejectedError
 from consumer.failures import Disposition, Scope, Verdict, classify
@@ -48,7 +59,7 @@ from consumer.metrics import RelayMetrics
 from consumer.partner.answers import RemoteDocument
 from consumer.partner.client import ChouetteCoproClient
 from consumer.partner.scheduler import RetryPolicy, Scheduler
-from consumer.partner.window import Batch, Entry, Window, Withdrawal, entry_lane, entry_operation
+from consumer.partner.window import Batch, CopyCheck, Entry, Window, Withdrawal, entry_lane
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,21 @@ then is parked; the agency's other documents flow meanwhile."""
 
 DEFAULT_WINDOW = 64
 """Chains running at once per partition: room for every scheduler worker, a small bound."""
+
+CHECK_BUSY_DELAY_S = 5.0
+"""A late-copy check due while work on its document is queued or running waits this long again:
+it never runs beside that work (nor in its chain, whose records it would overtake)."""
+
+_CHECK_SOURCE = SourceRecord(
+    topic="relay:late-copy-check",
+    partition=-1,
+    offset=-1,
+    timestamp_ms=-1,
+    key=None,
+    value=None,
+    headers=(),
+)
+"""The source of a late-copy check's batch: work the relay started itself, no input record."""
 
 
 @dataclass(slots=True)
@@ -103,6 +129,15 @@ class _Failed:
     error: Exception
 
 
+@dataclass(slots=True)
+class _Owed:
+    """The late-copy checks a document owes in this process, and the timer of the next one."""
+
+    checks: LateCopyChecks
+    condominium_id: str
+    timer: asyncio.TimerHandle | None
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteState:
     """What the partner holds for one document, as far as the relay knows."""
@@ -133,7 +168,14 @@ class OperationExecutor:
         document_retry: RetryPolicy = DOCUMENT_RETRY,
         window: int = DEFAULT_WINDOW,
         rng: random.Random | None = None,
+        late_copy_checks: Sequence[float] = (),
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``late_copy_checks``: seconds after a document was sent again following an in-doubt
+        create at which it is looked up again (``PARTNER__LATE_COPY_CHECKS_S``); empty, never.
+        ``on_failure``: the relay's failure path, for what stops the relay in work the executor
+        starts itself (a late-copy check), which no input record's batch carries."""
         self._view = view
         self._writer = writer
         self._scheduler = scheduler
@@ -144,6 +186,10 @@ class OperationExecutor:
         self._retry = document_retry
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._look_first: set[DocKey] = set()
+        self._late_schedule = tuple(late_copy_checks)
+        self._clock = clock
+        self._on_failure = on_failure
+        self._owed: dict[DocKey, _Owed] = {}
         # The uploads queued or running per document, and those a held manifest stopped (with
         # its snapshot id): a hold reaches work already queued or running, not work planned later.
         self._uploads: dict[DocKey, list[Upload]] = {}
@@ -170,6 +216,11 @@ class OperationExecutor:
     def pending_in(self, lane: Lane) -> int:
         """Those of one lane: what back-pressure counts, each lane against its own bound."""
         return self._window.pending(paused=False, lane=lane)
+
+    @property
+    def late_copy_checks_owed(self) -> int:
+        """Documents that owe late-copy checks (what ``/status`` shows)."""
+        return len(self._owed)
 
     @property
     def held(self) -> int:
@@ -249,21 +300,41 @@ class OperationExecutor:
         """The paused agencies changed: start what may run now."""
         self._window.pump()
 
+    def schedule_late_copy_checks(self) -> int:
+        """Schedule the late-copy checks the (restored) view owes; returns how many documents.
+
+        Checks whose time passed while no relay ran are due at once.
+        """
+        scheduled = 0
+        for record in self._view.late_copy_checks():
+            if record.late_copy_checks is not None and record.condominium_id is not None:
+                self._owe(record.key, record.late_copy_checks, record.condominium_id)
+                scheduled += 1
+        return scheduled
+
     async def cancel_all(self) -> None:
+        for owed in self._owed.values():
+            if owed.timer is not None:
+                owed.timer.cancel()
+        self._owed.clear()
         await self._window.cancel_all()
         self._uploads.clear()
         self._holding.clear()
 
     def _count_finished(self, entry: Entry) -> None:
         """The window ended ``entry`` (carried out, failed, or dropped): its backlog shrinks."""
-        self._backlog[_backlog_label(entry)].dec()
+        if not isinstance(entry, CopyCheck):
+            self._backlog[_backlog_label(entry)].dec()
         if isinstance(entry, Upload):
             self._inline_bytes -= _inline_size(entry)
 
     async def _run(
         self, entry: Entry, source: SourceRecord, given: bool, previous: object
     ) -> object:
-        operation = entry_operation(entry)
+        if isinstance(entry, CopyCheck):
+            await self._run_check(entry)
+            return None
+        operation = entry.delete if isinstance(entry, Withdrawal) else entry
         if given:
             base = previous if isinstance(previous, RemoteState) else None
         elif operation.remote_id is not None:
@@ -317,7 +388,8 @@ class OperationExecutor:
         held_by = self._held_by(upload)
         if result is None or held_by is not None:
             return await self._record_held(upload, base, result, held_by or "")
-        self._settle(upload.key, published_record(upload, result.remote_id, result.sha256))
+        record = self._owing(published_record(upload, result.remote_id, result.sha256))
+        self._settle(upload.key, record)
         self._metrics.operations.labels(lane, "upload", "done").inc()
         if upload.lane is Lane.BACKFILL:
             self._metrics.first_publication_done.labels(upload.key.agency_id).inc()
@@ -349,7 +421,9 @@ class OperationExecutor:
             record = held_upload_record(upload, held_by, remote_id)
             outcome = "held"
         else:
-            record = held_published_record(upload, sent.remote_id, sent.sha256, held_by)
+            record = self._owing(
+                held_published_record(upload, sent.remote_id, sent.sha256, held_by)
+            )
             outcome = "done"
         await self._writer.write(record)
         self._settle(upload.key, record)
@@ -366,6 +440,7 @@ class OperationExecutor:
         sha = upload.document.content.sha256
         current = None if tried.gone else base
         looked_up = tried.reached_partner and current is None
+        found = None
         if looked_up:
             # The last attempt may have reached the partner before failing (a create, also one
             # in place of a document deleted by hand): look before acting, or it is created
@@ -375,7 +450,9 @@ class OperationExecutor:
             if found is not None:
                 current = RemoteState(found.remote_id, found.sha256 or "")
                 if found.sha256 == sha:
-                    await self._writer.write(published_record(upload, found.remote_id, sha))
+                    await self._writer.write(
+                        self._owing(published_record(upload, found.remote_id, sha))
+                    )
                     return current
         intent = intent_record(upload)
         if current is not None:
@@ -385,7 +462,12 @@ class OperationExecutor:
             await self._scheduler.take_token(upload.key.agency_id)
         tried.reached_partner = True
         remote = await self._send(upload, current, body, tried)
-        await self._writer.write(published_record(upload, remote.remote_id, sha))
+        if looked_up and found is None and self._late_schedule:
+            # Sent again as the lookup found nothing: the create in doubt may still be carried
+            # out later than the partner was given, and leave a second copy.
+            checks = LateCopyChecks(self._clock(), len(self._late_schedule))
+            self._owe(upload.key, checks, upload.condominium_id)
+        await self._writer.write(self._owing(published_record(upload, remote.remote_id, sha)))
         return RemoteState(remote.remote_id, sha)
 
     async def _send(
@@ -477,6 +559,124 @@ class OperationExecutor:
                 },
             )
         return keep
+
+    def _owing(self, record: DocumentRecord) -> DocumentRecord:
+        """``record`` with the late-copy checks its document owes, so that they survive it."""
+        owed = self._owed.get(record.key)
+        if owed is None:
+            return record
+        return dataclasses.replace(record, late_copy_checks=owed.checks)
+
+    def _owe(self, key: DocKey, checks: LateCopyChecks, condominium_id: str) -> None:
+        """Set the timer of ``key``'s next late-copy check (none when none is left)."""
+        earlier = self._owed.pop(key, None)
+        if earlier is not None and earlier.timer is not None:
+            earlier.timer.cancel()
+        due = checks.due_at(self._late_schedule)
+        if due is None:
+            return
+        delay = max(0.0, (due - self._clock()).total_seconds())
+        timer = asyncio.get_running_loop().call_later(delay, self._check_due, key)
+        self._owed[key] = _Owed(checks, condominium_id, timer)
+
+    def _check_due(self, key: DocKey) -> None:
+        """A late-copy check is due: it joins the window as partner work of its own (so the
+        scheduler's tokens, breaker and the agency's pause apply), unless work on the document
+        is queued or running: then it waits again, and never runs beside that work."""
+        owed = self._owed.get(key)
+        if owed is None:
+            return
+        if self._window.busy(key):
+            owed.timer = asyncio.get_running_loop().call_later(
+                CHECK_BUSY_DELAY_S, self._check_due, key
+            )
+            return
+        owed.timer = None
+        batch = self._window.submit([CopyCheck(key, owed.condominium_id)], source=_CHECK_SOURCE)
+        batch.future.add_done_callback(self._check_ended)
+
+    def _check_ended(self, done: asyncio.Future[None]) -> None:
+        if done.cancelled():
+            return  # the partition closed: the restored view owes the check still
+        error = done.exception()
+        if error is None:
+            return
+        # Only what stops the relay gets here (the changelog unreachable).
+        if self._on_failure is not None:
+            self._on_failure(error)
+        else:
+            log.error("late-copy check failed", exc_info=error)
+
+    async def _run_check(self, check: CopyCheck) -> None:
+        """Look ``check``'s document up and withdraw every copy the view does not record, then
+        record what it still owes.
+
+        It runs first in its document's chain, so the view says what the partner should hold:
+        the view's copy stays, and any other copy with the relay's reference is one the partner
+        made of an earlier create later than the relay waited. The lookup is one job of the
+        scheduler; each withdrawal takes a token of its own.
+        """
+        key = check.key
+        owed = self._owed.get(key)
+        if owed is None:
+            return
+        record = self._view.document(key)
+        if record is not None and record.status is DocStatus.UPLOADING:
+            # An upload's outcome unknown: no copy to compare with (never so at a chain's head).
+            owed.timer = asyncio.get_running_loop().call_later(
+                CHECK_BUSY_DELAY_S, self._check_due, key
+            )
+            return
+        keep = None if record is None else record.remote_id
+        condominium = (record.condominium_id if record else None) or check.condominium_id
+        agency = key.agency_id
+        withdrawn: list[str] = []
+
+        async def call() -> None:
+            copies = await self._partner.find_all_by_reference(
+                agency_id=agency, condominium_id=condominium, reference=key.document_id
+            )
+            for copy in copies:
+                if copy.remote_id == keep:
+                    continue
+                await self._scheduler.take_token(agency)
+                await self._partner.delete(agency_id=agency, remote_id=copy.remote_id)
+                withdrawn.append(copy.remote_id)
+                self._metrics.operations.labels(Lane.LIVE.value, "delete", "duplicate").inc()
+                log.warning(
+                    "withdrew a late copy of a document",
+                    extra={
+                        "key": key.encode().decode(),
+                        "kept": keep,
+                        "withdrawn": copy.remote_id,
+                    },
+                )
+
+        result = await self._submit(
+            call, agency_id=agency, lane=Lane.LIVE, scope=Scope.RELAY, key=key
+        )
+        if isinstance(result, _Failed):
+            outcome = "failed"
+            log.warning(
+                "late-copy check could not be made",
+                extra={
+                    "key": key.encode().decode(),
+                    "reason": result.verdict.reason,
+                    "error": self._partner.redact(_describe(result.error)),
+                },
+            )
+        else:
+            outcome = "found" if withdrawn else "clean"
+        self._metrics.late_copy_checks.labels(outcome).inc()
+        left = owed.checks.after_one()
+        if self._owed.get(key) is owed:
+            del self._owed[key]
+            if left is not None:
+                self._owe(key, left, owed.condominium_id)
+        if record is not None and record.late_copy_checks != left:
+            updated = dataclasses.replace(record, late_copy_checks=left)
+            await self._writer.write(updated)
+            self._settle(key, updated)
 
     async def _submit(
         self,

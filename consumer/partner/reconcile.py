@@ -3,9 +3,11 @@
 An ``uploading`` record in a restored view means the relay stopped between writing the intent and
 writing the result. Before any input of the partition is processed, each such document is looked
 up on the partner by its reference: found means published (with the sha256 the partner reports),
-absent means never uploaded (the intent is removed and the input, read again, uploads it once).
+absent means not uploaded yet (the intent is removed and the input, read again, uploads it once).
 A request the stopped relay had sent may still be carried out for a while: the lookups wait until
-the partner is surely done with it.
+the partner is surely done with it. A partner slower still may carry it out after that, so the
+upload of an absent document looks it up once more and, finding nothing again, owes late-copy
+checks (``OperationExecutor``).
 
 An agency whose first publication an operator paused (``pause --backfill-only``) has nothing of
 its backfill reach the partner, lookups included, while its live documents flow: its intents are
@@ -125,6 +127,8 @@ async def reconcile_partition(
             return
         await writer.write(record)
         view.apply(record)
+        if isinstance(record, Tombstone):
+            view.doubt(intent.key)
 
     await asyncio.gather(*(settle(intent) for intent in intents))
     log.info("upload intents reconciled", extra={"intents": len(intents)})

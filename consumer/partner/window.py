@@ -6,9 +6,10 @@ that live work always finds room; live goes before backfill, and within a lane t
 the fewest chains goes first. A chain
 runs every operation of one document key in the order planned, so an operation on a document
 with unfinished work joins that document's chain, and so does a plan's record of such a document
-(a ``Step``, written at its place in the chain). A paused agency's operations stay queued and
-neither take room in the window nor count as pending: only its items are held, and its batches
-(so its offsets) stay unfinished.
+(a ``Step``, written at its place in the chain). A late-copy check (``CopyCheck``) is queued
+as partner work of its own, so it never runs beside other work on its document. A paused
+agency's operations stay queued and neither take room in the window nor count as pending: only its
+items are held, and its batches (so its offsets) stay unfinished.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
-from consumer.core.planning.plan import Delete, Lane, Operation, Upload
+from consumer.core.planning.plan import Delete, Lane, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.state import DocKey, DocumentRecord
 
@@ -36,7 +37,16 @@ class Withdrawal:
     withdrawn: DocumentRecord | None
 
 
-Entry: TypeAlias = Upload | Withdrawal
+@dataclass(frozen=True, slots=True)
+class CopyCheck:
+    """A lookup of a document by reference that withdraws the copies the view does not record
+    (a create the partner carried out late): partner work of its own, in the document's chain."""
+
+    key: DocKey
+    condominium_id: str
+
+
+Entry: TypeAlias = Upload | Withdrawal | CopyCheck
 
 
 @dataclass(eq=False, slots=True)
@@ -94,8 +104,8 @@ Runner = Callable[[Entry, SourceRecord, bool, object], Awaitable[object]]
 it on the same document is given, and that result (what the next one builds on)."""
 
 
-def entry_operation(entry: Entry) -> Operation:
-    return entry.delete if isinstance(entry, Withdrawal) else entry
+def entry_key(entry: Entry) -> DocKey:
+    return entry.delete.key if isinstance(entry, Withdrawal) else entry.key
 
 
 def entry_lane(entry: Entry) -> Lane:
@@ -143,6 +153,10 @@ class Window:
             and lane in (None, in_lane)
         )
 
+    def busy(self, key: DocKey) -> bool:
+        """Whether work on ``key`` is queued or running."""
+        return key in self._keys
+
     def has_followers(self, key: DocKey) -> bool:
         """Whether later operations on ``key`` wait behind the running one."""
         return bool(self._keys.get(key))
@@ -164,7 +178,7 @@ class Window:
         runs: dict[tuple[Lane, str], list[Entry | None]] = {}
         for entry in entries:
             batch.remaining += 1
-            key = entry_operation(entry).key
+            key = entry_key(entry)
             counted = (key.agency_id, entry_lane(entry))
             self._pending[counted] = self._pending.get(counted, 0) + 1
             if key in self._keys:
@@ -259,7 +273,7 @@ class Window:
         return None
 
     def _start(self, lane: Lane, entry: Entry, batch: Batch) -> None:
-        agency = entry_operation(entry).key.agency_id
+        agency = entry_key(entry).agency_id
         room = self._room
         room.running[agency] = room.running.get(agency, 0) + 1
         if lane is Lane.BACKFILL:
@@ -279,11 +293,11 @@ class Window:
 
     async def _chain(self, entry: Entry, batch: Batch) -> None:
         """Run ``entry``, then whatever joined its document's chain meanwhile, in order."""
-        key = entry_operation(entry).key
+        key = entry_key(entry)
         given, result = False, None
         while True:
             try:
-                result = await self._run(entry, batch.source, given, result)
+                outcome = await self._run(entry, batch.source, given, result)
             except asyncio.CancelledError:
                 batch.future.cancel()
                 self._finished(entry)  # dropped: no longer in the backlog
@@ -299,7 +313,9 @@ class Window:
                         self._end(*follower, error)
                 return
             self._end(entry, batch, None)
-            given = True  # a step leaves the partner as the operation before it did
+            if not isinstance(entry, CopyCheck):
+                # What the next operation builds on; a step (below) or a check leaves it as is.
+                given, result = True, outcome
             after = await self._steps(key)
             if after is None:
                 return
@@ -324,7 +340,7 @@ class Window:
         return None
 
     def _end(self, entry: Entry, batch: Batch, error: BaseException | None) -> None:
-        _decrement(self._pending, (entry_operation(entry).key.agency_id, entry_lane(entry)))
+        _decrement(self._pending, (entry_key(entry).agency_id, entry_lane(entry)))
         self._finished(entry)
         batch.finish(error)
 
