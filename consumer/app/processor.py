@@ -570,7 +570,7 @@ class PartitionProcessor:
             self._building_work.setdefault(place, set()).add(completion)
             self._decided_wait = None  # work was added: a later event waits for it too
         self._completions.add(completion)
-        completion.add_done_callback(self._forget_work)
+        completion.add_done_callback(functools.partial(self._forget_work, places))
 
     def _release_after_building(
         self, place: tuple[str, str], offsets: list[tuple[str, int]]
@@ -631,7 +631,7 @@ class PartitionProcessor:
         written = submitted[0] if len(submitted) == 1 else _all_of(submitted)
         written.add_done_callback(functools.partial(self._batch_done, offsets, source))
         self._completions.add(written)
-        written.add_done_callback(self._forget_work)
+        written.add_done_callback(self._completions.discard)
 
     async def _complete(
         self,
@@ -667,7 +667,7 @@ class PartitionProcessor:
         aside = asyncio.create_task(self._aside_and_release(source, error, offsets))
         self._completions.add(aside)
         aside.add_done_callback(self._forget_completion)
-        aside.add_done_callback(self._forget_work)
+        aside.add_done_callback(self._completions.discard)
 
     async def _aside_and_release(
         self, source: SourceRecord, error: BaseException, offsets: list[tuple[str, int]]
@@ -687,12 +687,15 @@ class PartitionProcessor:
             # offsets forever, so stop instead and let the restart redo it from the commit.
             self._on_failure(error)
 
-    def _forget_work(self, work: asyncio.Future[None]) -> None:
+    def _forget_work(self, places: Iterable[tuple[str, str]], work: asyncio.Future[None]) -> None:
+        """``work`` ended: forget it where it was counted (the buildings of ``places``)."""
         self._completions.discard(work)
-        for place, pending in list(self._building_work.items()):
-            pending.discard(work)
-            if not pending:
-                del self._building_work[place]
+        for place in places:
+            pending = self._building_work.get(place)
+            if pending is not None:
+                pending.discard(work)
+                if not pending:
+                    del self._building_work[place]
 
     def resume(self) -> None:
         """The paused agencies changed: start the work that may run now."""
