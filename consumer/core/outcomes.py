@@ -141,11 +141,11 @@ def carried_out_outcome(
     if action is AgencyAction.PAUSE and command.backfill_only:
         summary = "first publication paused"
     elif action is AgencyAction.APPROVE:
-        detail = f"{uploads} uploads started"
+        detail = f"{_counted(uploads, 'upload')} started"
     elif action in (HeldAction.RELEASE, HeldAction.DISCARD):
-        detail = f"{documents} documents decided"
+        detail = f"{_counted(documents, 'document')} decided"
     elif action is AgencyAction.REPAIR:
-        detail = f"{documents} documents to fix on the partner"
+        detail = f"{_counted(documents, 'document')} to fix on the partner"
     elif action is AgencyAction.RETRY:
         retried = documents
         summary, detail = _retry_words(documents, parked, sorted(set(unmapped)))
@@ -192,8 +192,12 @@ def _retry_words(retried: int, parked: Mapping[str, int], unmapped: list[str]) -
             stays.append(f"{count} stay parked ({reason})" + (f"; {fix}" if fix else ""))
     if retried == 0:
         return ("nothing to retry", "; ".join(stays)) if stays else ("nothing parked", "")
-    sent = f"{retried} document{'s' if retried != 1 else ''} sent again"
+    sent = f"{_counted(retried, 'document')} sent again"
     return "retried", "; ".join([sent, *stays])
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def partition_ranges(partitions: Iterable[int]) -> str:

@@ -94,7 +94,9 @@ def add_operator_commands(commands: Any) -> None:
         "--json", action="store_true", help="the whole report as JSON (also when piped)"
     )
     audit.add_argument(
-        "--repair", action="store_true", help="queue the fixes for the owning replicas"
+        "--repair",
+        action="store_true",
+        help="queue the fixes for the owning replicas, and wait for their outcomes",
     )
     audit.add_argument(
         "--replica",
@@ -112,6 +114,17 @@ def add_operator_commands(commands: Any) -> None:
     history.add_argument("--agency", help="only this agency")
     history.add_argument("--limit", type=int, metavar="N", help="only the N newest actions")
     history.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
+    audit_waits = audit.add_argument_group("with --repair")
+    audit_waits.add_argument(
+        "--wait-s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the repairs' outcomes (default 30)",
+    )
+    audit_waits.add_argument(
+        "--no-wait", action="store_true", help="return once the repairs are written"
+    )
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
     letters.add_argument("--source-topic", help="only records from this topic")
@@ -192,6 +205,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             raise ValueError(f"unknown command {command}")
         if command in _WAITING and not args.no_wait:
             code = await _await_outcomes(operator, args, result)
+        elif command == "audit" and args.repair and "repairs" in result and not args.no_wait:
+            code = await _await_repairs(operator, args, result)
     _print(command, args, result)
     return code
 
@@ -225,17 +240,35 @@ async def _history(operator: Operator, args: argparse.Namespace) -> dict[str, An
 _WAITING = frozenset({"release", "discard", "pause", "resume", "approve", "retry"})
 
 
-async def _await_outcomes(operator: Operator, args: argparse.Namespace, result: Any) -> int:
+async def _await_repairs(operator: Operator, args: argparse.Namespace, result: Any) -> int:
+    """Wait for the outcomes of an audit's repair commands, within one ``--wait-s`` for all."""
+    deadline = time.monotonic() + args.wait_s
+    codes = [
+        await _await_outcomes(
+            operator, args, queued, timeout_s=max(0.0, deadline - time.monotonic())
+        )
+        for queued in result["repairs"]
+    ]
+    if 1 in codes:
+        return 1
+    return NO_ANSWER if NO_ANSWER in codes else 0
+
+
+async def _await_outcomes(
+    operator: Operator, args: argparse.Namespace, result: Any, *, timeout_s: float | None = None
+) -> int:
     """Wait for the outcome of every partition the command was written to; add them to
     ``result`` and say on stderr what went wrong (a refusal, partitions that did not answer)."""
     written = [(p["partition"], p["offset"]) for p in result["partitions"]]
-    found = await operator.outcomes(written, timeout_s=args.wait_s)
+    found = await operator.outcomes(
+        written, timeout_s=args.wait_s if timeout_s is None else timeout_s
+    )
     result["outcomes"] = [found[place].model_dump(mode="json") for place in sorted(found)]
     missing = sorted(p for p, o in written if (p, o) not in found)
     result["unanswered"] = missing
     refused = [o for o in found.values() if not o.carried_out]
     problems = [
-        f"{args.command} {_target(result)}: {describe(outcome, partitions)}"
+        f"{result['queued']} {_target(result)}: {describe(outcome, partitions)}"
         for outcome, partitions in grouped(refused)
     ]
     if missing:

@@ -158,3 +158,29 @@ async def test_history_lists_every_action_with_its_outcomes_across_a_restart(
     table = await cli_terminal(world, "history", "--agency", AGENCY)
     assert "first publication paused on partitions 0-2" in table
     assert "resumed on partitions 0-2" in table
+
+
+async def test_an_audit_repair_waits_for_the_owning_replica_to_say_what_it_fixes(
+    relay_world: WorldFactory,
+) -> None:
+    world = await relay_world(agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"})})
+    relay = await world.start_relay()
+    documents = [world.document() for _ in range(2)]
+    taken_at = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    await world.publish(*world.manifest_parts(AGENCY, "bat-1", documents, taken_at=taken_at))
+    await world.wait_until(lambda: len(world.partner_references("c-1")) == 2, what="published")
+    [lost] = [d.id for d in world.sandbox.documents() if d.reference == documents[0]["id"]]
+    world.sandbox.delete_by_hand(lost)
+
+    report = await cli(world, "audit", "--agency", AGENCY, "--repair")
+
+    [repair] = report["repairs"]
+    assert [(o["command"], o["outcome"]) for o in repair["outcomes"]] == [("repair", "carried_out")]
+    assert repair["said"] == [
+        f"repair started on partition {repair['partitions'][0]['partition']}: "
+        "1 document to fix on the partner"
+    ]
+    await world.wait_until(
+        lambda: documents[0]["id"] in world.partner_references("c-1"), what="sent again"
+    )
+    assert _counted(relay, "repair", "carried_out") == 1

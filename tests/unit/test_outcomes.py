@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 from typing import cast
 
 import orjson
+import yaml
 from prometheus_client import CollectorRegistry
 
 from consumer.app.processor import COMMANDS, DOCUMENTS, MANIFESTS, PartitionProcessor
@@ -34,6 +36,7 @@ from consumer.core.outcomes import (
 from consumer.core.records import SourceRecord
 from consumer.core.state import DocKey, DocStatus, DocumentRecord
 from consumer.core.view import PublishedView
+from consumer.kafka.changelog import COMMANDS_RETENTION_MS, COMMANDS_TOPIC_CONFIG
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
 from consumer.partner.executor import OperationExecutor
@@ -217,3 +220,15 @@ def test_a_discard_and_a_backfill_pause_say_what_they_did() -> None:
         carried_out_outcome(backfill, partition=0, offset=0, at=NOW, documents=1, uploads=0).summary
         == "first publication paused"
     )
+
+
+def test_the_deployed_commands_topic_keeps_the_history_as_long_as_one_the_relay_creates() -> None:
+    manifests = Path(__file__).parents[2] / "deploy" / "k8s" / "base" / "kafkatopics.yaml"
+    topics = {
+        t["spec"]["topicName"]: t["spec"]
+        for t in yaml.safe_load_all(manifests.read_text(encoding="utf-8"))
+    }
+    retention = topics["chouette-relay.commands.v1"]["config"]["retention.ms"]
+
+    assert retention == COMMANDS_RETENTION_MS
+    assert int(COMMANDS_TOPIC_CONFIG["retention.ms"]) >= 90 * 24 * 3600 * 1000
