@@ -154,12 +154,12 @@ FindResend = Callable[
 
 FindCopies = Callable[[str, str, frozenset[str]], Awaitable[Copies]]
 
+"""Looks references up on the partner (agency, condominium, references): each one's copies, a
+reference that could not be looked up left out."""
+
 WriteOutcome = Callable[[CommandOutcome], asyncio.Future[None]]
 
 """Writes a command's outcome record; the future ends once the broker acknowledged it."""
-
-"""Looks references up on the partner (agency, condominium, references): each one's copies, a
-reference that could not be looked up left out."""
 
 _INPUT_KINDS = ("document-created", "manifest-snapshot")
 
@@ -423,11 +423,19 @@ class PartitionProcessor:
         if isinstance(action, AgencyAction) and action in CONTROLS:
             self._on_command(action)
         uploads = sum(isinstance(op, Upload) for op in plan.operations)
-        if action is AgencyAction.APPROVE:
-            for place in [p for p in self._awaiting if p[0] == command.agency_id]:
-                manifest, held_source = self._awaiting.pop(place)
-                uploads += self.apply_manifest(manifest, held_source)
-        self._answer(command, plan, source, now, answered, uploads=uploads)
+        try:
+            if action is AgencyAction.APPROVE:
+                uploads += self._apply_approved(command.agency_id)
+        finally:  # answered whatever happens, or the command's offset would wait forever
+            self._answer(command, plan, source, now, answered, uploads=uploads)
+
+    def _apply_approved(self, agency_id: str) -> int:
+        """Apply the agency's manifests that waited for the approval; the uploads queued."""
+        uploads = 0
+        for place in [p for p in self._awaiting if p[0] == agency_id]:
+            manifest, held_source = self._awaiting.pop(place)
+            uploads += self.apply_manifest(manifest, held_source)
+        return uploads
 
     def _answer(
         self,
