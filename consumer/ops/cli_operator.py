@@ -112,7 +112,7 @@ def add_operator_commands(commands: Any) -> None:
         "commands topic keeps)",
     )
     history.add_argument("--agency", help="only this agency")
-    history.add_argument("--limit", type=int, metavar="N", help="only the N newest actions")
+    history.add_argument("--limit", type=_positive, metavar="N", help="only the N newest actions")
     history.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     audit_waits = audit.add_argument_group("with --repair")
     audit_waits.add_argument(
@@ -135,6 +135,13 @@ def add_operator_commands(commands: Any) -> None:
     replay.add_argument("ids", nargs="*", metavar="ID", help="topic/partition/offset, as listed")
     replay.add_argument("--reason", help="every dead letter of this reason")
     replay.add_argument("--force", action="store_true", help="replay even if replayed before")
+
+
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of actions (1 or more)")
+    return number
 
 
 NO_ANSWER = 4
