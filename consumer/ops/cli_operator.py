@@ -323,20 +323,25 @@ def _render_history(result: dict[str, Any]) -> str:
     actions: list[dict[str, Any]] = result["history"]
     if not actions:
         return "No operator actions in the commands topic."
-    lines = [f"{'requested at (UTC)':<20} {'by':<28} {'command':<9} {'target':<28} outcome"]
+    lines = [f"{'requested at (UTC)':<20} {'by':<28} {'command':<16} {'target':<28} outcome"]
     for action in actions:
         when = action["requested_at"][:19].replace("T", " ")
         target = " ".join(filter(None, (action["agency"], action.get("building"))))
         said = action["said"] or ["(no outcome)"]
         command = action["command"] + (" (backfill)" if action.get("scope") == "backfill" else "")
         lines.append(
-            f"{when:<20} {action['requested_by'][:28]:<28} {command:<9} {target:<28} {said[0]}"
+            f"{when:<20} {action['requested_by'][:28]:<28} {command:<16} {target:<28} {said[0]}"
         )
-        indent = " " * 89
+        indent = " " * (20 + 28 + 16 + 28 + 4)
         lines += [f"{indent}{line}" for line in said[1:]]
         if action.get("plan"):
             lines.append(f"{indent}plan {action['plan']}")
     return "\n".join(lines)
+
+
+def render_readable(command: str, result: Any) -> str:
+    """``command``'s result in its readable form (for a command that has one)."""
+    return _READABLE[command](result)
 
 
 def _print(command: str, args: argparse.Namespace, result: Any) -> None:

@@ -39,6 +39,7 @@ from consumer.core.view import PublishedView
 from consumer.kafka.changelog import COMMANDS_RETENTION_MS, COMMANDS_TOPIC_CONFIG
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.metrics import RelayMetrics
+from consumer.ops.cli_operator import render_readable
 from consumer.partner.executor import OperationExecutor
 from tests.unit.test_command_refusals import (
     ROUTING,
@@ -232,3 +233,27 @@ def test_the_deployed_commands_topic_keeps_the_history_as_long_as_one_the_relay_
 
     assert retention == COMMANDS_RETENTION_MS
     assert int(COMMANDS_TOPIC_CONFIG["retention.ms"]) >= 90 * 24 * 3600 * 1000
+
+
+def test_the_history_table_gives_each_action_its_outcomes_and_an_approve_its_fingerprint() -> None:
+    approve = {
+        "requested_at": "2026-01-02T03:04:05+00:00",
+        "requested_by": "cli:alice@laptop",
+        "command": "approve",
+        "agency": "agence-nantes",
+        "plan": "ab" * 8,
+        "said": ["approved on partitions 0-1: 3 uploads started", "no outcome from partition 2"],
+    }
+    pause = approve | {"command": "pause", "scope": "backfill", "said": []}
+    del pause["plan"]
+
+    lines = render_readable("history", {"history": [approve, pause]}).splitlines()
+
+    assert lines[1].startswith("2026-01-02 03:04:05  cli:alice@laptop")
+    assert lines[1].endswith(
+        "agence-nantes                approved on partitions 0-1: 3 uploads started"
+    )
+    assert lines[2].strip() == "no outcome from partition 2"
+    assert lines[3].strip() == f"plan {'ab' * 8}"
+    assert "pause (backfill)" in lines[4]
+    assert lines[4].endswith("(no outcome)")
