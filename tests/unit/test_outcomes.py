@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -72,7 +73,11 @@ class Answers:
                 ack.set_result(None)
 
 
-def answering(view: PublishedView, answers: Answers) -> PartitionProcessor:
+def answering(
+    view: PublishedView,
+    answers: Answers,
+    on_failure: Callable[[BaseException], None] = lambda error: None,
+) -> PartitionProcessor:
     writer = RecordingChangelog()
     return PartitionProcessor(
         partition=3,
@@ -87,7 +92,7 @@ def answering(view: PublishedView, answers: Answers) -> PartitionProcessor:
         metrics=RelayMetrics.create(CollectorRegistry(), version="t"),
         max_value_bytes=1 << 20,
         clock=lambda: NOW,
-        on_failure=lambda error: None,
+        on_failure=on_failure,
         write_outcome=answers.write,
     )
 
@@ -257,3 +262,15 @@ def test_the_history_table_gives_each_action_its_outcomes_and_an_approve_its_fin
     assert lines[3].strip() == f"plan {'ab' * 8}"
     assert "pause (backfill)" in lines[4]
     assert lines[4].endswith("(no outcome)")
+
+
+async def test_an_outcome_that_cannot_be_written_stops_the_relay_and_keeps_the_command() -> None:
+    answers, failures = Answers(), list[BaseException]()
+    work = answering(PublishedView(), answers, on_failure=failures.append)
+
+    await work.handle(at(0, command(AgencyAction.PAUSE, "agence-nowhere")))
+    answers.acks[0].set_exception(RuntimeError("the commands topic refused the write"))
+    await settle(work)
+
+    assert [str(error) for error in failures] == ["the commands topic refused the write"]
+    assert work.committable() == {"commands": 0}  # read again after the restart, answered then
