@@ -174,6 +174,7 @@ class Operator:
             entry["outcomes"] = [
                 {
                     "partitions": partitions,
+                    "where": partition_ranges(partitions),
                     "outcome": str(outcome.outcome),
                     "summary": outcome.summary,
                     "detail": outcome.detail,

@@ -150,6 +150,9 @@ async def test_history_lists_every_action_with_its_outcomes_across_a_restart(
     assert history[1]["building"] == "bat-2"
     assert len(history[1]["partitions"]) == 1
     assert [o["outcome"] for o in history[1]["outcomes"]] == ["carried_out"]
+    assert [(o["where"], o["summary"]) for o in history[2]["outcomes"]] == [
+        ("partitions 0-2", "resumed")
+    ]
     assert all(h["requested_by"].startswith("cli:") for h in history)
     assert relay.status()["paused"] == []
     assert await world.dead_letters() == []
