@@ -33,9 +33,10 @@ settings:
   var/local/operator.env: source it (. var/local/operator.env) in another shell, and every
   operator command reaches that stack ($REPLICA is its ops server, for --replica).
 
-exit codes: 0 done; 1 the relay stopped on a failure, or a replay was refused; 2 a setting or an
-argument to fix, or a request refused (one line says why); 3 `plan --detailed-exitcode` has
-something to send; 130 interrupted."""
+exit codes: 0 done; 1 the relay stopped on a failure, a replay was refused, or a replica refused
+an operator command (the outcome says why); 2 a setting or an argument to fix, or a request
+refused (one line says why); 3 `plan --detailed-exitcode` has something to send; 4 an operator
+command's replicas did not all answer within --wait-s; 130 interrupted."""
 _RUN_EXAMPLES = """\
 examples:
   chouette-relay run                          the service, on its settings

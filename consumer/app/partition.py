@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from consumer.app.processor import FindCopies, FindResend, PartitionProcessor
+from consumer.app.processor import FindCopies, FindResend, PartitionProcessor, WriteOutcome
 from consumer.core.commands import AgencyAction
 from consumer.core.guard import DeletionGuard
 from consumer.core.manifest import ManifestAssembler
@@ -41,6 +41,7 @@ def partition_processor(
     on_command: Callable[[AgencyAction], None] = lambda _: None,
     find_resend: FindResend | None = None,
     find_copies: FindCopies | None = None,
+    write_outcome: WriteOutcome | None = None,
 ) -> PartitionProcessor:
     """The processor of ``partition`` over its restored ``view``."""
     s = settings
@@ -86,4 +87,5 @@ def partition_processor(
         find_resend=find_resend,
         find_copies=find_copies,
         command_key=None if command_key is None else command_key.get_secret_value().encode(),
+        write_outcome=write_outcome,
     )

@@ -41,6 +41,12 @@ from consumer.core.manifest import (
     ManifestAssembler,
 )
 from consumer.core.offsets import OffsetTracker
+from consumer.core.outcomes import (
+    CommandOutcome,
+    carried_out_outcome,
+    is_outcome,
+    refusal_outcome,
+)
 from consumer.core.planning.actions import discard_held, release_held, retry_parked
 from consumer.core.planning.documents import plan_document
 from consumer.core.planning.first_publication import unapproved_modules
@@ -64,6 +70,7 @@ __all__ = [
     "FindResend",
     "PartitionProcessor",
     "RefusedCommand",
+    "WriteOutcome",
 ]
 
 log = logging.getLogger(__name__)
@@ -169,6 +176,10 @@ FindCopies = Callable[[str, str, frozenset[str]], Awaitable[Copies]]
 """Looks references up on the partner (agency, condominium, references): each one's copies, a
 reference that could not be looked up left out."""
 
+WriteOutcome = Callable[[CommandOutcome], asyncio.Future[None]]
+
+"""Writes a command's outcome record; the future ends once the broker acknowledged it."""
+
 _INPUT_KINDS = ("document-created", "manifest-snapshot")
 
 
@@ -196,6 +207,7 @@ class PartitionProcessor:
         find_resend: FindResend | None = None,
         find_copies: FindCopies | None = None,
         command_key: bytes | None = None,
+        write_outcome: WriteOutcome | None = None,
     ) -> None:
         self.partition = partition
         self.view = view
@@ -220,6 +232,9 @@ class PartitionProcessor:
         # With a key, only commands signed with it are carried out (the commands topic may be
         # written by producers that operators do not control).
         self._command_key = command_key
+        # Where the decision on each command goes back to the operator; a command's offset is
+        # released only once its outcome is acknowledged, so a crash before decides it again.
+        self._write_outcome = write_outcome
         self._completions: set[asyncio.Future[None]] = set()
         # Unfinished work per building: a manifest's building record waits for what it counted on.
         self._building_work: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
@@ -405,6 +420,10 @@ class PartitionProcessor:
         self._uncounted.clear()
 
     async def _handle_command(self, source: SourceRecord, now: dt.datetime) -> None:
+        if is_outcome(source.headers):
+            # An outcome record (a replica's answer, or a forgery of one): never a command.
+            self._trackers[source.topic].done(source.offset)
+            return
         command = decode_command(source.key, source.value)
         if isinstance(command, Poison):
             await self._dead_letters.send(
@@ -429,8 +448,7 @@ class PartitionProcessor:
             )
         )
         if refused is not None:
-            self._refuse(command, refused, now)
-            self._trackers[source.topic].done(source.offset)
+            self._refuse(command, refused, source, now)
             return
         self._metrics.commands.labels(action.value, CARRIED_OUT).inc()
         if action is AgencyAction.RETRY:
@@ -449,18 +467,82 @@ class PartitionProcessor:
             # dead-letter: a refusal keeps the document parked with the refusal.
             plan = plan_agency_command(self.view, self._routing, command)
             work_source = self._admin_source(action)
-        self._carry_out(command, plan, work_source, source)
+        answered: asyncio.Future[None] | None = self._carry_out(command, plan, work_source, source)
         if isinstance(action, AgencyAction) and action in CONTROLS:
             self._on_command(action)
-        if action is AgencyAction.APPROVE:
-            for place in [p for p in self._awaiting if p[0] == command.agency_id]:
-                manifest, held_source = self._awaiting.pop(place)
-                self._awaiting_uploads.pop(place, None)
-                await self.apply_manifest(manifest, held_source)
+        uploads = sum(isinstance(op, Upload) for op in plan.operations)
+        try:
+            if action is AgencyAction.APPROVE:
+                uploads += await self._apply_approved(command.agency_id)
+        finally:  # answered whatever happens, or the command's offset would wait forever
+            self._answer(command, plan, source, now, answered, uploads=uploads)
 
-    def _refuse(self, command: OperatorCommand, refused: Refusal, now: dt.datetime) -> None:
-        """A command this replica's view does not allow: one log line, a count, nothing else
-        (no state record, no metric series of its target)."""
+    async def _apply_approved(self, agency_id: str) -> int:
+        """Apply the agency's manifests that waited for the approval; the uploads queued."""
+        uploads = 0
+        for place in [p for p in self._awaiting if p[0] == agency_id]:
+            manifest, held_source = self._awaiting.pop(place)
+            self._awaiting_uploads.pop(place, None)
+            uploads += await self.apply_manifest(manifest, held_source)
+        return uploads
+
+    def _answer(
+        self,
+        command: OperatorCommand,
+        plan: Plan,
+        source: SourceRecord,
+        now: dt.datetime,
+        answered: asyncio.Future[None] | None,
+        *,
+        uploads: int,
+    ) -> None:
+        """Write the outcome of a command carried out, into ``answered`` (which its offset
+        waits for). A retry says how many documents it sends again and what stays parked."""
+        if answered is None or self._write_outcome is None:
+            return
+        still_parked: dict[str, int] = {}
+        unmapped: set[str] = set()
+        if command.command is AgencyAction.RETRY:
+            acted = {op.key for op in plan.operations} | {r.key for r in plan.records}
+            for record in self.view.parked():
+                key = record.key
+                if key.agency_id != command.agency_id or key in acted:
+                    continue
+                if command.building_id not in (None, key.building_id):
+                    continue
+                reason = (record.parked_reason or "unknown").split(":", 1)[0]
+                still_parked[reason] = still_parked.get(reason, 0) + 1
+                if reason == "unmapped_building":
+                    unmapped.add(key.building_id)
+        outcome = carried_out_outcome(
+            command,
+            partition=source.partition,
+            offset=source.offset,
+            at=now,
+            documents=len(plan.operations)
+            if command.command is AgencyAction.RETRY
+            else (len(plan.operations) + len(plan.records)),
+            uploads=uploads,
+            still_parked=still_parked,
+            unmapped=unmapped,
+        )
+        _chain(self._write_outcome(outcome), answered)
+
+    def _answered(self, source: SourceRecord, written: asyncio.Future[None]) -> None:
+        """A refused command's outcome was written: its offset may be committed."""
+        if written.cancelled():
+            return  # the partition closed: the command is read again, and answered again
+        if (error := written.exception()) is not None:
+            self._on_failure(error)  # the offset stays open: the restart answers it
+            return
+        self._trackers[source.topic].done(source.offset)
+
+    def _refuse(
+        self, command: OperatorCommand, refused: Refusal, source: SourceRecord, now: dt.datetime
+    ) -> None:
+        """A command this replica's view does not allow: one log line, a count, its outcome
+        record, nothing else (no state record, no metric series of its target). Its offset is
+        released once the outcome is acknowledged."""
         log.warning(
             "operator command refused",
             extra={
@@ -475,10 +557,22 @@ class PartitionProcessor:
         self._metrics.commands.labels(command.command.value, refused.value).inc()
         self.refused_total += 1
         self.refused.append(RefusedCommand(now, self.partition, command, refused))
+        if self._write_outcome is None:
+            self._trackers[source.topic].done(source.offset)
+            return
+        outcome = refusal_outcome(
+            command, refused, partition=source.partition, offset=source.offset, at=now
+        )
+        answered = self._write_outcome(outcome)
+        answered.add_done_callback(functools.partial(self._answered, source))
+        self._completions.add(answered)
+        answered.add_done_callback(self._completions.discard)
 
     def _carry_out(
         self, command: OperatorCommand, plan: Plan, work_source: SourceRecord, source: SourceRecord
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
+        """Start ``plan``; returns the future its outcome's write is to end, which the command's
+        offset waits for besides the plan's work (None: no outcome is written)."""
         # An operator's command is the normal course of things: INFO, and no building=None for
         # the agency-wide ones.
         where = {"building": command.building_id} if command.building_id is not None else {}
@@ -494,7 +588,11 @@ class PartitionProcessor:
                 "uploads": sum(isinstance(op, Upload) for op in plan.operations),
             },
         )
-        self._execute(plan, work_source, [(source.topic, source.offset)])
+        answered: asyncio.Future[None] | None = None
+        if self._write_outcome is not None:
+            answered = asyncio.get_running_loop().create_future()
+        self._execute(plan, work_source, [(source.topic, source.offset)], also=answered)
+        return answered
 
     def retry_parked(self) -> int:
         """After a restart with fixed configuration: send what was parked and now can go."""
@@ -521,6 +619,7 @@ class PartitionProcessor:
         *,
         decided_by: tuple[str, str] | None = None,
         applied: _Applied | None = None,
+        also: asyncio.Future[None] | None = None,
     ) -> None:
         """Apply and write the plan's records, submit its operations, and release ``offsets``
         (each opened by ``begin`` when read) once all of that is acknowledged. ``applied``: the
@@ -531,10 +630,13 @@ class PartitionProcessor:
         ``decided_by``: the building whose manifest decided the plan (a document it supersedes,
         or one that waits for its hold); the offsets wait for that building's work too, so that
         a crash before the manifest is recorded reads the document again with the manifest.
+        ``also``: one more write the offsets wait for (a command's outcome record).
         """
         held = list(offsets)
         building_wide = list(self._building_work.get(decided_by, ())) if decided_by else []
         writes, now, deferred = applied or run_to_end(self._apply_records_in_steps(plan))
+        if also is not None:
+            writes.append(also)
         if (
             now
             and not (writes or deferred or building_wide or plan.operations or plan.marks)
@@ -757,10 +859,11 @@ class PartitionProcessor:
             },
         )
 
-    async def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> None:
-        """Plan and carry out a complete manifest, a step of its documents at a time: the event
-        loop (``/livez``, the other partitions) runs between the steps of a large one, while this
-        partition's next record waits for it."""
+    async def apply_manifest(self, manifest: CompleteManifest, source: SourceRecord) -> int:
+        """Plan and carry out a complete manifest (or hold it for approval), a step of its
+        documents at a time: the event loop (``/livez``, the other partitions) runs between the
+        steps of a large one, while this partition's next record waits for it. Returns the
+        uploads it queued."""
         plan = await _in_steps(
             plan_manifest_in_steps(self.view, self._routing, manifest, self._guard)
         )
@@ -768,7 +871,7 @@ class PartitionProcessor:
         if waiting:
             sends = tuple(op.key for op in plan.operations if isinstance(op, Upload))
             self._await_approval(manifest, source, waiting, sends)
-            return
+            return 0
         self._metrics.events.labels(MANIFESTS, plan.outcome).inc()
         agency = manifest.agency_id
         backfill = sum(
@@ -805,6 +908,7 @@ class PartitionProcessor:
                     f"{manifest.building_id}",
                 },
             )
+        return backfill
 
     def _await_approval(
         self,
@@ -886,7 +990,9 @@ class PartitionProcessor:
             self._on_failure(error)  # the command's offset stays uncommitted
             return
         plan = plan_agency_command(self.view, self._routing, command, resend, copies)
-        self._carry_out(command, plan, self._admin_source(command.command), source)
+        answered = self._carry_out(command, plan, self._admin_source(command.command), source)
+        uploads = sum(isinstance(op, Upload) for op in plan.operations)
+        self._answer(command, plan, source, self._clock(), answered, uploads=uploads)
 
     async def _copies_for(self, command: OperatorCommand) -> Copies:
         """The partner's copies of each reference the findings name, in the building's
@@ -920,6 +1026,22 @@ class PartitionProcessor:
                 },
             )
         return found
+
+
+def _chain(written: asyncio.Future[None], into: asyncio.Future[None]) -> None:
+    """End ``into`` as ``written`` ends."""
+
+    def copy(done: asyncio.Future[None]) -> None:
+        if into.done():
+            return
+        if done.cancelled():
+            into.cancel()
+        elif (error := done.exception()) is not None:
+            into.set_exception(error)
+        else:
+            into.set_result(None)
+
+    written.add_done_callback(copy)
 
 
 def _record_time(source: SourceRecord, now: dt.datetime) -> dt.datetime | None:

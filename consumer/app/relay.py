@@ -50,6 +50,7 @@ from consumer.kafka.connection import kafka_connection
 from consumer.kafka.deadletters import DeadLetterSink
 from consumer.kafka.ingest import Ingest
 from consumer.kafka.membership import leave_group
+from consumer.kafka.outcomes import OutcomeWriter
 from consumer.kafka.resend import find_resend
 from consumer.kafka.startup import start_client
 from consumer.metrics import RelayMetrics
@@ -357,6 +358,9 @@ class Relay:
             on_command=self._on_command,
             find_resend=functools.partial(self._find_resend, partition),
             find_copies=functools.partial(self._find_copies, scheduler, partner),
+            write_outcome=OutcomeWriter(
+                producer=producer, topic=s.kafka.commands_topic, watch=watch
+            ).submit,
         )
         # Paused agencies are known before any of this partition's work is submitted. (Upload
         # intents above are only looked up, which sends nothing, those of a paused first

@@ -40,6 +40,10 @@ COMPACTED_TOPIC_CONFIG = {
     "min.compaction.lag.ms": "60000",
     "segment.ms": "3600000",
 }
+# The commands topic is also the history of operator actions (commands and their outcomes, a
+# few hundred bytes each): kept long enough for an audit trail.
+COMMANDS_RETENTION_MS = 90 * 24 * 3600 * 1000
+COMMANDS_TOPIC_CONFIG = {"retention.ms": str(COMMANDS_RETENTION_MS)}
 
 
 def dead_letter_room(max_value_bytes: int) -> int:
@@ -106,7 +110,7 @@ async def check_topics(
             )
         commands = counts.get(commands_topic)
         if commands is None:
-            await _create(admin, commands_topic, docs, replication_factor, {})
+            await _create(admin, commands_topic, docs, replication_factor, COMMANDS_TOPIC_CONFIG)
             created.append(commands_topic)
         elif commands != docs:
             raise ConfigError(

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.core.commands import AgencyAction, Finding, HeldAction, OperatorCommand
 from consumer.core.deadletter import DEAD_LETTER_REASONS, NO_REPLAY_FIXES
+from consumer.core.outcomes import CommandOutcome, describe, grouped, partition_ranges
 from consumer.core.routing import RoutingTable
 from consumer.core.state import DocStatus, DocumentRecord
 from consumer.core.view import PublishedView
@@ -27,6 +28,7 @@ from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.kafka.commands import send_command
 from consumer.kafka.connection import KafkaConnection, kafka_connection
+from consumer.kafka.outcomes import read_command_log, wait_for_outcomes
 from consumer.kafka.startup import start_client
 from consumer.ops.replay import read_dead_letters, replay, replayed_already
 from consumer.settings import Settings
@@ -131,6 +133,61 @@ class Operator:
             queued["scope"] = "backfill"
         queued["partitions"] = [{"partition": p, "offset": o} for p, o in written]
         return queued
+
+    async def outcomes(
+        self, written: list[tuple[int, int]], *, timeout_s: float
+    ) -> dict[tuple[int, int], CommandOutcome]:
+        """The outcomes the owning replicas wrote for the commands at ``written`` (partition,
+        offset), those that came within ``timeout_s``."""
+        return await wait_for_outcomes(
+            self.connection, self.settings.kafka.commands_topic, written, timeout_s=timeout_s
+        )
+
+    async def history(self, agency_id: str | None = None) -> list[dict[str, Any]]:
+        """Every operator action the commands topic holds (of one agency, if given), oldest
+        first: who asked, when, what, and the outcome of each partition it was written to."""
+        log = await read_command_log(self.connection, self.settings.kafka.commands_topic)
+        # An agency's command is one record per partition, the same value in each: one action.
+        actions: dict[bytes, list[tuple[int, int]]] = {}
+        commands: dict[bytes, OperatorCommand] = {}
+        for logged in log.commands:
+            if agency_id in (None, logged.command.agency_id):
+                actions.setdefault(logged.value, []).append((logged.partition, logged.offset))
+                commands[logged.value] = logged.command
+        entries = []
+        for value, places in actions.items():
+            command = commands[value]
+            found = [log.outcomes[place] for place in places if place in log.outcomes]
+            entry: dict[str, Any] = {
+                "requested_at": command.requested_at.isoformat(),
+                "requested_by": command.requested_by,
+                "command": command.command.value,
+                "agency": command.agency_id,
+            }
+            if command.building_id is not None:
+                entry["building"] = command.building_id
+            if command.plan is not None:
+                entry["plan"] = command.plan
+            if command.backfill_only:
+                entry["scope"] = "backfill"
+            entry["partitions"] = [{"partition": p, "offset": o} for p, o in sorted(places)]
+            entry["outcomes"] = [
+                {
+                    "partitions": partitions,
+                    "where": partition_ranges(partitions),
+                    "outcome": str(outcome.outcome),
+                    "summary": outcome.summary,
+                    "detail": outcome.detail,
+                    "decided_at": outcome.decided_at.isoformat(),
+                }
+                for outcome, partitions in grouped(found)
+            ]
+            entry["unanswered"] = sorted(p for p, o in places if (p, o) not in log.outcomes)
+            entry["said"] = [describe(o, partitions) for o, partitions in grouped(found)]
+            if entry["unanswered"]:
+                entry["said"].append(f"no outcome from {partition_ranges(entry['unanswered'])}")
+            entries.append((command.requested_at, entry))
+        return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
 
     async def plan(self, agency_id: str | None) -> tuple[Any, dict[str, str]]:
         """The dry run of what first publications would send, and each agency's fingerprint."""

@@ -175,6 +175,8 @@ def render_audit(report: dict[str, Any], *, shown: int = 10) -> str:
         lines.append(
             f"  repairs queued: {len(report['repairs'])} commands; {report['repair_note']}"
         )
+        for queued in report["repairs"]:
+            lines += [f"  {queued['building']}: {said}" for said in queued.get("said", ())]
     elif any(totals.values()):
         lines.append("  to repair: the same command with --repair")
     return "\n".join(lines)

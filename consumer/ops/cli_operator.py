@@ -4,8 +4,9 @@
 (stop and restart everything sent for one agency), ``approve`` (start a first publication whose
 plan an operator has read), ``parked``/``retry`` (documents waiting for a configuration fix) and
 ``dead-letters``/``replay``. Each runs ``consumer.ops.admin.Operator``, the same implementation as
-the admin HTTP endpoints. Those that list or queue something print a readable form on a
-terminal and JSON with ``--json`` or when piped.
+the admin HTTP endpoints. Those that list something print a readable form on a terminal and
+JSON with ``--json`` or when piped. A command waits (bounded) for the outcome each owning replica
+writes back and says it in words; ``history`` lists every operator action with its outcomes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import orjson
 
 from consumer.core.commands import AgencyAction, HeldAction
+from consumer.core.outcomes import CommandOutcome, describe, grouped, partition_ranges
 from consumer.errors import PartnerError
 from consumer.ops.admin import Operator
 from consumer.ops.audit import render_audit, run_audit
@@ -67,9 +69,6 @@ def add_operator_commands(commands: Any) -> None:
     )
     approve.add_argument("agency")
     approve.add_argument("--plan", required=True, help="the fingerprint the plan printed")
-    approve.add_argument(
-        "--json", action="store_true", help="what was queued, as JSON (also when piped)"
-    )
     parked = commands.add_parser("parked", help="list parked documents and why they wait")
     parked.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
     parked.add_argument("--agency", help="only this agency")
@@ -98,13 +97,36 @@ def add_operator_commands(commands: Any) -> None:
         "--json", action="store_true", help="the whole report as JSON (also when piped)"
     )
     audit.add_argument(
-        "--repair", action="store_true", help="queue the fixes for the owning replicas"
+        "--repair",
+        action="store_true",
+        help="queue the fixes for the owning replicas, and wait for their outcomes",
     )
     audit.add_argument(
         "--replica",
         metavar="URL",
         help="run the audit on this replica's ops server (token: HTTP__ADMIN_TOKEN_FILE): its "
         "requests then share the agency's rate limiter and it sets the findings metric",
+    )
+    for name in ("release", "discard", "pause", "resume", "approve", "retry"):
+        _add_wait_options(commands.choices[name])
+    history = commands.add_parser(
+        "history",
+        help="every operator action, who asked and what came of it (as far back as the "
+        "commands topic keeps)",
+    )
+    history.add_argument("--agency", help="only this agency")
+    history.add_argument("--limit", type=_positive, metavar="N", help="only the N newest actions")
+    history.add_argument("--json", action="store_true", help="the list as JSON (also when piped)")
+    audit_waits = audit.add_argument_group("with --repair")
+    audit_waits.add_argument(
+        "--wait-s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the repairs' outcomes (default 30)",
+    )
+    audit_waits.add_argument(
+        "--no-wait", action="store_true", help="return once the repairs are written"
     )
     letters = commands.add_parser("dead-letters", help="list the dead-letter topic")
     letters.add_argument("--reason", help="only this reason")
@@ -119,8 +141,38 @@ def add_operator_commands(commands: Any) -> None:
     replay.add_argument("--force", action="store_true", help="replay even if replayed before")
 
 
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of actions (1 or more)")
+    return number
+
+
+NO_ANSWER = 4
+"""Exit code of a command whose owning replicas did not all answer within ``--wait-s``."""
+
+
+def _add_wait_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--wait-s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the replicas' outcomes (default 30)",
+    )
+    command.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the command is written, without waiting for its outcome",
+    )
+    command.add_argument(
+        "--json", action="store_true", help="the outcomes as JSON (also when piped)"
+    )
+
+
 async def run_operator_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Run one operator subcommand and print its result; 1 if a replay was refused.
+    """Run one operator subcommand and print its result; 1 if a replay or a command was
+    refused, ``NO_ANSWER`` if a command's replicas did not all answer in time.
 
     An agency or building the routing file does not know raises ``UnknownTargetError`` (a
     ``ValueError``: the command line exits 2 with the closest known names), before anything is
@@ -136,27 +188,12 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
         if command == "held":
             held = await operator.held()
             result = {"held": [h for h in held if args.agency in (None, h["agency"])]}
-        elif command in ("release", "discard"):
-            result = await operator.queue(
-                HeldAction(command), args.agency, args.building, requested_by=who
-            )
-        elif command in ("pause", "resume"):
-            result = await operator.queue(
-                AgencyAction(command),
-                args.agency,
-                requested_by=who,
-                backfill_only=getattr(args, "backfill_only", False),
-            )
-        elif command == "approve":
-            result = await operator.approve(args.agency, args.plan, requested_by=who)
+        elif command in _WAITING:
+            result = await _queue(operator, args, requested_by=who)
         elif command == "audit":
             result = await _audit(operator, args, requested_by=who)
         elif command == "parked":
             result = {"parked": await operator.parked(args.agency)}
-        elif command == "retry":
-            result = await operator.queue(
-                AgencyAction.RETRY, args.agency, args.building, requested_by=who
-            )
         elif command == "dead-letters":
             letters = await operator.dead_letters(
                 reason=args.reason, source_topic=args.source_topic
@@ -173,10 +210,142 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             replayed = await operator.replay(args.ids, reason=args.reason, force=args.force)
             result = {"replayed": replayed}
             code = 1 if any(r["outcome"] != "replayed" for r in replayed) else 0
+        elif command == "history":
+            result = await _history(operator, args)
         else:
             raise ValueError(f"unknown command {command}")
+        if command in _WAITING and not args.no_wait:
+            code = await _await_outcomes(operator, args, result)
+        elif command == "audit" and args.repair and "repairs" in result and not args.no_wait:
+            code = await _await_repairs(operator, args, result)
     _print(command, args, result)
     return code
+
+
+async def _queue(operator: Operator, args: argparse.Namespace, *, requested_by: str) -> Any:
+    """Write the command; where it was written."""
+    command = args.command
+    if command in ("release", "discard"):
+        return await operator.queue(
+            HeldAction(command), args.agency, args.building, requested_by=requested_by
+        )
+    if command == "approve":
+        return await operator.approve(args.agency, args.plan, requested_by=requested_by)
+    return await operator.queue(
+        AgencyAction(command),
+        args.agency,
+        getattr(args, "building", None),
+        requested_by=requested_by,
+        backfill_only=getattr(args, "backfill_only", False),
+    )
+
+
+async def _history(operator: Operator, args: argparse.Namespace) -> dict[str, Any]:
+    actions = await operator.history(args.agency)
+    if not actions and args.agency is not None:
+        # An agency since removed from the routing file keeps its history; an empty one for a
+        # name the routing file does not know is more likely a typo.
+        operator.check_target(args.agency)
+    return {"history": actions[-args.limit :] if args.limit else actions}
+
+
+# The commands that wait for the outcomes of the replicas that carry them out.
+_WAITING = frozenset({"release", "discard", "pause", "resume", "approve", "retry"})
+
+
+async def _await_repairs(operator: Operator, args: argparse.Namespace, result: Any) -> int:
+    """Wait for the outcomes of an audit's repair commands, within one ``--wait-s`` for all."""
+    deadline = time.monotonic() + args.wait_s
+    codes = [
+        await _await_outcomes(
+            operator, args, queued, timeout_s=max(0.0, deadline - time.monotonic())
+        )
+        for queued in result["repairs"]
+    ]
+    if 1 in codes:
+        return 1
+    return NO_ANSWER if NO_ANSWER in codes else 0
+
+
+async def _await_outcomes(
+    operator: Operator, args: argparse.Namespace, result: Any, *, timeout_s: float | None = None
+) -> int:
+    """Wait for the outcome of every partition the command was written to; add them to
+    ``result`` and say on stderr what went wrong (a refusal, partitions that did not answer)."""
+    written = [(p["partition"], p["offset"]) for p in result["partitions"]]
+    found = await operator.outcomes(
+        written, timeout_s=args.wait_s if timeout_s is None else timeout_s
+    )
+    result["outcomes"] = [found[place].model_dump(mode="json") for place in sorted(found)]
+    missing = sorted(p for p, o in written if (p, o) not in found)
+    result["unanswered"] = missing
+    refused = [o for o in found.values() if not o.carried_out]
+    problems = [
+        f"{result['queued']} {_target(result)}: {describe(outcome, partitions)}"
+        for outcome, partitions in grouped(refused)
+    ]
+    if missing:
+        problems.append(_no_answer(missing, args.wait_s))
+    result["said"] = _said(list(found.values()), missing, args.wait_s)
+    if problems and (args.json or not sys.stdout.isatty()):
+        sys.stderr.write("\n".join(problems) + "\n")
+    if refused:
+        return 1
+    return NO_ANSWER if missing else 0
+
+
+def _target(result: dict[str, Any]) -> str:
+    return " ".join(result[k] for k in ("agency", "building") if k in result)
+
+
+def _no_answer(missing: list[int], wait_s: float) -> str:
+    return (
+        f"no answer from {partition_ranges(missing)} within {wait_s:g} s: is a replica running? "
+        "`chouette-relay status`"
+    )
+
+
+def _said(outcomes: list[CommandOutcome], missing: list[int], wait_s: float) -> list[str]:
+    """One line per distinct outcome, with the partitions that gave it."""
+    lines = [describe(outcome, partitions) for outcome, partitions in grouped(outcomes)]
+    if missing:
+        lines.append(_no_answer(missing, wait_s))
+    return lines
+
+
+def _render_command(result: dict[str, Any]) -> str:
+    """What a command did, in words: where it was written, and each distinct outcome."""
+    written = partition_ranges(p["partition"] for p in result["partitions"])
+    head = f"{result['queued']} {_target(result)}: written to {written}"
+    if "said" not in result:
+        return f"{head}; not waiting for the outcome (chouette-relay history shows it later)"
+    return "\n".join([head, *result["said"]])
+
+
+def _render_history(result: dict[str, Any]) -> str:
+    """One line per operator action (newest last), a line more per further outcome."""
+    actions: list[dict[str, Any]] = result["history"]
+    if not actions:
+        return "No operator actions in the commands topic."
+    lines = [f"{'requested at (UTC)':<20} {'by':<28} {'command':<16} {'target':<28} outcome"]
+    for action in actions:
+        when = action["requested_at"][:19].replace("T", " ")
+        target = " ".join(filter(None, (action["agency"], action.get("building"))))
+        said = action["said"] or ["(no outcome)"]
+        command = action["command"] + (" (backfill)" if action.get("scope") == "backfill" else "")
+        lines.append(
+            f"{when:<20} {action['requested_by'][:28]:<28} {command:<16} {target:<28} {said[0]}"
+        )
+        indent = " " * (20 + 28 + 16 + 28 + 4)
+        lines += [f"{indent}{line}" for line in said[1:]]
+        if action.get("plan"):
+            lines.append(f"{indent}plan {action['plan']}")
+    return "\n".join(lines)
+
+
+def render_readable(command: str, result: Any) -> str:
+    """``command``'s result in its readable form (for a command that has one)."""
+    return _READABLE[command](result)
 
 
 def _print(command: str, args: argparse.Namespace, result: Any) -> None:
@@ -263,17 +432,6 @@ def _render_dead_letters(result: dict[str, Any], *, detail_width: int = 60) -> s
     return "\n".join(lines)
 
 
-def _render_approve(result: dict[str, Any]) -> str:
-    """What the approve queued, in words."""
-    agency = result["agency"]
-    partitions = len(result["partitions"])
-    return (
-        f"Queued: the first publication of {agency} starts as plan {result['plan']} showed it. "
-        f"The replicas owning its {partitions} partitions each check their share of the plan "
-        f"again and refuse it if it changed; follow it with chouette-relay status --agency {agency}"
-    )
-
-
 def _moment(text: str | None) -> str:
     """An ISO time as a person reads it, in UTC to the second."""
     if not text:
@@ -289,11 +447,12 @@ def _moment(text: str | None) -> str:
 
 # The commands with a readable form on a terminal, and how each is shown.
 _READABLE: dict[str, Callable[[Any], str]] = {
-    "approve": _render_approve,
     "audit": render_audit,
     "dead-letters": _render_dead_letters,
     "held": _render_held,
     "parked": _render_parked,
+    "history": _render_history,
+    **dict.fromkeys(_WAITING, _render_command),
 }
 
 

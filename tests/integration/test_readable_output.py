@@ -2,8 +2,8 @@
 
 On a terminal each prints what an operator acts on: per held building what waits, since when,
 and the release and discard commands to run; per dead letter when it failed, where it came from,
-why, and whether and when it was replayed, then a count by reason; for an approve, what was
-queued. With ``--json``, or piped, the same commands print JSON.
+why, and whether and when it was replayed, then a count by reason; for an approve, the owning
+replicas' outcome in words. With ``--json``, or piped, the same commands print JSON.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ async def test_held_and_dead_letters_read_as_text_on_a_terminal_and_as_json_with
     assert "No dead letters." in await cli_terminal(world, "dead-letters", "--reason", "oversized")
 
 
-async def test_an_approve_on_a_terminal_says_what_was_queued(relay_world: WorldFactory) -> None:
+async def test_an_approve_on_a_terminal_says_its_outcome(relay_world: WorldFactory) -> None:
     world = await relay_world(
         agencies={AGENCY: AgencySpec(buildings={"bat-1": "c-1"}, approval="operator")}
     )
@@ -121,8 +121,10 @@ async def test_an_approve_on_a_terminal_says_what_was_queued(relay_world: WorldF
 
     shown = await cli_terminal(world, "approve", AGENCY, "--plan", plan)
 
-    assert f"Queued: the first publication of {AGENCY} starts as plan {plan} showed it." in shown
-    assert f"chouette-relay status --agency {AGENCY}" in shown
+    # Waited for: the owning replica's outcome, in words, with the uploads it started.
+    assert f"approve {AGENCY}: written to partition" in shown
+    assert "approved on partition" in shown
+    assert "3 uploads" in shown
     await world.wait_until(
         lambda: world.partner_references("c-1") == _references(documents),
         timeout=60,

@@ -89,7 +89,9 @@ async def test_only_commands_signed_with_the_operators_key_are_carried_out(
 
     await _pause_written_by(world, SPARED, None)
     await _pause_written_by(world, SPARED, b"0" * 64)  # a MAC made without the key
-    await cli_output(world, "pause", SPARED)  # a CLI without the key writes unsigned
+    # A CLI without the key writes unsigned: every replica refuses it, and the CLI says so.
+    _, refused = await cli_output(world, "pause", SPARED, expect=1)
+    assert "refused on partitions 0-2: the command is not signed" in refused
     await world.wait_until(lambda: _commands_read(relay) == 9, what="the three pauses read")
 
     assert _paused(relay) == [[], [], []]
