@@ -214,6 +214,8 @@ async def run_operator_command(settings: Settings, args: argparse.Namespace) -> 
             result = await _history(operator, args)
         else:
             raise ValueError(f"unknown command {command}")
+        if command in _LISTS and not next(iter(result.values())):
+            _known(operator, getattr(args, "agency", None))
         if command in _WAITING and not args.no_wait:
             code = await _await_outcomes(operator, args, result)
         elif command == "audit" and args.repair and "repairs" in result and not args.no_wait:
@@ -240,12 +242,18 @@ async def _queue(operator: Operator, args: argparse.Namespace, *, requested_by: 
     )
 
 
+# Listings by agency: an agency since removed from the routing file keeps what it left; an empty
+# list for a name the routing file does not know is more likely a typo, said as one.
+_LISTS = frozenset({"held", "parked", "dead-letters", "history"})
+
+
+def _known(operator: Operator, agency: str | None) -> None:
+    if agency is not None:
+        operator.check_target(agency)
+
+
 async def _history(operator: Operator, args: argparse.Namespace) -> dict[str, Any]:
     actions = await operator.history(args.agency)
-    if not actions and args.agency is not None:
-        # An agency since removed from the routing file keeps its history; an empty one for a
-        # name the routing file does not know is more likely a typo.
-        operator.check_target(args.agency)
     return {"history": actions[-args.limit :] if args.limit else actions}
 
 

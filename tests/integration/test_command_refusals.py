@@ -187,5 +187,10 @@ async def test_the_cli_exits_2_naming_an_unknown_agency_and_the_closest_known_on
     assert "agency agence-nante is not in the routing file; did you mean agence-nantes?" in err
     _, err = await cli_output(world, "retry", KNOWN, "bat-99", expect=2)
     assert f"building bat-99 of agency {KNOWN} is not in the routing file" in err
+    # A listing by agency too: nothing found for a name the routing file does not know is a typo.
+    for listing in ("held", "parked", "dead-letters", "history"):
+        _, err = await cli_output(world, listing, "--agency", "agence-nante", expect=2)
+        assert "agency agence-nante is not in the routing file; did you mean agence-nantes?" in err
+    await cli_output(world, "held", "--agency", KNOWN, expect=0)
 
     assert await world.read_topic(world.commands_topic) == []
