@@ -272,11 +272,18 @@ async def test_a_relay_takes_over_the_partitions_of_a_killed_one_and_finishes_th
     assert world.sandbox.duplicated_references() == {}
     assert len(world.sandbox.documents()) == len(expected)
     assert {r: world.sandbox.create_count(r) for r in expected} == dict.fromkeys(expected, 1)
-    status, body = await _http_get(ports[1], "/status")
-    assert status == 200
-    statuses = [p["by_status"] for p in body["partitions"].values()]
-    assert sum(s.get("published", 0) for s in statuses) == len(expected)
-    assert sum(sum(s.values()) for s in statuses) == len(expected)
+
+    async def by_status() -> list[dict[str, int]]:
+        status, body = await _http_get(ports[1], "/status")
+        assert status == 200
+        return [p["by_status"] for p in body["partitions"].values()]
+
+    async def all_published() -> bool:
+        # The partner answers before the relay records its answer: the view follows at once.
+        return sum(s.get("published", 0) for s in await by_status()) == len(expected)
+
+    await world.wait_until(all_published, timeout=10, what="the view to record every answer")
+    assert sum(sum(s.values()) for s in await by_status()) == len(expected)
 
 
 # -- start-up checks -------------------------------------------------------------------------------
