@@ -17,7 +17,7 @@ import datetime as dt
 import functools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from consumer.core.audit import Copies, Resend, to_resend
@@ -51,7 +51,7 @@ from consumer.core.planning.actions import discard_held, release_held, retry_par
 from consumer.core.planning.documents import plan_document
 from consumer.core.planning.first_publication import unapproved_modules
 from consumer.core.planning.manifests import plan_manifest_in_steps
-from consumer.core.planning.plan import Lane, Outcome, Plan, Upload, run_to_end
+from consumer.core.planning.plan import Lane, Outcome, Plan, Upload
 from consumer.core.records import SourceRecord
 from consumer.core.routing import RoutingTable
 from consumer.core.state import ON_PARTNER, BuildingRecord, DocKey, DocStatus, StateRecord
@@ -634,7 +634,7 @@ class PartitionProcessor:
         """
         held = list(offsets)
         building_wide = list(self._building_work.get(decided_by, ())) if decided_by else []
-        writes, now, deferred = applied or run_to_end(self._apply_records_in_steps(plan))
+        writes, now, deferred = applied or self._apply_records(plan, plan.records, ([], [], []))
         if also is not None:
             writes.append(also)
         if (
@@ -697,15 +697,23 @@ class PartitionProcessor:
         wait[1].extend(offsets)
 
     def _apply_records_in_steps(self, plan: Plan) -> Generator[None, None, _Applied]:
-        """Apply ``plan``'s records to the view and sort their writes: queued behind their
-        document's work, to write at once, or deferred (a building record). Pauses (``yield``)
-        after every ``APPLY_STEP`` records; the sorted writes are the return value."""
-        writes: list[Awaitable[object]] = []
-        now: list[StateRecord] = []  # records with no work queued on their document
-        deferred: list[BuildingRecord] = []
-        for number, record in enumerate(plan.records, start=1):
-            if number % APPLY_STEP == 0:
+        """``_apply_records`` of a large plan, pausing (``yield``) after every ``APPLY_STEP``
+        records; the sorted writes are the return value."""
+        applied: _Applied = ([], [], [])
+        for start in range(0, len(plan.records), APPLY_STEP):
+            if start:
                 yield
+            self._apply_records(plan, plan.records[start : start + APPLY_STEP], applied)
+        return applied
+
+    def _apply_records(
+        self, plan: Plan, records: Sequence[StateRecord], applied: _Applied
+    ) -> _Applied:
+        """Apply ``records`` (of ``plan``) to the view and sort their writes into ``applied``:
+        queued behind their document's work, to write at once, or deferred (a building
+        record)."""
+        writes, now, deferred = applied
+        for record in records:
             self.view.apply(record)
             if isinstance(record, BuildingRecord) and (
                 plan.operations or self._building_work.get((record.agency_id, record.building_id))
@@ -722,7 +730,7 @@ class PartitionProcessor:
                     now.append(record)
                 else:
                     writes.append(queued)
-        return writes, now, deferred
+        return applied
 
     def _write_alone(
         self, records: list[StateRecord], offsets: list[tuple[str, int]], source: SourceRecord
@@ -731,9 +739,15 @@ class PartitionProcessor:
         records' acknowledgements are its completion, with no task of its own."""
         submitted = [self._writer.submit(record) for record in records]
         written = submitted[0] if len(submitted) == 1 else _all_of(submitted)
-        written.add_done_callback(functools.partial(self._batch_done, offsets, source))
         self._completions.add(written)
-        written.add_done_callback(self._completions.discard)
+        written.add_done_callback(functools.partial(self._written, offsets, source))
+
+    def _written(
+        self, offsets: list[tuple[str, int]], source: SourceRecord, done: asyncio.Future[None]
+    ) -> None:
+        """``_write_alone``'s records were acknowledged (or failed): one callback for both."""
+        self._completions.discard(done)
+        self._batch_done(offsets, source, done)
 
     async def _complete(
         self,
