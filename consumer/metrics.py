@@ -32,6 +32,7 @@ class RelayMetrics:
     manifests: Counter
     operations: Counter
     backlog: Gauge
+    queued_inline_bytes: Gauge
     oldest_pending: Gauge
     consumer_lag: Gauge
     partner_requests: Counter
@@ -103,6 +104,12 @@ class RelayMetrics:
                 name("backlog_operations"),
                 "Partner operations waiting or running, by lane and operation.",
                 ["lane", "operation"],
+                registry=registry,
+            ),
+            queued_inline_bytes=Gauge(
+                name("queued_inline_bytes"),
+                "Inline PDF content (base64) held by the uploads waiting or running; "
+                "KAFKA__MAX_PENDING_INLINE_BYTES bounds it.",
                 registry=registry,
             ),
             oldest_pending=Gauge(

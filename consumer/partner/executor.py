@@ -241,7 +241,10 @@ class OperationExecutor:
         for operation in operations:
             if isinstance(operation, Upload):
                 entries.append(operation)
-                self._inline_bytes += _inline_size(operation)
+                inline = _inline_size(operation)
+                if inline:
+                    self._inline_bytes += inline
+                    self._metrics.queued_inline_bytes.inc(inline)
                 self._uploads.setdefault(operation.key, []).append(operation)
                 if self._view.is_unknown(operation.key):
                     # Its state record was unreadable: it may be on the partner already.
@@ -325,8 +328,9 @@ class OperationExecutor:
         """The window ended ``entry`` (carried out, failed, or dropped): its backlog shrinks."""
         if not isinstance(entry, CopyCheck):
             self._backlog[_backlog_label(entry)].dec()
-        if isinstance(entry, Upload):
-            self._inline_bytes -= _inline_size(entry)
+        if isinstance(entry, Upload) and (inline := _inline_size(entry)):
+            self._inline_bytes -= inline
+            self._metrics.queued_inline_bytes.dec(inline)
 
     async def _run(
         self, entry: Entry, source: SourceRecord, given: bool, previous: object

@@ -18,7 +18,7 @@ import pytest
 
 from consumer.local.pdf import make_pdf
 from consumer.settings import KafkaSettings
-from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory
+from tests.fixtures.relay import AgencySpec, Json, RelayWorld, WorldFactory, metric
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +66,10 @@ async def test_a_backlog_of_large_inline_pdfs_stops_reading_at_the_budget(
         status = relay.status()
         [partition] = status["partitions"].values()
         most = max(most, partition["pending_inline_bytes"])
+        # The replica's gauge says the same (one partition here).
+        gauge = await metric(relay, "chouette_relay_queued_inline_bytes")
+        assert gauge is not None
+        assert gauge <= BUDGET + POLL * inline_size
         paused_seen |= bool(status["over_budget"] and partition["reading_paused"])
         await asyncio.sleep(0.05)
 
@@ -81,3 +85,4 @@ async def test_a_backlog_of_large_inline_pdfs_stops_reading_at_the_budget(
         lambda: relay.status()["partitions"]["0"]["pending_inline_bytes"] == 0,
         what="the inline content of finished uploads let go",
     )
+    assert await metric(relay, "chouette_relay_queued_inline_bytes") == 0
