@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -352,6 +353,8 @@ def _fail(entry: _Queued, error: BaseException) -> None:
         entry.done.set_exception(error)
 
 
+_TIMESTAMP = operator.attrgetter("timestamp")  # a fetched record's, read in C over a batch
+
 # A partition whose first records are all unreadable is not this relay's state (the wrong topic,
 # or records of a newer relay): restoring it would forget everything, so start-up stops instead.
 UNREADABLE_AT_START = 20
@@ -450,7 +453,7 @@ async def restore_partition(
             seen += len(batch)
             on_progress(applied, total)
             if batch:
-                newest = max(newest, max(message.timestamp for message in batch) / 1000)
+                newest = max(newest, max(map(_TIMESTAMP, batch)) / 1000)
             # The position moves past compacted gaps and past what was just returned.
             if await reader.position(tp) >= end:
                 return Restored(applied, newest)
