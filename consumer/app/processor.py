@@ -129,20 +129,8 @@ async def _write_all(writer: RecordWriter, records: list[StateRecord]) -> None:
 
 def _all_of(futures: list[asyncio.Future[None]]) -> asyncio.Future[None]:
     """One future that ends when all of ``futures`` have (failed as the first failure)."""
-    gathered = asyncio.gather(*futures)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def finish(all_done: asyncio.Future[list[None]]) -> None:
-        if done.done():
-            return
-        if all_done.cancelled():
-            done.cancel()
-        elif (error := all_done.exception()) is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(None)
-
-    gathered.add_done_callback(finish)
+    _chain(asyncio.gather(*futures), done)
     return done
 
 
@@ -177,7 +165,6 @@ FindCopies = Callable[[str, str, frozenset[str]], Awaitable[Copies]]
 reference that could not be looked up left out."""
 
 WriteOutcome = Callable[[CommandOutcome], asyncio.Future[None]]
-
 """Writes a command's outcome record; the future ends once the broker acknowledged it."""
 
 _INPUT_KINDS = ("document-created", "manifest-snapshot")
@@ -1042,10 +1029,10 @@ class PartitionProcessor:
         return found
 
 
-def _chain(written: asyncio.Future[None], into: asyncio.Future[None]) -> None:
-    """End ``into`` as ``written`` ends."""
+def _chain(written: asyncio.Future[Any], into: asyncio.Future[None]) -> None:
+    """End ``into`` as ``written`` ends (its result dropped)."""
 
-    def copy(done: asyncio.Future[None]) -> None:
+    def copy(done: asyncio.Future[Any]) -> None:
         if into.done():
             return
         if done.cancelled():
