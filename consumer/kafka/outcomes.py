@@ -21,6 +21,7 @@ from consumer.core.decoding import Poison
 from consumer.core.outcomes import CommandOutcome, decode_outcome, encode_outcome, is_outcome
 from consumer.kafka.brokerwatch import BrokerWatch
 from consumer.kafka.connection import KafkaConnection
+from consumer.kafka.reading import records_until
 from consumer.kafka.startup import start_client
 
 Place = tuple[int, int]
@@ -129,27 +130,18 @@ async def read_command_log(connection: KafkaConnection, topic: str) -> CommandLo
         ends = await reader.end_offsets(tps)
         for tp in tps:
             await reader.seek_to_beginning(tp)
-        remaining = {tp for tp in tps if await reader.position(tp) < ends[tp]}
-        while remaining:
-            batches = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-            for tp, batch in batches.items():
-                for record in batch:
-                    if record.offset >= ends[tp]:
-                        continue
-                    if is_outcome(record.headers or ()):
-                        if (outcome := _outcome_of(record)) is not None:
-                            outcomes[_place(outcome)] = outcome  # the last one wins
-                        continue
-                    command = decode_command(record.key, record.value)
-                    if not isinstance(command, Poison) and record.value is not None:
-                        commands.append(
-                            LoggedCommand(
-                                tp.partition, record.offset, record.timestamp, command, record.value
-                            )
-                        )
-            for tp in list(remaining):
-                if await reader.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        async for tp, record in records_until(reader, ends):
+            if is_outcome(record.headers or ()):
+                if (outcome := _outcome_of(record)) is not None:
+                    outcomes[_place(outcome)] = outcome  # the last one wins
+                continue
+            command = decode_command(record.key, record.value)
+            if not isinstance(command, Poison) and record.value is not None:
+                commands.append(
+                    LoggedCommand(
+                        tp.partition, record.offset, record.timestamp, command, record.value
+                    )
+                )
     finally:
         await reader.stop()
     return CommandLog(commands, outcomes)

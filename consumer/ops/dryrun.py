@@ -35,6 +35,7 @@ from consumer.core.view import PublishedView
 from consumer.errors import ConfigError
 from consumer.kafka.changelog import restore_partition, topic_partitions
 from consumer.kafka.connection import KafkaConnection, kafka_connection
+from consumer.kafka.reading import records_until
 from consumer.kafka.startup import start_client
 from consumer.settings import Settings
 
@@ -72,23 +73,15 @@ async def latest_manifests(
             )
             for tp in tps
         }
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        while remaining:
-            batches = await reader.getmany(*remaining, timeout_ms=1000, max_records=5000)
-            for tp, records in batches.items():
-                for record in records:
-                    if record.offset < ends[tp]:
-                        _take(
-                            record,
-                            assemblers[tp.partition],
-                            found[tp.partition],
-                            agency=agency,
-                            max_value_bytes=settings.kafka.max_value_bytes,
-                            not_after=not_after,
-                        )
-            for tp in list(remaining):
-                if await reader.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        async for tp, record in records_until(reader, ends, timeout_ms=1000):
+            _take(
+                record,
+                assemblers[tp.partition],
+                found[tp.partition],
+                agency=agency,
+                max_value_bytes=settings.kafka.max_value_bytes,
+                not_after=not_after,
+            )
     finally:
         await reader.stop()
     return found

@@ -20,6 +20,7 @@ from consumer.core.events import Module
 from consumer.core.routing import RoutingTable
 from consumer.core.state import ON_PARTNER, DocStatus
 from consumer.core.view import PublishedView
+from consumer.kafka.reading import records_until
 from consumer.kafka.startup import start_client
 from consumer.ops.admin import Operator
 from consumer.ops.dryrun import plan_with_fingerprints
@@ -176,15 +177,8 @@ async def _uncommitted_by_agency(operator: Operator, topic: str) -> Counter[str]
         reader.assign(list(remaining))
         for tp in remaining:
             reader.seek(tp, starts[tp])
-        while remaining:
-            batches = await reader.getmany(*remaining, timeout_ms=500, max_records=5000)
-            for tp, batch in batches.items():
-                for record in batch:
-                    if record.offset < ends[tp]:
-                        counts[(record.key or b"").decode("utf-8", "replace").split(":", 1)[0]] += 1
-            for tp in list(remaining):
-                if await reader.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        async for _, record in records_until(reader, {tp: ends[tp] for tp in remaining}):
+            counts[(record.key or b"").decode("utf-8", "replace").split(":", 1)[0]] += 1
     finally:
         await reader.stop()
     return counts
